@@ -1,0 +1,7 @@
+// The one extension module, lckv._C. Each op family registers itself from its glue file.
+#include "cpu/bind.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lckv compiled CPU kernels";
+  lckv::bind_merge_states(m);
+}

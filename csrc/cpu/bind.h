@@ -1,0 +1,10 @@
+// One registration function per op family; csrc/bindings.cpp calls each into lckv._C.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace lckv {
+
+void bind_merge_states(pybind11::module_& m);
+
+}  // namespace lckv
