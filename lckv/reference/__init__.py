@@ -2,3 +2,7 @@
 from lckv.reference.attention import attention_with_lse, merge_attention_states, sparse_attention_with_lse
 
 __all__ = ["attention_with_lse", "sparse_attention_with_lse", "merge_attention_states"]
+from lckv.reference.scoring import flat_topk_scores, page_key_bounds, quest_page_scores
+from lckv.reference.window import sink_window_attention_with_lse
+
+__all__ += ["sink_window_attention_with_lse", "page_key_bounds", "quest_page_scores", "flat_topk_scores"]

@@ -1,0 +1,84 @@
+"""The policy-driven attention engine behind the ``"lckv"`` transformers backend.
+
+Keys arrive as :class:`~lckv.cache.Segment` parts (sink, offloaded, recent when an
+:class:`~lckv.cache.LckvCache` is used; one part otherwise). Each part is attended exactly with
+:func:`attention_with_lse` under a boolean mask made of causality, key padding and the policy's
+:meth:`~lckv.policies.Policy.allowed`, and the partial states merge by log-sum-exp. Queries are
+processed in chunks so that no score block exceeds :data:`SCORE_BLOCK_ELEMENTS` elements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lckv.cache import Segment
+from lckv.policies import Policy
+from lckv.reference import attention_with_lse, merge_attention_states
+
+__all__ = ["KeyPaddingMask", "attend_segments", "SCORE_BLOCK_ELEMENTS"]
+
+#: upper bound on batch * q_heads * q_chunk * n_keys of one score block (fp32: 128 MiB).
+SCORE_BLOCK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class KeyPaddingMask:
+    """Causal attention with key padding, without a materialised 4D mask.
+
+    ``padding`` ``[batch, kv_length]`` bool, True for real tokens; column ``j`` is slot ``j``.
+    Produced by the ``"lckv"`` mask function for the causal pattern, consumed only by the engine.
+    """
+
+    padding: torch.Tensor
+
+
+def _segment_mask(policy: Policy, q_pos, seg: Segment, attention_mask, q_rows: slice):
+    """bool mask broadcastable to [batch, q_heads, q_chunk, seg_len], or an additive float mask."""
+    k_pos = torch.arange(seg.start, seg.start + seg.length, device=q_pos.device)
+    allowed = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)  # causal, bottom-right aligned by positions
+    extra = policy.allowed(q_pos, k_pos)
+    if extra is not None:
+        allowed = allowed & extra
+    mask = allowed[None, None]
+    if isinstance(attention_mask, KeyPaddingMask):
+        pad = attention_mask.padding[:, seg.start : seg.start + seg.length].to(q_pos.device)
+        mask = mask & pad[:, None, None, :]
+    elif isinstance(attention_mask, torch.Tensor):
+        dense = attention_mask[:, :, q_rows, seg.start : seg.start + seg.length].to(q_pos.device)
+        if dense.dtype == torch.bool:
+            mask = mask & dense
+        else:  # an additive float mask supplied by the caller
+            return dense.float().masked_fill(~mask, float("-inf"))
+    return mask
+
+
+def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, attention_mask,
+                    policy: Policy, scale: float | None):
+    """Attention of ``query`` ``[batch, q_heads, q_len, head_dim]`` at positions
+    ``q_start .. q_start + q_len - 1`` over the given parts; returns ``(out, lse)`` with ``out``
+    ``[batch, q_heads, q_len, head_dim]`` and ``lse`` ``[batch, q_heads, q_len]``.
+
+    ``attention_mask`` is None (causal only), a :class:`KeyPaddingMask`, or a 4D mask whose columns
+    are absolute positions. Queries that can attend to nothing get zero output and ``lse = -inf``.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    n_keys = max(1, sum(s.length for s in segments))
+    chunk = max(1, SCORE_BLOCK_ELEMENTS // (batch * q_heads * n_keys))
+    outs, lses = [], []
+    for lo in range(0, q_len, chunk):
+        hi = min(q_len, lo + chunk)
+        q = query[:, :, lo:hi]
+        q_pos = torch.arange(q_start + lo, q_start + hi, device=query.device)
+        out = torch.zeros_like(q)
+        lse = torch.full((batch, q_heads, hi - lo), float("-inf"), device=query.device)
+        for seg in segments:
+            if seg.start > q_start + hi - 1:  # entirely in the future of this chunk
+                continue
+            mask = _segment_mask(policy, q_pos, seg, attention_mask, slice(lo, hi))
+            k, v = seg.k.to(query.device, non_blocking=True), seg.v.to(query.device, non_blocking=True)
+            part_out, part_lse = attention_with_lse(q, k, v, mask=mask, scale=scale)
+            out, lse = merge_attention_states(out, lse, part_out, part_lse)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -1,0 +1,243 @@
+"""The lckv KV cache: a resident part on the compute device and an offloaded part in host memory.
+
+Per layer, the first ``sink`` tokens and the most recent tokens (``window - 1`` from earlier steps
+plus the tokens of the current step) stay *resident* on the device the model runs on. Tokens that
+leave the window *spill*: into a host-memory :class:`HostKVStore` when the policy keeps them
+(``policy.keeps_offloaded``), otherwise they are evicted. Positions are cache slots: slot ``i``
+holds the ``i``-th token fed to the model (pad slots included), so each part is a contiguous range
+of positions and needs no position array.
+
+:class:`LckvCache` is a transformers ``Cache``: pass it to ``generate(past_key_values=...)`` or let
+:func:`lckv.enable` make ``generate`` create one. Its layers hand themselves to the lckv attention
+function by tagging the key tensor they return (``key.lckv_layer``), so the attention function
+reaches the right layer without any global state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from lckv.policies import Policy
+
+__all__ = ["HostKVStore", "LckvCacheLayer", "LckvCache", "Segment"]
+
+
+@dataclass
+class Segment:
+    """A contiguous run of cached positions ``[start, start + k.shape[2])`` of one layer."""
+
+    k: torch.Tensor  # [batch, kv_heads, n, head_dim]
+    v: torch.Tensor
+    start: int
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[2]
+
+
+class HostKVStore:
+    """Append-only K/V store in host memory, ``[batch, kv_heads, capacity, head_dim]`` per tensor.
+
+    Capacity doubles when full (amortised O(1) appends). Pinned when CUDA is available, so copies
+    to the device can be asynchronous.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, capacity: int = 256):
+        self.length = 0  # number of stored tokens
+        self._shape = (batch, kv_heads, head_dim)
+        self._dtype = dtype
+        self._k = self._alloc(capacity)
+        self._v = self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        batch, kv_heads, head_dim = self._shape
+        t = torch.empty(batch, kv_heads, capacity, head_dim, dtype=self._dtype, device="cpu")
+        return t.pin_memory() if torch.cuda.is_available() else t
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        n = k.shape[2]
+        if self.length + n > self.capacity:
+            new_cap = max(2 * self.capacity, self.length + n)
+            for name in ("_k", "_v"):
+                grown = self._alloc(new_cap)
+                grown[:, :, : self.length] = getattr(self, name)[:, :, : self.length]
+                setattr(self, name, grown)
+        self._k[:, :, self.length : self.length + n].copy_(k, non_blocking=True)
+        self._v[:, :, self.length : self.length + n].copy_(v, non_blocking=True)
+        self.length += n
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._k[:, :, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v[:, :, : self.length]
+
+    def nbytes(self) -> int:
+        """Bytes of the stored tokens (not of the spare capacity)."""
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        self._k = self._k[index.cpu()].contiguous()
+        self._v = self._v[index.cpu()].contiguous()
+        self._shape = (self._k.shape[0],) + self._shape[1:]
+
+
+class LckvCacheLayer(DynamicLayer):
+    """One layer of :class:`LckvCache`: sink + recent window resident, older tokens offloaded."""
+
+    def __init__(self, policy: Policy, layer_idx: int):
+        super().__init__()
+        self.policy = policy
+        self.layer_idx = layer_idx
+        self.total = 0  # tokens seen (cache slots used), offloaded and evicted included
+        self.evicted = 0  # tokens dropped because the policy keeps no offloaded store
+        self.store: HostKVStore | None = None
+        self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        empty = key_states[:, :, :0]
+        self.sink_k, self.sink_v = empty.clone(), empty.clone()
+        self.recent_k, self.recent_v = empty.clone(), empty.clone()
+        self.keys, self.values = self.recent_k, self.recent_v  # DynamicLayer bookkeeping
+        batch, kv_heads, _, head_dim = key_states.shape
+        if self.policy.keeps_offloaded:
+            self.store = HostKVStore(batch, kv_heads, head_dim, key_states.dtype)
+        self.is_initialized = True
+
+    # --- the update path -------------------------------------------------------------------
+    def _spill(self) -> None:
+        """Moves all but the last ``window - 1`` recent tokens out of the resident part."""
+        keep = self.policy.window - 1
+        overflow = self.recent_k.shape[2] - keep
+        if overflow <= 0:
+            return
+        if self.store is not None:
+            self.store.append(self.recent_k[:, :, :overflow], self.recent_v[:, :, :overflow])
+        else:
+            self.evicted += overflow
+        self.recent_k = self.recent_k[:, :, overflow:].contiguous()
+        self.recent_v = self.recent_v[:, :, overflow:].contiguous()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Appends the new tokens and returns the resident K/V ``[batch, kv_heads, n, head_dim]``
+        (sink then recent), tagged with ``lckv_layer`` for the attention function."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (
+                self.sink_k.shape[0], self.sink_k.shape[1], self.sink_k.shape[3]):
+            raise ValueError(
+                f"layer {self.layer_idx}: new keys of shape {tuple(key_states.shape)} do not match the cached "
+                f"[batch={self.sink_k.shape[0]}, kv_heads={self.sink_k.shape[1]}, *, head_dim={self.sink_k.shape[3]}]")
+        self._spill()
+        n_new = key_states.shape[2]
+        room = max(0, self.policy.sink - self.sink_k.shape[2])
+        to_sink = min(room, n_new)
+        if to_sink:
+            self.sink_k = torch.cat([self.sink_k, key_states[:, :, :to_sink]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, value_states[:, :, :to_sink]], dim=2)
+        if to_sink < n_new:
+            self.recent_k = torch.cat([self.recent_k, key_states[:, :, to_sink:]], dim=2)
+            self.recent_v = torch.cat([self.recent_v, value_states[:, :, to_sink:]], dim=2)
+        self.total += n_new
+        self.keys, self.values = self.recent_k, self.recent_v
+        keys = torch.cat([self.sink_k, self.recent_k], dim=2)
+        values = torch.cat([self.sink_v, self.recent_v], dim=2)
+        keys.lckv_layer = self
+        return keys, values
+
+    def segments(self) -> list[Segment]:
+        """The cached parts in position order: sink, offloaded (host memory), recent."""
+        parts = []
+        n_sink = self.sink_k.shape[2]
+        if n_sink:
+            parts.append(Segment(self.sink_k, self.sink_v, 0))
+        if self.store is not None and self.store.length:
+            parts.append(Segment(self.store.keys, self.store.values, n_sink))
+        n_recent = self.recent_k.shape[2]
+        if n_recent:
+            parts.append(Segment(self.recent_k, self.recent_v, self.total - n_recent))
+        return parts
+
+    # --- transformers Cache protocol -------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask covers every slot, offloaded ones included; the attention function picks the
+        # columns of each part.
+        return self.total + query_length, 0
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError(
+            "LckvCache cannot be cropped (tokens may already be offloaded or evicted); assisted and "
+            "contrastive decoding, which crop the cache, are not supported")
+
+    def _map_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        self.sink_k, self.sink_v = fn(self.sink_k), fn(self.sink_v)
+        self.recent_k, self.recent_v = fn(self.recent_k), fn(self.recent_v)
+        self.keys, self.values = self.recent_k, self.recent_v
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        if self.store is not None:
+            self.store.select_batch(torch.arange(self.sink_k.shape[0] // repeats).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+        if self.store is not None:
+            self.store.select_batch(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def reset(self) -> None:
+        self.__init__(self.policy, self.layer_idx)
+
+    # --- accounting --------------------------------------------------------------------------
+    def resident_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v))
+
+    def offloaded_bytes(self) -> int:
+        return self.store.nbytes() if self.store is not None else 0
+
+
+class LckvCache(Cache):
+    """A transformers ``Cache`` of :class:`LckvCacheLayer`, one per decoder layer.
+
+    Usually created by ``generate`` once :func:`lckv.enable` ran; build one yourself with
+    ``lckv.new_cache(model)`` to keep it across calls or to read its :meth:`memory_report`.
+    """
+
+    def __init__(self, policy: Policy, num_layers: int):
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.policy = policy
+        super().__init__(layers=[LckvCacheLayer(policy, i) for i in range(num_layers)])
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers "
+                             "(was this cache made for another model?)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def memory_report(self) -> dict:
+        """Bytes held resident (compute device) and offloaded (host), and token counts."""
+        return {
+            "tokens": self.get_seq_length(),
+            "resident_bytes": sum(layer.resident_bytes() for layer in self.layers),
+            "offloaded_bytes": sum(layer.offloaded_bytes() for layer in self.layers),
+            "evicted_tokens_per_layer": self.layers[0].evicted if self.layers else 0,
+        }

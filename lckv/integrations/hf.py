@@ -1,0 +1,199 @@
+"""transformers integration: the ``"lckv"`` attention backend and :func:`enable`.
+
+Two transformers extension points are used, the way their users use them:
+
+* ``AttentionInterface.register("lckv", lckv_attention_forward)`` — the attention function;
+* ``AttentionMaskInterface.register("lckv", lckv_mask)`` — without it, padding masks would arrive
+  as None. For the plain causal pattern it returns a compact :class:`~lckv.attention.KeyPaddingMask`
+  (or None without padding) instead of a ``[batch, 1, q_len, kv_len]`` tensor, so long contexts
+  never materialise a quadratic mask; other patterns fall back to transformers' ``sdpa_mask``.
+
+Routing (transformers' attention functions receive no cache): :func:`enable` binds an
+:class:`LckvBinding` to every attention module (``module.lckv_binding``), and
+:class:`~lckv.cache.LckvCacheLayer` tags the keys it returns with itself (``key.lckv_layer``).
+With an :class:`~lckv.cache.LckvCache`, the engine attends sink, offloaded and recent parts and
+merges them; with any other cache, or none (training), it applies the policy as a mask over the
+keys it is given: same outputs, no offloading.
+"""
+from __future__ import annotations
+
+import threading
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
+
+from lckv.attention import KeyPaddingMask, attend_segments
+from lckv.cache import LckvCache, LckvCacheLayer, Segment
+from lckv.policies import FullPolicy, Policy, resolve_policy
+
+__all__ = ["ATTENTION_NAME", "register", "enable", "disable", "new_cache", "LckvBinding", "ModelNotSupportedError",
+           "lckv_attention_forward", "lckv_mask"]
+
+ATTENTION_NAME = "lckv"
+
+
+class ModelNotSupportedError(ValueError):
+    """The model does not have the Llama/Qwen2-style structure the backend needs."""
+
+
+@dataclass
+class LckvBinding:
+    """What :func:`enable` attached to a model: the policy and the model's attention geometry."""
+
+    policy: Policy
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    previous_attn_implementation: str | None = None
+
+    def new_cache(self) -> LckvCache:
+        return LckvCache(self.policy, self.num_layers)
+
+
+_lock = threading.Lock()
+_default_policy: Policy = FullPolicy()
+
+
+def register(default_policy: Policy | str | None = None, **settings) -> None:
+    """Registers ``"lckv"`` with transformers' attention and mask interfaces (idempotent).
+
+    ``default_policy`` serves models loaded with ``attn_implementation="lckv"`` that were never
+    passed to :func:`enable` (e.g. an RL actor built by a trainer); it defaults to ``full``.
+    """
+    global _default_policy
+    with _lock:
+        if default_policy is not None:
+            _default_policy = resolve_policy(default_policy, **settings)
+        elif settings:
+            raise ValueError("settings given without a default_policy name")
+        AttentionInterface.register(ATTENTION_NAME, lckv_attention_forward)
+        AttentionMaskInterface.register(ATTENTION_NAME, lckv_mask)
+
+
+def lckv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+              mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Mask function of the ``"lckv"`` backend (see the module docstring)."""
+    if mask_function is causal_mask_function and kv_offset == 0:
+        padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
+        if padding is None:
+            return None
+        padding = padding[:, :kv_length].bool()
+        return None if bool(padding.all()) else KeyPaddingMask(padding)
+    kwargs.pop("allow_is_causal_skip", None)
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     allow_is_causal_skip=False, **kwargs)
+
+
+def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs):
+    """transformers attention function: ``query`` ``[B, Hq, q_len, D]``, ``key``/``value``
+    ``[B, Hkv, kv_len, D]``; returns ``(out [B, q_len, Hq, D], None)``."""
+    if dropout:
+        raise NotImplementedError(f"lckv attention does not implement attention dropout (got dropout={dropout})")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("lckv attention does not support sliding-window layers "
+                                  f"(layer {getattr(module, 'layer_idx', '?')} has sliding_window={kwargs['sliding_window']})")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise NotImplementedError("lckv attention serves causal decoder attention only")
+    binding: LckvBinding | None = getattr(module, "lckv_binding", None)
+    policy = binding.policy if binding is not None else _default_policy
+    layer: LckvCacheLayer | None = getattr(key, "lckv_layer", None)
+    q_len = query.shape[2]
+    if layer is not None:
+        if binding is None or layer.policy is not binding.policy:
+            raise ValueError(
+                f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
+                "cache with lckv.new_cache(model) for this model")
+        segments, q_start = layer.segments(), layer.total - q_len
+    else:
+        segments, q_start = [Segment(key, value, 0)], key.shape[2] - q_len
+    out, _ = attend_segments(query, segments, q_start, attention_mask, policy, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    mods = [m for m in model.modules()
+            if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups") and hasattr(m, "q_proj")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _binding_for(model, policy: Policy) -> tuple[LckvBinding, list[torch.nn.Module]]:
+    config = getattr(model, "config", None)
+    needed = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size")
+    if config is None or any(getattr(config, name, None) is None for name in needed):
+        raise ModelNotSupportedError(
+            f"{type(model).__name__} is not a supported model: expected a transformers Llama/Qwen2-style decoder "
+            f"whose config has {', '.join(needed)}")
+    modules = _attention_modules(model)
+    if len(modules) != config.num_hidden_layers or [m.layer_idx for m in modules] != list(range(len(modules))):
+        raise ModelNotSupportedError(
+            f"{type(model).__name__}: expected {config.num_hidden_layers} attention modules with layer_idx 0.. and "
+            f"q_proj/num_key_value_groups (Llama/Qwen2-style), found {len(modules)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return LckvBinding(policy, config.num_hidden_layers, config.num_key_value_heads, head_dim), modules
+
+
+def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
+    """Makes ``model`` attend through lckv with ``policy``; returns the binding.
+
+    ``policy`` is a registered name with keyword settings (``enable(model, "streaming", sink=4,
+    window=256)``) or a policy instance from :mod:`lckv.policies`. Afterwards ``model.generate``
+    creates an :class:`~lckv.cache.LckvCache` when no cache is passed (resident sink + window,
+    older tokens offloaded to host memory or evicted, as the policy says); forward calls without
+    a cache apply the policy as a mask. Calling ``enable`` again replaces the policy.
+
+    Raises :class:`~lckv.policies.PolicyConfigError` for unknown policies or bad settings and
+    :class:`ModelNotSupportedError` for models without Llama/Qwen2-style attention modules.
+    """
+    policy = resolve_policy(policy, **settings)
+    binding, modules = _binding_for(model, policy)
+    register()
+    previous = getattr(model, "lckv_binding", None)
+    binding.previous_attn_implementation = (
+        previous.previous_attn_implementation if previous is not None else model.config._attn_implementation)
+    for m in modules:
+        m.lckv_binding = binding
+    model.lckv_binding = binding
+    model.set_attn_implementation(ATTENTION_NAME)
+    if previous is None:
+        _install_default_cache(model)
+    return binding
+
+
+def disable(model) -> None:
+    """Undoes :func:`enable`: restores the previous attention implementation and default cache."""
+    binding = getattr(model, "lckv_binding", None)
+    if binding is None:
+        raise ValueError(f"{type(model).__name__} was not enabled with lckv.enable")
+    for m in _attention_modules(model):
+        del m.lckv_binding
+    del model.lckv_binding
+    del model._prepare_cache_for_generation  # drop the instance override, back to the class method
+    model.set_attn_implementation(binding.previous_attn_implementation or "sdpa")
+
+
+def new_cache(model) -> LckvCache:
+    """A fresh :class:`~lckv.cache.LckvCache` for a model that :func:`enable` was called on."""
+    binding = getattr(model, "lckv_binding", None)
+    if binding is None:
+        raise ValueError(f"call lckv.enable(model, policy) before creating a cache for {type(model).__name__}")
+    return binding.new_cache()
+
+
+def _install_default_cache(model) -> None:
+    """Makes ``generate`` create an LckvCache when the caller passes none (instance-level)."""
+    original = type(model)._prepare_cache_for_generation
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        wants_default = (model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False
+                         and generation_config.cache_implementation is None)
+        if wants_default and getattr(self, "lckv_binding", None) is not None:
+            model_kwargs["past_key_values"] = self.lckv_binding.new_cache()
+            return
+        return original(self, generation_config, model_kwargs, *args, **kwargs)
+
+    model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)

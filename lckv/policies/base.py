@@ -1,0 +1,99 @@
+"""Selection policies: small dataclasses that say which keys each query attends to.
+
+A policy never touches tensors it does not need. The cache (:mod:`lckv.cache`) keeps the
+*resident* part of every layer (the first ``sink`` tokens and the last ``window`` tokens) on the
+compute device and moves older tokens to a host-memory store when ``keeps_offloaded`` is true
+(otherwise they are evicted). At attention time the engine (:mod:`lckv.attention`) attends each
+part exactly and merges the partial states by log-sum-exp; :meth:`Policy.allowed` restricts which
+(query, key) position pairs take part, on top of causality and padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Policy", "PolicyConfigError", "register_policy", "get_policy", "available_policies", "resolve_policy"]
+
+_REGISTRY: dict[str, type["Policy"]] = {}
+
+
+class PolicyConfigError(ValueError):
+    """A policy name or setting is invalid."""
+
+
+@dataclass
+class Policy:
+    """Base of all policies.
+
+    Attributes
+    ----------
+    sink : number of first tokens always resident and always attended (attention sinks).
+    window : number of most recent tokens (the current one included) always resident and attended.
+    """
+
+    sink: int = 4
+    window: int = 1024
+
+    name: ClassVar[str] = ""
+    #: keep tokens that leave the window in the host-memory store (False: evict them).
+    keeps_offloaded: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
+                raise PolicyConfigError(f"{type(self).__name__}.{f.name} must be an int, got {value!r}")
+        if self.sink < 0:
+            raise PolicyConfigError(f"{type(self).__name__}.sink must be >= 0, got {self.sink}")
+        if self.window < 1:
+            raise PolicyConfigError(
+                f"{type(self).__name__}.window must be >= 1 (the current token is always attended), got {self.window}")
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """Which keys each query may attend, besides causality and padding.
+
+        ``q_pos`` ``[q_len]`` and ``k_pos`` ``[n_keys]`` are absolute positions (cache slots);
+        returns a bool ``[q_len, n_keys]`` (True = attend) or None when every key is allowed.
+        """
+        return None
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Class decorator adding a policy to the registry under ``cls.name``."""
+    if not cls.name:
+        raise PolicyConfigError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_policies() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_policy(name: str, **settings) -> Policy:
+    """Builds a registered policy by name, e.g. ``get_policy("streaming", sink=4, window=256)``."""
+    if name not in _REGISTRY:
+        raise PolicyConfigError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
+    cls = _REGISTRY[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise PolicyConfigError(f"policy {name!r} has no setting(s) {unknown}; settings: {sorted(known)}")
+    return cls(**settings)
+
+
+def resolve_policy(policy, **settings) -> Policy:
+    """A policy instance from an instance (settings must be empty) or a registered name."""
+    if isinstance(policy, Policy):
+        if settings:
+            raise PolicyConfigError("pass settings either in the policy instance or as keywords with a policy name, not both")
+        policy.validate()
+        return policy
+    if isinstance(policy, str):
+        return get_policy(policy, **settings)
+    raise PolicyConfigError(f"policy must be a registered name or a lckv.policies.Policy, got {type(policy).__name__}")
