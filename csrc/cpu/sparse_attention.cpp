@@ -1,0 +1,111 @@
+// Glue for lckv::SparseAttention: argument checks, dtype dispatch (K/V read in place as
+// fp32/fp16/bf16, any batch/head/row strides), fp32 outputs cast to q's dtype, GIL released.
+#include <cmath>
+
+#include "bind.h"
+#include "checks.h"
+#include "lckv/sparse_attention.h"
+
+namespace lckv {
+namespace {
+
+template <typename T>
+const SparseAttention<T>& kernel() {
+  static const SparseAttention<T> instance;  // SIMD path chosen once per process
+  return instance;
+}
+
+template <typename T, typename Storage>
+void run_typed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+               const torch::Tensor& indices, const SparseAttentionProblem& p, torch::Tensor& out,
+               torch::Tensor& lse) {
+  const auto* k_ptr = reinterpret_cast<const Storage*>(k.data_ptr<T>());
+  const auto* v_ptr = reinterpret_cast<const Storage*>(v.data_ptr<T>());
+  pybind11::gil_scoped_release no_gil;
+  kernel<Storage>().run(q.data_ptr<float>(), k_ptr, v_ptr, indices.data_ptr<int64_t>(), p,
+                        out.data_ptr<float>(), lse.data_ptr<float>());
+}
+
+std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tensor& q,
+                                                              torch::Tensor k, torch::Tensor v,
+                                                              const torch::Tensor& indices,
+                                                              std::optional<double> scale) {
+  check_cpu_float(q, "q");
+  check_cpu_float(k, "k");
+  check_cpu_float(v, "v");
+  check_dim(q, "q", 3, "[batch, q_heads, head_dim]");
+  check_dim(k, "k", 4, "[batch, kv_heads, seq, head_dim]");
+  check_dim(v, "v", 4, "[batch, kv_heads, seq, head_dim]");
+  check_dim(indices, "indices", 3, "[batch, kv_heads, n_selected]");
+  TORCH_CHECK_VALUE(indices.device().is_cpu(), "indices must be a CPU tensor, got device ", indices.device());
+  TORCH_CHECK_TYPE(indices.scalar_type() == torch::kInt64, "indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), "v must have the dtype of k (", k.scalar_type(),
+                   "), got ", v.scalar_type());
+  TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got k ", k.sizes(), " and v ",
+                    v.sizes());
+  const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(3) == head_dim, "k must have batch ", batch,
+                    " and head_dim ", head_dim, " like q, got ", k.sizes());
+  const int64_t kv_heads = k.size(1);
+  TORCH_CHECK_VALUE(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads (", q_heads,
+                    ") must be a multiple of kv_heads (", kv_heads, ")");
+  TORCH_CHECK_VALUE(indices.size(0) == batch && indices.size(1) == kv_heads,
+                    "indices must have shape [batch=", batch, ", kv_heads=", kv_heads,
+                    ", n_selected], got ", indices.sizes());
+  const int64_t seq = k.size(2);
+  const auto idx = indices.contiguous();
+  if (idx.numel() > 0) {
+    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+    TORCH_CHECK_VALUE(lo >= -1 && hi < seq, "indices must lie in [-1, seq=", seq,
+                      ") (-1 = no key), got values in [", lo, ", ", hi, "]");
+  }
+  // The kernel needs a unit stride along head_dim only; batch/head/row strides are passed through.
+  if (k.stride(3) != 1 && head_dim > 1) k = k.contiguous();
+  if (v.stride(3) != 1 && head_dim > 1) v = v.contiguous();
+  const auto qf = q.to(torch::kFloat32).contiguous();
+
+  SparseAttentionProblem p;
+  p.batch = batch;
+  p.q_heads = q_heads;
+  p.kv_heads = kv_heads;
+  p.head_dim = head_dim;
+  p.n_selected = idx.size(2);
+  p.seq = seq;
+  p.k_stride_b = k.stride(0);
+  p.k_stride_h = k.stride(1);
+  p.k_stride_s = k.stride(2);
+  p.v_stride_b = v.stride(0);
+  p.v_stride_h = v.stride(1);
+  p.v_stride_s = v.stride(2);
+  p.scale = scale.has_value() ? static_cast<float>(*scale)
+                              : (head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(head_dim)) : 1.0f);
+
+  auto out = torch::empty({batch, q_heads, head_dim}, q.options().dtype(torch::kFloat32));
+  auto lse = torch::empty({batch, q_heads}, q.options().dtype(torch::kFloat32));
+  switch (k.scalar_type()) {
+    case torch::kFloat32:
+      run_typed<float, float>(qf, k, v, idx, p, out, lse);
+      break;
+    case torch::kFloat16:
+      run_typed<at::Half, half_bits>(qf, k, v, idx, p, out, lse);
+      break;
+    default:
+      run_typed<at::BFloat16, bfloat16_bits>(qf, k, v, idx, p, out, lse);
+      break;
+  }
+  return {out.to(q.scalar_type()), lse};
+}
+
+}  // namespace
+
+void bind_sparse_attention(pybind11::module_& m) {
+  m.def("sparse_attention_with_lse", &sparse_attention_cpu, pybind11::arg("q"), pybind11::arg("k"),
+        pybind11::arg("v"), pybind11::arg("indices"), pybind11::arg("scale") = pybind11::none(),
+        "Decode sparse attention over per-kv-head gathered rows: q [B, Hq, D], k/v [B, Hkv, S, D] "
+        "(fp32/fp16/bf16, any strides with unit head_dim stride), indices [B, Hkv, n] int64 "
+        "(-1 = none) -> (out [B, Hq, D] in q's dtype, lse [B, Hq] float32).");
+  m.def("sparse_attention_simd_path", []() { return std::string(kernel<float>().simd_name()); },
+        "The SIMD code path the CPU sparse attention kernel selected on this machine.");
+}
+
+}  // namespace lckv

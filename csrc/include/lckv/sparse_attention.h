@@ -1,0 +1,264 @@
+// Decode-time sparse attention over per-kv-head gathered keys, with log-sum-exp.
+//
+// For every (batch b, kv head h) the query heads of h's GQA group attend to the key/value rows
+// listed in indices[b, h, :] (-1 = padding, skipped):
+//   s_gj = scale * q_g . k_j,   lse_g = log sum_j exp(s_gj),   out_g = sum_j exp(s_gj - lse_g) v_j
+// A group whose indices are all -1 gets out = 0 and lse = -inf.
+//
+// Torch-free core. K/V are read in their stored element type (fp32, fp16 or bf16 bits) with
+// arbitrary batch/head/row strides (the head_dim axis must be contiguous), converted to fp32 on
+// load; all accumulation is fp32. The gathered K row and V row are each read once per GQA group.
+// Work is split over (batch, kv head) with OpenMP. The inner loops are written for the compiler to
+// vectorise (`omp simd` reductions, branch-free fp16 conversion, a polynomial exp); on x86 an
+// AVX2+FMA build of the same code is selected once at start-up, with the portable build as the
+// fallback.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define LCKV_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LCKV_ALWAYS_INLINE inline
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define LCKV_HAVE_AVX2_DISPATCH 1
+#endif
+
+namespace lckv {
+
+// Storage types for 16-bit floats: raw bits, layout-compatible with at::Half / at::BFloat16.
+struct half_bits {
+  uint16_t bits;
+};
+struct bfloat16_bits {
+  uint16_t bits;
+};
+
+LCKV_ALWAYS_INLINE float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+LCKV_ALWAYS_INLINE uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+LCKV_ALWAYS_INLINE float to_float(float x) { return x; }
+LCKV_ALWAYS_INLINE float to_float(bfloat16_bits x) { return bits_to_float(uint32_t(x.bits) << 16); }
+// Branch-free IEEE half -> float (normals, subnormals, inf, nan): shift the exponent/mantissa into
+// float position, rescale by 2^112 to fix the exponent bias, then patch inf/nan.
+LCKV_ALWAYS_INLINE float to_float(half_bits x) {
+  const uint32_t h = x.bits;
+  const uint32_t sign = (h & 0x8000u) << 16;
+  float magnitude = bits_to_float((h & 0x7fffu) << 13) * bits_to_float(0x77800000u);  // * 2^112
+  uint32_t u = float_to_bits(magnitude);
+  u |= ((h & 0x7c00u) == 0x7c00u) ? 0x7f800000u : 0u;  // exponent 31: inf or nan
+  return bits_to_float(u | sign);
+}
+
+// exp(x) for x <= 0 (scores minus their max): Cody-Waite range reduction + degree-6 polynomial,
+// about 2 ulp; returns exactly 0 below -87 (and for -inf). Branch-free so loops vectorise.
+LCKV_ALWAYS_INLINE float exp_nonpositive(float x) {
+  const float underflow = -87.0f;
+  const bool zero = !(x >= underflow);  // also true for nan / -inf
+  x = zero ? underflow : x;
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;  // ln2 split in a short high part and a correction
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const float scaled = bits_to_float(float_to_bits(p) + (uint32_t(int32_t(n)) << 23));
+  return zero ? 0.0f : scaled;
+}
+
+// Sizes and strides (in elements) of one sparse attention call.
+struct SparseAttentionProblem {
+  int64_t batch = 0;         // B
+  int64_t q_heads = 0;       // Hq, a multiple of kv_heads
+  int64_t kv_heads = 0;      // Hkv
+  int64_t head_dim = 0;      // D
+  int64_t n_selected = 0;    // indices per (batch, kv head)
+  int64_t seq = 0;           // rows per (batch, kv head) in K/V; indices lie in [-1, seq)
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;  // K element strides
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_s = 0;  // V element strides
+  float scale = 1.0f;        // softmax scale applied to q . k
+};
+
+namespace detail {
+
+// Per-thread scratch, reused across the (batch, kv head) tasks a thread runs.
+struct GroupScratch {
+  std::vector<float> scores;  // [group, n_selected] scores, then probabilities
+  std::vector<float> row;     // [head_dim] one K or V row converted to fp32
+  std::vector<float> acc;     // [group, head_dim] output accumulators
+};
+
+LCKV_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename T>
+LCKV_ALWAYS_INLINE const float* load_row(const T* src, float* buffer, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) buffer[d] = to_float(src[d]);
+  return buffer;
+}
+LCKV_ALWAYS_INLINE const float* load_row(const float* src, float*, int64_t) { return src; }
+
+LCKV_ALWAYS_INLINE void prefetch(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 0);
+#else
+  (void)p;
+#endif
+}
+
+// One (batch, kv head) task: q_group [G, D] fp32 (already scaled), out_group [G, D], lse_group [G].
+template <typename T>
+LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head, const T* v_head,
+                                          const int64_t* idx, const SparseAttentionProblem& p,
+                                          float* out_group, float* lse_group, GroupScratch& scratch) {
+  const int64_t group = p.q_heads / p.kv_heads, n = p.n_selected, dim = p.head_dim;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  scratch.scores.resize(size_t(group * n));
+  scratch.row.resize(size_t(dim));
+  scratch.acc.assign(size_t(group * dim), 0.0f);
+  float* scores = scratch.scores.data();
+  float* row = scratch.row.data();
+  float* acc = scratch.acc.data();
+  constexpr int64_t kAhead = 8;  // rows prefetched ahead of use (random gathers defeat the HW prefetcher)
+
+  // Pass 1: scores; each gathered K row is read once for the whole group.
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && idx[j + kAhead] >= 0) prefetch(k_head + idx[j + kAhead] * p.k_stride_s);
+    if (idx[j] < 0) {
+      for (int64_t g = 0; g < group; ++g) scores[g * n + j] = neg_inf;
+      continue;
+    }
+    const float* k_row = load_row(k_head + idx[j] * p.k_stride_s, row, dim);
+    for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(q_group + g * dim, k_row, dim);
+  }
+  // Softmax statistics per query head.
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * n;
+    float m = neg_inf;
+    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+    if (m == neg_inf) {  // nothing selected
+      lse_group[g] = neg_inf;
+      continue;
+    }
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < n; ++j) {
+      s[j] = exp_nonpositive(s[j] - m);
+      total += s[j];
+    }
+    lse_group[g] = m + std::log(total);
+    const float inv = 1.0f / total;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+  }
+  // Pass 2: weighted sum of V rows; each gathered V row is read once for the whole group.
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kAhead < n && idx[j + kAhead] >= 0) prefetch(v_head + idx[j + kAhead] * p.v_stride_s);
+    if (idx[j] < 0) continue;
+    const float* v_row = load_row(v_head + idx[j] * p.v_stride_s, row, dim);
+    for (int64_t g = 0; g < group; ++g) {
+      const float w = scores[g * n + j];
+      float* a = acc + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) a[d] += w * v_row[d];
+    }
+  }
+  std::memcpy(out_group, acc, sizeof(float) * size_t(group * dim));  // zeros for an empty group
+}
+
+template <typename T>
+using AttendGroupFn = void (*)(const float*, const T*, const T*, const int64_t*,
+                               const SparseAttentionProblem&, float*, float*, GroupScratch&);
+
+template <typename T>
+void attend_group_portable(const float* q, const T* k, const T* v, const int64_t* idx,
+                           const SparseAttentionProblem& p, float* out, float* lse,
+                           GroupScratch& scratch) {
+  attend_group_impl(q, k, v, idx, p, out, lse, scratch);
+}
+
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+template <typename T>
+__attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const T* k, const T* v,
+                                                            const int64_t* idx,
+                                                            const SparseAttentionProblem& p,
+                                                            float* out, float* lse,
+                                                            GroupScratch& scratch) {
+  attend_group_impl(q, k, v, idx, p, out, lse, scratch);
+}
+#endif
+
+}  // namespace detail
+
+// The sparse attention kernel for one K/V element type; the SIMD variant is picked once here.
+template <typename T>
+class SparseAttention {
+ public:
+  explicit SparseAttention(bool allow_simd = true) {
+    attend_ = &detail::attend_group_portable<T>;
+    simd_name_ = "portable";
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      attend_ = &detail::attend_group_avx2<T>;
+      simd_name_ = "avx2+fma";
+    }
+#else
+    (void)allow_simd;
+#endif
+  }
+
+  // Name of the selected code path ("avx2+fma" or "portable").
+  const char* simd_name() const { return simd_name_; }
+
+  // q: [B, Hq, D] fp32 contiguous, unscaled. k, v: strided per `p`. indices: [B, Hkv, n]
+  // contiguous, each in [-1, seq) (the caller checks). out: [B, Hq, D] fp32, lse: [B, Hq] fp32.
+  void run(const float* q, const T* k, const T* v, const int64_t* indices,
+           const SparseAttentionProblem& p, float* out, float* lse) const {
+    const int64_t group = p.q_heads / p.kv_heads;
+    const int64_t tasks = p.batch * p.kv_heads;
+    const auto attend = attend_;
+#pragma omp parallel if (tasks > 1)
+    {
+      detail::GroupScratch scratch;
+      std::vector<float> q_scaled(size_t(group * p.head_dim));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t t = 0; t < tasks; ++t) {
+        const int64_t b = t / p.kv_heads, h = t % p.kv_heads;
+        const int64_t q_offset = (b * p.q_heads + h * group) * p.head_dim;
+        for (int64_t i = 0; i < group * p.head_dim; ++i) q_scaled[size_t(i)] = q[q_offset + i] * p.scale;
+        attend(q_scaled.data(), k + b * p.k_stride_b + h * p.k_stride_h,
+               v + b * p.v_stride_b + h * p.v_stride_h, indices + t * p.n_selected, p,
+               out + q_offset, lse + b * p.q_heads + h * group, scratch);
+      }
+    }
+  }
+
+ private:
+  detail::AttendGroupFn<T> attend_;  // per-(batch, kv head) worker for the chosen SIMD path
+  const char* simd_name_;            // human-readable name of that path
+};
+
+}  // namespace lckv
