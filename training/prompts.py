@@ -72,9 +72,16 @@ def format_document(doc_id: int, title: str, text: str) -> str:
     return f"{head}\n{text.strip()}"
 
 
-def format_documents(documents: list[dict]) -> str:
-    """Blocks for ``[{"title", "text"}, ...]``, ids 0..n-1 in list order, blank-line separated."""
-    return "\n\n".join(format_document(i, d.get("title", ""), d["text"]) for i, d in enumerate(documents))
+def _title_text(doc) -> tuple[str, str]:
+    if isinstance(doc, dict):
+        return doc.get("title", ""), doc["text"]
+    return doc.title, doc.text
+
+
+def format_documents(documents) -> str:
+    """Blocks for ``[{"title", "text"}, ...]`` (or objects with ``.title`` and ``.text``), ids
+    0..n-1 in list order, blank-line separated."""
+    return "\n\n".join(format_document(i, *_title_text(d)) for i, d in enumerate(documents))
 
 
 def user_prompt(question: str, documents: list[dict], fmt: str) -> str:
