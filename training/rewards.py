@@ -170,7 +170,7 @@ def id_f1(predicted: Iterable[int], gold: Iterable[int]) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def answer_reward(text: str, answers: list[str], max_extra_answer_words: int = 10) -> float:
+def answer_reward(text: str, answers: list[str], max_extra_answer_words: int = 5) -> float:
     """AO: SubEM of the single parsed answer line against the aliases, with the length and
     repetition guards described in the module docstring."""
     answer = parse_answer(text)
@@ -190,12 +190,12 @@ def answer_reward(text: str, answers: list[str], max_extra_answer_words: int = 1
 
 
 # ----------------------------------------------------------------------------- components
-def _components_ao(text, answers, gold, documents, *, max_extra_answer_words=10):
+def _components_ao(text, answers, gold, documents, *, max_extra_answer_words=5):
     ao = answer_reward(text, answers, max_extra_answer_words)
     return {"score": ao, "ao": ao}
 
 
-def _components_id(text, answers, gold, documents, *, max_extra_answer_words=10, w_id=1.0, w_ao=1.0):
+def _components_id(text, answers, gold, documents, *, max_extra_answer_words=5, w_id=1.0, w_ao=1.0):
     ao = answer_reward(text, answers, max_extra_answer_words)
     f1 = id_f1(parse_doc_ids(_before_answer(text)), gold)
     return {"score": w_id * f1 + w_ao * ao, "id_f1": f1, "ao": ao}
@@ -211,7 +211,7 @@ def _cited_blocks(section: str) -> dict[int, str]:
     return blocks
 
 
-def _components_id_c(text, answers, gold, documents, *, max_extra_answer_words=10, w_id=1.5, w_content=1.0,
+def _components_id_c(text, answers, gold, documents, *, max_extra_answer_words=5, w_id=1.5, w_content=1.0,
                      w_ao=2.0, w_format=0.3, w_irrelevant=0.3):
     ao = answer_reward(text, answers, max_extra_answer_words)
     head = _RELEVANT_DOCS.search(text)
@@ -230,7 +230,7 @@ def _components_id_c(text, answers, gold, documents, *, max_extra_answer_words=1
             "n_irrelevant": n_irrelevant}
 
 
-def _components_id_q(text, answers, gold, documents, *, max_extra_answer_words=10, max_quotes=10,
+def _components_id_q(text, answers, gold, documents, *, max_extra_answer_words=5, max_quotes=10,
                      max_quote_words=30, min_quote_words=4, quote_threshold=0.8, w_precision=1.0,
                      w_coverage=1.0, w_id=1.0, w_ao=1.0, w_format=0.2, w_length=0.1):
     ao = answer_reward(text, answers, max_extra_answer_words)
@@ -264,7 +264,7 @@ def _components_id_q(text, answers, gold, documents, *, max_extra_answer_words=1
             "ao": ao, "format": fmt, "overlong": overlong}
 
 
-def _components_r_judge(text, answers, gold, documents, *, extra_info=None, max_extra_answer_words=10,
+def _components_r_judge(text, answers, gold, documents, *, extra_info=None, max_extra_answer_words=5,
                         w_judge=1.0, w_ao=1.0, judge_url=None, judge_model=None, judge_api_key=None,
                         judge_timeout=30.0, judge_retries=2, judge_client=None):
     ao = answer_reward(text, answers, max_extra_answer_words)
