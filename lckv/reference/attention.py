@@ -114,7 +114,7 @@ def sparse_attention_with_lse(q, k, v, indices, scale=None):
     qf = q.float().reshape(batch, kv_heads, group, head_dim)
     scores = (qf @ k_sel.transpose(-1, -2)).mul_(scale)  # [B, Hkv, G, n]
     scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    out, lse = _softmax_with_lse(scores, v_sel.unsqueeze(2).expand(batch, kv_heads, group, n_sel, head_dim))
+    out, lse = _softmax_with_lse(scores, v_sel)  # [B, Hkv, G, n] @ [B, Hkv, n, D]
     return out.reshape(batch, q_heads, head_dim).to(q.dtype), lse.reshape(batch, q_heads)
 
 
