@@ -2,7 +2,7 @@
 
 Keys arrive as :class:`~lckv.cache.Segment` parts (sink, offloaded, recent when an
 :class:`~lckv.cache.LckvCache` is used; one part otherwise). Each part is attended exactly with
-:func:`attention_with_lse` under a boolean mask made of causality, key padding and the policy's
+:func:`~lckv.reference.attention_with_lse` under a boolean mask made of causality, key padding and the policy's
 :meth:`~lckv.policies.Policy.allowed`, and the partial states merge by log-sum-exp. Queries are
 processed in chunks so that no score block exceeds :data:`SCORE_BLOCK_ELEMENTS` elements.
 """
@@ -14,7 +14,7 @@ import torch
 
 from lckv.cache import Segment
 from lckv.policies import Policy
-from lckv.reference import attention_with_lse, merge_attention_states
+from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked
 
 __all__ = ["KeyPaddingMask", "attend_segments", "SCORE_BLOCK_ELEMENTS"]
 
@@ -70,15 +70,20 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, 
         hi = min(q_len, lo + chunk)
         q = query[:, :, lo:hi]
         q_pos = torch.arange(q_start + lo, q_start + hi, device=query.device)
-        out = torch.zeros_like(q)
-        lse = torch.full((batch, q_heads, hi - lo), float("-inf"), device=query.device)
+        out = lse = None
         for seg in segments:
             if seg.start > q_start + hi - 1:  # entirely in the future of this chunk
                 continue
             mask = _segment_mask(policy, q_pos, seg, attention_mask, slice(lo, hi))
             k, v = seg.k.to(query.device, non_blocking=True), seg.v.to(query.device, non_blocking=True)
-            part_out, part_lse = attention_with_lse(q, k, v, mask=mask, scale=scale)
-            out, lse = merge_attention_states(out, lse, part_out, part_lse)
+            part_out, part_lse = dense_attention_unchecked(q, k, v, mask=mask, scale=scale)
+            if out is None:
+                out, lse = part_out, part_lse
+            else:
+                out, lse = merge_states_unchecked(out, lse, part_out, part_lse)
+        if out is None:  # no key at or before these positions
+            out = torch.zeros_like(q)
+            lse = torch.full((batch, q_heads, hi - lo), float("-inf"), device=query.device)
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

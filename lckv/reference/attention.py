@@ -57,6 +57,11 @@ def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None):
     (torch.Size([1, 4, 3, 16]), torch.Size([1, 4, 3]))
     """
     check_attention_inputs(q, k, v, mask)
+    return dense_attention_unchecked(q, k, v, causal, mask, scale)
+
+
+def dense_attention_unchecked(q, k, v, causal: bool = False, mask=None, scale=None):
+    """:func:`attention_with_lse` without argument checks, for callers that validated already."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -128,6 +133,11 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b):
     Returns ``out`` in ``out_a.dtype`` and ``lse`` in float32.
     """
     check_states(out_a, lse_a, out_b, lse_b)
+    return merge_states_unchecked(out_a, lse_a, out_b, lse_b)
+
+
+def merge_states_unchecked(out_a, lse_a, out_b, lse_b):
+    """:func:`merge_attention_states` without argument checks."""
     la, lb = lse_a.float(), lse_b.float()
     m = torch.maximum(la, lb)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))

@@ -134,6 +134,7 @@ void check_conversions_and_exp() {
   }
   EXPECT(lckv::exp_nonpositive(-std::numeric_limits<float>::infinity()) == 0.0f);
   EXPECT(lckv::exp_nonpositive(0.0f) == 1.0f);
+  EXPECT(std::isnan(lckv::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
 }
 
 }  // namespace
