@@ -243,3 +243,48 @@ def test_cli_writes_verl_parquet(hotpotqa_file, tmp_path, capsys):
     assert json.loads((out / "stats.json").read_text())["examples"] == 30
     with pytest.raises(SystemExit):
         D.main(["--input", str(hotpotqa_file), "--output", str(out), "--formats", "ao,bogus"])
+
+
+class _HashingEncoder:
+    """A stand-in embedding model: normalised bag of hashed words (deterministic)."""
+
+    def encode(self, texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True):
+        out = np.zeros((len(texts), 64))
+        for i, t in enumerate(texts):
+            for w in t.lower().split():
+                out[i, sum(map(ord, w)) % 64] += 1.0
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+
+def test_embedding_retriever_with_a_given_encoder(hotpot_records):
+    enc = _HashingEncoder()
+    ret = D.EmbeddingRetriever(enc)
+    texts = [p.body for r in hotpot_records[:10] for p in r.passages]
+    ret.fit(texts)
+    emb = enc.encode(texts)
+    for r in hotpot_records[:5]:
+        top = ret.search(r.question, 7)
+        scores = emb @ enc.encode([r.question])[0]
+        assert [scores[i] for i in top] == pytest.approx(sorted(scores, reverse=True)[:7])
+    with pytest.raises(TypeError, match="encode"):
+        D.EmbeddingRetriever(object())
+    examples, _ = D.build_examples(hotpot_records[:3], retriever=D.EmbeddingRetriever(enc), num_negatives=5,
+                                   max_tokens=None)
+    assert all(len(ex.documents) == len(ex.gold_ids) + 5 for ex in examples)
+
+
+def test_judge_confirmation_parses_the_reply():
+    class Client:
+        def __init__(self, reply):
+            self.reply, self.seen = reply, []
+
+        def complete(self, messages):
+            self.seen.append(messages)
+            return self.reply
+
+    gold = [D.Passage("G", "gold text", True)]
+    for reply, want in [("\\boxed{yes}", True), ("Sure. \\boxed{ Yes }", True), ("\\boxed{no}", False),
+                        ("yes", False), (None, False)]:
+        client = Client(reply)
+        assert D._judge_confirm(client)("Q?", ["A"], D.Passage("C", "cand"), gold) is want, reply
+        assert "cand" in client.seen[0][0]["content"] and "gold text" in client.seen[0][0]["content"]

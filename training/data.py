@@ -272,17 +272,25 @@ class BM25Retriever:
 
 
 class EmbeddingRetriever:
-    """Dense retrieval with a sentence-transformers model (inner product of normalised embeddings).
+    """Dense retrieval: inner product of normalised embeddings.
 
-    Needs ``pip install sentence-transformers`` and the model available locally or from its hub.
+    ``model`` is a sentence-transformers model name (needs ``pip install sentence-transformers``
+    and the model available locally or from its hub) or any object with
+    ``encode(texts, batch_size=..., normalize_embeddings=True, convert_to_numpy=True)``
+    returning an ``[n, dim]`` array.
     """
 
-    def __init__(self, model_name: str, batch_size: int = 64, device: str | None = None):
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise ImportError("EmbeddingRetriever needs sentence-transformers: pip install sentence-transformers") from exc
-        self.model = SentenceTransformer(model_name, device=device)
+    def __init__(self, model, batch_size: int = 64, device: str | None = None):
+        if isinstance(model, str):
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise ImportError("EmbeddingRetriever needs sentence-transformers: "
+                                  "pip install sentence-transformers") from exc
+            model = SentenceTransformer(model, device=device)
+        if not callable(getattr(model, "encode", None)):
+            raise TypeError(f"model must be a model name or have an encode() method, got {type(model).__name__}")
+        self.model = model
         self.batch_size = batch_size
         self._emb = None
 
@@ -294,7 +302,7 @@ class EmbeddingRetriever:
     def search(self, query: str, k: int) -> list[int]:
         if self._emb is None:
             raise RuntimeError("call fit() before search()")
-        q = self.model.encode([query], normalize_embeddings=True, convert_to_numpy=True)[0]
+        q = self.model.encode([query], batch_size=1, normalize_embeddings=True, convert_to_numpy=True)[0]
         scores = self._emb @ q
         k = min(k, len(scores))
         top = np.argpartition(-scores, k - 1)[:k]
