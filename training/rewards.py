@@ -31,13 +31,15 @@ Anti-gaming rules (every case scores within the range above and never raises):
 
 * No answer line, or more than one ``The answer is:`` line: AO = 0 (and format = 0).
 * The answer must be short: AO = 0 when the parsed answer has more than
-  ``len(gold) + max_extra_answer_words`` words, or contains the gold answer more than once
-  (repeating or listing candidates does not pay).
+  ``len(gold) + max_extra_answer_words`` words (default 5), or contains the gold answer more
+  than once (repeating the answer or listing many candidates does not pay; a list of up to 5
+  extra words still can, the price of accepting short verbose answers).
 * ``solution_str`` that is None, not text, empty, or longer than ``max_response_chars``
   (default 40,000): score 0. Bytes are decoded as UTF-8 with replacement characters.
 * Citing every document: ID-F1 falls with precision; ID+C subtracts 0.3 per irrelevant id.
-* Quotes count as verified only with at least ``min_quote_words`` words and a fuzzy match
-  >= ``quote_threshold`` (0.8) inside some context document; quotes past the tenth are ignored.
+* Quotes count as verified only with ``min_quote_words`` (4) to ``4 * max_quote_words`` words
+  and a fuzzy match >= ``quote_threshold`` (0.8) inside some context document; quotes past the
+  tenth are ignored. Word counts stand in for tokens (the reward sees no tokenizer).
 """
 from __future__ import annotations
 
