@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -48,6 +48,9 @@ class LckvBinding:
     num_kv_heads: int
     head_dim: int
     previous_attn_implementation: str | None = None
+    #: callables ``fn(module, query, new_keys)`` invoked by the attention function with the
+    #: post-RoPE queries ``[B, Hq, q_len, D]`` and the keys of the same tokens ``[B, Hkv, q_len, D]``.
+    observers: list = field(default_factory=list)
 
     def new_cache(self) -> LckvCache:
         return LckvCache(self.policy, self.num_layers)
@@ -111,6 +114,9 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         segments, q_start = layer.segments(), layer.total - q_len
     else:
         segments, q_start = [Segment(key, value, 0)], key.shape[2] - q_len
+    if binding is not None:
+        for observe in binding.observers:
+            observe(module, query, key[:, :, key.shape[2] - q_len:])
     out, _ = attend_segments(query, segments, q_start, attention_mask, policy, scaling)
     return out.transpose(1, 2).contiguous(), None
 

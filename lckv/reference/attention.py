@@ -21,13 +21,15 @@ __all__ = ["attention_with_lse", "sparse_attention_with_lse", "merge_attention_s
 
 
 def _softmax_with_lse(scores: torch.Tensor, v: torch.Tensor):
-    """scores [..., Lq, S] fp32 (masked entries -inf), v [..., S, D] fp32 -> (out, lse)."""
-    lse = torch.logsumexp(scores, dim=-1)
-    finite = torch.isfinite(lse)
-    probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    out = probs @ v
-    out = torch.where(finite.unsqueeze(-1), out, torch.zeros_like(out))
-    return out, lse
+    """scores [..., Lq, S] fp32 (masked entries -inf; overwritten), v [..., S, D] fp32 -> (out, lse)."""
+    m = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    empty = torch.isneginf(m)
+    m = m.masked_fill(empty, 0.0)
+    probs = scores.sub_(m).exp_()  # one exp pass, in place
+    denom = probs.sum(dim=-1, keepdim=True)
+    out = (probs @ v) / denom.masked_fill(empty, 1.0)
+    lse = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for rows with no key
+    return out.masked_fill(empty, 0.0), lse
 
 
 def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None):
