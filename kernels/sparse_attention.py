@@ -67,9 +67,10 @@ def sparse_attention_fwd_kernel(
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m_i = m_new
 
-    seen = l_i > 0.0
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    empty = l_i == 0.0  # no key seen; a NaN read from K/V is not "empty" and propagates
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
     o_ptrs = Out + off_b * stride_ob + q_heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out, mask=mask_g[:, None] & mask_d[None, :])
     tl.store(Lse + off_b * stride_lb + q_heads * stride_lh, lse, mask=mask_g)

@@ -85,9 +85,10 @@ def sink_window_attention_fwd_kernel(
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, k_base, v_base, stride_ks, stride_vs, pos, row_valid, offs_n,
                                   offs_d, mask_d, window_start, pos_hi + 1, kv_len, sink, window, BLOCK_N)
 
-    seen = l_i > 0.0
-    out = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    empty = l_i == 0.0  # no key seen; a NaN read from K/V is not "empty" and propagates
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
     o_ptrs = Out + off_b * stride_ob + q_head[:, None] * stride_oh + q_idx[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out, mask=row_valid[:, None] & mask_d[None, :])
     tl.store(Lse + off_b * stride_lb + q_head * stride_lh + q_idx, lse, mask=row_valid)

@@ -65,10 +65,11 @@ LCKV_ALWAYS_INLINE float to_float(half_bits x) {
 }
 
 // exp(x) for x <= 0 (scores minus their max): Cody-Waite range reduction + degree-6 polynomial,
-// about 2 ulp; returns exactly 0 below -87 (and for -inf). Branch-free so loops vectorise.
+// about 2 ulp; returns exactly 0 below -87 (and for -inf), NaN for NaN (so a NaN read from K
+// reaches the output instead of vanishing). Branch-free so loops vectorise.
 LCKV_ALWAYS_INLINE float exp_nonpositive(float x) {
   const float underflow = -87.0f;
-  const bool zero = !(x >= underflow);  // also true for nan / -inf
+  const bool zero = x < underflow;  // false for NaN
   x = zero ? underflow : x;
   const float n = std::nearbyint(x * 1.44269504088896341f);
   float r = x - n * 0.693359375f;  // ln2 split in a short high part and a correction
@@ -158,7 +159,7 @@ LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head,
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * n;
     float m = neg_inf;
-    for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
+    for (int64_t j = 0; j < n; ++j) m = (s[j] > m || s[j] != s[j]) ? s[j] : m;  // NaN sticks
     if (m == neg_inf) {  // nothing selected
       lse_group[g] = neg_inf;
       continue;
