@@ -25,7 +25,10 @@ def _softmax_with_lse(scores: torch.Tensor, v: torch.Tensor):
     m = scores.amax(dim=-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     empty = torch.isneginf(m)
     m = m.masked_fill(empty, 0.0)
-    probs = scores.sub_(m).exp_()  # one exp pass, in place
+    if scores.requires_grad and torch.is_grad_enabled():
+        probs = torch.exp(scores - m)  # out of place: autograd needs the inputs of exp
+    else:
+        probs = scores.sub_(m).exp_()  # inference: one exp pass, in place
     denom = probs.sum(dim=-1, keepdim=True)
     out = (probs @ v) / denom.masked_fill(empty, 1.0)
     lse = (m + torch.log(denom)).squeeze(-1)  # log(0) = -inf for rows with no key
