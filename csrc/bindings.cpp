@@ -5,4 +5,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lckv compiled CPU kernels";
   lckv::bind_merge_states(m);
   lckv::bind_sparse_attention(m);
+  lckv::bind_index(m);
 }

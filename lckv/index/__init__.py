@@ -1,0 +1,21 @@
+"""Vector indexes over offloaded keys: one per (layer, kv head), inner-product top-k.
+
+* :class:`FlatIndex` — exact (the oracle), C++ with SIMD and OpenMP.
+* :class:`IVFIndex` — k-means inverted lists, C++.
+* :class:`GraphIndex` — attention-aware graph built from keys plus a sample of queries, C++.
+* :class:`FaissIndex` — faiss-cpu Flat / HNSW / IVF (inner product), the baselines.
+* :class:`LayerIndex` / :func:`search_heads` — all kv heads of a layer searched in parallel.
+
+All share ``build(keys, queries=None)``, ``add(keys)`` and
+``search(queries, k, **params) -> (scores, ids, n_scored)``; see :mod:`lckv.index.base` for the
+shapes, the padding rule when k exceeds the index size, and the errors.
+"""
+from lckv.index.base import DimensionMismatchError, EmptyIndexError, Index
+from lckv.index.faiss_index import FaissIndex
+from lckv.index.multihead import LayerIndex, search_heads
+from lckv.index.native import FlatIndex, GraphIndex, IVFIndex
+
+__all__ = [
+    "Index", "FlatIndex", "IVFIndex", "GraphIndex", "FaissIndex", "LayerIndex", "search_heads",
+    "EmptyIndexError", "DimensionMismatchError",
+]

@@ -1,0 +1,168 @@
+// Glue for the vector indexes (lckv/flat_index.h, ivf_index.h, graph_index.h): argument checks,
+// zero-copy reads of CPU float32 tensors, GIL released around every build, add and search.
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "bind.h"
+#include "checks.h"
+// The cores get hidden visibility like the pybind11 module that wraps them.
+#pragma GCC visibility push(hidden)
+#include "lckv/flat_index.h"
+#include "lckv/graph_index.h"
+#include "lckv/ivf_index.h"
+#pragma GCC visibility pop
+
+namespace lckv {
+namespace {
+
+namespace py = pybind11;
+using Result = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
+
+// Rows of `dim` float32 values, CPU, contiguous and finite; `layout` names the expected shape.
+void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const char* layout, int64_t dim) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type(),
+                   " (convert with .float())");
+  check_dim(t, name, ndim, layout);
+  TORCH_CHECK_VALUE(t.size(ndim - 1) == dim, name, " must have head_dim ", dim,
+                    " (the index's dim) in its last dimension, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (call .contiguous()), got strides ",
+                    t.strides());
+  TORCH_CHECK_VALUE(t.numel() == 0 || torch::isfinite(t).all().item<bool>(), name,
+                    " contains NaN or inf");
+}
+
+void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
+
+SearchParams make_params(int64_t ef, int64_t nprobe) {
+  TORCH_CHECK_VALUE(ef > 0, "ef must be positive, got ", ef);
+  TORCH_CHECK_VALUE(nprobe > 0, "nprobe must be positive, got ", nprobe);
+  SearchParams params;
+  params.ef = ef;
+  params.nprobe = nprobe;
+  return params;
+}
+
+void check_capacity(const VectorIndex& index, int64_t extra) {
+  TORCH_CHECK_VALUE(index.size() + extra < std::numeric_limits<uint32_t>::max(),
+                    "keys would grow the index past 2^32 - 1 keys");
+}
+
+void add(VectorIndex& index, const torch::Tensor& keys) {
+  check_rows(keys, "keys", 2, "[n, head_dim]", index.dim());
+  check_capacity(index, keys.size(0));
+  py::gil_scoped_release no_gil;
+  index.add(keys.data_ptr<float>(), keys.size(0));
+}
+
+Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k, int64_t ef,
+              int64_t nprobe) {
+  check_rows(queries, "queries", 2, "[n_queries, head_dim]", index.dim());
+  check_k(k);
+  const SearchParams params = make_params(ef, nprobe);
+  TORCH_CHECK_VALUE(index.size() > 0, "search on an empty index: build() or add() keys first");
+  const int64_t m = queries.size(0);
+  auto scores = torch::empty({m, k}, torch::kFloat32);
+  auto ids = torch::empty({m, k}, torch::kInt64);
+  auto n_scored = torch::empty({m}, torch::kInt64);
+  {
+    py::gil_scoped_release no_gil;
+    index.search_batch(queries.data_ptr<float>(), m, k, params, scores.data_ptr<float>(),
+                       ids.data_ptr<int64_t>(), n_scored.data_ptr<int64_t>());
+  }
+  return {scores, ids, n_scored};
+}
+
+Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
+                       const torch::Tensor& queries, int64_t k, int64_t ef, int64_t nprobe) {
+  TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
+  const int64_t dim = heads[0]->dim();
+  check_rows(queries, "queries", 3, "[heads, n_queries, head_dim]", dim);
+  TORCH_CHECK_VALUE(queries.size(0) == static_cast<int64_t>(heads.size()), "queries must have ",
+                    heads.size(), " heads (one per index) in dim 0, got shape ", queries.sizes());
+  check_k(k);
+  const SearchParams params = make_params(ef, nprobe);
+  std::vector<const VectorIndex*> raw;
+  for (std::size_t h = 0; h < heads.size(); ++h) {
+    TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
+    TORCH_CHECK_VALUE(heads[h]->dim() == dim, "heads[", h, "] has dim ", heads[h]->dim(),
+                      ", heads[0] has dim ", dim);
+    TORCH_CHECK_VALUE(heads[h]->size() > 0, "search on an empty index: heads[", h, "] has no keys");
+    raw.push_back(heads[h].get());
+  }
+  const int64_t n_heads = queries.size(0), m = queries.size(1);
+  auto scores = torch::empty({n_heads, m, k}, torch::kFloat32);
+  auto ids = torch::empty({n_heads, m, k}, torch::kInt64);
+  auto n_scored = torch::empty({n_heads, m}, torch::kInt64);
+  {
+    py::gil_scoped_release no_gil;
+    search_heads(raw, queries.data_ptr<float>(), m, k, params, scores.data_ptr<float>(),
+                 ids.data_ptr<int64_t>(), n_scored.data_ptr<int64_t>());
+  }
+  return {scores, ids, n_scored};
+}
+
+}  // namespace
+
+void bind_index(py::module_& m) {
+  py::class_<VectorIndex, std::shared_ptr<VectorIndex>>(m, "VectorIndex",
+      "Base of the inner-product indexes: ids are insertion order; search returns "
+      "(scores [m, k] float32 descending, ids [m, k] int64 padded with -1 / -inf, n_scored [m] int64).")
+      .def_property_readonly("dim", &VectorIndex::dim)
+      .def_property_readonly("size", &VectorIndex::size)
+      .def_property_readonly("memory_bytes", &VectorIndex::memory_bytes)
+      .def_property_readonly("simd_level",
+                             [](const VectorIndex& self) { return simd_level_name(self.simd_level()); })
+      .def("add", &add, py::arg("keys"), "Appends keys [n, dim] (float32, contiguous).")
+      .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = 64,
+           py::arg("nprobe") = 8, "Top-k by inner product of queries [m, dim].");
+
+  py::class_<FlatIndex, VectorIndex, std::shared_ptr<FlatIndex>>(m, "FlatIndex")
+      .def(py::init<int64_t>(), py::arg("dim"));
+
+  py::class_<IVFIndex, VectorIndex, std::shared_ptr<IVFIndex>>(m, "IVFIndex")
+      .def(py::init<int64_t, int64_t, int64_t, uint64_t>(), py::arg("dim"), py::arg("n_lists"),
+           py::arg("n_iters") = 10, py::arg("seed") = 0)
+      .def_property_readonly("n_lists", &IVFIndex::n_lists)
+      .def("build", [](IVFIndex& self, const torch::Tensor& keys) {
+        check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
+        check_capacity(self, keys.size(0));
+        py::gil_scoped_release no_gil;
+        self.build(keys.data_ptr<float>(), keys.size(0));
+      }, py::arg("keys"), "Trains k-means on keys [n, dim] and adds them.");
+
+  py::class_<GraphIndex, VectorIndex, std::shared_ptr<GraphIndex>>(m, "GraphIndex")
+      .def(py::init([](int64_t dim, int64_t max_degree, int64_t build_knn, int64_t rank_window,
+                       int64_t lists_per_key, int64_t n_entry, int64_t build_ef, int64_t repair_queries) {
+             GraphBuildParams p;
+             p.max_degree = max_degree;
+             p.build_knn = build_knn;
+             p.rank_window = rank_window;
+             p.lists_per_key = lists_per_key;
+             p.n_entry = n_entry;
+             p.build_ef = build_ef;
+             p.repair_queries = repair_queries;
+             return std::make_shared<GraphIndex>(dim, p);
+           }),
+           py::arg("dim"), py::arg("max_degree") = 32, py::arg("build_knn") = 100,
+           py::arg("rank_window") = 32, py::arg("lists_per_key") = 32, py::arg("n_entry") = 128,
+           py::arg("build_ef") = 64, py::arg("repair_queries") = 8192)
+      .def_property_readonly("mean_degree", &GraphIndex::mean_degree)
+      .def_property_readonly("entry_points", &GraphIndex::entry_points)
+      .def("build", [](GraphIndex& self, const torch::Tensor& keys, const torch::Tensor& queries) {
+        check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
+        check_rows(queries, "queries", 2, "[n_queries, head_dim]", self.dim());
+        check_capacity(self, keys.size(0));
+        py::gil_scoped_release no_gil;
+        self.build(keys.data_ptr<float>(), keys.size(0), queries.data_ptr<float>(), queries.size(0));
+      }, py::arg("keys"), py::arg("queries"),
+         "Adds keys [n, dim] and builds the graph from build queries [m, dim] (m may be 0).");
+
+  m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
+        py::arg("ef") = 64, py::arg("nprobe") = 8,
+        "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
+        "(scores [heads, m, k], ids [heads, m, k], n_scored [heads, m]).");
+}
+
+}  // namespace lckv

@@ -1,0 +1,491 @@
+// Attention-aware graph index (RoarGraph / RetrievalAttention style) for inner-product top-k.
+//
+// Decode queries come from another distribution than the keys, so a graph built from keys alone
+// (HNSW) links keys that are close to each other, not keys that answer the same queries. This
+// index is built from the keys plus a sample of queries:
+//   1. each build query is linked to its exact top-`build_knn` keys (blocked exact search);
+//   2. the query-key bipartite graph is projected onto the keys: two keys are candidates for an
+//      edge when they appear in the same query's list within `rank_window` ranks of each other;
+//      the weight of an edge is how many lists they share (plus a small bonus for rank
+//      proximity), taken over each key's `lists_per_key` best-ranked lists;
+//   3. each key keeps its heaviest edges, reverse edges are added and the union is pruned to
+//      `max_degree - reserve` per key (the reserved slots take links from keys added later);
+//   4. keys that no build query reaches, and keys added later, are linked to the results of two
+//      beam searches (`build_ef`): the key itself as the query, and the probe query (step 5) that
+//      ranks the key best; reverse links go into the reserved slots. A key that beats a probe's
+//      top-1 becomes an entry point;
+//   5. `n_entry` build queries, taken evenly, are kept as probes; the entry points are their
+//      current top-1 keys (then the keys in the most lists), so they cover the query distribution;
+//   6. up to `repair_queries` build queries are searched; when one misses its exact top-1 key, the
+//      best key it reached and that top-1 key are linked both ways (long-range edges); up to three
+//      passes, until fewer than 1% miss.
+// A search scores the entry points, then runs best-first beam search of width `ef`
+// (SearchParams::ef, at least k). n_scored counts the entry points and every key whose inner
+// product the search computed. Without build queries, every key is linked as in step 4.
+// Torch-free.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <queue>
+#include <vector>
+
+#include "lckv/vector_index.h"
+
+namespace lckv {
+
+struct GraphBuildParams {
+  int64_t max_degree = 32;     // edges per key (M)
+  int64_t build_knn = 100;     // exact top-L keys per build query
+  int64_t rank_window = 32;    // two keys are edge candidates within this many ranks of one list
+  int64_t lists_per_key = 32;  // a key's candidates come from at most this many of its lists
+  int64_t n_entry = 128;       // entry keys scored by every search
+  int64_t build_ef = 64;       // beam width when linking keys by search
+  int64_t repair_queries = 8192;  // build queries whose search misses add long-range edges
+};
+
+class GraphIndex : public VectorIndex {
+ public:
+  GraphIndex(int64_t dim, const GraphBuildParams& params) : VectorIndex(dim), params_(params) {
+    if (params.max_degree < 2 || params.max_degree > 65535)
+      throw std::invalid_argument("max_degree must be in [2, 65535]");
+    if (params.build_knn < 2) throw std::invalid_argument("build_knn must be >= 2");
+    if (params.rank_window < 1) throw std::invalid_argument("rank_window must be >= 1");
+    if (params.lists_per_key < 1) throw std::invalid_argument("lists_per_key must be >= 1");
+    if (params.n_entry < 1) throw std::invalid_argument("n_entry must be >= 1");
+    if (params.build_ef < 1) throw std::invalid_argument("build_ef must be >= 1");
+    if (params.repair_queries < 0) throw std::invalid_argument("repair_queries must be >= 0");
+    reserve_ = std::max<int64_t>(1, params.max_degree / 4);
+  }
+
+  const GraphBuildParams& build_params() const { return params_; }
+
+  // Ids of the entry keys every search scores first.
+  std::vector<int64_t> entry_points() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return entries_;
+  }
+
+  // Mean out-degree.
+  double mean_degree() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    if (size_ == 0) return 0.0;
+    double total = 0.0;
+    for (int64_t i = 0; i < size_; ++i) total += degree_[i];
+    return total / static_cast<double>(size_);
+  }
+
+  // Adds n keys [n, dim] and builds the graph from m build queries [m, dim] (m may be 0).
+  // Keys already present stay; their edges are kept and new keys are linked as in add().
+  void build(const float* keys, int64_t n, const float* queries, int64_t m) {
+    std::unique_lock<RwLock> lock(mutex_);
+    if (size_ > 0 || m <= 0) {
+      add_locked(keys, n);
+      return;
+    }
+    append_keys(keys, n);
+    grow_graph();
+    if (n == 0) return;
+    const std::vector<int64_t> top1 = project_query_lists(queries, m);
+    std::vector<int64_t> unlinked;
+    for (int64_t i = 0; i < size_; ++i)
+      if (degree_[i] == 0) unlinked.push_back(i);
+    link_by_search(unlinked);
+    for (int pass = 0; pass < 3; ++pass)
+      if (repair_with_queries(queries, m, top1) * 100 < std::min(m, params_.repair_queries)) break;
+  }
+
+ protected:
+  void add_locked(const float* keys, int64_t n) override {
+    const int64_t base = size_;
+    append_keys(keys, n);
+    grow_graph();
+    std::vector<int64_t> fresh(static_cast<std::size_t>(n));
+    for (int64_t i = 0; i < n; ++i) fresh[i] = base + i;
+    link_by_search(fresh);
+  }
+
+  int64_t search_locked(const float* query, int64_t k, const SearchParams& params, float* scores,
+                        int64_t* ids) const override {
+    if (size_ == 0 || entries_.empty()) {
+      TopK(k).write_sorted(scores, ids);
+      return 0;
+    }
+    std::vector<std::pair<float, int64_t>> found;
+    const int64_t n_scored = beam_search(query, std::max(params.ef, k), -1, found);
+    TopK heap(k);
+    for (const auto& f : found) heap.push(f.first, f.second);
+    heap.write_sorted(scores, ids);
+    return n_scored;
+  }
+
+  int64_t extra_memory_bytes_locked() const override {
+    return static_cast<int64_t>(adjacency_.capacity() * sizeof(uint32_t) +
+                                degree_.capacity() * sizeof(uint16_t) +
+                                entries_.capacity() * sizeof(int64_t) +
+                                probes_.capacity() * sizeof(float));
+  }
+
+ private:
+  using Scored = std::pair<float, int64_t>;
+  struct Lower {  // for a min-heap on score
+    bool operator()(const Scored& a, const Scored& b) const { return a.first > b.first; }
+  };
+
+  uint32_t* neighbors(int64_t id) { return adjacency_.data() + id * params_.max_degree; }
+  const uint32_t* neighbors(int64_t id) const { return adjacency_.data() + id * params_.max_degree; }
+
+  void grow_graph() {
+    adjacency_.resize(static_cast<std::size_t>(size_ * params_.max_degree), 0);
+    degree_.resize(static_cast<std::size_t>(size_), 0);
+  }
+
+  // Best-first search; `found` gets the (up to ef) best (score, id) seen. Skips `exclude`.
+  int64_t beam_search(const float* query, int64_t ef, int64_t exclude,
+                      std::vector<Scored>& found) const {
+    auto visited = visited_pool_.acquire(static_cast<std::size_t>(size_));
+    std::priority_queue<Scored> frontier;                             // best first
+    std::priority_queue<Scored, std::vector<Scored>, Lower> results;  // worst first, size <= ef
+    int64_t n_scored = 0;
+    auto consider = [&](int64_t id) {
+      if (visited->test_and_set(static_cast<std::size_t>(id)) || id == exclude) return;
+      const float s = score(query, id);
+      ++n_scored;
+      if (static_cast<int64_t>(results.size()) < ef || s > results.top().first) {
+        frontier.emplace(s, id);
+        results.emplace(s, id);
+        if (static_cast<int64_t>(results.size()) > ef) results.pop();
+      }
+    };
+    for (int64_t e : entries_) consider(e);
+    while (!frontier.empty()) {
+      const Scored best = frontier.top();
+      if (static_cast<int64_t>(results.size()) >= ef && best.first < results.top().first) break;
+      frontier.pop();
+      const uint32_t* nbrs = neighbors(best.second);
+      const int64_t deg = degree_[best.second];
+      for (int64_t j = 0; j < deg; ++j) __builtin_prefetch(key(nbrs[j]));
+      for (int64_t j = 0; j < deg; ++j) consider(nbrs[j]);
+    }
+    visited_pool_.release(std::move(visited));
+    found.clear();
+    found.reserve(results.size());
+    while (!results.empty()) {
+      found.push_back(results.top());
+      results.pop();
+    }
+    return n_scored;
+  }
+
+  // Steps 1-3 and 5 of the build (see the file comment); returns each build query's top-1 key.
+  std::vector<int64_t> project_query_lists(const float* queries, int64_t m) {
+    const int64_t n = size_;
+    const int64_t L = std::min(params_.build_knn, n);
+    const int64_t M = params_.max_degree;
+    const int64_t m_build = M - reserve_;
+    const int64_t window = params_.rank_window;
+    std::vector<float> list_scores(static_cast<std::size_t>(m * L));
+    std::vector<int64_t> lists(static_cast<std::size_t>(m * L));
+    exact_topk(keys_.data(), n, queries, m, dim_, L, ip_, list_scores.data(), lists.data());
+
+    // Occurrences of each key: positions (query * L + rank) in `lists`, best rank first.
+    std::vector<int64_t> occ_start(static_cast<std::size_t>(n + 1), 0);
+    for (int64_t p = 0; p < m * L; ++p) ++occ_start[lists[p] + 1];
+    for (int64_t i = 0; i < n; ++i) occ_start[i + 1] += occ_start[i];
+    std::vector<int64_t> occ(static_cast<std::size_t>(m * L));
+    {
+      std::vector<int64_t> fill(occ_start.begin(), occ_start.end() - 1);
+      for (int64_t r = 0; r < L; ++r)  // rank-major, so each key's occurrences come best rank first
+        for (int64_t q = 0; q < m; ++q) {
+          const int64_t p = q * L + r;
+          occ[fill[lists[p]]++] = p;
+        }
+    }
+
+    // Forward edges by co-occurrence weight.
+    std::vector<std::vector<Scored>> forward(static_cast<std::size_t>(n));
+#pragma omp parallel
+    {
+      std::vector<float> weight(static_cast<std::size_t>(n), 0.0f);
+      std::vector<int64_t> touched;
+#pragma omp for schedule(dynamic, 64)
+      for (int64_t x = 0; x < n; ++x) {
+        const int64_t begin = occ_start[x];
+        const int64_t end = std::min(occ_start[x + 1], begin + params_.lists_per_key);
+        for (int64_t o = begin; o < end; ++o) {
+          const int64_t q = occ[o] / L;
+          const int64_t r = occ[o] % L;
+          const int64_t lo = std::max<int64_t>(0, r - window);
+          const int64_t hi = std::min<int64_t>(L - 1, r + window);
+          for (int64_t rr = lo; rr <= hi; ++rr) {
+            if (rr == r) continue;
+            const int64_t y = lists[q * L + rr];
+            if (weight[y] == 0.0f) touched.push_back(y);
+            weight[y] += 1.0f + 0.5f / static_cast<float>(1 + std::abs(rr - r));
+          }
+        }
+        std::vector<Scored>& out = forward[x];
+        out.reserve(touched.size());
+        for (int64_t y : touched) {
+          out.emplace_back(weight[y], y);
+          weight[y] = 0.0f;
+        }
+        touched.clear();
+        keep_heaviest(out, m_build);
+      }
+    }
+
+    // Add reverse edges, then prune each key's union to m_build.
+    std::vector<int64_t> in_start(static_cast<std::size_t>(n + 1), 0);
+    for (int64_t x = 0; x < n; ++x)
+      for (const Scored& e : forward[x]) ++in_start[e.second + 1];
+    for (int64_t i = 0; i < n; ++i) in_start[i + 1] += in_start[i];
+    std::vector<Scored> incoming(static_cast<std::size_t>(in_start[n]));
+    {
+      std::vector<int64_t> fill(in_start.begin(), in_start.end() - 1);
+      for (int64_t x = 0; x < n; ++x)
+        for (const Scored& e : forward[x]) incoming[fill[e.second]++] = Scored(e.first, x);
+    }
+#pragma omp parallel
+    {
+      std::vector<float> weight(static_cast<std::size_t>(n), 0.0f);
+      std::vector<int64_t> touched;
+#pragma omp for schedule(dynamic, 64)
+      for (int64_t y = 0; y < n; ++y) {
+        auto take = [&](const Scored& e) {
+          if (weight[e.second] == 0.0f) touched.push_back(e.second);
+          weight[e.second] = std::max(weight[e.second], e.first);
+        };
+        for (const Scored& e : forward[y]) take(e);
+        for (int64_t i = in_start[y]; i < in_start[y + 1]; ++i) take(incoming[i]);
+        std::vector<Scored> merged;
+        merged.reserve(touched.size());
+        for (int64_t x : touched) {
+          merged.emplace_back(weight[x], x);
+          weight[x] = 0.0f;
+        }
+        touched.clear();
+        keep_heaviest(merged, m_build);
+        uint32_t* row = neighbors(y);
+        for (std::size_t j = 0; j < merged.size(); ++j) row[j] = static_cast<uint32_t>(merged[j].second);
+        degree_[y] = static_cast<uint16_t>(merged.size());
+      }
+    }
+
+    // Entry points: the current top-1 keys of `n_entry` probe queries taken evenly from the build
+    // queries (they cover the query distribution), then the keys found in the most lists.
+    const int64_t n_probes = std::min(m, params_.n_entry);
+    probes_.resize(static_cast<std::size_t>(n_probes * dim_));
+    probe_best_.resize(static_cast<std::size_t>(n_probes));
+    for (int64_t r = 0; r < n_probes; ++r) {
+      const int64_t q = r * m / n_probes;
+      std::copy(queries + q * dim_, queries + (q + 1) * dim_, probes_.begin() + r * dim_);
+      probe_best_[r] = Scored(list_scores[q * L], lists[q * L]);
+    }
+    std::vector<Scored> popularity(static_cast<std::size_t>(n));
+    for (int64_t x = 0; x < n; ++x)
+      popularity[x] = Scored(static_cast<float>(occ_start[x + 1] - occ_start[x]), x);
+    keep_heaviest(popularity, params_.n_entry);
+    popular_.clear();
+    for (const Scored& p : popularity)
+      if (p.first > 0.0f) popular_.push_back(p.second);
+    refresh_entries();
+    std::vector<int64_t> top1(static_cast<std::size_t>(m));
+    for (int64_t q = 0; q < m; ++q) top1[q] = lists[q * L];
+    return top1;
+  }
+
+  // Step 6: searches with up to `repair_queries` build queries; when a search misses its query's
+  // exact top-1 key, links the best key it found to that top-1 key (both ways, reserved slots).
+  // This adds the long-range edges that co-occurrence alone lacks between query regions.
+  // Returns the number of misses.
+  int64_t repair_with_queries(const float* queries, int64_t m, const std::vector<int64_t>& top1) {
+    const int64_t n_repair = std::min(m, params_.repair_queries);
+    int64_t misses = 0;
+    if (n_repair <= 0) return misses;
+    const int64_t stride = std::max<int64_t>(1, m / n_repair);
+    constexpr int64_t kRound = 512;
+    std::vector<int64_t> picked;
+    for (int64_t q = 0; q < m && static_cast<int64_t>(picked.size()) < n_repair; q += stride) picked.push_back(q);
+    const int64_t total = static_cast<int64_t>(picked.size());
+    std::vector<int64_t> missed_from(kRound);
+    for (int64_t start = 0; start < total; start += kRound) {
+      const int64_t round = std::min(kRound, total - start);
+#pragma omp parallel for schedule(dynamic, 8)
+      for (int64_t i = 0; i < round; ++i) {
+        const int64_t q = picked[start + i];
+        std::vector<Scored> found;
+        beam_search(queries + q * dim_, params_.build_ef, -1, found);
+        int64_t best = -1;
+        float best_score = -std::numeric_limits<float>::infinity();
+        bool hit = false;
+        for (const Scored& f : found) {
+          hit = hit || f.second == top1[q];
+          if (f.first > best_score) {
+            best_score = f.first;
+            best = f.second;
+          }
+        }
+        missed_from[i] = hit ? -1 : best;
+      }
+      for (int64_t i = 0; i < round; ++i) {
+        if (missed_from[i] < 0) continue;
+        const int64_t target = top1[picked[start + i]];
+        link_back(missed_from[i], target, true);
+        link_back(target, missed_from[i], true);
+        ++misses;
+      }
+    }
+    return misses;
+  }
+
+  // Sorts by descending weight (ties: smaller id) and keeps the first `count`.
+  static void keep_heaviest(std::vector<Scored>& v, int64_t count) {
+    auto heavier = [](const Scored& a, const Scored& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    if (static_cast<int64_t>(v.size()) > count) {
+      std::partial_sort(v.begin(), v.begin() + count, v.end(), heavier);
+      v.resize(static_cast<std::size_t>(count));
+    } else {
+      std::sort(v.begin(), v.end(), heavier);
+    }
+  }
+
+  // Step 4: links each key x of `ids` (in order) to the best keys of two beam searches: one with
+  // x itself as the query, and one with the probe query that ranks x best relative to that
+  // probe's current top-1 (the keys such queries visit are where x must be reachable from). x
+  // becomes an entry point when it beats a probe's top-1. Rounds of keys search the graph in
+  // parallel, then their links are written sequentially; a round is never larger than the linked
+  // part of the graph, so a graph grown from one key stays navigable.
+  void link_by_search(const std::vector<int64_t>& ids) {
+    const int64_t total = static_cast<int64_t>(ids.size());
+    const int64_t M = params_.max_degree;
+    const int64_t m_link = std::max<int64_t>(2, (M - reserve_) / 2);
+    const int64_t n_probes = static_cast<int64_t>(probe_best_.size());
+    const int64_t ef = std::max(params_.build_ef, m_link);
+    int64_t linked = size_ - total;  // keys already in the graph
+    int64_t done = 0;
+    if (entries_.empty() && total > 0) {  // empty graph: the first key starts it
+      entries_.push_back(ids[0]);
+      done = 1;
+      linked += 1;
+    }
+    std::vector<std::vector<Scored>> found;
+    std::vector<float> probe_scores;
+    while (done < total) {
+      const int64_t round = std::min<int64_t>({total - done, std::max<int64_t>(1, linked), 1024});
+      found.assign(static_cast<std::size_t>(round), {});
+      probe_scores.assign(static_cast<std::size_t>(round * n_probes), 0.0f);
+#pragma omp parallel for schedule(dynamic, 8) if (round > 16)
+      for (int64_t i = 0; i < round; ++i) {
+        const int64_t x = ids[done + i];
+        std::vector<Scored> by_key;
+        beam_search(key(x), ef, x, by_key);
+        keep_heaviest(by_key, m_link);
+        std::vector<Scored>& out = found[i];
+        if (n_probes > 0) {
+          float* ps = probe_scores.data() + i * n_probes;
+          int64_t best_probe = 0;
+          for (int64_t r = 0; r < n_probes; ++r) {
+            ps[r] = ip_(probes_.data() + r * dim_, key(x), dim_);
+            if (ps[r] - probe_best_[r].first > ps[best_probe] - probe_best_[best_probe].first) best_probe = r;
+          }
+          beam_search(probes_.data() + best_probe * dim_, ef, x, out);
+          keep_heaviest(out, (m_link + 1) / 2);
+        }
+        for (const Scored& f : by_key) {
+          if (static_cast<int64_t>(out.size()) >= m_link) break;
+          if (std::none_of(out.begin(), out.end(), [&](const Scored& o) { return o.second == f.second; }))
+            out.push_back(f);
+        }
+      }
+      bool entries_changed = false;
+      for (int64_t i = 0; i < round; ++i) {
+        const int64_t x = ids[done + i];
+        uint32_t* row = neighbors(x);
+        int64_t deg = degree_[x];
+        for (const Scored& f : found[i]) {
+          if (deg >= M) break;
+          row[deg++] = static_cast<uint32_t>(f.second);
+          link_back(f.second, x);
+        }
+        degree_[x] = static_cast<uint16_t>(deg);
+        for (int64_t r = 0; r < n_probes; ++r) {
+          const float ps = probe_scores[i * n_probes + r];
+          if (ps > probe_best_[r].first) {
+            probe_best_[r] = Scored(ps, x);
+            entries_changed = true;
+          }
+        }
+      }
+      done += round;
+      linked += round;
+      if (entries_changed) refresh_entries();
+      if (n_probes == 0 && static_cast<int64_t>(entries_.size()) < params_.n_entry) refresh_entries_by_norm();
+    }
+  }
+
+  // entries_ = the probes' distinct top-1 keys, then popular keys, up to n_entry.
+  void refresh_entries() {
+    entries_.clear();
+    auto put = [&](int64_t id) {
+      if (static_cast<int64_t>(entries_.size()) < params_.n_entry &&
+          std::find(entries_.begin(), entries_.end(), id) == entries_.end())
+        entries_.push_back(id);
+    };
+    for (const Scored& p : probe_best_) put(p.second);
+    for (int64_t id : popular_) put(id);
+  }
+
+  // Adds the edge y -> x: into a free slot, else replacing the weakest (by inner product with y)
+  // of y's reserved slots when x is stronger, or always when `force`.
+  void link_back(int64_t y, int64_t x, bool force = false) {
+    const int64_t M = params_.max_degree;
+    uint32_t* row = neighbors(y);
+    const int64_t deg = degree_[y];
+    for (int64_t j = 0; j < deg; ++j)
+      if (row[j] == static_cast<uint32_t>(x)) return;
+    if (deg < M) {
+      row[deg] = static_cast<uint32_t>(x);
+      degree_[y] = static_cast<uint16_t>(deg + 1);
+      return;
+    }
+    const float* yv = key(y);
+    int64_t weakest = -1;
+    float weakest_score = force ? std::numeric_limits<float>::infinity() : score(yv, x);
+    for (int64_t j = M - reserve_; j < M; ++j) {
+      const float s = score(yv, row[j]);
+      if (s < weakest_score) {
+        weakest_score = s;
+        weakest = j;
+      }
+    }
+    if (weakest >= 0) row[weakest] = static_cast<uint32_t>(x);
+  }
+
+  // Without build queries, the entry points are the largest-norm keys linked so far.
+  void refresh_entries_by_norm() {
+    std::vector<Scored> norms;
+    norms.reserve(static_cast<std::size_t>(size_));
+    for (int64_t i = 0; i < size_; ++i)
+      if (degree_[i] > 0 || i == entries_.front()) norms.emplace_back(score(key(i), i), i);
+    keep_heaviest(norms, params_.n_entry);
+    entries_.clear();
+    for (const Scored& s : norms) entries_.push_back(s.second);
+  }
+
+  const GraphBuildParams params_;        // build knobs
+  int64_t reserve_;                      // slots per key kept for links made after the projection
+  std::vector<uint32_t> adjacency_;      // [size_, max_degree] neighbor ids
+  std::vector<uint16_t> degree_;         // edges used per key
+  std::vector<int64_t> entries_;         // entry keys of every search
+  std::vector<float> probes_;            // [n_probes, dim] build queries kept to place new keys
+  std::vector<Scored> probe_best_;       // each probe's current top-1 (score, key)
+  std::vector<int64_t> popular_;         // keys in the most build-query lists
+  mutable VisitedPool visited_pool_;     // visited marks for concurrent searches
+};
+
+}  // namespace lckv

@@ -1,0 +1,131 @@
+// Inner product of two float vectors, with the SIMD path picked once at run time.
+//
+// The library is compiled with portable flags, so the AVX2+FMA and AVX-512 kernels are compiled
+// per function with target attributes and chosen by `select_inner_product()` from what the CPU
+// reports (hnswlib's space_ip.h does the same at construction). Every path accumulates in fp32;
+// they differ from each other only by summation order. Torch-free.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LCKV_X86_DISPATCH 1
+#include <immintrin.h>
+#endif
+
+namespace lckv {
+
+// dot(a, b) over dim floats.
+using InnerProductFn = float (*)(const float* a, const float* b, std::size_t dim);
+
+// Portable fallback; four accumulators so the compiler can vectorize it.
+inline float inner_product_scalar(const float* a, const float* b, std::size_t dim) {
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  std::size_t i = 0;
+  for (; i + 4 <= dim; i += 4) {
+    acc[0] += a[i] * b[i];
+    acc[1] += a[i + 1] * b[i + 1];
+    acc[2] += a[i + 2] * b[i + 2];
+    acc[3] += a[i + 3] * b[i + 3];
+  }
+  for (; i < dim; ++i) acc[0] += a[i] * b[i];
+  return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
+#ifdef LCKV_X86_DISPATCH
+
+__attribute__((target("avx2,fma"))) inline float inner_product_avx2(const float* a, const float* b,
+                                                                     std::size_t dim) {
+  __m256 acc0 = _mm256_setzero_ps();
+  __m256 acc1 = _mm256_setzero_ps();
+  std::size_t i = 0;
+  for (; i + 16 <= dim; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  if (i + 8 <= dim) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    i += 8;
+  }
+  acc0 = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  float sum = _mm_cvtss_f32(s);
+  for (; i < dim; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+__attribute__((target("avx512f"))) inline float inner_product_avx512(const float* a, const float* b,
+                                                                      std::size_t dim) {
+  __m512 acc0 = _mm512_setzero_ps();
+  __m512 acc1 = _mm512_setzero_ps();
+  std::size_t i = 0;
+  for (; i + 32 <= dim; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  if (i + 16 <= dim) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    i += 16;
+  }
+  if (i < dim) {  // masked tail: no scalar loop
+    const __mmask16 mask = static_cast<__mmask16>((1u << (dim - i)) - 1u);
+    acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + i), _mm512_maskz_loadu_ps(mask, b + i), acc1);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, _mm512_add_ps(acc0, acc1));
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+#endif  // LCKV_X86_DISPATCH
+
+// Which kernel select_inner_product() picked, for logs and tests.
+enum class SimdLevel { kScalar, kAvx2, kAvx512 };
+
+inline const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::kAvx512: return "avx512";
+    case SimdLevel::kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+// The best level this CPU supports (evaluated once per process).
+inline SimdLevel detect_simd_level() {
+#ifdef LCKV_X86_DISPATCH
+  static const SimdLevel level = [] {
+    __builtin_cpu_init();
+    // AVX-512 only pays off once a vector fills a 16-lane register.
+    if (__builtin_cpu_supports("avx512f")) return SimdLevel::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::kAvx2;
+    return SimdLevel::kScalar;
+  }();
+  return level;
+#else
+  return SimdLevel::kScalar;
+#endif
+}
+
+// The kernel for `level` (falls back to scalar when that level is not compiled in).
+inline InnerProductFn inner_product_for(SimdLevel level) {
+#ifdef LCKV_X86_DISPATCH
+  if (level == SimdLevel::kAvx512) return inner_product_avx512;
+  if (level == SimdLevel::kAvx2) return inner_product_avx2;
+#endif
+  (void)level;
+  return inner_product_scalar;
+}
+
+// The level used for vectors of `dim` floats: AVX-512 for dim >= 16, AVX2 for dim >= 8.
+inline SimdLevel simd_level_for(std::size_t dim) {
+  SimdLevel level = detect_simd_level();
+  if (level == SimdLevel::kAvx512 && dim < 16) level = SimdLevel::kAvx2;
+  if (level == SimdLevel::kAvx2 && dim < 8) level = SimdLevel::kScalar;
+  return level;
+}
+
+}  // namespace lckv

@@ -1,0 +1,133 @@
+"""The interface every lckv vector index implements, and its argument checks.
+
+One index holds the keys of one (layer, kv head). Keys get ids 0, 1, 2, ... in insertion order.
+
+``search(queries, k, **params) -> (scores, ids, n_scored)``:
+
+* ``queries``: ``[n_queries, head_dim]`` float32, contiguous, CPU, finite.
+* ``scores``: ``[n_queries, k]`` float32, inner products sorted descending.
+* ``ids``: ``[n_queries, k]`` int64 key ids.
+* ``n_scored``: ``[n_queries]`` int64, the keys (and for IVF the centroids) whose inner product the
+  search computed: the cost measure benchmarks report as "fraction scored".
+
+**k larger than the index**: the outputs keep shape ``[n_queries, k]``; the first ``min(k, size)``
+slots hold results and the rest hold id ``-1`` and score ``-inf``. Exact indexes always fill
+``min(k, size)`` slots; approximate ones fill what their search reached (at most that many), and
+any unfilled slot is padding of the same form, never a stale or out-of-range id.
+
+Errors (raised before any work): ``TypeError`` for a non-tensor or a dtype other than float32;
+``ValueError`` for a non-CPU device, a wrong number of dimensions, non-contiguous input, NaN/inf,
+or ``k <= 0``; :class:`DimensionMismatchError` (a ``ValueError``) when ``head_dim`` differs from
+the index's; :class:`EmptyIndexError` (a ``ValueError``) for a search before any key was added.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+__all__ = ["Index", "EmptyIndexError", "DimensionMismatchError", "check_rows", "check_k"]
+
+
+class EmptyIndexError(ValueError):
+    """search() on an index that holds no keys."""
+
+
+class DimensionMismatchError(ValueError):
+    """Input rows do not have the index's head_dim."""
+
+
+def check_rows(x, name: str, dim: int | None = None, ndim: int = 2, layout: str = "[n, head_dim]"):
+    """Checks a float32, CPU, contiguous, finite tensor of ``ndim`` dims whose last is ``dim``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {str(x.dtype).replace('torch.', '')} (convert with .float())")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU (the index lives in host memory), got device {x.device}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise DimensionMismatchError(
+            f"{name} must have head_dim {dim} (the index's) in its last dimension, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {x.stride()}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    return k
+
+
+class Index(abc.ABC):
+    """An inner-product top-k index over the keys of one (layer, kv head).
+
+    Subclasses implement ``_build``, ``_add``, ``_search`` and ``size``; the public methods check
+    arguments. ``build`` may be called once, on an empty index; ``add`` any time after.
+    """
+
+    #: search keyword arguments this index understands, with their defaults
+    search_params: dict = {}
+
+    def __init__(self, dim: int):
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = dim
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Number of keys held."""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> "Index":
+        """Adds keys ``[n, head_dim]``; ``queries`` ``[m, head_dim]`` (optional) are a sample of the
+        queries the index will serve (prefill queries), used by query-aware indexes and ignored by
+        the others. Returns self."""
+        check_rows(keys, "keys", self.dim)
+        if queries is not None:
+            check_rows(queries, "queries", self.dim, layout="[n_queries, head_dim]")
+        if self.size:
+            raise ValueError(f"build() needs an empty index, this one holds {self.size} keys; use add()")
+        self._build(keys, queries)
+        return self
+
+    def add(self, keys: torch.Tensor) -> None:
+        """Appends keys ``[n, head_dim]``; their ids continue from ``size``. Safe while other threads
+        search."""
+        check_rows(keys, "keys", self.dim)
+        if keys.shape[0]:
+            self._add(keys)
+
+    def search(self, queries: torch.Tensor, k: int, **params):
+        """Top-k keys by inner product: ``(scores [m, k], ids [m, k], n_scored [m])``; see the module
+        docstring for padding when ``k > size``."""
+        check_rows(queries, "queries", self.dim, layout="[n_queries, head_dim]")
+        check_k(k)
+        unknown = set(params) - set(self.search_params)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.search got unknown parameters {sorted(unknown)}; "
+                            f"it understands {sorted(self.search_params)}")
+        if self.size == 0:
+            raise EmptyIndexError(f"search on an empty {type(self).__name__}: build() or add() keys first")
+        return self._search(queries, k, {**self.search_params, **params})
+
+    @abc.abstractmethod
+    def _build(self, keys, queries): ...
+
+    @abc.abstractmethod
+    def _add(self, keys): ...
+
+    @abc.abstractmethod
+    def _search(self, queries, k, params): ...
+
+    def memory_bytes(self) -> int:
+        """Bytes held by the index (keys plus structure), approximately."""
+        return 0

@@ -1,0 +1,95 @@
+"""One index per kv head of a layer, searched together.
+
+:class:`LayerIndex` holds the indexes of one layer's kv heads. Its ``search`` sends
+``queries[h]`` to head ``h``; lckv's C++ indexes are searched in one call that releases the GIL
+and runs all (head, query) pairs in parallel with OpenMP (:func:`search_heads`); other indexes
+(faiss) are searched head by head (faiss parallelizes over queries itself).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from lckv._extension import compiled
+from lckv.index.base import Index, check_k, check_rows, EmptyIndexError
+from lckv.index.native import IVFIndex, NativeIndex
+
+__all__ = ["LayerIndex", "search_heads"]
+
+
+def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **params):
+    """Searches ``indexes[h]`` with ``queries[h]`` for every head h.
+
+    queries: ``[heads, n_queries, head_dim]`` float32. Returns ``scores [heads, n_queries, k]``,
+    ``ids [heads, n_queries, k]`` (padding -1 / -inf as in :mod:`lckv.index.base`) and
+    ``n_scored [heads, n_queries]``. All indexes must share one class and head_dim.
+    """
+    if not indexes:
+        raise ValueError("indexes must hold at least one index")
+    dim = indexes[0].dim
+    check_rows(queries, "queries", dim, ndim=3, layout="[heads, n_queries, head_dim]")
+    check_k(k)
+    if queries.shape[0] != len(indexes):
+        raise ValueError(f"queries must have {len(indexes)} heads (one per index) in dim 0, got {tuple(queries.shape)}")
+    kinds = {type(ix) for ix in indexes}
+    if len(kinds) != 1:
+        raise TypeError(f"indexes must share one class, got {sorted(t.__name__ for t in kinds)}")
+    for h, ix in enumerate(indexes):
+        if ix.dim != dim:
+            raise ValueError(f"indexes[{h}] has head_dim {ix.dim}, indexes[0] has {dim}")
+        if ix.size == 0:
+            raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
+    first = indexes[0]
+    unknown = set(params) - set(first.search_params)
+    if unknown:
+        raise TypeError(f"{type(first).__name__} search got unknown parameters {sorted(unknown)}")
+    merged = {**first.search_params, **params}
+    if isinstance(first, NativeIndex) and all(ix._core is not None for ix in indexes):
+        return compiled("search_heads").search_heads([ix._core for ix in indexes], queries, k, **merged)
+    results = [ix._search(queries[h], k, merged) for h, ix in enumerate(indexes)]
+    return tuple(torch.stack(parts) for parts in zip(*results))
+
+
+class LayerIndex:
+    """The indexes of one layer, one per kv head.
+
+    ``make_index(head_dim)`` creates one head's index, e.g. ``lambda d: GraphIndex(d, max_degree=24)``.
+
+    * ``build(keys [kv_heads, n, head_dim], queries [kv_heads, m, head_dim] or None)``: for GQA, pass
+      each kv head's query group flattened (``[kv_heads, group * m, head_dim]``).
+    * ``add(keys [kv_heads, n, head_dim])``.
+    * ``search(queries [kv_heads, n_queries, head_dim], k, **params)`` -> ``[kv_heads, n_queries, k]``
+      scores and ids, ``[kv_heads, n_queries]`` n_scored.
+    """
+
+    def __init__(self, kv_heads: int, head_dim: int, make_index: Callable[[int], Index]):
+        if kv_heads <= 0:
+            raise ValueError(f"kv_heads must be positive, got {kv_heads}")
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.heads = [make_index(head_dim) for _ in range(kv_heads)]
+
+    @property
+    def size(self) -> int:
+        return self.heads[0].size
+
+    def _check(self, x, name, layout):
+        check_rows(x, name, self.head_dim, ndim=3, layout=layout)
+        if x.shape[0] != self.kv_heads:
+            raise ValueError(f"{name} must have kv_heads={self.kv_heads} in dim 0, got {tuple(x.shape)}")
+
+    def build(self, keys: torch.Tensor, queries: torch.Tensor | None = None) -> "LayerIndex":
+        self._check(keys, "keys", "[kv_heads, n, head_dim]")
+        if queries is not None:
+            self._check(queries, "queries", "[kv_heads, n_queries, head_dim]")
+        for h, index in enumerate(self.heads):
+            index.build(keys[h], None if queries is None else queries[h])
+        return self
+
+    def add(self, keys: torch.Tensor) -> None:
+        self._check(keys, "keys", "[kv_heads, n, head_dim]")
+        for h, index in enumerate(self.heads):
+            index.add(keys[h].contiguous())
+
+    def search(self, queries: torch.Tensor, k: int, **params):
+        return search_heads(self.heads, queries, k, **params)

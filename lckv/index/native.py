@@ -1,0 +1,143 @@
+"""lckv's own C++ indexes (csrc/include/lckv/*_index.h) behind the :class:`Index` interface."""
+from __future__ import annotations
+
+import math
+
+import torch  # noqa: F401  (doctest examples)
+
+from lckv._extension import compiled
+from lckv.index.base import Index
+
+__all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "NativeIndex"]
+
+
+class NativeIndex(Index):
+    """Common part of the C++-backed indexes: ``self._core`` is an ``lckv._C.VectorIndex``."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self._core = self._make_core()
+
+    def _make_core(self):
+        raise NotImplementedError
+
+    @property
+    def size(self) -> int:
+        return self._core.size
+
+    @property
+    def simd_level(self) -> str:
+        """Inner-product kernel picked at construction: ``avx512``, ``avx2`` or ``scalar``."""
+        return self._core.simd_level
+
+    def memory_bytes(self) -> int:
+        return self._core.memory_bytes
+
+    def _add(self, keys):
+        self._core.add(keys)
+
+    def _search(self, queries, k, params):
+        return self._core.search(queries, k, **params)
+
+
+class FlatIndex(NativeIndex):
+    """Exact inner-product top-k: every query scores every key (cache-blocked, SIMD, OpenMP).
+
+    >>> index = FlatIndex(8).build(torch.randn(100, 8))
+    >>> scores, ids, n_scored = index.search(torch.randn(3, 8), k=5)   # n_scored == 100
+    """
+
+    def _make_core(self):
+        return compiled("FlatIndex").FlatIndex(self.dim)
+
+    def _build(self, keys, queries):
+        self._core.add(keys)
+
+
+class IVFIndex(NativeIndex):
+    """k-means inverted lists: a search scans the ``nprobe`` lists whose centroids have the largest
+    inner product with the query. ``n_lists`` defaults to ``4 * sqrt(n)`` at build time.
+
+    Search parameter: ``nprobe`` (default 8).
+    """
+
+    search_params = {"nprobe": 8}
+
+    def __init__(self, dim: int, n_lists: int | None = None, n_iters: int = 10, seed: int = 0):
+        self.n_lists, self.n_iters, self.seed = n_lists, n_iters, seed
+        super().__init__(dim)
+
+    def _make_core(self):
+        return None  # created at build time, when n is known
+
+    @property
+    def size(self) -> int:
+        return 0 if self._core is None else self._core.size
+
+    @property
+    def simd_level(self) -> str:
+        return "unbuilt" if self._core is None else self._core.simd_level
+
+    def memory_bytes(self) -> int:
+        return 0 if self._core is None else self._core.memory_bytes
+
+    def _new_core(self, n: int):
+        n_lists = self.n_lists or max(1, int(4 * math.sqrt(max(n, 1))))
+        return compiled("IVFIndex").IVFIndex(self.dim, n_lists, self.n_iters, self.seed)
+
+    def _build(self, keys, queries):
+        self._core = self._new_core(keys.shape[0])
+        self._core.build(keys)
+
+    def _add(self, keys):
+        if self._core is None:  # first keys train the lists
+            self._build(keys, None)
+        else:
+            self._core.add(keys)
+
+
+class GraphIndex(NativeIndex):
+    """Attention-aware graph index (RoarGraph / RetrievalAttention style).
+
+    Built from the keys plus a sample of queries: each build query is linked to its exact
+    top-``build_knn`` keys, the query-key links are projected onto a key graph of degree at most
+    ``max_degree`` (keys that answer the same queries become neighbours), build queries whose search
+    misses their top-1 key add long-range edges, and keys no build query reaches (and keys added
+    later) are linked by searching with the key itself. Search is a beam search of width ``ef``
+    (at least k) from ``n_entry`` entry keys. Without build queries it degrades to a key-only graph.
+
+    Build queries: at most ``max_build_queries`` rows of ``queries`` are used (an even subsample).
+    Search parameter: ``ef`` (default 64); larger is slower and more accurate.
+
+    >>> keys, prefill_q = torch.randn(5000, 16), torch.randn(1000, 16) + 1
+    >>> index = GraphIndex(16).build(keys, prefill_q)
+    >>> scores, ids, n_scored = index.search(torch.randn(4, 16) + 1, k=10, ef=48)
+    """
+
+    search_params = {"ef": 64}
+
+    def __init__(self, dim: int, max_degree: int = 32, build_knn: int = 100, rank_window: int = 32,
+                 lists_per_key: int = 32, n_entry: int = 128, build_ef: int = 64,
+                 repair_queries: int = 8192, max_build_queries: int = 65536):
+        self.config = dict(max_degree=max_degree, build_knn=build_knn, rank_window=rank_window,
+                           lists_per_key=lists_per_key, n_entry=n_entry, build_ef=build_ef,
+                           repair_queries=repair_queries)
+        self.max_build_queries = max_build_queries
+        super().__init__(dim)
+
+    def _make_core(self):
+        return compiled("GraphIndex").GraphIndex(self.dim, **self.config)
+
+    @property
+    def mean_degree(self) -> float:
+        return self._core.mean_degree
+
+    def _build(self, keys, queries):
+        if queries is None:
+            queries = keys.new_empty((0, self.dim))
+        elif queries.shape[0] > self.max_build_queries:
+            step = queries.shape[0] / self.max_build_queries
+            pick = (torch.arange(self.max_build_queries, dtype=torch.float64) * step).long()
+            queries = queries[pick].contiguous()
+        self._core.build(keys, queries)
+
