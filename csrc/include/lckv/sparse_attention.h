@@ -103,7 +103,7 @@ namespace detail {
 // Per-thread scratch, reused across the (batch, kv head) tasks a thread runs.
 struct GroupScratch {
   std::vector<float> scores;  // [group, n_selected] scores, then probabilities
-  std::vector<float> row;     // [head_dim] one K or V row converted to fp32
+  std::vector<float> row;     // [(tile + 1) * head_dim] K or V rows converted to fp32, a zero row
   std::vector<float> acc;     // [group, head_dim] output accumulators
 };
 
@@ -130,32 +130,64 @@ LCKV_ALWAYS_INLINE void prefetch(const void* p) {
 #endif
 }
 
+// Prefetches every cache line of one gathered row.
+template <typename T>
+LCKV_ALWAYS_INLINE void prefetch_row(const T* row, int64_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < dim * int64_t(sizeof(T)); offset += 64) prefetch(bytes + offset);
+}
+
 // One (batch, kv head) task: q_group [G, D] fp32 (already scaled), out_group [G, D], lse_group [G].
+// Rows are processed in tiles of kTile: a tile's K rows are dotted with each query in one loop
+// with kTile independent accumulators (no single long FMA dependency chain), and a tile's V rows
+// update each output row in one pass (one load/store of the accumulator per tile, not per row).
 template <typename T>
 LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head, const T* v_head,
                                           const int64_t* idx, const SparseAttentionProblem& p,
                                           float* out_group, float* lse_group, GroupScratch& scratch) {
+  constexpr int64_t kTile = 4;
+  constexpr int64_t kAhead = 8;  // rows prefetched ahead of use (random gathers defeat the HW prefetcher)
   const int64_t group = p.q_heads / p.kv_heads, n = p.n_selected, dim = p.head_dim;
   const float neg_inf = -std::numeric_limits<float>::infinity();
   scratch.scores.resize(size_t(group * n));
-  scratch.row.resize(size_t(dim));
+  scratch.row.assign(size_t((kTile + 1) * dim), 0.0f);  // kTile converted rows + one zero row
   scratch.acc.assign(size_t(group * dim), 0.0f);
   float* scores = scratch.scores.data();
-  float* row = scratch.row.data();
+  float* tile_rows = scratch.row.data();
+  const float* zero_row = tile_rows + kTile * dim;
   float* acc = scratch.acc.data();
-  constexpr int64_t kAhead = 8;  // rows prefetched ahead of use (random gathers defeat the HW prefetcher)
+
+  // Loads the tile starting at j0 (padding and the tail read the zero row); returns valid flags.
+  auto load_tile = [&](const T* head, int64_t stride, int64_t j0, const float* rows[kTile], bool valid[kTile]) {
+    for (int64_t u = 0; u < kTile; ++u) {
+      const int64_t j = j0 + u;
+      if (j + kAhead < n && idx[j + kAhead] >= 0) prefetch_row(head + idx[j + kAhead] * stride, dim);
+      valid[u] = j < n && idx[j] >= 0;
+      rows[u] = valid[u] ? load_row(head + idx[j] * stride, tile_rows + u * dim, dim) : zero_row;
+    }
+  };
 
   // Pass 1: scores; each gathered K row is read once for the whole group.
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && idx[j + kAhead] >= 0) prefetch(k_head + idx[j + kAhead] * p.k_stride_s);
-    if (idx[j] < 0) {
-      for (int64_t g = 0; g < group; ++g) scores[g * n + j] = neg_inf;
-      continue;
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    const float* r[kTile];
+    bool valid[kTile];
+    load_tile(k_head, p.k_stride_s, j0, r, valid);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q_group + g * dim;
+      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t d = 0; d < dim; ++d) {
+        const float x = qg[d];
+        s0 += x * r[0][d];
+        s1 += x * r[1][d];
+        s2 += x * r[2][d];
+        s3 += x * r[3][d];
+      }
+      const float tile_scores[kTile] = {s0, s1, s2, s3};
+      for (int64_t u = 0; u < kTile && j0 + u < n; ++u) scores[g * n + j0 + u] = valid[u] ? tile_scores[u] : neg_inf;
     }
-    const float* k_row = load_row(k_head + idx[j] * p.k_stride_s, row, dim);
-    for (int64_t g = 0; g < group; ++g) scores[g * n + j] = dot(q_group + g * dim, k_row, dim);
   }
-  // Softmax statistics per query head.
+  // Softmax statistics per query head; scores become probabilities.
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * n;
     float m = neg_inf;
@@ -176,15 +208,16 @@ LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head,
     for (int64_t j = 0; j < n; ++j) s[j] *= inv;
   }
   // Pass 2: weighted sum of V rows; each gathered V row is read once for the whole group.
-  for (int64_t j = 0; j < n; ++j) {
-    if (j + kAhead < n && idx[j + kAhead] >= 0) prefetch(v_head + idx[j + kAhead] * p.v_stride_s);
-    if (idx[j] < 0) continue;
-    const float* v_row = load_row(v_head + idx[j] * p.v_stride_s, row, dim);
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    const float* r[kTile];
+    bool valid[kTile];
+    load_tile(v_head, p.v_stride_s, j0, r, valid);
     for (int64_t g = 0; g < group; ++g) {
-      const float w = scores[g * n + j];
+      float w[kTile];
+      for (int64_t u = 0; u < kTile; ++u) w[u] = valid[u] ? scores[g * n + j0 + u] : 0.0f;
       float* a = acc + g * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) a[d] += w * v_row[d];
+      for (int64_t d = 0; d < dim; ++d) a[d] += w[0] * r[0][d] + w[1] * r[1][d] + w[2] * r[2][d] + w[3] * r[3][d];
     }
   }
   std::memcpy(out_group, acc, sizeof(float) * size_t(group * dim));  // zeros for an empty group
