@@ -14,9 +14,10 @@ import torch
 
 from lckv.cache import Segment
 from lckv.policies import Policy
+from lckv.policies.selection import SelectionPolicy
 from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked
 
-__all__ = ["KeyPaddingMask", "attend_segments", "SCORE_BLOCK_ELEMENTS"]
+__all__ = ["KeyPaddingMask", "attend_segments", "attend_with_selection", "SCORE_BLOCK_ELEMENTS"]
 
 #: upper bound on batch * q_heads * q_chunk * n_keys of one score block (fp32: 128 MiB).
 SCORE_BLOCK_ELEMENTS = 1 << 25
@@ -87,3 +88,38 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, 
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: SelectionPolicy, scale: float):
+    """One decode step (``q_len == 1``) of a :class:`SelectionPolicy` on an LckvCache layer.
+
+    The resident sink and window are attended exactly; of the offloaded store only the rows the
+    policy selects per kv head are read (sparse attention), plus the policy's estimate of the rest
+    when it has one; the parts merge by LSE. Returns ``(out, lse)`` like :func:`attend_segments`.
+    """
+    from lckv.ops import merge_attention_states, sparse_attention_with_lse
+
+    store = layer.store
+    n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
+    q_start = layer.total - 1
+    resident = [seg for seg in layer.segments() if seg.k is layer.sink_k or seg.k is layer.recent_k]
+    out, lse = attend_segments(query, resident, q_start, attention_mask, policy, scale)
+    n_select = policy.budget_tokens(layer.total) - n_sink - n_recent
+    if n_select <= 0:
+        return out, lse
+    if n_select >= store.length:  # the budget covers the whole store: exact
+        part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
+        return merge_attention_states(out, lse, *part)
+    state = layer.selection_state()
+    q = query[:, :, 0].to(store.keys.device)
+    indices = policy.select(state, layer, q, n_select)
+    if layer.store_padding is not None:  # never select pad slots
+        valid = layer.store_padding.to(indices.device)
+        gathered = torch.gather(valid.unsqueeze(1).expand(-1, indices.shape[1], -1), 2, indices.clamp(min=0))
+        indices = indices.masked_fill(~gathered, -1)
+    sel_out, sel_lse = sparse_attention_with_lse(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
+    extra = policy.estimate(state, layer, q, indices, scale)
+    if extra is not None:
+        sel_out, sel_lse = merge_attention_states(sel_out, sel_lse, *extra)
+    sel_out, sel_lse = sel_out.to(query.device).unsqueeze(2), sel_lse.to(query.device).unsqueeze(2)
+    return merge_attention_states(out, lse, sel_out.to(out.dtype), sel_lse)

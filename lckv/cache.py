@@ -90,6 +90,39 @@ class HostKVStore:
         self._shape = (self._k.shape[0],) + self._shape[1:]
 
 
+class QueryRecorder:
+    """Keeps a uniform sample of the queries seen during prefill, plus the most recent ones.
+
+    ``sample`` holds at most ``2 * capacity`` queries at a stride that doubles whenever it
+    overflows (so it spans the whole prompt); ``recent`` holds the last ``recent_capacity``.
+    Queries are ``[batch, q_heads, n, head_dim]``, stored on the host.
+    """
+
+    def __init__(self, capacity: int, recent_capacity: int):
+        self.capacity, self.recent_capacity = capacity, recent_capacity
+        self.stride, self.seen = 1, 0
+        self.sample = self.recent = None
+
+    def add(self, query: torch.Tensor, sample: bool = True) -> None:
+        q = query.detach().to("cpu")
+        n = q.shape[2]
+        take = (torch.arange(self.seen, self.seen + n) % self.stride) == 0
+        self.seen += n
+        if self.capacity and sample:
+            picked = q[:, :, take]
+            self.sample = picked if self.sample is None else torch.cat([self.sample, picked], dim=2)
+            while self.sample.shape[2] > 2 * self.capacity:
+                self.sample, self.stride = self.sample[:, :, ::2], self.stride * 2
+        if self.recent_capacity:
+            self.recent = q if self.recent is None else torch.cat([self.recent, q], dim=2)
+            self.recent = self.recent[:, :, -self.recent_capacity:]
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        index = index.cpu()
+        self.sample = None if self.sample is None else self.sample[index]
+        self.recent = None if self.recent is None else self.recent[index]
+
+
 class LckvCacheLayer(DynamicLayer):
     """One layer of :class:`LckvCache`: sink + recent window resident, older tokens offloaded."""
 
@@ -101,6 +134,12 @@ class LckvCacheLayer(DynamicLayer):
         self.evicted = 0  # tokens dropped because the policy keeps no offloaded store
         self.store: HostKVStore | None = None
         self.sink_k = self.sink_v = self.recent_k = self.recent_v = None
+        #: prefill queries, for policies whose selection structures are built from them
+        self.queries = QueryRecorder(*policy.recorded_queries()) if policy.recorded_queries() else None
+        #: the policy's selection state (index, page bounds, ...), built at the first decode step
+        self.selection = None
+        #: key padding of the offloaded rows [batch, rows] (None: no padding seen)
+        self.store_padding: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -121,7 +160,10 @@ class LckvCacheLayer(DynamicLayer):
         if overflow <= 0:
             return
         if self.store is not None:
+            first_row = self.store.length
             self.store.append(self.recent_k[:, :, :overflow], self.recent_v[:, :, :overflow])
+            if self.selection is not None:
+                self.policy.on_offload(self.selection, self, first_row, overflow)
         else:
             self.evicted += overflow
         self.recent_k = self.recent_k[:, :, overflow:].contiguous()
@@ -167,6 +209,24 @@ class LckvCacheLayer(DynamicLayer):
             parts.append(Segment(self.recent_k, self.recent_v, self.total - n_recent))
         return parts
 
+    def set_padding(self, padding: torch.Tensor | None) -> None:
+        """Key padding of all slots so far (``[batch, total]`` bool, None when there is none);
+        called by the attention function before attending."""
+        if padding is not None and self.store is not None:
+            self.store_padding = padding[:, self.sink_k.shape[2]: self.sink_k.shape[2] + self.store.length]
+
+    def record_queries(self, query: torch.Tensor) -> None:
+        """Called by the attention function after attending: prefill queries feed the sample and
+        the recent queries; once the selection state exists, only the recent queries."""
+        if self.queries is not None:
+            self.queries.add(query, sample=self.selection is None)
+
+    def selection_state(self):
+        """The policy's selection state, built from the offloaded store on first use."""
+        if self.selection is None:
+            self.selection = self.policy.build(self)
+        return self.selection
+
     # --- transformers Cache protocol -------------------------------------------------------
     def get_seq_length(self) -> int:
         return self.total
@@ -189,14 +249,21 @@ class LckvCacheLayer(DynamicLayer):
         self.keys, self.values = self.recent_k, self.recent_v
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        index = torch.arange(self.sink_k.shape[0]).repeat_interleave(repeats) if self.is_initialized else None
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
         if self.store is not None:
-            self.store.select_batch(torch.arange(self.sink_k.shape[0] // repeats).repeat_interleave(repeats))
+            self.store.select_batch(index)
+        if self.queries is not None and index is not None:
+            self.queries.select_batch(index)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices])
         if self.store is not None:
             self.store.select_batch(indices)
+        if self.queries is not None:
+            self.queries.select_batch(indices)
+        if self.selection is not None:
+            raise NotImplementedError("reordering the batch after a selection state was built is not supported")
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -232,6 +299,44 @@ class LckvCache(Cache):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers "
                              "(was this cache made for another model?)")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @classmethod
+    def from_cache(cls, cache: "LckvCache", policy: Policy) -> "LckvCache":
+        """A new cache holding the same tokens as ``cache``, laid out for ``policy``.
+
+        The source must have kept every token (no evictions). The result is what prefilling the
+        same tokens under ``policy`` with an exact prefill would give: first ``sink`` tokens
+        resident, last ``window - 1`` resident, the rest offloaded (or evicted), and the source's
+        recorded prefill queries. Used to compare policies on one exact prefill.
+        """
+        out = cls(policy, len(cache.layers))
+        for src, dst in zip(cache.layers, out.layers):
+            if not src.is_initialized:
+                continue
+            if src.evicted:
+                raise ValueError("from_cache needs a source cache that evicted nothing (e.g. policy 'full')")
+            parts = src.segments()
+            keys = torch.cat([p.k.to(src.device) for p in parts], dim=2)
+            values = torch.cat([p.v.to(src.device) for p in parts], dim=2)
+            dst.lazy_initialization(keys, values)
+            total = keys.shape[2]
+            n_sink = min(policy.sink, total)
+            n_recent = min(policy.window - 1, total - n_sink)
+            dst.sink_k, dst.sink_v = keys[:, :, :n_sink].clone(), values[:, :, :n_sink].clone()
+            dst.recent_k = keys[:, :, total - n_recent:].clone()
+            dst.recent_v = values[:, :, total - n_recent:].clone()
+            dst.keys, dst.values = dst.recent_k, dst.recent_v
+            middle = slice(n_sink, total - n_recent)
+            if dst.store is not None:
+                dst.store.append(keys[:, :, middle], values[:, :, middle])
+            else:
+                dst.evicted = total - n_sink - n_recent
+            if src.store_padding is not None:
+                raise NotImplementedError("from_cache does not carry key padding yet; use a batch without padding")
+            dst.total = total
+            if dst.queries is not None and src.queries is not None:
+                dst.queries = src.queries
+        return out
 
     def memory_report(self) -> dict:
         """Bytes held resident (compute device) and offloaded (host), and token counts."""

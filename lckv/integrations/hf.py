@@ -25,9 +25,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
-from lckv.attention import KeyPaddingMask, attend_segments
+from lckv.attention import KeyPaddingMask, attend_segments, attend_with_selection
 from lckv.cache import LckvCache, LckvCacheLayer, Segment
 from lckv.policies import FullPolicy, Policy, resolve_policy
+from lckv.policies.selection import SelectionPolicy
 
 __all__ = ["ATTENTION_NAME", "register", "enable", "disable", "new_cache", "LckvBinding", "ModelNotSupportedError",
            "lckv_attention_forward", "lckv_mask"]
@@ -106,18 +107,25 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     policy = binding.policy if binding is not None else _default_policy
     layer: LckvCacheLayer | None = getattr(key, "lckv_layer", None)
     q_len = query.shape[2]
-    if layer is not None:
-        if binding is None or layer.policy is not binding.policy:
-            raise ValueError(
-                f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
-                "cache with lckv.new_cache(model) for this model")
-        segments, q_start = layer.segments(), layer.total - q_len
-    else:
-        segments, q_start = [Segment(key, value, 0)], key.shape[2] - q_len
     if binding is not None:
         for observe in binding.observers:
             observe(module, query, key[:, :, key.shape[2] - q_len:])
-    out, _ = attend_segments(query, segments, q_start, attention_mask, policy, scaling)
+    if layer is None:
+        out, _ = attend_segments(query, [Segment(key, value, 0)], key.shape[2] - q_len, attention_mask, policy, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    if binding is None or layer.policy is not binding.policy:
+        raise ValueError(
+            f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
+            "cache with lckv.new_cache(model) for this model")
+    padding = attention_mask.padding if isinstance(attention_mask, KeyPaddingMask) else None
+    if isinstance(attention_mask, torch.Tensor) and isinstance(policy, SelectionPolicy):
+        raise NotImplementedError("selection policies take causal masks with key padding only, not custom 4D masks")
+    layer.set_padding(padding)
+    if isinstance(policy, SelectionPolicy) and q_len == 1 and layer.store is not None and layer.store.length:
+        out, _ = attend_with_selection(query, layer, attention_mask, policy, scaling)
+    else:
+        out, _ = attend_segments(query, layer.segments(), layer.total - q_len, attention_mask, policy, scaling)
+    layer.record_queries(query)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -54,6 +54,11 @@ class Policy:
             raise PolicyConfigError(
                 f"{type(self).__name__}.window must be >= 1 (the current token is always attended), got {self.window}")
 
+    def recorded_queries(self) -> tuple[int, int] | None:
+        """``(sample_capacity, recent_capacity)`` of prefill queries the cache should keep for
+        this policy (see :class:`lckv.cache.QueryRecorder`), or None."""
+        return None
+
     def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         """Which keys each query may attend, besides causality and padding.
 

@@ -1,0 +1,212 @@
+"""RetrievalAttention: per-head vector-index retrieval of the offloaded keys (Liu et al., 2024),
+with a RetroInfer-style estimate of the keys it does not retrieve."""
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from lckv.policies.base import PolicyConfigError, register_policy
+from lckv.policies.selection import SelectionPolicy, group_sum
+
+__all__ = ["RetrievalPolicy", "INDEX_KINDS"]
+
+
+def _index_factory(kind: str):
+    """Constructor of one head's index for an index kind (imported lazily)."""
+    from lckv import index
+
+    return {
+        "flat": index.FlatIndex,
+        "ivf": index.IVFIndex,
+        "graph": index.GraphIndex,
+        "faiss_flat": lambda dim, **kw: index.FaissIndex(dim, kind="flat", **kw),
+        "faiss_hnsw": lambda dim, **kw: index.FaissIndex(dim, kind="hnsw", **kw),
+        "faiss_ivf": lambda dim, **kw: index.FaissIndex(dim, kind="ivf", **kw),
+    }[kind]
+
+
+#: ``exact`` scores every offloaded key (lckv.ops.flat_topk_scores): the oracle top-k.
+INDEX_KINDS = ("exact", "flat", "ivf", "graph", "faiss_flat", "faiss_hnsw", "faiss_ivf")
+_INDEX_CLASSES = {"flat": "FlatIndex", "ivf": "IVFIndex", "graph": "GraphIndex",
+                  "faiss_flat": "FaissIndex", "faiss_hnsw": "FaissIndex", "faiss_ivf": "FaissIndex"}
+
+
+@dataclass
+class _Estimate:
+    centroids: torch.Tensor  # [batch, kv_heads, clusters, head_dim] float32
+    counts: torch.Tensor  # [batch, kv_heads, clusters] float32 (non-pad rows)
+    value_sums: torch.Tensor  # [batch, kv_heads, clusters, head_dim] float32
+    assign: torch.Tensor  # [batch, kv_heads, rows] int64 cluster of each row
+
+
+@dataclass
+class _RetrievalState:
+    indexes: list  # one lckv.index.LayerIndex per batch row (None for kind "exact")
+    estimate: _Estimate | None
+
+
+@register_policy
+@dataclass
+class RetrievalPolicy(SelectionPolicy):
+    """Each decode step searches, per kv head, an index over the offloaded keys with the group's
+    summed query (``sum_h q_h``, so keys rank by the group's summed logits: one search per kv head)
+    for the top ``budget - sink - window`` keys, and attends only those rows.
+
+    ``index`` is one of :data:`INDEX_KINDS`; ``index_params`` go to its constructor (e.g.
+    ``{"max_degree": 32}`` for ``graph``) and ``search_params`` to its search (``{"ef": 128}``).
+    The index is built at the first decode step from the offloaded keys and up to
+    ``build_queries`` prefill queries (a uniform sample over the prompt, group-summed like the
+    decode queries), which is what makes the attention-aware ``graph`` index accurate for decode
+    queries; tokens spilling from the window later are inserted as decoding goes on.
+
+    ``estimate_rest``: diffuse heads spread attention so widely that no top-k captures it. The
+    offloaded keys are clustered (``clusters`` k-means centroids per head, with per-cluster value
+    sums and counts); the keys not retrieved are then estimated as ``count * exp(q . centroid)``
+    with the cluster's mean value, a third partial state merged by LSE (RetroInfer-style).
+    """
+
+    index: str = "graph"
+    index_params: dict = field(default_factory=dict)
+    search_params: dict = field(default_factory=dict)
+    build_queries: int = 4096
+    estimate_rest: bool = True
+    clusters: int = 64
+
+    name = "retrieval"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.index not in INDEX_KINDS:
+            raise PolicyConfigError(f"RetrievalPolicy.index must be one of {INDEX_KINDS}, got {self.index!r}")
+        if self.index == "exact" and (self.index_params or self.search_params):
+            raise PolicyConfigError("RetrievalPolicy: index 'exact' takes no index_params or search_params")
+        if self.index != "exact":
+            import lckv.index as index_module
+
+            cls = getattr(index_module, _INDEX_CLASSES[self.index])
+            accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "dim", "kind"}
+            unknown = sorted(set(self.index_params) - accepted)
+            if unknown:
+                raise PolicyConfigError(f"RetrievalPolicy.index_params {unknown} are not settings of {self.index!r}; "
+                                        f"settings: {sorted(accepted)}")
+        if self.build_queries < 0:
+            raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
+        if self.clusters < 1:
+            raise PolicyConfigError(f"RetrievalPolicy.clusters must be >= 1, got {self.clusters}")
+
+    def recorded_queries(self):
+        return (self.build_queries, 0) if self.build_queries else None
+
+    # --- build and insert ----------------------------------------------------------------------
+    def build(self, layer):
+        keys = layer.store.keys
+        batch, kv_heads, _, head_dim = keys.shape
+        indexes = [None] * batch
+        if self.index != "exact":
+            from lckv.index import LayerIndex
+
+            make = _index_factory(self.index)
+            sample = layer.queries.sample if layer.queries is not None else None
+            for b in range(batch):
+                queries = None
+                if sample is not None:
+                    queries = group_sum(sample[b].transpose(0, 1).reshape(-1, sample.shape[1], head_dim),
+                                        kv_heads).transpose(0, 1).contiguous()  # [kv_heads, m, D]
+                indexes[b] = LayerIndex(kv_heads, head_dim, lambda d: make(d, **self.index_params))
+                indexes[b].build(keys[b].float().contiguous(), queries)
+        estimate = self._build_estimate(layer) if self.estimate_rest else None
+        return _RetrievalState(indexes, estimate)
+
+    def on_offload(self, state, layer, first_row, n_rows):
+        new = layer.store.keys[:, :, first_row:first_row + n_rows]
+        for b, index in enumerate(state.indexes):
+            if index is not None:
+                index.add(new[b].float().contiguous())
+        if state.estimate is not None:
+            est = state.estimate
+            assign = self._assign(new.float(), est.centroids)
+            valid = self._valid_rows(layer, first_row, n_rows)
+            est.assign = torch.cat([est.assign, assign], dim=-1)
+            self._accumulate(est, assign, layer.store.values[:, :, first_row:first_row + n_rows].float(), valid)
+
+    # --- selection -----------------------------------------------------------------------------
+    def select(self, state, layer, q, n_select):
+        kv_heads = layer.store.keys.shape[1]
+        q_sum = group_sum(q, kv_heads)  # [batch, kv_heads, D]
+        if self.index == "exact":
+            from lckv.ops import flat_topk_scores
+
+            _, ids = flat_topk_scores(q_sum.to(layer.store.keys.dtype), layer.store.keys, n_select)
+            return ids
+        rows = []
+        for b, index in enumerate(state.indexes):
+            _, ids, _ = index.search(q_sum[b].unsqueeze(1).contiguous(), n_select, **self.search_params)
+            rows.append(ids[:, 0])
+        return torch.stack(rows)
+
+    # --- the estimate of the rest --------------------------------------------------------------
+    def _valid_rows(self, layer, first_row, n_rows):
+        batch = layer.store.keys.shape[0]
+        if layer.store_padding is None:
+            return torch.ones(batch, n_rows, dtype=torch.bool)
+        pad = layer.store_padding[:, first_row:first_row + n_rows].cpu()
+        if pad.shape[1] < n_rows:  # rows spilled after the last padding update are real tokens
+            pad = torch.cat([pad, torch.ones(batch, n_rows - pad.shape[1], dtype=torch.bool)], dim=1)
+        return pad
+
+    @staticmethod
+    def _assign(keys, centroids):
+        # nearest centroid in L2: argmin |k|^2 - 2 k.c + |c|^2 = argmax k.c - |c|^2 / 2
+        return (keys @ centroids.transpose(-1, -2) - 0.5 * centroids.square().sum(-1).unsqueeze(-2)).argmax(-1)
+
+    @staticmethod
+    def _accumulate(est, assign, values, valid):
+        weight = valid[:, None, :].expand_as(assign).float()
+        est.counts.scatter_add_(2, assign, weight)
+        est.value_sums.scatter_add_(2, assign.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))
+
+    def _build_estimate(self, layer, iterations: int = 8):
+        keys = layer.store.keys.float()
+        batch, kv_heads, rows, head_dim = keys.shape
+        n_clusters = min(self.clusters, rows)
+        pick = torch.randperm(rows)[:n_clusters]
+        centroids = keys[:, :, pick].clone()
+        for _ in range(iterations):  # Lloyd iterations, all heads at once
+            assign = self._assign(keys, centroids)
+            sums = torch.zeros_like(centroids).scatter_add_(2, assign.unsqueeze(-1).expand_as(keys), keys)
+            counts = torch.zeros(batch, kv_heads, n_clusters).scatter_add_(2, assign, torch.ones_like(assign, dtype=torch.float32))
+            centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), centroids)
+        assign = self._assign(keys, centroids)
+        est = _Estimate(centroids, torch.zeros(batch, kv_heads, n_clusters), torch.zeros_like(centroids), assign)
+        self._accumulate(est, assign, layer.store.values.float(), self._valid_rows(layer, 0, rows))
+        return est
+
+    def estimate(self, state, layer, q, indices, scale):
+        est = state.estimate
+        if est is None:
+            return None
+        batch, q_heads, head_dim = q.shape
+        kv_heads = est.centroids.shape[1]
+        group = q_heads // kv_heads
+        scale = head_dim ** -0.5 if scale is None else scale
+        # subtract the retrieved rows from their clusters
+        valid = indices >= 0
+        safe = indices.clamp(min=0)
+        clusters = torch.gather(est.assign, 2, safe)
+        got_counts = torch.zeros_like(est.counts).scatter_add_(2, clusters, valid.float())
+        got_values = torch.gather(layer.store.values, 2, safe.unsqueeze(-1).expand(-1, -1, -1, head_dim)).float()
+        got_sums = torch.zeros_like(est.value_sums).scatter_add_(
+            2, clusters.unsqueeze(-1).expand(-1, -1, -1, head_dim), got_values * valid.unsqueeze(-1))
+        rest = (est.counts - got_counts).clamp(min=0)  # [B, Hkv, C]
+        rest_sums = est.value_sums - got_sums
+        mean_values = rest_sums / rest.clamp(min=1).unsqueeze(-1)
+        qf = q.float().reshape(batch, kv_heads, group, head_dim)
+        logits = (qf @ est.centroids.transpose(-1, -2)) * scale + torch.log(rest).unsqueeze(2)  # [B, Hkv, G, C]
+        lse = torch.logsumexp(logits, dim=-1)
+        finite = torch.isfinite(lse)
+        weights = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+        out = torch.where(finite.unsqueeze(-1), weights @ mean_values, torch.zeros(()))
+        return out.reshape(batch, q_heads, head_dim).to(q.dtype), lse.reshape(batch, q_heads)

@@ -1,0 +1,89 @@
+"""Base of the policies that attend a per-head selection of the offloaded keys at decode time.
+
+Every decode step attends three disjoint parts and merges them by log-sum-exp: the resident sink
+and window (exact), the rows of the offloaded store that the policy selects for each kv head
+(sparse attention: only those rows are read), and optionally an estimate of the rest
+(:meth:`SelectionPolicy.estimate`). Prefill is exact (every earlier token is attended); the
+selection structures are built from the offloaded store at the first decode step
+(:meth:`build`) and kept current as tokens spill (:meth:`on_offload`).
+
+Budget: ``budget`` is the number of keys each query attends in total — sink + window + selected —
+either a token count (int >= 1) or a fraction of the context (float in (0, 1]). A budget at least
+the context length attends everything and reproduces ``full`` exactly. When the budget is smaller
+than the resident part, only the resident part is attended.
+
+GQA: the query heads of a group share one selection per kv head; selections rank keys by the
+group's summed logits ``sum_h q_h . k`` (one search per kv head with the summed query).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lckv.policies.base import Policy, PolicyConfigError
+
+__all__ = ["SelectionPolicy"]
+
+
+@dataclass
+class SelectionPolicy(Policy):
+    """Abstract: subclasses implement :meth:`build`, :meth:`on_offload` and :meth:`select`."""
+
+    budget: float = 0.05
+    keeps_offloaded: ClassVar[bool] = True
+
+    def validate(self) -> None:
+        super().validate()
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+            raise PolicyConfigError(f"{type(self).__name__}.budget must be a token count or a fraction, got {b!r}")
+        if isinstance(b, int) and b < 1:
+            raise PolicyConfigError(f"{type(self).__name__}.budget must be >= 1 token, got {b}")
+        if isinstance(b, float) and not 0.0 < b <= 1.0:
+            raise PolicyConfigError(f"{type(self).__name__}.budget as a fraction must be in (0, 1], got {b}")
+        if isinstance(b, int) and self.sink + self.window > b:
+            raise PolicyConfigError(
+                f"{type(self).__name__}: sink ({self.sink}) + window ({self.window}) exceed the budget ({b}); "
+                "the resident part alone would overspend it")
+
+    def budget_tokens(self, context_len: int) -> int:
+        """Total keys a query may attend when the context holds ``context_len`` tokens."""
+        if isinstance(self.budget, float):
+            return max(1, math.ceil(self.budget * context_len))
+        return self.budget
+
+    # --- hooks --------------------------------------------------------------------------------
+    def build(self, layer):
+        """Selection state for ``layer`` (an :class:`~lckv.cache.LckvCacheLayer`) from its store."""
+        raise NotImplementedError
+
+    def on_offload(self, state, layer, first_row: int, n_rows: int) -> None:
+        """Store rows ``[first_row, first_row + n_rows)`` were appended after :meth:`build`."""
+        raise NotImplementedError
+
+    def select(self, state, layer, q: torch.Tensor, n_select: int) -> torch.Tensor:
+        """Store rows to attend: ``q`` ``[batch, q_heads, head_dim]`` -> int64
+        ``[batch, kv_heads, <= n_select]`` (-1 = none), with ``0 < n_select < store rows``."""
+        raise NotImplementedError
+
+    def estimate(self, state, layer, q: torch.Tensor, indices: torch.Tensor, scale: float):
+        """Optional partial state ``(out, lse)`` ``[batch, q_heads, head_dim]``/``[batch, q_heads]``
+        approximating the store rows *not* in ``indices``; None when the policy has no estimate."""
+        return None
+
+
+def group_sum(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[batch, q_heads, D]`` -> ``[batch, kv_heads, D]``: the summed query of each GQA group."""
+    batch, q_heads, head_dim = q.shape
+    return q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2)
+
+
+def topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest scores along the last dim, ascending (-inf scores give -1)."""
+    k = min(k, scores.shape[-1])
+    values, idx = scores.topk(k, dim=-1)
+    idx = idx.masked_fill(torch.isneginf(values), -1)
+    return idx.sort(dim=-1).values
