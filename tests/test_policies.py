@@ -1,0 +1,191 @@
+"""Selection policies: exactness at full budget, decode-step plumbing against dense oracles, and
+config validation."""
+import copy
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lckv
+from lckv.attention import attend_with_selection
+from lckv.cache import LckvCache
+from lckv.policies import (BlockPolicy, PolicyConfigError, QuestPolicy, RetrievalPolicy, SnapKVPolicy, get_policy)
+from lckv.reference import attention_with_lse
+
+SELECTION = [("snapkv", {}), ("quest", {"page_size": 4}), ("block", {"block_size": 5, "representatives": 2}),
+             ("retrieval", {"index": "exact"}), ("retrieval", {"index": "graph"}), ("retrieval", {"index": "ivf"}),
+             ("retrieval", {"index": "faiss_hnsw", "estimate_rest": False})]
+LOGIT_ATOL, LOGIT_RTOL = 1e-4, 1e-4
+
+
+def _tiny_llama(kv_heads=2):
+    cfg = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=kv_heads, head_dim=12, max_position_embeddings=512, initializer_range=0.3,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    model = LlamaForCausalLM(cfg).eval()
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def _generate(model, ids, mask, steps=12):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("name,settings", SELECTION)
+@pytest.mark.parametrize("budget", ["context", 1.0])
+def test_budget_at_least_context_reproduces_full(name, settings, budget):
+    model = _tiny_llama()
+    ids = torch.randint(3, 97, (2, 40))
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0  # left padding in row 1
+    ref_seq, ref_logits = _generate(model, ids, mask)
+    tokens = ids.shape[1] + 12 if budget == "context" else 1.0
+    lckv.enable(model, name, sink=2, window=6, budget=tokens, **settings)
+    seq, logits = _generate(model, ids, mask)
+    torch.testing.assert_close(logits, ref_logits, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+    assert torch.equal(seq, ref_seq)
+
+
+def _filled_cache(policy, batch=2, kv_heads=2, group=2, head_dim=16, total=300):
+    """An LckvCache layer filled with random keys by a prefill of `total` tokens."""
+    cache = LckvCache(policy, 1)
+    layer = cache.layers[0]
+    k = torch.randn(batch, kv_heads, total, head_dim)
+    v = torch.randn(batch, kv_heads, total, head_dim)
+    layer.update(k, v)
+    layer.record_queries(torch.randn(batch, kv_heads * group, total, head_dim) + 0.5)
+    new_k, new_v = torch.randn(batch, kv_heads, 1, head_dim), torch.randn(batch, kv_heads, 1, head_dim)
+    layer.update(new_k, new_v)  # the decode step's token: spills, enters the window
+    all_k = torch.cat([k, new_k], 2)
+    all_v = torch.cat([v, new_v], 2)
+    return layer, all_k, all_v
+
+
+def _dense_over(query, all_k, all_v, attended):
+    """Exact attention restricted to attended [B, Hkv, S] (shared by a GQA group)."""
+    group = query.shape[1] // all_k.shape[1]
+    mask = attended.repeat_interleave(group, dim=1).unsqueeze(2)
+    return attention_with_lse(query, all_k, all_v, mask=mask)
+
+
+@pytest.mark.parametrize("policy", [
+    SnapKVPolicy(sink=3, window=9, budget=60, observation=8),
+    QuestPolicy(sink=3, window=9, budget=60, page_size=7),
+    BlockPolicy(sink=3, window=9, budget=60, block_size=6, representatives=3, observation=8),
+    RetrievalPolicy(sink=3, window=9, budget=60, index="exact", estimate_rest=False),
+    RetrievalPolicy(sink=3, window=9, budget=60, index="flat", estimate_rest=False),
+])
+def test_decode_step_attends_resident_plus_selected_rows_exactly(policy):
+    layer, all_k, all_v = _filled_cache(policy)
+    query = torch.randn(2, 4, 1, 16)
+    out, lse = attend_with_selection(query, layer, None, policy, None)
+    n_sink, n_store = layer.sink_k.shape[2], layer.store.length
+    indices = policy.select(layer.selection, layer, query[:, :, 0], 60 - n_sink - layer.recent_k.shape[2])
+    assert indices.shape[-1] <= 60 - n_sink - layer.recent_k.shape[2]
+    attended = torch.zeros(2, 2, all_k.shape[2], dtype=torch.bool)
+    attended[:, :, :n_sink] = True
+    attended[:, :, n_sink + n_store:] = True
+    valid = indices >= 0
+    attended.scatter_(2, (indices.clamp(min=0) + n_sink), valid)
+    ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert int(attended.sum(-1).max()) <= 60
+
+
+def test_exact_retrieval_selects_top_rows_of_group_summed_logits():
+    policy = RetrievalPolicy(sink=2, window=5, budget=40, index="exact", estimate_rest=False)
+    layer, _, _ = _filled_cache(policy)
+    q = torch.randn(2, 4, 16)
+    n = 40 - 2 - layer.recent_k.shape[2]
+    got = policy.select(layer.selection_state(), layer, q, n)
+    q_sum = q.reshape(2, 2, 2, 16).sum(2)
+    logits = torch.einsum("bhd,bhnd->bhn", q_sum, layer.store.keys)
+    expected = logits.topk(n, dim=-1).indices
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+
+
+def test_graph_retrieval_recall_against_exact():
+    policy = RetrievalPolicy(sink=2, window=5, budget=60, index="graph", estimate_rest=False)
+    exact = RetrievalPolicy(sink=2, window=5, budget=60, index="exact", estimate_rest=False)
+    layer, _, _ = _filled_cache(policy, total=2000)
+    q = torch.randn(2, 4, 16) + 0.5
+    n = 60 - 2 - layer.recent_k.shape[2]
+    got = policy.select(layer.selection_state(), layer, q, n)
+    want = exact.select(None, layer, q, n)
+    hits = sum(len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got.flatten(0, 1), want.flatten(0, 1)))
+    assert hits / want.numel() >= 0.9
+
+
+def test_estimate_with_one_cluster_per_row_is_exact():
+    """With as many clusters as offloaded rows, every centroid is a key and every cluster's mean
+    value is that key's value: the estimate of the non-retrieved rows is then exact."""
+    policy = RetrievalPolicy(sink=2, window=5, budget=30, index="exact", estimate_rest=True, clusters=100_000)
+    layer, all_k, all_v = _filled_cache(policy, total=120)
+    query = torch.randn(2, 4, 1, 16)
+    out, lse = attend_with_selection(query, layer, None, policy, None)
+    ref_out, ref_lse = attention_with_lse(query, all_k, all_v)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
+
+
+def test_estimate_improves_a_diffuse_head():
+    """Uniform-ish attention (diffuse head): top-k alone misses most of the mass; the centroid
+    estimate brings the output closer to exact attention."""
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    with_est = RetrievalPolicy(sink=2, window=5, budget=50, index="exact", estimate_rest=True, clusters=32)
+    without = RetrievalPolicy(sink=2, window=5, budget=50, index="exact", estimate_rest=False)
+    layer, all_k, all_v = _filled_cache(with_est, total=3000)
+    all_v += 1.0  # values with a common mean: the missing mass biases the top-k-only output
+    layer.store._v[:, :, :layer.store.length] += 1.0
+    layer.sink_v += 1.0
+    layer.recent_v += 1.0
+    query = 0.05 * torch.randn(2, 4, 1, 16)
+    ref_out, _ = attention_with_lse(query, all_k, all_v)
+    est_out, _ = attend_with_selection(query, layer, None, with_est, None)
+    layer.selection = None
+    layer.policy = without
+    top_out, _ = attend_with_selection(query, layer, None, without, None)
+    err = lambda o: float((o - ref_out).norm() / ref_out.norm())  # noqa: E731
+    assert err(est_out) < 0.5 * err(top_out)
+
+
+def test_retrieval_inserts_spilled_tokens_during_decoding():
+    policy = RetrievalPolicy(sink=2, window=5, budget=40, index="flat", estimate_rest=True, clusters=8)
+    layer, _, _ = _filled_cache(policy, total=200)
+    state = layer.selection_state()
+    before = state.indexes[0].size
+    for _ in range(7):
+        layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    assert state.indexes[0].size == before + 7 == layer.store.length
+    assert state.estimate.assign.shape[-1] == layer.store.length
+    assert torch.allclose(state.estimate.counts.sum(-1), torch.full((2, 2), float(layer.store.length)))
+
+
+def test_selection_policy_configs_are_validated():
+    with pytest.raises(PolicyConfigError, match="budget must be >= 1 token"):
+        get_policy("quest", budget=0)
+    with pytest.raises(PolicyConfigError, match=r"fraction must be in \(0, 1\]"):
+        get_policy("snapkv", budget=1.5)
+    with pytest.raises(PolicyConfigError, match="fraction must be in"):
+        get_policy("snapkv", budget=-0.1)
+    with pytest.raises(PolicyConfigError, match="exceed the budget"):
+        get_policy("retrieval", sink=4, window=64, budget=32)
+    with pytest.raises(PolicyConfigError, match="index must be one of"):
+        get_policy("retrieval", index="annoy")
+    with pytest.raises(PolicyConfigError, match="not settings of 'graph'"):
+        get_policy("retrieval", index="graph", index_params={"M": 16})
+    with pytest.raises(PolicyConfigError, match="page_size must be >= 1"):
+        get_policy("quest", page_size=0)
+    with pytest.raises(PolicyConfigError, match="pooling must be"):
+        get_policy("snapkv", pooling="median")
+    with pytest.raises(PolicyConfigError, match="must not exceed block_size"):
+        get_policy("block", block_size=4, representatives=8)
+    with pytest.raises(PolicyConfigError, match="budget must be a token count or a fraction"):
+        get_policy("block", budget=float("nan"))
+    assert get_policy("retrieval", budget=0.05).budget_tokens(1000) == 50
+    assert get_policy("retrieval", budget=300, window=64).budget_tokens(1000) == 300
