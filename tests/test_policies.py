@@ -189,3 +189,37 @@ def test_selection_policy_configs_are_validated():
         get_policy("block", budget=float("nan"))
     assert get_policy("retrieval", budget=0.05).budget_tokens(1000) == 50
     assert get_policy("retrieval", budget=300, window=64).budget_tokens(1000) == 300
+
+
+@pytest.mark.parametrize("policy", [
+    QuestPolicy(sink=3, window=9, budget=70, page_size=5),
+    RetrievalPolicy(sink=3, window=9, budget=70, index="exact", estimate_rest=False),
+])
+def test_decode_step_never_selects_padding(policy):
+    from lckv.attention import KeyPaddingMask
+
+    layer, all_k, all_v = _filled_cache(policy)
+    total = all_k.shape[2]
+    padding = torch.ones(2, total, dtype=torch.bool)
+    padding[1, :120] = False  # row 1 is left-padded deep into the offloaded store
+    layer.set_padding(padding)
+    # make the pad keys the most attractive ones: a selection that ignores padding would pick them
+    layer.store._k[1, :, :120 - 3] = 5.0
+    all_k[1, :, 3:120] = 5.0
+    query = torch.ones(2, 4, 1, 16)
+    out, lse = attend_with_selection(query, layer, KeyPaddingMask(padding), policy, None)
+    assert torch.isfinite(lse).all()
+    # oracle: the real keys of row 1 only (pads masked), restricted to the policy's budget
+    n_sink = layer.sink_k.shape[2]
+    n_sel = 70 - n_sink - layer.recent_k.shape[2]
+    raw = policy.select(layer.selection_state(), layer, query[:, :, 0], n_sel)
+    real = raw.clamp(min=0) + n_sink >= 120
+    assert not real[1].all(), "the test must offer pad rows to the selection"
+    attended = torch.zeros(2, 2, total, dtype=torch.bool)
+    attended[:, :, :n_sink] = True
+    attended[:, :, n_sink + layer.store.length:] = True
+    attended.scatter_(2, raw.clamp(min=0) + n_sink, raw >= 0)
+    attended &= padding[:, None, :]
+    ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
