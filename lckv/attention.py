@@ -90,12 +90,15 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, 
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: SelectionPolicy, scale: float):
+def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: SelectionPolicy, scale: float,
+                          return_indices: bool = False):
     """One decode step (``q_len == 1``) of a :class:`SelectionPolicy` on an LckvCache layer.
 
     The resident sink and window are attended exactly; of the offloaded store only the rows the
     policy selects per kv head are read (sparse attention), plus the policy's estimate of the rest
-    when it has one; the parts merge by LSE. Returns ``(out, lse)`` like :func:`attend_segments`.
+    when it has one; the parts merge by LSE. Returns ``(out, lse)`` like :func:`attend_segments`,
+    and with ``return_indices`` also the attended store rows ``[batch, kv_heads, n]`` (-1 = none;
+    None when the whole store or none of it was attended).
     """
     from lckv.ops import merge_attention_states, sparse_attention_with_lse
 
@@ -106,10 +109,11 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     out, lse = attend_segments(query, resident, q_start, attention_mask, policy, scale)
     n_select = policy.budget_tokens(layer.total) - n_sink - n_recent
     if n_select <= 0:
-        return out, lse
+        return (out, lse, None) if return_indices else (out, lse)
     if n_select >= store.length:  # the budget covers the whole store: exact
         part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
-        return merge_attention_states(out, lse, *part)
+        merged = merge_attention_states(out, lse, *part)
+        return (*merged, None) if return_indices else merged
     state = layer.selection_state()
     q = query[:, :, 0].to(store.keys.device)
     indices = policy.select(state, layer, q, n_select)
@@ -122,4 +126,5 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     if extra is not None:
         sel_out, sel_lse = merge_attention_states(sel_out, sel_lse, *extra)
     sel_out, sel_lse = sel_out.to(query.device).unsqueeze(2), sel_lse.to(query.device).unsqueeze(2)
-    return merge_attention_states(out, lse, sel_out.to(out.dtype), sel_lse)
+    merged = merge_attention_states(out, lse, sel_out.to(out.dtype), sel_lse)
+    return (*merged, indices) if return_indices else merged

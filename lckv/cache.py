@@ -14,6 +14,7 @@ reaches the right layer without any global state.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -335,7 +336,7 @@ class LckvCache(Cache):
                 raise NotImplementedError("from_cache does not carry key padding yet; use a batch without padding")
             dst.total = total
             if dst.queries is not None and src.queries is not None:
-                dst.queries = src.queries
+                dst.queries = copy.deepcopy(src.queries)
         return out
 
     def memory_report(self) -> dict:

@@ -66,7 +66,7 @@ def capture_qk(model, input_ids: torch.Tensor, layers=None, window: int | None =
     k = {i: torch.empty(config.num_key_value_heads, total, head_dim) for i in layers}
     filled = dict.fromkeys(layers, 0)
 
-    def observe(module, query, new_keys):
+    def observe(module, query, new_keys, new_values):
         i = module.layer_idx
         if i in filled:
             n = query.shape[2]

@@ -49,8 +49,9 @@ class LckvBinding:
     num_kv_heads: int
     head_dim: int
     previous_attn_implementation: str | None = None
-    #: callables ``fn(module, query, new_keys)`` invoked by the attention function with the
-    #: post-RoPE queries ``[B, Hq, q_len, D]`` and the keys of the same tokens ``[B, Hkv, q_len, D]``.
+    #: callables ``fn(module, query, new_keys, new_values)`` invoked by the attention function with
+    #: the post-RoPE queries ``[B, Hq, q_len, D]`` and the keys and values of the same tokens
+    #: ``[B, Hkv, q_len, D]``.
     observers: list = field(default_factory=list)
 
     def new_cache(self) -> LckvCache:
@@ -109,7 +110,7 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     q_len = query.shape[2]
     if binding is not None:
         for observe in binding.observers:
-            observe(module, query, key[:, :, key.shape[2] - q_len:])
+            observe(module, query, key[:, :, key.shape[2] - q_len:], value[:, :, value.shape[2] - q_len:])
     if layer is None:
         out, _ = attend_segments(query, [Segment(key, value, 0)], key.shape[2] - q_len, attention_mask, policy, scaling)
         return out.transpose(1, 2).contiguous(), None
