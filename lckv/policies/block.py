@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from lckv.policies.base import PolicyConfigError, register_policy
-from lckv.policies.selection import SelectionPolicy, group_sum, topk_rows
+from lckv.policies.selection import SelectionPolicy, rows_of_best_units, group_sum
 
 __all__ = ["BlockPolicy"]
 
@@ -25,7 +25,8 @@ class BlockPolicy(SelectionPolicy):
     queries seen when the block was formed: prompt queries at build time, decode queries later)
     attend to most, as InfLLM does with its local-window queries. A step scores each block by the
     group's summed query against its representatives (the sum over representatives, InfLLM's
-    relevance) and attends the top ``(budget - sink - window) // block_size`` blocks (at least one).
+    relevance) and attends the best blocks until ``budget - sink - window`` rows are taken (the
+    last block cut to the budget).
     """
 
     block_size: int = 32
@@ -77,7 +78,4 @@ class BlockPolicy(SelectionPolicy):
         q_sum = group_sum(q, state.reps.shape[1])
         scores = torch.einsum("bhd,bhnrd->bhnr", q_sum, state.reps.float())
         scores = scores.masked_fill(~state.rep_valid, 0.0).sum(dim=-1)
-        blocks = topk_rows(scores, max(1, n_select // self.block_size))
-        rows = blocks.unsqueeze(-1) * self.block_size + torch.arange(self.block_size)
-        rows = rows.masked_fill((blocks < 0).unsqueeze(-1) | (rows >= layer.store.length), -1)
-        return rows.flatten(2)
+        return rows_of_best_units(scores, self.block_size, n_select, layer.store.length)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from lckv.policies.base import PolicyConfigError, register_policy
-from lckv.policies.selection import SelectionPolicy, group_sum, topk_rows
+from lckv.policies.selection import SelectionPolicy, rows_of_best_units, group_sum
 
 __all__ = ["QuestPolicy"]
 
@@ -22,9 +22,9 @@ class _QuestState:
 class QuestPolicy(SelectionPolicy):
     """Offloaded keys are cut into pages of ``page_size`` rows; each page keeps the channel-wise
     min and max of its keys, and ``sum_d max(q_d min_d, q_d max_d)`` upper-bounds every logit in
-    the page. Each step attends the ``(budget - sink - window) // page_size`` pages with the
-    highest bound of the group's summed query (at least one page when the budget allows any row).
-    The trailing partial page is a page like the others.
+    the page. Each step attends the pages with the highest bound of the group's summed query until
+    ``budget - sink - window`` rows are taken (the last page cut to the budget). The trailing
+    partial page is a page like the others.
     """
 
     page_size: int = 16
@@ -57,7 +57,4 @@ class QuestPolicy(SelectionPolicy):
         # the bound of the group's summed logit: the page bound of the summed query
         q_sum = group_sum(q, state.page_min.shape[1]).to(state.page_min.dtype)
         scores = quest_page_scores(q_sum, state.page_min, state.page_max)  # [batch, kv_heads, pages]
-        pages = topk_rows(scores, max(1, n_select // self.page_size))
-        rows = pages.unsqueeze(-1) * self.page_size + torch.arange(self.page_size)
-        rows = rows.masked_fill((pages < 0).unsqueeze(-1) | (rows >= layer.store.length), -1)
-        return rows.flatten(2)
+        return rows_of_best_units(scores, self.page_size, n_select, layer.store.length)

@@ -81,9 +81,17 @@ def group_sum(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2)
 
 
-def topk_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest scores along the last dim, ascending (-inf scores give -1)."""
-    k = min(k, scores.shape[-1])
-    values, idx = scores.topk(k, dim=-1)
-    idx = idx.masked_fill(torch.isneginf(values), -1)
-    return idx.sort(dim=-1).values
+def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: int) -> torch.Tensor:
+    """Rows of the best-scoring units (pages/blocks of ``unit`` rows, ``scores``
+    ``[batch, kv_heads, units]``) until ``n_select`` rows are taken: ``ceil(n_select / unit)``
+    units in score order, the last one cut to the budget. Returns ascending row ids
+    ``[batch, kv_heads, <= n_select]``, -1 (last) where the units run out of rows."""
+    n_units = min(scores.shape[-1], -(-n_select // unit))
+    best = scores.topk(n_units, dim=-1).indices  # descending score
+    rows = best.unsqueeze(-1) * unit + torch.arange(unit, device=scores.device)
+    rows = rows.masked_fill(rows >= n_rows, -1).flatten(2)
+    # valid rows first (stable: score order kept), then cut to the budget
+    order = torch.sort((rows < 0).to(torch.int8), dim=-1, stable=True).indices
+    rows = torch.gather(rows, -1, order)[..., :n_select]
+    keyed = rows.masked_fill(rows < 0, n_rows).sort(dim=-1).values
+    return keyed.masked_fill(keyed >= n_rows, -1)
