@@ -1,0 +1,257 @@
+"""Fidelity of every selection policy against exact attention, on the real stories260K model with
+real HotpotQA text, at equal budgets.
+
+For each context length the prompt is prefilled once, exactly (policy ``full``), and the exact
+model then decodes ``--steps`` tokens greedily (the reference). Every policy x budget is measured
+two ways from that same prefill:
+
+* attention level: fed the reference run's queries, keys and values at every decode step (the
+  exact history), each layer's policy attention is compared with exact attention over all keys:
+  relative output error, recall of the exact top-k keys (k = the budget, per query head), and the
+  exact attention mass on the keys the policy attended (mean over steps, layers, heads);
+* end to end: the policy's own model, teacher-forced on the reference tokens: mean next-token
+  KL(full || policy) and greedy agreement (argmax equals the reference token).
+
+Budgets count every attended key per query head: sink + window + selected. ``retrieval`` runs the
+attention-aware graph index with the centroid estimate of the rest; ``retrieval-topk`` is the same
+without the estimate, to show what the estimate does on diffuse heads.
+
+    python benchmarks/bench_fidelity.py            # 2K, 8K, 32K tokens; 1/5/10 % and 256/1024 tokens
+    python benchmarks/bench_fidelity.py --quick    # 2K tokens, two budgets, 16 steps
+    python benchmarks/bench_fidelity.py --check    # harness check: budget >= context must be exact
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, Table, machine, write_json  # noqa: E402
+
+import lckv  # noqa: E402
+from lckv.attention import attend_segments, attend_with_selection  # noqa: E402
+from lckv.cache import LckvCache, QueryRecorder  # noqa: E402
+from lckv.capture import hotpotqa_token_ids  # noqa: E402
+from lckv.data import stories260k_paths  # noqa: E402
+from lckv.models.llama2c import load  # noqa: E402
+from lckv.policies import FullPolicy, SelectionPolicy, get_policy  # noqa: E402
+
+POLICIES = {
+    "streaming": ("streaming", {}),
+    "snapkv": ("snapkv", {"observation": 32, "pooling": "max", "kernel": 7}),
+    "quest": ("quest", {"page_size": 16}),
+    "block": ("block", {"block_size": 16, "representatives": 4}),
+    "retrieval-topk": ("retrieval", {"index": "graph", "estimate_rest": False, "search_params": {"ef": 128}}),
+    "retrieval": ("retrieval", {"index": "graph", "estimate_rest": True, "clusters": 64, "search_params": {"ef": 128}}),
+}
+SINK, MAX_WINDOW, REF_WINDOW = 4, 64, 64
+RECORD = (4096, 64)  # prefill queries kept for index building (sample) and observation windows (recent)
+
+
+def budget_tokens(label: str, length: int) -> int:
+    return math.ceil(float(label[:-1]) / 100 * length) if label.endswith("%") else int(label)
+
+
+def make_policy(kind: str, budget: int):
+    name, settings = POLICIES[kind]
+    sink = min(SINK, max(0, budget - 1))
+    if name == "streaming":
+        return get_policy(name, sink=sink, window=budget - sink)
+    window = max(1, min(MAX_WINDOW, budget // 4))
+    return get_policy(name, sink=sink, window=window, budget=budget, **settings)
+
+
+def prefill(model, ids: torch.Tensor, chunk: int) -> tuple[LckvCache, torch.Tensor]:
+    """Exact chunked prefill into a `full` cache that records prefill queries."""
+    binding = lckv.enable(model, FullPolicy(sink=SINK, window=REF_WINDOW))
+    cache = binding.new_cache()
+    for layer in cache.layers:
+        layer.queries = QueryRecorder(*RECORD)
+    with torch.no_grad():
+        for lo in range(0, ids.shape[1], chunk):
+            logits = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True).logits
+    return cache, logits[:, -1]
+
+
+def reference_decode(model, prefill_cache, first_logits, steps):
+    """Greedy exact decoding; returns tokens fed [steps], logits after each [steps, V], and the
+    per-step, per-layer (query, key, value) of the new token."""
+    policy = FullPolicy(sink=SINK, window=REF_WINDOW)
+    binding = lckv.enable(model, policy)
+    cache = LckvCache.from_cache(prefill_cache, policy)
+    trace = [dict() for _ in range(steps)]
+    step = [0]
+    binding.observers.append(lambda m, q, k, v: trace[step[0]].__setitem__(m.layer_idx, (q, k, v)))
+    tokens, logits = [], []
+    token = first_logits.argmax(-1, keepdim=True)
+    with torch.no_grad():
+        for t in range(steps):
+            step[0] = t
+            tokens.append(token)
+            out = model(token, past_key_values=cache, use_cache=True).logits[:, -1]
+            logits.append(out)
+            token = out.argmax(-1, keepdim=True)
+    binding.observers.clear()
+    return torch.cat(tokens, 1), torch.cat(logits, 0), trace, cache
+
+
+def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budget, scale):
+    """Policy attention vs exact attention on the exact history (see the module docstring)."""
+    probe = LckvCache.from_cache(prefill_cache, policy)
+    errs, recalls, masses = [], [], []
+    for t, layers in enumerate(trace):
+        pos = prompt_len + t
+        for i, (q, k, v) in sorted(layers.items()):
+            layer = probe.layers[i]
+            layer.update(k, v)
+            if isinstance(policy, SelectionPolicy) and layer.store is not None and layer.store.length:
+                out, _, rows = attend_with_selection(q, layer, None, policy, scale, return_indices=True)
+            else:
+                out, _ = attend_segments(q, layer.segments(), layer.total - 1, None, policy, scale)
+                rows = None
+            layer.record_queries(q)
+            ref_layer = ref_cache.layers[i]
+            exact, _ = attend_segments(q, ref_layer.segments(), pos, None, FullPolicy(), scale)
+            errs.append(((out - exact).norm(dim=-1) / exact.norm(dim=-1).clamp(min=1e-12)).flatten())
+            # exact probabilities over positions [0, pos]
+            keys = torch.cat([s.k for s in ref_layer.segments()], dim=2)[:, :, :pos + 1].float()
+            group = q.shape[1] // keys.shape[1]
+            logits = (q[0, :, 0].float().unsqueeze(1) @ keys[0].repeat_interleave(group, 0).transpose(-1, -2)).squeeze(1) * scale
+            probs = torch.softmax(logits, dim=-1)  # [Hq, pos + 1]
+            attended = torch.zeros(keys.shape[1], pos + 1, dtype=torch.bool)
+            n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
+            attended[:, :n_sink] = True
+            attended[:, pos + 1 - n_recent:] = True
+            if layer.store is not None:
+                if rows is None:
+                    n_sel = policy.budget_tokens(layer.total) - n_sink - n_recent if isinstance(policy, SelectionPolicy) else 0
+                    if n_sel >= layer.store.length:
+                        attended[:, n_sink:n_sink + layer.store.length] = True
+                else:
+                    valid = rows[0] >= 0
+                    attended.scatter_(1, (rows[0].clamp(min=0) + n_sink), valid)
+            att = attended.repeat_interleave(group, 0)
+            masses.append((probs * att).sum(-1))
+            k_top = min(budget, pos + 1)
+            top = probs.topk(k_top, dim=-1).indices
+            recalls.append(torch.gather(att, 1, top).float().mean(-1))
+    return (torch.cat(errs).mean().item(), torch.cat(recalls).mean().item(), torch.cat(masses).mean().item())
+
+
+def end_to_end(model, policy, prefill_cache, ref_tokens, ref_logits):
+    """Teacher-forced decoding under `policy`: mean KL(full || policy) and greedy agreement."""
+    lckv.enable(model, policy)
+    cache = LckvCache.from_cache(prefill_cache, policy)
+    kls, agree = [], []
+    with torch.no_grad():
+        for t in range(ref_tokens.shape[1]):
+            out = model(ref_tokens[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+            p_ref = torch.log_softmax(ref_logits[t:t + 1].double(), -1)
+            p_pol = torch.log_softmax(out.double(), -1)
+            kls.append(float((p_ref.exp() * (p_ref - p_pol)).sum()))
+            agree.append(bool(out.argmax(-1) == ref_logits[t:t + 1].argmax(-1)))
+    return sum(kls) / len(kls), sum(agree) / len(agree)
+
+
+def run(args) -> list[dict]:
+    ckpt, tok_path = stories260k_paths()
+    model, tok = load(ckpt, tok_path, max_position_embeddings=max(args.lengths) + args.steps + 1)
+    scale = model.config.head_dim ** -0.5
+    rows, table = [], None
+    for length in args.lengths:
+        ids = hotpotqa_token_ids(tok, length, seed=length)[None]
+        start = time.perf_counter()
+        prefill_cache, first_logits = prefill(model, ids, args.chunk)
+        ref_tokens, ref_logits, trace, ref_cache = reference_decode(model, prefill_cache, first_logits, args.steps)
+        print(f"# {length} tokens: exact prefill + {args.steps}-step reference decode in {time.perf_counter() - start:.0f} s",
+              flush=True)
+        table = table or Table(COLUMNS)
+        for label in args.budgets:
+            budget = budget_tokens(label, length)
+            for kind in args.policies:
+                policy = make_policy(kind, budget)
+                t0 = time.perf_counter()
+                err, recall, mass = attention_metrics(policy, prefill_cache, ref_cache, trace, length, budget, scale)
+                kl, agree = end_to_end(model, policy, prefill_cache, ref_tokens, ref_logits)
+                row = dict(length=length, budget=label, budget_tokens=budget, policy=kind, sink=policy.sink,
+                           window=policy.window, attn_rel_err=err, recall=recall, mass=mass, kl=kl,
+                           greedy_agreement=agree, seconds=time.perf_counter() - t0)
+                rows.append(row)
+                table.row(row)
+    return rows
+
+
+COLUMNS = [("length", "tokens", "d", 6), ("budget", "budget", "s", 6), ("budget_tokens", "keys", "d", 5),
+           ("policy", "policy", "s", 14), ("attn_rel_err", "attn rel err", ".4f", 0), ("recall", "top-k recall", ".3f", 0),
+           ("mass", "mass", ".3f", 5), ("kl", "KL", ".5f", 8), ("greedy_agreement", "greedy agree", ".3f", 0),
+           ("seconds", "s", ".1f", 6)]
+
+
+def check(args) -> None:
+    """Budget >= context must reproduce exact attention: zero error, full mass, KL ~ 0."""
+    args.lengths, args.steps = [300], 4
+    args.budgets = ["400"]
+    rows = run(args)
+    for row in rows:
+        ok = row["attn_rel_err"] < 1e-4 and row["mass"] > 0.9999 and row["kl"] < 1e-6 and row["greedy_agreement"] == 1.0
+        if not ok:
+            raise SystemExit(f"--check failed: {row}")
+    print(f"--check: {len(rows)} policies reproduce exact attention at budget >= context")
+
+
+def plot(rows, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(2, len(lengths), figsize=(5 * len(lengths), 8), squeeze=False)
+    for col, length in enumerate(lengths):
+        for kind in policies:
+            sel = sorted((r for r in rows if r["length"] == length and r["policy"] == kind), key=lambda r: r["budget_tokens"])
+            x = [r["budget_tokens"] / length * 100 for r in sel]
+            axes[0][col].plot(x, [max(r["kl"], 1e-6) for r in sel], marker="o", label=kind)
+            axes[1][col].plot(x, [r["greedy_agreement"] for r in sel], marker="o", label=kind)
+        axes[0][col].set(title=f"{length} tokens", xscale="log", yscale="log", xlabel="budget (% of context)",
+                         ylabel="next-token KL vs full")
+        axes[1][col].set(xscale="log", xlabel="budget (% of context)", ylabel="greedy agreement", ylim=(0, 1.02))
+        axes[0][col].axhline(0.01, color="gray", lw=0.8, ls="--")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("stories260K on HotpotQA text: fidelity of each policy at equal budgets (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--budgets", nargs="+", default=["1%", "5%", "10%", "256", "1024"])
+    parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="2K tokens, budgets 5%% and 256, 16 steps")
+    parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context is exact) and exit")
+    parser.add_argument("--name", default="bench_fidelity")
+    args = parser.parse_args(argv)
+    if args.check:
+        return check(args)
+    if args.quick:
+        args.lengths, args.budgets, args.steps = [2048], ["5%", "256"], 16
+    rows = run(args)
+    payload = {"benchmark": "fidelity", "machine": machine(), "model": "stories260K (llama2.c, head_dim 8, GQA 2)",
+               "text": "HotpotQA contexts (../shared/data)", "prefill": "exact (chunked, full attention)",
+               "steps": args.steps, "rows": rows}
+    write_json(args.name, payload)
+    plot(rows, RESULTS / f"{args.name}.png")
+    print(f"wrote {RESULTS / (args.name + '.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()

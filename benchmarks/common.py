@@ -1,0 +1,46 @@
+"""Shared benchmark plumbing: machine description, JSON + PNG output, aligned tables."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def write_json(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False) + "\n")
+    return path
+
+
+class Table:
+    """Prints aligned rows as they are measured. columns: (key, header, format spec, width)."""
+
+    def __init__(self, columns: list[tuple[str, str, str, int]]):
+        self.columns = columns
+        print("  ".join(h.rjust(max(w, len(h))) for _, h, _, w in columns), flush=True)
+
+    def row(self, row: dict) -> None:
+        cells = [format(row[k], spec) if row.get(k) is not None else "-" for k, _, spec, _ in self.columns]
+        print("  ".join(c.rjust(max(w, len(h))) for c, (_, h, _, w) in zip(cells, self.columns)), flush=True)
