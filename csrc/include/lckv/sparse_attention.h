@@ -10,8 +10,8 @@
 // load; all accumulation is fp32. The gathered K row and V row are each read once per GQA group.
 // Work is split over (batch, kv head) with OpenMP. The inner loops are written for the compiler to
 // vectorise (`omp simd` reductions, branch-free fp16 conversion, a polynomial exp); on x86 an
-// AVX2+FMA build of the same code is selected once at start-up, with the portable build as the
-// fallback.
+// AVX2+FMA+F16C build of the same code (fp16 rows converted with F16C) is selected once at
+// start-up, with the portable build as the fallback.
 #pragma once
 
 #include <cmath>
@@ -28,6 +28,7 @@
 
 #if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
 #define LCKV_HAVE_AVX2_DISPATCH 1
+#include <immintrin.h>
 #endif
 
 namespace lckv {
@@ -122,6 +123,38 @@ LCKV_ALWAYS_INLINE const float* load_row(const T* src, float* buffer, int64_t n)
 }
 LCKV_ALWAYS_INLINE const float* load_row(const float* src, float*, int64_t) { return src; }
 
+// Row loaders: how a K/V row becomes fp32. The portable one is plain C++; the x86 one converts
+// fp16 with the F16C instruction (8 values per instruction) and is used only by the AVX2 path.
+struct PortableLoad {
+  template <typename T>
+  static LCKV_ALWAYS_INLINE const float* row(const T* src, float* buffer, int64_t n) {
+    return load_row(src, buffer, n);
+  }
+};
+
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+__attribute__((target("avx2,fma,f16c"))) inline const float* load_row_f16c(const half_bits* src, float* buffer,
+                                                                           int64_t n) {
+  int64_t d = 0;
+  for (; d + 8 <= n; d += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
+    _mm256_storeu_ps(buffer + d, _mm256_cvtph_ps(h));
+  }
+  for (; d < n; ++d) buffer[d] = to_float(src[d]);
+  return buffer;
+}
+
+struct F16cLoad {
+  template <typename T>
+  static LCKV_ALWAYS_INLINE const float* row(const T* src, float* buffer, int64_t n) {
+    return load_row(src, buffer, n);
+  }
+  static LCKV_ALWAYS_INLINE const float* row(const half_bits* src, float* buffer, int64_t n) {
+    return load_row_f16c(src, buffer, n);
+  }
+};
+#endif
+
 LCKV_ALWAYS_INLINE void prefetch(const void* p) {
 #if defined(__GNUC__) || defined(__clang__)
   __builtin_prefetch(p, 0, 0);
@@ -141,7 +174,7 @@ LCKV_ALWAYS_INLINE void prefetch_row(const T* row, int64_t dim) {
 // Rows are processed in tiles of kTile: a tile's K rows are dotted with each query in one loop
 // with kTile independent accumulators (no single long FMA dependency chain), and a tile's V rows
 // update each output row in one pass (one load/store of the accumulator per tile, not per row).
-template <typename T>
+template <typename Load, typename T>
 LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head, const T* v_head,
                                           const int64_t* idx, const SparseAttentionProblem& p,
                                           float* out_group, float* lse_group, GroupScratch& scratch) {
@@ -163,7 +196,7 @@ LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head,
       const int64_t j = j0 + u;
       if (j + kAhead < n && idx[j + kAhead] >= 0) prefetch_row(head + idx[j + kAhead] * stride, dim);
       valid[u] = j < n && idx[j] >= 0;
-      rows[u] = valid[u] ? load_row(head + idx[j] * stride, tile_rows + u * dim, dim) : zero_row;
+      rows[u] = valid[u] ? Load::row(head + idx[j] * stride, tile_rows + u * dim, dim) : zero_row;
     }
   };
 
@@ -231,17 +264,17 @@ template <typename T>
 void attend_group_portable(const float* q, const T* k, const T* v, const int64_t* idx,
                            const SparseAttentionProblem& p, float* out, float* lse,
                            GroupScratch& scratch) {
-  attend_group_impl(q, k, v, idx, p, out, lse, scratch);
+  attend_group_impl<PortableLoad>(q, k, v, idx, p, out, lse, scratch);
 }
 
 #ifdef LCKV_HAVE_AVX2_DISPATCH
 template <typename T>
-__attribute__((target("avx2,fma"))) void attend_group_avx2(const float* q, const T* k, const T* v,
+__attribute__((target("avx2,fma,f16c"))) void attend_group_avx2(const float* q, const T* k, const T* v,
                                                             const int64_t* idx,
                                                             const SparseAttentionProblem& p,
                                                             float* out, float* lse,
                                                             GroupScratch& scratch) {
-  attend_group_impl(q, k, v, idx, p, out, lse, scratch);
+  attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
 }
 #endif
 
@@ -255,16 +288,17 @@ class SparseAttention {
     attend_ = &detail::attend_group_portable<T>;
     simd_name_ = "portable";
 #ifdef LCKV_HAVE_AVX2_DISPATCH
-    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
       attend_ = &detail::attend_group_avx2<T>;
-      simd_name_ = "avx2+fma";
+      simd_name_ = "avx2+fma+f16c";
     }
 #else
     (void)allow_simd;
 #endif
   }
 
-  // Name of the selected code path ("avx2+fma" or "portable").
+  // Name of the selected code path ("avx2+fma+f16c" or "portable").
   const char* simd_name() const { return simd_name_; }
 
   // q: [B, Hq, D] fp32 contiguous, unscaled. k, v: strided per `p`. indices: [B, Hkv, n]
