@@ -1,0 +1,293 @@
+"""CPU attention kernels vs. the PyTorch reference vs. the memory-bandwidth floor, at decode shapes.
+
+For every case the table prints the C++ kernel (``lckv.ops``, backend ``cpu``), the torch
+reference and the floor: the bytes the op must read (the selected K and V rows, q, the indices)
+divided by a copy bandwidth measured in this run ((bytes read + bytes written) / time of a large
+``Tensor.copy_``). The Triton kernels cannot be timed here (no GPU); their interpreter correctness
+against the reference is reported instead, marked "not timed: no GPU".
+
+Targets (issue 4): C++ sparse attention within 2x of the floor and >= 5x faster than the torch
+reference at k = 2048.
+
+    python benchmarks/bench_kernels.py --check            # full run: contexts 64K and 1M, k up to 4096
+    python benchmarks/bench_kernels.py --quick --check    # a short run
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_kernels.py   # K/V on transparent huge pages
+
+Times are the minimum over repeats (and the median is recorded): on a shared machine the minimum
+is the best estimate of what the code costs. Writes benchmarks/results/bench_kernels.{json,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lckv  # noqa: E402
+from lckv import ops, reference  # noqa: E402
+
+KV_HEADS, Q_HEADS, HEAD_DIM = 8, 32, 128  # a Llama-3-8B-like decode layer
+
+
+def timeit(fn, repeats: int, min_seconds: float = 0.0):
+    fn()  # warm-up
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeats or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 10 * repeats:
+            break
+    return min(times), statistics.median(times)
+
+
+def copy_bandwidth(repeats: int) -> float:
+    """(bytes read + bytes written) / s of a 512 MB tensor copy, best of `repeats`."""
+    src = torch.empty(128 << 20, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    best, _ = timeit(lambda: dst.copy_(src), repeats)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def reference_sparse(q, k, v, idx):
+    """The torch reference provider: the selected rows gathered in their storage dtype, then
+    lckv.reference.attention_with_lse (fp32 math) under the padding mask. This is the oracle the
+    tests use and a fair torch implementation (gather first, then upcast only what was gathered)."""
+    group = q.shape[1] // k.shape[1]
+    safe = idx.clamp(min=0).unsqueeze(-1).expand(*idx.shape, k.shape[-1])
+    mask = (idx >= 0).repeat_interleave(group, 1).unsqueeze(2)
+    out, lse = reference.attention_with_lse(q.unsqueeze(2), torch.gather(k, 2, safe), torch.gather(v, 2, safe),
+                                            mask=mask)
+    return out.squeeze(2), lse.squeeze(2)
+
+
+def packaged_sparse_reference_works() -> bool:
+    """lckv.reference.sparse_attention_with_lse on a tiny GQA case (it upcasts the whole cache, so
+    it is timed only at the smaller context)."""
+    q, k, idx = torch.randn(1, 4, 8), torch.randn(1, 2, 5, 8), torch.randint(0, 5, (1, 2, 3))
+    try:
+        reference.sparse_attention_with_lse(q, k, k, idx)
+        return True
+    except RuntimeError:
+        return False
+
+
+def check_close(name, got, want, dtype):
+    tol = 1e-5 if dtype == torch.float32 else (2e-3 if dtype == torch.float16 else 1.6e-2)
+    out, lse = got
+    want_out, want_lse = want
+    err_out = (out.float() - want_out.float()).abs().max().item()
+    finite = torch.isfinite(want_lse)
+    err_lse = (lse[finite] - want_lse[finite]).abs().max().item() if finite.any() else 0.0
+    ok = err_out <= tol * max(1.0, want_out.float().abs().max().item()) and err_lse <= 1e-4
+    print(f"  check {name:38s} max|out err| {err_out:.2e}  max|lse err| {err_lse:.2e}  {'ok' if ok else 'FAILED'}")
+    if not ok:
+        raise SystemExit(f"--check failed for {name}")
+
+
+def sparse_cases(quick: bool):
+    if quick:
+        return [(65536, torch.float16, k) for k in (256, 2048)] + [(65536, torch.float32, 2048)]
+    cases = [(65536, torch.float32, k) for k in (256, 1024, 2048, 4096)]
+    cases += [(1 << 20, dtype, k) for dtype in (torch.float16, torch.bfloat16) for k in (256, 1024, 2048, 4096)]
+    return cases
+
+
+def bench_sparse(args, bandwidth, rows):
+    print(f"\nsparse_attention_with_lse  (batch 1, q_heads {Q_HEADS}, kv_heads {KV_HEADS}, head_dim {HEAD_DIM})")
+    header = f"{'context':>8s} {'dtype':>8s} {'k':>5s} | {'cpu ms':>8s} {'GB/s':>6s} {'x floor':>7s} | {'ref ms':>8s} {'speedup':>7s} | {'floor ms':>8s}"
+    print(header)
+    kv = {}
+    for context, dtype, k_sel in sparse_cases(args.quick):
+        if (context, dtype) not in kv:
+            kv.clear()
+            gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+            k = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
+            v = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
+            kv[(context, dtype)] = (k, v, gen)
+        k, v, gen = kv[(context, dtype)]
+        q = torch.randn(1, Q_HEADS, HEAD_DIM, generator=gen).to(dtype)
+        idx = torch.stack([torch.randperm(context, generator=gen)[:k_sel] for _ in range(KV_HEADS)]).unsqueeze(0)
+        run_cpu = lambda: ops.sparse_attention_with_lse(q, k, v, idx, backend="cpu")  # noqa: E731
+        if args.check:
+            check_close(f"cpu ctx={context} {str(dtype)[6:]} k={k_sel}", run_cpu(), reference_sparse(q, k, v, idx), dtype)
+        cpu_best, cpu_median = timeit(run_cpu, args.repeats, args.min_seconds)
+        ref_best, ref_median = timeit(lambda: reference_sparse(q, k, v, idx), args.repeats // 2, args.min_seconds / 2)
+        full_ms = None
+        if args.packaged_reference_works and context <= 65536:
+            full_ms = timeit(lambda: reference.sparse_attention_with_lse(q, k, v, idx), 3)[0] * 1e3
+        needed = 2 * KV_HEADS * k_sel * HEAD_DIM * k.element_size() + q.numel() * q.element_size() + idx.numel() * 8
+        floor = needed / bandwidth
+        row = dict(op="sparse_attention_with_lse", context=context, dtype=str(dtype)[6:], k=k_sel,
+                   cpu_ms=cpu_best * 1e3, cpu_median_ms=cpu_median * 1e3, reference_ms=ref_best * 1e3,
+                   reference_median_ms=ref_median * 1e3, packaged_reference_ms=full_ms, bytes_read=needed,
+                   floor_ms=floor * 1e3, cpu_over_floor=cpu_best / floor, speedup_vs_reference=ref_best / cpu_best,
+                   cpu_gbps=needed / cpu_best / 1e9)
+        rows.append(row)
+        print(f"{context:>8d} {row['dtype']:>8s} {k_sel:>5d} | {row['cpu_ms']:8.3f} {row['cpu_gbps']:6.1f} "
+              f"{row['cpu_over_floor']:7.2f} | {row['reference_ms']:8.2f} {row['speedup_vs_reference']:7.1f} | "
+              f"{row['floor_ms']:8.3f}")
+    kv.clear()
+
+
+def bench_other_cpu_ops(args, bandwidth, rows):
+    print("\nsink_window_attention_with_lse decode (sink 4, window 4096) and merge_attention_states")
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    context = 16384 if args.quick else 65536
+    for dtype in (torch.float16, torch.float32):
+        k = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
+        v = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
+        q = torch.randn(1, Q_HEADS, 1, HEAD_DIM, generator=gen).to(dtype)
+        run_cpu = lambda: ops.sink_window_attention_with_lse(q, k, v, 4, 4096, backend="cpu")  # noqa: E731
+        run_ref = lambda: reference.sink_window_attention_with_lse(q, k, v, 4, 4096)  # noqa: E731
+        if args.check:
+            check_close(f"window cpu ctx={context} {str(dtype)[6:]}", run_cpu(), run_ref(), dtype)
+        cpu_best, _ = timeit(run_cpu, args.repeats, args.min_seconds)
+        ref_best, _ = timeit(run_ref, 3)
+        needed = 2 * KV_HEADS * 4100 * HEAD_DIM * k.element_size()
+        rows.append(dict(op="sink_window_attention_with_lse", context=context, dtype=str(dtype)[6:], k=4100,
+                         cpu_ms=cpu_best * 1e3, reference_ms=ref_best * 1e3, floor_ms=needed / bandwidth * 1e3,
+                         cpu_over_floor=cpu_best / (needed / bandwidth), speedup_vs_reference=ref_best / cpu_best))
+        print(f"  window {str(dtype)[6:]:>8s} ctx {context}: cpu {cpu_best * 1e3:.3f} ms, reference "
+              f"{ref_best * 1e3:.2f} ms ({ref_best / cpu_best:.1f}x), floor {needed / bandwidth * 1e3:.3f} ms")
+    for batch in (1, 64):
+        shape = (batch, Q_HEADS, HEAD_DIM)
+        a, b = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        la, lb = torch.randn(shape[:-1], generator=gen), torch.randn(shape[:-1], generator=gen)
+        run_cpu = lambda: ops.merge_attention_states(a, la, b, lb, backend="cpu")  # noqa: E731
+        run_ref = lambda: reference.merge_attention_states(a, la, b, lb)  # noqa: E731
+        if args.check:
+            check_close(f"merge cpu batch={batch}", run_cpu(), run_ref(), torch.float32)
+        cpu_best, _ = timeit(run_cpu, args.repeats * 4, 0.1)
+        ref_best, _ = timeit(run_ref, args.repeats * 4, 0.1)
+        needed = 2 * (a.numel() + la.numel()) * 4
+        rows.append(dict(op="merge_attention_states", batch=batch, dtype="float32", cpu_ms=cpu_best * 1e3,
+                         reference_ms=ref_best * 1e3, floor_ms=needed / bandwidth * 1e3,
+                         speedup_vs_reference=ref_best / cpu_best))
+        print(f"  merge batch {batch:>3d}: cpu {cpu_best * 1e6:.1f} us, reference {ref_best * 1e6:.1f} us "
+              f"({ref_best / cpu_best:.1f}x); floor {needed / bandwidth * 1e6:.2f} us (call overhead dominates)")
+
+
+def triton_interpreter_correctness():
+    """Each Triton kernel once under TRITON_INTERPRET=1 on a small shape: max error vs reference."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return [dict(kernel="all", status="skipped: set TRITON_INTERPRET=1 before starting to check Triton")]
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    q3, k, v = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 2, 90, 64, generator=gen), torch.randn(2, 2, 90, 64, generator=gen)
+    q4 = torch.randn(2, 8, 5, 64, generator=gen)
+    idx = torch.randint(-1, 90, (2, 2, 70), generator=gen)
+    pmin, pmax = reference.page_key_bounds(k, 16)
+    a, la = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 8, generator=gen)
+    b, lb = torch.randn(2, 8, 64, generator=gen), torch.randn(2, 8, generator=gen)
+    cases = {
+        "sparse_attention_with_lse": (lambda be: ops.sparse_attention_with_lse(q3, k, v, idx, backend=be)[0],
+                                      lambda: reference_sparse(q3, k, v, idx)[0]),
+        "sink_window_attention_with_lse": (lambda be: ops.sink_window_attention_with_lse(q4, k, v, 3, 20, backend=be)[0],
+                                           lambda: reference.sink_window_attention_with_lse(q4, k, v, 3, 20)[0]),
+        "merge_attention_states": (lambda be: ops.merge_attention_states(a, la, b, lb, backend=be)[0],
+                                   lambda: reference.merge_attention_states(a, la, b, lb)[0]),
+        "quest_page_scores": (lambda be: ops.quest_page_scores(q3, pmin, pmax, backend=be),
+                              lambda: reference.quest_page_scores(q3, pmin, pmax)),
+        "flat_topk_scores": (lambda be: ops.flat_topk_scores(q3, k, 8, backend=be)[0],
+                             lambda: reference.flat_topk_scores(q3, k, 8)[0]),
+    }
+    results = []
+    for name, (run, want) in cases.items():
+        err = (run("triton").float() - want().float()).abs().max().item()
+        results.append(dict(kernel=name, max_abs_error_vs_reference=err, status="not timed: no GPU"))
+        print(f"  triton {name:32s} interpreter max|err| vs reference {err:.2e}   not timed: no GPU")
+    return results
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sparse = [r for r in rows if r["op"] == "sparse_attention_with_lse"]
+    groups = sorted({(r["context"], r["dtype"]) for r in sparse})
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (context, dtype) in zip(axes[0], groups):
+        sel = [r for r in sparse if r["context"] == context and r["dtype"] == dtype]
+        ks = [r["k"] for r in sel]
+        ax.plot(ks, [r["cpu_ms"] for r in sel], "o-", label="C++ cpu kernel")
+        ax.plot(ks, [r["reference_ms"] for r in sel], "s-", label="torch reference")
+        ax.plot(ks, [r["floor_ms"] for r in sel], "k--", label="bandwidth floor")
+        ax.plot(ks, [2 * r["floor_ms"] for r in sel], "k:", label="2x floor (target)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("selected keys k per kv head")
+        ax.set_ylabel("ms per decode step (one layer)")
+        ax.set_title(f"sparse attention, context {context}, {dtype}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (context 64K, two k values)")
+    parser.add_argument("--check", action="store_true", help="verify outputs against the reference before timing")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--min-seconds", type=float, default=1.0,
+                        help="keep repeating a timing for at least this long (the minimum is reported)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_kernels")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.min_seconds = min(args.repeats, 8), min(args.min_seconds, 0.3)
+    args.packaged_reference_works = packaged_sparse_reference_works()
+    if not lckv.extension_available():
+        raise SystemExit("lckv._C is not built: `pip install -e .` first")
+    from lckv._extension import compiled
+
+    simd = compiled("sparse_attention_with_lse").sparse_attention_simd_path()
+    bandwidth = copy_bandwidth(args.repeats)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"threads {torch.get_num_threads()}, simd path {simd}, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+          f"(read+write), load average {load:.1f}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
+    print("torch reference = gather the selected rows + lckv.reference.attention_with_lse; "
+          f"lckv.reference.sparse_attention_with_lse on GQA shapes: {'works' if args.packaged_reference_works else 'RAISES (not timed)'}")
+    rows = []
+    bench_sparse(args, bandwidth, rows)
+    bench_other_cpu_ops(args, bandwidth, rows)
+    print("\nTriton kernels (interpreter correctness only)")
+    triton_rows = triton_interpreter_correctness()
+
+    at_2048 = [r for r in rows if r["op"] == "sparse_attention_with_lse" and r["k"] == 2048]
+    targets = [dict(context=r["context"], dtype=r["dtype"], cpu_over_floor=r["cpu_over_floor"],
+                    within_2x_floor=r["cpu_over_floor"] <= 2.0, speedup_vs_reference=r["speedup_vs_reference"],
+                    at_least_5x_reference=r["speedup_vs_reference"] >= 5.0) for r in at_2048]
+    print("\ntargets at k = 2048 (C++ within 2x of floor; >= 5x faster than reference):")
+    for t in targets:
+        print(f"  ctx {t['context']:>8d} {t['dtype']:>8s}: {t['cpu_over_floor']:.2f}x floor "
+              f"({'met' if t['within_2x_floor'] else 'NOT met'}), {t['speedup_vs_reference']:.1f}x reference "
+              f"({'met' if t['at_least_5x_reference'] else 'NOT met'})")
+    result = dict(
+        machine=dict(platform=platform.platform(), processor=platform.processor(), threads=torch.get_num_threads(),
+                     simd_path=simd, load_average=load, torch=torch.__version__,
+                     thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "0")),
+        copy_bandwidth_gbps=bandwidth / 1e9,
+        floor_definition="bytes the op must read / copy bandwidth, copy bandwidth = (read + written bytes) / time",
+        timing="minimum over repeats (median recorded too)", quick=args.quick,
+        reference_provider="gather selected rows + lckv.reference.attention_with_lse (fp32 math)",
+        packaged_sparse_reference_works_on_gqa=args.packaged_reference_works, cpu=rows, triton=triton_rows,
+        targets_at_k2048=targets)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    plot(rows, args.out.with_suffix(".png"))
+    print(f"\nwrote {args.out.with_suffix('.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()
