@@ -75,6 +75,8 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, 
         for seg in segments:
             if seg.start > q_start + hi - 1:  # entirely in the future of this chunk
                 continue
+            if not policy.in_reach(seg.start, seg.start + seg.length - 1, q_start + lo, q_start + hi - 1):
+                continue
             mask = _segment_mask(policy, q_pos, seg, attention_mask, slice(lo, hi))
             k, v = seg.k.to(query.device, non_blocking=True), seg.v.to(query.device, non_blocking=True)
             part_out, part_lse = dense_attention_unchecked(q, k, v, mask=mask, scale=scale)

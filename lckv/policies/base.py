@@ -59,6 +59,11 @@ class Policy:
         this policy (see :class:`lckv.cache.QueryRecorder`), or None."""
         return None
 
+    def in_reach(self, k_first: int, k_last: int, q_first: int, q_last: int) -> bool:
+        """False when no query in positions ``[q_first, q_last]`` may attend any key in
+        ``[k_first, k_last]`` (the engine then skips that part without building its mask)."""
+        return True
+
     def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
         """Which keys each query may attend, besides causality and padding.
 

@@ -33,6 +33,9 @@ class StreamingPolicy(Policy):
     name = "streaming"
     keeps_offloaded = False
 
+    def in_reach(self, k_first: int, k_last: int, q_first: int, q_last: int) -> bool:
+        return k_first < self.sink or k_last > q_first - self.window
+
     def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         q = q_pos.unsqueeze(1)
         k = k_pos.unsqueeze(0)
