@@ -204,3 +204,30 @@ def test_unsupported_or_mismatched_models_raise():
         deeper(ids, past_key_values=LckvCache(deeper.lckv_binding.policy, 1))
     with pytest.raises(ValueError, match="was not enabled"):
         lckv.disable(_tiny("llama", 2))
+
+
+def test_attn_implementation_lckv_from_config_uses_registered_default():
+    """`attn_implementation="lckv"` without enable(): the registered default policy applies."""
+    from lckv.integrations import hf
+
+    ref = _tiny("llama", 2)
+    ids = torch.randint(3, 97, (2, 30))
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+    try:
+        hf.register("streaming", sink=2, window=6)
+        model = LlamaForCausalLM._from_config(copy.deepcopy(ref.config), attn_implementation="lckv").eval()
+        model.load_state_dict(ref.state_dict())
+        assert model.config._attn_implementation == "lckv"
+        padding = torch.ones_like(ids)
+        with torch.no_grad():
+            masked = ref(ids, attention_mask=_streaming_mask(30, 2, 6, padding), use_cache=False).logits
+            got = model(ids, use_cache=False).logits
+        torch.testing.assert_close(got, masked, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+        hf.register("full")
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, use_cache=False).logits, ref_logits, atol=LOGIT_ATOL, rtol=LOGIT_RTOL)
+    finally:
+        hf.register("full")
+    with pytest.raises(ValueError, match="settings given without"):
+        hf.register(window=3)
