@@ -13,8 +13,11 @@ reference at k = 2048.
     python benchmarks/bench_kernels.py --quick --check    # a short run
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/bench_kernels.py   # K/V on transparent huge pages
 
-Times are the minimum over repeats (and the median is recorded): on a shared machine the minimum
-is the best estimate of what the code costs. Writes benchmarks/results/bench_kernels.{json,png}.
+Times are the minimum over interleaved repeats (the median is recorded too): on a shared machine
+the minimum is the best estimate of what the code costs. The sparse table runs with one thread and
+with all threads, each against the copy bandwidth of as many threads; on a busy machine a
+multi-threaded call waits whenever one of its threads is descheduled, so the one-thread numbers
+are the stable ones. Writes benchmarks/results/bench_kernels.{json,png}.
 """
 from __future__ import annotations
 
@@ -103,41 +106,67 @@ def sparse_cases(quick: bool):
     return cases
 
 
+def interleaved_minimum(fns, rounds: int, min_seconds: float):
+    """Times each fn once per round, round-robin, for at least `rounds` rounds and `min_seconds`;
+    returns (min, median) per fn. Interleaving spreads every case over the whole run, so on a
+    shared machine each case gets the same chance at the quiet moments."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < rounds or time.perf_counter() - start < min_seconds:
+        for fn, acc in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+        if len(times[0]) >= 50 * rounds:
+            break
+    return [(min(t), statistics.median(t)) for t in times]
+
+
 def bench_sparse(args, bandwidth, rows):
-    print(f"\nsparse_attention_with_lse  (batch 1, q_heads {Q_HEADS}, kv_heads {KV_HEADS}, head_dim {HEAD_DIM})")
+    threads = torch.get_num_threads()
+    print(f"\nsparse_attention_with_lse  (batch 1, q_heads {Q_HEADS}, kv_heads {KV_HEADS}, head_dim {HEAD_DIM}), "
+          f"{threads} thread(s), copy bandwidth {bandwidth / 1e9:.1f} GB/s with as many threads")
     header = f"{'context':>8s} {'dtype':>8s} {'k':>5s} | {'cpu ms':>8s} {'GB/s':>6s} {'x floor':>7s} | {'ref ms':>8s} {'speedup':>7s} | {'floor ms':>8s}"
     print(header)
-    kv = {}
+    groups = {}
     for context, dtype, k_sel in sparse_cases(args.quick):
-        if (context, dtype) not in kv:
-            kv.clear()
-            gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
-            k = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
-            v = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
-            kv[(context, dtype)] = (k, v, gen)
-        k, v, gen = kv[(context, dtype)]
-        q = torch.randn(1, Q_HEADS, HEAD_DIM, generator=gen).to(dtype)
-        idx = torch.stack([torch.randperm(context, generator=gen)[:k_sel] for _ in range(KV_HEADS)]).unsqueeze(0)
-        run_cpu = lambda: ops.sparse_attention_with_lse(q, k, v, idx, backend="cpu")  # noqa: E731
-        if args.check:
-            check_close(f"cpu ctx={context} {str(dtype)[6:]} k={k_sel}", run_cpu(), reference_sparse(q, k, v, idx), dtype)
-        cpu_best, cpu_median = timeit(run_cpu, args.repeats, args.min_seconds)
-        ref_best, ref_median = timeit(lambda: reference_sparse(q, k, v, idx), args.repeats // 2, args.min_seconds / 2)
-        full_ms = None
-        if args.packaged_reference_works and context <= 65536:
-            full_ms = timeit(lambda: reference.sparse_attention_with_lse(q, k, v, idx), 3)[0] * 1e3
-        needed = 2 * KV_HEADS * k_sel * HEAD_DIM * k.element_size() + q.numel() * q.element_size() + idx.numel() * 8
-        floor = needed / bandwidth
-        row = dict(op="sparse_attention_with_lse", context=context, dtype=str(dtype)[6:], k=k_sel,
-                   cpu_ms=cpu_best * 1e3, cpu_median_ms=cpu_median * 1e3, reference_ms=ref_best * 1e3,
-                   reference_median_ms=ref_median * 1e3, packaged_reference_ms=full_ms, bytes_read=needed,
-                   floor_ms=floor * 1e3, cpu_over_floor=cpu_best / floor, speedup_vs_reference=ref_best / cpu_best,
-                   cpu_gbps=needed / cpu_best / 1e9)
-        rows.append(row)
-        print(f"{context:>8d} {row['dtype']:>8s} {k_sel:>5d} | {row['cpu_ms']:8.3f} {row['cpu_gbps']:6.1f} "
-              f"{row['cpu_over_floor']:7.2f} | {row['reference_ms']:8.2f} {row['speedup_vs_reference']:7.1f} | "
-              f"{row['floor_ms']:8.3f}")
-    kv.clear()
+        groups.setdefault((context, dtype), []).append(k_sel)
+    for (context, dtype), k_values in groups.items():
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+        k = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
+        v = torch.randn(1, KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype)
+        cases = []
+        for k_sel in k_values:
+            q = torch.randn(1, Q_HEADS, HEAD_DIM, generator=gen).to(dtype)
+            idx = torch.stack([torch.randperm(context, generator=gen)[:k_sel] for _ in range(KV_HEADS)]).unsqueeze(0)
+            run_cpu = (lambda q=q, idx=idx: ops.sparse_attention_with_lse(q, k, v, idx, backend="cpu"))
+            run_ref = (lambda q=q, idx=idx: reference_sparse(q, k, v, idx))
+            if args.check and threads == args.thread_counts[0]:
+                check_close(f"cpu ctx={context} {str(dtype)[6:]} k={k_sel}", run_cpu(), run_ref(), dtype)
+            full = None
+            if args.packaged_reference_works and context <= 65536:
+                full = (lambda q=q, idx=idx: reference.sparse_attention_with_lse(q, k, v, idx))
+            cases.append((k_sel, q, idx, run_cpu, run_ref, full))
+        cpu_times = interleaved_minimum([c[3] for c in cases], args.repeats, args.min_seconds * len(cases))
+        ref_times = interleaved_minimum([c[4] for c in cases], max(3, args.repeats // 4), args.min_seconds)
+        for (k_sel, q, idx, _, _, full), (cpu_best, cpu_median), (ref_best, ref_median) in zip(cases, cpu_times, ref_times):
+            full_ms = timeit(full, 3)[0] * 1e3 if full is not None else None
+            needed = 2 * KV_HEADS * k_sel * HEAD_DIM * k.element_size() + q.numel() * q.element_size() + idx.numel() * 8
+            floor = needed / bandwidth
+            row = dict(op="sparse_attention_with_lse", threads=threads, copy_bandwidth_gbps=bandwidth / 1e9,
+                       context=context, dtype=str(dtype)[6:], k=k_sel,
+                       cpu_ms=cpu_best * 1e3, cpu_median_ms=cpu_median * 1e3, reference_ms=ref_best * 1e3,
+                       reference_median_ms=ref_median * 1e3, packaged_reference_ms=full_ms, bytes_read=needed,
+                       floor_ms=floor * 1e3, cpu_over_floor=cpu_best / floor,
+                       speedup_vs_reference=ref_best / cpu_best, cpu_gbps=needed / cpu_best / 1e9)
+            rows.append(row)
+            print(f"{context:>8d} {row['dtype']:>8s} {k_sel:>5d} | {row['cpu_ms']:8.3f} {row['cpu_gbps']:6.1f} "
+                  f"{row['cpu_over_floor']:7.2f} | {row['reference_ms']:8.2f} {row['speedup_vs_reference']:7.1f} | "
+                  f"{row['floor_ms']:8.3f}"
+                  + (f"   (lckv.reference.sparse_attention_with_lse {full_ms:.1f} ms)" if full_ms else ""))
+        del k, v, cases
 
 
 def bench_other_cpu_ops(args, bandwidth, rows):
@@ -152,7 +181,7 @@ def bench_other_cpu_ops(args, bandwidth, rows):
         run_ref = lambda: reference.sink_window_attention_with_lse(q, k, v, 4, 4096)  # noqa: E731
         if args.check:
             check_close(f"window cpu ctx={context} {str(dtype)[6:]}", run_cpu(), run_ref(), dtype)
-        cpu_best, _ = timeit(run_cpu, args.repeats, args.min_seconds)
+        ((cpu_best, _),) = interleaved_minimum([run_cpu], args.repeats, args.min_seconds)
         ref_best, _ = timeit(run_ref, 3)
         needed = 2 * KV_HEADS * 4100 * HEAD_DIM * k.element_size()
         rows.append(dict(op="sink_window_attention_with_lse", context=context, dtype=str(dtype)[6:], k=4100,
@@ -217,14 +246,16 @@ def plot(rows, path):
 
     sparse = [r for r in rows if r["op"] == "sparse_attention_with_lse"]
     groups = sorted({(r["context"], r["dtype"]) for r in sparse})
+    thread_counts = sorted({r["threads"] for r in sparse})
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, (context, dtype) in zip(axes[0], groups):
-        sel = [r for r in sparse if r["context"] == context and r["dtype"] == dtype]
-        ks = [r["k"] for r in sel]
-        ax.plot(ks, [r["cpu_ms"] for r in sel], "o-", label="C++ cpu kernel")
-        ax.plot(ks, [r["reference_ms"] for r in sel], "s-", label="torch reference")
-        ax.plot(ks, [r["floor_ms"] for r in sel], "k--", label="bandwidth floor")
-        ax.plot(ks, [2 * r["floor_ms"] for r in sel], "k:", label="2x floor (target)")
+        for threads, color in zip(thread_counts, ("C0", "C3")):
+            sel = [r for r in sparse if r["context"] == context and r["dtype"] == dtype and r["threads"] == threads]
+            ks = [r["k"] for r in sel]
+            ax.plot(ks, [r["cpu_ms"] for r in sel], "o-", color=color, label=f"C++ cpu kernel, {threads} thr")
+            ax.plot(ks, [r["reference_ms"] for r in sel], "s-", color=color, alpha=0.4, label=f"torch reference, {threads} thr")
+            ax.plot(ks, [r["floor_ms"] for r in sel], "--", color=color, label=f"bandwidth floor, {threads} thr")
+            ax.plot(ks, [2 * r["floor_ms"] for r in sel], ":", color=color, label=f"2x floor (target), {threads} thr")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("selected keys k per kv head")
@@ -252,32 +283,41 @@ def main():
     from lckv._extension import compiled
 
     simd = compiled("sparse_attention_with_lse").sparse_attention_simd_path()
-    bandwidth = copy_bandwidth(args.repeats)
+    all_threads = torch.get_num_threads()
+    args.thread_counts = sorted({1, all_threads})
+    bandwidths = {}
+    for threads in args.thread_counts:
+        torch.set_num_threads(threads)
+        bandwidths[threads] = copy_bandwidth(args.repeats)
+    bandwidth = bandwidths[all_threads]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"threads {torch.get_num_threads()}, simd path {simd}, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+    print(f"threads {args.thread_counts}, simd path {simd}, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(read+write), load average {load:.1f}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
     print("torch reference = gather the selected rows + lckv.reference.attention_with_lse; "
           f"lckv.reference.sparse_attention_with_lse on GQA shapes: {'works' if args.packaged_reference_works else 'RAISES (not timed)'}")
     rows = []
-    bench_sparse(args, bandwidth, rows)
+    for threads in args.thread_counts:  # one thread first: it is not hostage to the scheduler on a busy machine
+        torch.set_num_threads(threads)
+        bench_sparse(args, bandwidths[threads], rows)
+    torch.set_num_threads(all_threads)
     bench_other_cpu_ops(args, bandwidth, rows)
     print("\nTriton kernels (interpreter correctness only)")
     triton_rows = triton_interpreter_correctness()
 
     at_2048 = [r for r in rows if r["op"] == "sparse_attention_with_lse" and r["k"] == 2048]
-    targets = [dict(context=r["context"], dtype=r["dtype"], cpu_over_floor=r["cpu_over_floor"],
+    targets = [dict(threads=r["threads"], context=r["context"], dtype=r["dtype"], cpu_over_floor=r["cpu_over_floor"],
                     within_2x_floor=r["cpu_over_floor"] <= 2.0, speedup_vs_reference=r["speedup_vs_reference"],
                     at_least_5x_reference=r["speedup_vs_reference"] >= 5.0) for r in at_2048]
     print("\ntargets at k = 2048 (C++ within 2x of floor; >= 5x faster than reference):")
     for t in targets:
-        print(f"  ctx {t['context']:>8d} {t['dtype']:>8s}: {t['cpu_over_floor']:.2f}x floor "
+        print(f"  {t['threads']} thread(s) ctx {t['context']:>8d} {t['dtype']:>8s}: {t['cpu_over_floor']:.2f}x floor "
               f"({'met' if t['within_2x_floor'] else 'NOT met'}), {t['speedup_vs_reference']:.1f}x reference "
               f"({'met' if t['at_least_5x_reference'] else 'NOT met'})")
     result = dict(
         machine=dict(platform=platform.platform(), processor=platform.processor(), threads=torch.get_num_threads(),
                      simd_path=simd, load_average=load, torch=torch.__version__,
                      thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "0")),
-        copy_bandwidth_gbps=bandwidth / 1e9,
+        copy_bandwidth_gbps={str(t): b / 1e9 for t, b in bandwidths.items()},
         floor_definition="bytes the op must read / copy bandwidth, copy bandwidth = (read + written bytes) / time",
         timing="minimum over repeats (median recorded too)", quick=args.quick,
         reference_provider="gather selected rows + lckv.reference.attention_with_lse (fp32 math)",
