@@ -72,7 +72,8 @@ LCKV_ALWAYS_INLINE float exp_nonpositive(float x) {
   const float underflow = -87.0f;
   const bool zero = x < underflow;  // false for NaN
   x = zero ? underflow : x;
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to nearest
+  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
   float r = x - n * 0.693359375f;  // ln2 split in a short high part and a correction
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -171,9 +172,10 @@ LCKV_ALWAYS_INLINE void prefetch_row(const T* row, int64_t dim) {
 }
 
 // One (batch, kv head) task: q_group [G, D] fp32 (already scaled), out_group [G, D], lse_group [G].
-// Rows are processed in tiles of kTile: a tile's K rows are dotted with each query in one loop
-// with kTile independent accumulators (no single long FMA dependency chain), and a tile's V rows
-// update each output row in one pass (one load/store of the accumulator per tile, not per row).
+// Rows are processed in tiles of kTile = 4 and query heads in pairs: a tile's K rows are dotted
+// with two queries in one loop (8 independent accumulators, no long FMA dependency chain, each
+// loaded element used twice), and a tile's V rows update two output rows in one pass (one
+// load/store of each accumulator per tile, not per row).
 template <typename Load, typename T>
 LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head, const T* v_head,
                                           const int64_t* idx, const SparseAttentionProblem& p,
@@ -200,31 +202,62 @@ LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head,
     }
   };
 
-  // Pass 1: scores; each gathered K row is read once for the whole group.
+  // Pass 1: scores; each gathered K row is read once for the whole group. Query heads go in pairs
+  // (8 independent accumulators, each loaded row element used twice), then a single tail head.
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
     const float* r[kTile];
     bool valid[kTile];
     load_tile(k_head, p.k_stride_s, j0, r, valid);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q_group + g * dim;
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t d = 0; d < dim; ++d) {
-        const float x = qg[d];
-        s0 += x * r[0][d];
-        s1 += x * r[1][d];
-        s2 += x * r[2][d];
-        s3 += x * r[3][d];
-      }
+    const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    auto store = [&](int64_t g, float s0, float s1, float s2, float s3) {
       const float tile_scores[kTile] = {s0, s1, s2, s3};
       for (int64_t u = 0; u < kTile && j0 + u < n; ++u) scores[g * n + j0 + u] = valid[u] ? tile_scores[u] : neg_inf;
+    };
+    int64_t g = 0;
+    for (; g + 2 <= group; g += 2) {
+      const float* qa = q_group + g * dim;
+      const float* qb = qa + dim;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f, b0 = 0.0f, b1 = 0.0f, b2 = 0.0f, b3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+      for (int64_t d = 0; d < dim; ++d) {
+        const float xa = qa[d], xb = qb[d];
+        a0 += xa * r0[d];
+        a1 += xa * r1[d];
+        a2 += xa * r2[d];
+        a3 += xa * r3[d];
+        b0 += xb * r0[d];
+        b1 += xb * r1[d];
+        b2 += xb * r2[d];
+        b3 += xb * r3[d];
+      }
+      store(g, a0, a1, a2, a3);
+      store(g + 1, b0, b1, b2, b3);
+    }
+    if (g < group) {
+      const float* qa = q_group + g * dim;
+      float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t d = 0; d < dim; ++d) {
+        const float xa = qa[d];
+        a0 += xa * r0[d];
+        a1 += xa * r1[d];
+        a2 += xa * r2[d];
+        a3 += xa * r3[d];
+      }
+      store(g, a0, a1, a2, a3);
     }
   }
   // Softmax statistics per query head; scores become probabilities.
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores + g * n;
     float m = neg_inf;
-    for (int64_t j = 0; j < n; ++j) m = (s[j] > m || s[j] != s[j]) ? s[j] : m;  // NaN sticks
+    int nan_count = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nan_count)
+    for (int64_t j = 0; j < n; ++j) {
+      m = s[j] > m ? s[j] : m;
+      nan_count += s[j] != s[j];
+    }
+    if (nan_count > 0) m = std::numeric_limits<float>::quiet_NaN();  // a NaN score poisons the row
     if (m == neg_inf) {  // nothing selected
       lse_group[g] = neg_inf;
       continue;
@@ -240,17 +273,36 @@ LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head,
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) s[j] *= inv;
   }
-  // Pass 2: weighted sum of V rows; each gathered V row is read once for the whole group.
+  // Pass 2: weighted sum of V rows; each gathered V row is read once for the whole group, and
+  // query heads again go in pairs.
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
     const float* r[kTile];
     bool valid[kTile];
     load_tile(v_head, p.v_stride_s, j0, r, valid);
-    for (int64_t g = 0; g < group; ++g) {
-      float w[kTile];
+    const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
+    auto weights = [&](int64_t g, float w[kTile]) {
       for (int64_t u = 0; u < kTile; ++u) w[u] = valid[u] ? scores[g * n + j0 + u] : 0.0f;
+    };
+    int64_t g = 0;
+    for (; g + 2 <= group; g += 2) {
+      float wa[kTile], wb[kTile];
+      weights(g, wa);
+      weights(g + 1, wb);
+      float* a = acc + g * dim;
+      float* b = a + dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) {
+        const float v0 = r0[d], v1 = r1[d], v2 = r2[d], v3 = r3[d];
+        a[d] += wa[0] * v0 + wa[1] * v1 + wa[2] * v2 + wa[3] * v3;
+        b[d] += wb[0] * v0 + wb[1] * v1 + wb[2] * v2 + wb[3] * v3;
+      }
+    }
+    if (g < group) {
+      float wa[kTile];
+      weights(g, wa);
       float* a = acc + g * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) a[d] += w[0] * r[0][d] + w[1] * r[1][d] + w[2] * r[2][d] + w[3] * r[3][d];
+      for (int64_t d = 0; d < dim; ++d) a[d] += wa[0] * r0[d] + wa[1] * r1[d] + wa[2] * r2[d] + wa[3] * r3[d];
     }
   }
   std::memcpy(out_group, acc, sizeof(float) * size_t(group * dim));  // zeros for an empty group
