@@ -170,7 +170,7 @@ def bench_sparse(args, bandwidth, rows):
 
 
 def bench_other_cpu_ops(args, bandwidth, rows):
-    print("\nsink_window_attention_with_lse decode (sink 4, window 4096) and merge_attention_states")
+    print("\nsink_window_attention_with_lse decode (sink 4, window 4096) and merge_attention_states, 1 thread")
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     context = 16384 if args.quick else 65536
     for dtype in (torch.float16, torch.float32):
@@ -184,7 +184,7 @@ def bench_other_cpu_ops(args, bandwidth, rows):
         ((cpu_best, _),) = interleaved_minimum([run_cpu], args.repeats, args.min_seconds)
         ref_best, _ = timeit(run_ref, 3)
         needed = 2 * KV_HEADS * 4100 * HEAD_DIM * k.element_size()
-        rows.append(dict(op="sink_window_attention_with_lse", context=context, dtype=str(dtype)[6:], k=4100,
+        rows.append(dict(op="sink_window_attention_with_lse", threads=1, context=context, dtype=str(dtype)[6:], k=4100,
                          cpu_ms=cpu_best * 1e3, reference_ms=ref_best * 1e3, floor_ms=needed / bandwidth * 1e3,
                          cpu_over_floor=cpu_best / (needed / bandwidth), speedup_vs_reference=ref_best / cpu_best))
         print(f"  window {str(dtype)[6:]:>8s} ctx {context}: cpu {cpu_best * 1e3:.3f} ms, reference "
@@ -200,7 +200,7 @@ def bench_other_cpu_ops(args, bandwidth, rows):
         cpu_best, _ = timeit(run_cpu, args.repeats * 4, 0.1)
         ref_best, _ = timeit(run_ref, args.repeats * 4, 0.1)
         needed = 2 * (a.numel() + la.numel()) * 4
-        rows.append(dict(op="merge_attention_states", batch=batch, dtype="float32", cpu_ms=cpu_best * 1e3,
+        rows.append(dict(op="merge_attention_states", threads=1, batch=batch, dtype="float32", cpu_ms=cpu_best * 1e3,
                          reference_ms=ref_best * 1e3, floor_ms=needed / bandwidth * 1e3,
                          speedup_vs_reference=ref_best / cpu_best))
         print(f"  merge batch {batch:>3d}: cpu {cpu_best * 1e6:.1f} us, reference {ref_best * 1e6:.1f} us "
@@ -299,8 +299,9 @@ def main():
     for threads in args.thread_counts:  # one thread first: it is not hostage to the scheduler on a busy machine
         torch.set_num_threads(threads)
         bench_sparse(args, bandwidths[threads], rows)
+    torch.set_num_threads(1)  # the small ops: one thread, the stable measurement on a shared machine
+    bench_other_cpu_ops(args, bandwidths[1], rows)
     torch.set_num_threads(all_threads)
-    bench_other_cpu_ops(args, bandwidth, rows)
     print("\nTriton kernels (interpreter correctness only)")
     triton_rows = triton_interpreter_correctness()
 
