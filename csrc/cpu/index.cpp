@@ -134,7 +134,8 @@ void bind_index(py::module_& m) {
 
   py::class_<GraphIndex, VectorIndex, std::shared_ptr<GraphIndex>>(m, "GraphIndex")
       .def(py::init([](int64_t dim, int64_t max_degree, int64_t build_knn, int64_t rank_window,
-                       int64_t lists_per_key, int64_t n_entry, int64_t build_ef, int64_t repair_queries) {
+                       int64_t lists_per_key, int64_t n_entry, int64_t build_ef, int64_t repair_queries,
+                       int64_t coarse_stride, int64_t coarse_degree) {
              GraphBuildParams p;
              p.max_degree = max_degree;
              p.build_knn = build_knn;
@@ -143,11 +144,14 @@ void bind_index(py::module_& m) {
              p.n_entry = n_entry;
              p.build_ef = build_ef;
              p.repair_queries = repair_queries;
+             p.coarse_stride = coarse_stride;
+             p.coarse_degree = coarse_degree;
              return std::make_shared<GraphIndex>(dim, p);
            }),
            py::arg("dim"), py::arg("max_degree") = 32, py::arg("build_knn") = 100,
            py::arg("rank_window") = 32, py::arg("lists_per_key") = 32, py::arg("n_entry") = 128,
-           py::arg("build_ef") = 64, py::arg("repair_queries") = 8192)
+           py::arg("build_ef") = 64, py::arg("repair_queries") = 8192,
+           py::arg("coarse_stride") = 16, py::arg("coarse_degree") = 4)
       .def_property_readonly("mean_degree", &GraphIndex::mean_degree)
       .def_property_readonly("entry_points", &GraphIndex::entry_points)
       .def("build", [](GraphIndex& self, const torch::Tensor& keys, const torch::Tensor& queries) {

@@ -101,7 +101,9 @@ class GraphIndex(NativeIndex):
 
     Built from the keys plus a sample of queries: each build query is linked to its exact
     top-``build_knn`` keys, the query-key links are projected onto a key graph of degree at most
-    ``max_degree`` (keys that answer the same queries become neighbours), build queries whose search
+    ``max_degree`` (keys that answer the same queries become neighbours), the same projection over
+    coarse subsamples of the keys (every ``coarse_stride``-th, ...) adds ``coarse_degree`` long-range
+    edges per level, build queries whose search
     misses their top-1 key add long-range edges, and keys no build query reaches (and keys added
     later) are linked by searching with the key itself. Search is a beam search of width ``ef``
     (at least k) from ``n_entry`` entry keys. Without build queries it degrades to a key-only graph.
@@ -118,10 +120,12 @@ class GraphIndex(NativeIndex):
 
     def __init__(self, dim: int, max_degree: int = 32, build_knn: int = 100, rank_window: int = 32,
                  lists_per_key: int = 32, n_entry: int = 128, build_ef: int = 64,
-                 repair_queries: int = 8192, max_build_queries: int = 65536):
+                 repair_queries: int = 8192, coarse_stride: int = 16, coarse_degree: int = 4,
+                 max_build_queries: int = 65536):
         self.config = dict(max_degree=max_degree, build_knn=build_knn, rank_window=rank_window,
                            lists_per_key=lists_per_key, n_entry=n_entry, build_ef=build_ef,
-                           repair_queries=repair_queries)
+                           repair_queries=repair_queries, coarse_stride=coarse_stride,
+                           coarse_degree=coarse_degree)
         self.max_build_queries = max_build_queries
         super().__init__(dim)
 

@@ -8,8 +8,12 @@
 //      edge when they appear in the same query's list within `rank_window` ranks of each other;
 //      the weight of an edge is how many lists they share (plus a small bonus for rank
 //      proximity), taken over each key's `lists_per_key` best-ranked lists;
-//   3. each key keeps its heaviest edges, reverse edges are added and the union is pruned to
-//      `max_degree - reserve` per key (the reserved slots take links from keys added later);
+//   3. each key keeps its heaviest edges, reverse edges are added and the union is pruned (the
+//      last max_degree/4 slots stay reserved for links made later);
+//   3b. long-range edges: the same projection over coarse levels (every `coarse_stride`-th key,
+//      every coarse_stride^2-th, ... while a level holds >= 4 * build_knn keys), whose lists reach
+//      much further in rank, adds `coarse_degree` edges per level to the keys of that level
+//      (HNSW's upper layers, flattened into one graph);
 //   4. keys that no build query reaches, and keys added later, are linked to the results of two
 //      beam searches (`build_ef`): the key itself as the query, and the probe query (step 5) that
 //      ranks the key best; reverse links go into the reserved slots. A key that beats a probe's
@@ -29,7 +33,6 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <queue>
 #include <vector>
 
 #include "lckv/vector_index.h"
@@ -44,6 +47,8 @@ struct GraphBuildParams {
   int64_t n_entry = 128;       // entry keys scored by every search
   int64_t build_ef = 64;       // beam width when linking keys by search
   int64_t repair_queries = 8192;  // build queries whose search misses add long-range edges
+  int64_t coarse_stride = 16;  // coarse level l holds every coarse_stride^l-th key
+  int64_t coarse_degree = 4;   // edges per key and coarse level, from lists over that level only
 };
 
 class GraphIndex : public VectorIndex {
@@ -57,6 +62,8 @@ class GraphIndex : public VectorIndex {
     if (params.n_entry < 1) throw std::invalid_argument("n_entry must be >= 1");
     if (params.build_ef < 1) throw std::invalid_argument("build_ef must be >= 1");
     if (params.repair_queries < 0) throw std::invalid_argument("repair_queries must be >= 0");
+    if (params.coarse_stride < 1) throw std::invalid_argument("coarse_stride must be >= 1");
+    if (params.coarse_degree < 0) throw std::invalid_argument("coarse_degree must be >= 0");
     reserve_ = std::max<int64_t>(1, params.max_degree / 4);
   }
 
@@ -113,11 +120,17 @@ class GraphIndex : public VectorIndex {
       TopK(k).write_sorted(scores, ids);
       return 0;
     }
-    std::vector<std::pair<float, int64_t>> found;
-    const int64_t n_scored = beam_search(query, std::max(params.ef, k), -1, found);
-    TopK heap(k);
-    for (const auto& f : found) heap.push(f.first, f.second);
-    heap.write_sorted(scores, ids);
+    std::vector<Scored> found;
+    const int64_t n_scored = beam_search(query, params.ef, -1, found, k);
+    const int64_t n_found = std::min<int64_t>(k, static_cast<int64_t>(found.size()));
+    for (int64_t j = 0; j < n_found; ++j) {  // found is sorted best first
+      scores[j] = found[j].first;
+      ids[j] = found[j].second;
+    }
+    for (int64_t j = n_found; j < k; ++j) {
+      scores[j] = -std::numeric_limits<float>::infinity();
+      ids[j] = -1;
+    }
     return n_scored;
   }
 
@@ -130,9 +143,6 @@ class GraphIndex : public VectorIndex {
 
  private:
   using Scored = std::pair<float, int64_t>;
-  struct Lower {  // for a min-heap on score
-    bool operator()(const Scored& a, const Scored& b) const { return a.first > b.first; }
-  };
 
   uint32_t* neighbors(int64_t id) { return adjacency_.data() + id * params_.max_degree; }
   const uint32_t* neighbors(int64_t id) const { return adjacency_.data() + id * params_.max_degree; }
@@ -142,69 +152,133 @@ class GraphIndex : public VectorIndex {
     degree_.resize(static_cast<std::size_t>(size_), 0);
   }
 
-  // Best-first search; `found` gets the (up to ef) best (score, id) seen. Skips `exclude`.
-  int64_t beam_search(const float* query, int64_t ef, int64_t exclude,
-                      std::vector<Scored>& found) const {
-    auto visited = visited_pool_.acquire(static_cast<std::size_t>(size_));
-    std::priority_queue<Scored> frontier;                             // best first
-    std::priority_queue<Scored, std::vector<Scored>, Lower> results;  // worst first, size <= ef
-    int64_t n_scored = 0;
-    auto consider = [&](int64_t id) {
-      if (visited->test_and_set(static_cast<std::size_t>(id)) || id == exclude) return;
-      const float s = score(query, id);
-      ++n_scored;
-      if (static_cast<int64_t>(results.size()) < ef || s > results.top().first) {
-        frontier.emplace(s, id);
-        results.emplace(s, id);
-        if (static_cast<int64_t>(results.size()) > ef) results.pop();
-      }
+  // Best-first search over a pool of the ef best keys seen, kept sorted by descending score (as in
+  // NSG): expand the best unexpanded key, insert its unvisited neighbours that beat the pool's
+  // worst, continue from the best unexpanded key; stop when every pool key is expanded.
+  // `found` gets the best max(ef, n_results) keys scored, as (score, id), best first: the pool,
+  // or, when n_results > ef, a separate top-n_results of everything scored (the beam stays ef
+  // wide). Skips `exclude`. Returns n_scored.
+  int64_t beam_search(const float* query, int64_t ef, int64_t exclude, std::vector<Scored>& found,
+                      int64_t n_results = 0) const {
+    struct Candidate {
+      float score;
+      uint32_t id;
+      bool expanded;
     };
-    for (int64_t e : entries_) consider(e);
-    while (!frontier.empty()) {
-      const Scored best = frontier.top();
-      if (static_cast<int64_t>(results.size()) >= ef && best.first < results.top().first) break;
-      frontier.pop();
-      const uint32_t* nbrs = neighbors(best.second);
-      const int64_t deg = degree_[best.second];
-      for (int64_t j = 0; j < deg; ++j) __builtin_prefetch(key(nbrs[j]));
-      for (int64_t j = 0; j < deg; ++j) consider(nbrs[j]);
+    struct Scratch {  // per-thread buffers, reused across searches
+      std::vector<Candidate> pool;   // the beam, sorted by descending score
+      VisitedList visited;           // keys already scored
+      std::vector<uint32_t> fresh;   // unvisited neighbours of the key being expanded
+      std::vector<float> fresh_scores;
+      std::vector<Scored> scored;    // everything scored, when n_results > ef
+    };
+    thread_local Scratch scratch;
+    Scratch& local = scratch;  // one TLS lookup
+    auto& pool = local.pool;
+    auto& visited = local.visited;
+    auto& fresh = local.fresh;
+    auto& fresh_scores = local.fresh_scores;
+    auto& scored = local.scored;
+    visited.reset(static_cast<std::size_t>(size_));
+    pool.clear();
+    scored.clear();
+    const std::size_t cap = static_cast<std::size_t>(ef);
+    const bool wide = n_results > ef;
+    int64_t n_scored = 0;
+    // Inserts (s, id) in order; returns its position, or cap when it does not enter.
+    auto insert = [&](float s, uint32_t id) -> std::size_t {
+      if (wide) scored.emplace_back(s, id);
+      if (pool.size() >= cap && s <= pool.back().score) return cap;
+      std::size_t pos = pool.size();
+      while (pos > 0 && pool[pos - 1].score < s) --pos;
+      if (pool.size() >= cap) pool.pop_back();
+      pool.insert(pool.begin() + static_cast<std::ptrdiff_t>(pos), Candidate{s, id, false});
+      return pos;
+    };
+    auto score_fresh = [&]() {
+      fresh_scores.resize(fresh.size());
+      ip_batch_(query, keys_.data(), fresh.data(), fresh.size(), static_cast<std::size_t>(dim_),
+                fresh_scores.data());
+      n_scored += static_cast<int64_t>(fresh.size());
+    };
+    if (exclude >= 0) visited.test_and_set(static_cast<std::size_t>(exclude));
+    fresh.clear();
+    for (int64_t e : entries_)
+      if (!visited.test_and_set(static_cast<std::size_t>(e))) fresh.push_back(static_cast<uint32_t>(e));
+    score_fresh();
+    for (std::size_t j = 0; j < fresh.size(); ++j) insert(fresh_scores[j], fresh[j]);
+    std::size_t cur = 0;
+    while (cur < pool.size()) {
+      if (pool[cur].expanded) {
+        ++cur;
+        continue;
+      }
+      pool[cur].expanded = true;
+      const uint32_t node = pool[cur].id;
+      // The next key to expand is usually the next unexpanded one: fetch its row early.
+      for (std::size_t next = cur + 1; next < pool.size(); ++next) {
+        if (!pool[next].expanded) {
+          __builtin_prefetch(neighbors(pool[next].id));
+          __builtin_prefetch(neighbors(pool[next].id) + 16);
+          break;
+        }
+      }
+      const uint32_t* nbrs = neighbors(node);
+      const int64_t deg = degree_[node];
+      fresh.clear();
+      for (int64_t j = 0; j < deg; ++j) {
+        if (visited.test_and_set(nbrs[j])) continue;
+        fresh.push_back(nbrs[j]);
+        __builtin_prefetch(key(nbrs[j]));
+      }
+      score_fresh();
+      std::size_t lowest = cap;
+      for (std::size_t j = 0; j < fresh.size(); ++j) lowest = std::min(lowest, insert(fresh_scores[j], fresh[j]));
+      cur = lowest <= cur ? lowest : cur + 1;
     }
-    visited_pool_.release(std::move(visited));
     found.clear();
-    found.reserve(results.size());
-    while (!results.empty()) {
-      found.push_back(results.top());
-      results.pop();
+    if (wide) {
+      auto better = [](const Scored& a, const Scored& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      };
+      const auto keep = static_cast<std::ptrdiff_t>(std::min(scored.size(), static_cast<std::size_t>(n_results)));
+      if (keep < static_cast<std::ptrdiff_t>(scored.size()))
+        std::nth_element(scored.begin(), scored.begin() + keep, scored.end(), better);
+      std::sort(scored.begin(), scored.begin() + keep, better);
+      found.assign(scored.begin(), scored.begin() + keep);
+    } else {
+      found.reserve(pool.size());
+      for (const Candidate& c : pool) found.emplace_back(c.score, static_cast<int64_t>(c.id));
     }
     return n_scored;
   }
 
-  // Steps 1-3 and 5 of the build (see the file comment); returns each build query's top-1 key.
-  std::vector<int64_t> project_query_lists(const float* queries, int64_t m) {
-    const int64_t n = size_;
-    const int64_t L = std::min(params_.build_knn, n);
-    const int64_t M = params_.max_degree;
-    const int64_t m_build = M - reserve_;
+  // Co-occurrence edges among n_nodes nodes from m ranked lists [m, L] of node indices: forward
+  // edges (the `keep` heaviest per node), plus reverse edges, pruned again to `keep` per node.
+  // Also returns each node's occurrence count in `occurrences` (for popularity).
+  std::vector<std::vector<Scored>> cooccurrence_edges(const std::vector<int64_t>& lists, int64_t m,
+                                                      int64_t L, int64_t n_nodes, int64_t keep,
+                                                      std::vector<int64_t>* occurrences) const {
+    const int64_t n = n_nodes;
     const int64_t window = params_.rank_window;
-    std::vector<float> list_scores(static_cast<std::size_t>(m * L));
-    std::vector<int64_t> lists(static_cast<std::size_t>(m * L));
-    exact_topk(keys_.data(), n, queries, m, dim_, L, ip_, list_scores.data(), lists.data());
-
-    // Occurrences of each key: positions (query * L + rank) in `lists`, best rank first.
+    // Occurrences of each node: positions (query * L + rank) in `lists`, best rank first.
     std::vector<int64_t> occ_start(static_cast<std::size_t>(n + 1), 0);
     for (int64_t p = 0; p < m * L; ++p) ++occ_start[lists[p] + 1];
     for (int64_t i = 0; i < n; ++i) occ_start[i + 1] += occ_start[i];
     std::vector<int64_t> occ(static_cast<std::size_t>(m * L));
     {
       std::vector<int64_t> fill(occ_start.begin(), occ_start.end() - 1);
-      for (int64_t r = 0; r < L; ++r)  // rank-major, so each key's occurrences come best rank first
+      for (int64_t r = 0; r < L; ++r)  // rank-major, so each node's occurrences come best rank first
         for (int64_t q = 0; q < m; ++q) {
           const int64_t p = q * L + r;
           occ[fill[lists[p]]++] = p;
         }
     }
+    if (occurrences != nullptr) {
+      occurrences->resize(static_cast<std::size_t>(n));
+      for (int64_t x = 0; x < n; ++x) (*occurrences)[x] = occ_start[x + 1] - occ_start[x];
+    }
 
-    // Forward edges by co-occurrence weight.
     std::vector<std::vector<Scored>> forward(static_cast<std::size_t>(n));
 #pragma omp parallel
     {
@@ -233,11 +307,10 @@ class GraphIndex : public VectorIndex {
           weight[y] = 0.0f;
         }
         touched.clear();
-        keep_heaviest(out, m_build);
+        keep_heaviest(out, keep);
       }
     }
 
-    // Add reverse edges, then prune each key's union to m_build.
     std::vector<int64_t> in_start(static_cast<std::size_t>(n + 1), 0);
     for (int64_t x = 0; x < n; ++x)
       for (const Scored& e : forward[x]) ++in_start[e.second + 1];
@@ -248,6 +321,7 @@ class GraphIndex : public VectorIndex {
       for (int64_t x = 0; x < n; ++x)
         for (const Scored& e : forward[x]) incoming[fill[e.second]++] = Scored(e.first, x);
     }
+    std::vector<std::vector<Scored>> merged(static_cast<std::size_t>(n));
 #pragma omp parallel
     {
       std::vector<float> weight(static_cast<std::size_t>(n), 0.0f);
@@ -260,17 +334,67 @@ class GraphIndex : public VectorIndex {
         };
         for (const Scored& e : forward[y]) take(e);
         for (int64_t i = in_start[y]; i < in_start[y + 1]; ++i) take(incoming[i]);
-        std::vector<Scored> merged;
-        merged.reserve(touched.size());
+        std::vector<Scored>& out = merged[y];
+        out.reserve(touched.size());
         for (int64_t x : touched) {
-          merged.emplace_back(weight[x], x);
+          out.emplace_back(weight[x], x);
           weight[x] = 0.0f;
         }
         touched.clear();
-        keep_heaviest(merged, m_build);
+        keep_heaviest(out, keep);
+      }
+    }
+    return merged;
+  }
+
+  // Steps 1-3 and 5 of the build (see the file comment); returns each build query's top-1 key.
+  std::vector<int64_t> project_query_lists(const float* queries, int64_t m) {
+    const int64_t n = size_;
+    const int64_t L = std::min(params_.build_knn, n);
+    std::vector<float> list_scores(static_cast<std::size_t>(m * L));
+    std::vector<int64_t> lists(static_cast<std::size_t>(m * L));
+    exact_topk(keys_.data(), n, queries, m, dim_, L, ip_, list_scores.data(), lists.data());
+
+    // Coarse levels: every coarse_stride^l-th key, while at least 4 lists' worth of keys remain.
+    std::vector<int64_t> strides;
+    for (int64_t stride = params_.coarse_stride; params_.coarse_degree > 0 && params_.coarse_stride > 1 &&
+                                                 n / stride >= 4 * L;
+         stride *= params_.coarse_stride)
+      strides.push_back(stride);
+    const int64_t fine_keep = std::max<int64_t>(
+        2, params_.max_degree - reserve_ - params_.coarse_degree * static_cast<int64_t>(strides.size()));
+
+    std::vector<int64_t> occurrences;
+    {
+      const auto edges = cooccurrence_edges(lists, m, L, n, fine_keep, &occurrences);
+#pragma omp parallel for schedule(static)
+      for (int64_t y = 0; y < n; ++y) {
         uint32_t* row = neighbors(y);
-        for (std::size_t j = 0; j < merged.size(); ++j) row[j] = static_cast<uint32_t>(merged[j].second);
-        degree_[y] = static_cast<uint16_t>(merged.size());
+        for (std::size_t j = 0; j < edges[y].size(); ++j) row[j] = static_cast<uint32_t>(edges[y][j].second);
+        degree_[y] = static_cast<uint16_t>(edges[y].size());
+      }
+    }
+    for (int64_t stride : strides) {
+      const int64_t n_coarse = (n + stride - 1) / stride;
+      const int64_t Lc = std::min(L, n_coarse);
+      std::vector<float> coarse_keys(static_cast<std::size_t>(n_coarse * dim_));
+      for (int64_t j = 0; j < n_coarse; ++j)
+        std::copy(key(j * stride), key(j * stride) + dim_, coarse_keys.begin() + j * dim_);
+      std::vector<float> coarse_scores(static_cast<std::size_t>(m * Lc));
+      std::vector<int64_t> coarse_lists(static_cast<std::size_t>(m * Lc));
+      exact_topk(coarse_keys.data(), n_coarse, queries, m, dim_, Lc, ip_, coarse_scores.data(),
+                 coarse_lists.data());
+      const auto edges = cooccurrence_edges(coarse_lists, m, Lc, n_coarse, params_.coarse_degree, nullptr);
+      for (int64_t j = 0; j < n_coarse; ++j) {
+        const int64_t y = j * stride;
+        uint32_t* row = neighbors(y);
+        int64_t deg = degree_[y];
+        for (const Scored& e : edges[j]) {
+          const uint32_t target = static_cast<uint32_t>(e.second * stride);
+          if (deg < params_.max_degree - reserve_ && std::find(row, row + deg, target) == row + deg)
+            row[deg++] = target;
+        }
+        degree_[y] = static_cast<uint16_t>(deg);
       }
     }
 
@@ -285,8 +409,7 @@ class GraphIndex : public VectorIndex {
       probe_best_[r] = Scored(list_scores[q * L], lists[q * L]);
     }
     std::vector<Scored> popularity(static_cast<std::size_t>(n));
-    for (int64_t x = 0; x < n; ++x)
-      popularity[x] = Scored(static_cast<float>(occ_start[x + 1] - occ_start[x]), x);
+    for (int64_t x = 0; x < n; ++x) popularity[x] = Scored(static_cast<float>(occurrences[x]), x);
     keep_heaviest(popularity, params_.n_entry);
     popular_.clear();
     for (const Scored& p : popularity)
@@ -485,7 +608,6 @@ class GraphIndex : public VectorIndex {
   std::vector<float> probes_;            // [n_probes, dim] build queries kept to place new keys
   std::vector<Scored> probe_best_;       // each probe's current top-1 (score, key)
   std::vector<int64_t> popular_;         // keys in the most build-query lists
-  mutable VisitedPool visited_pool_;     // visited marks for concurrent searches
 };
 
 }  // namespace lckv

@@ -83,6 +83,28 @@ __attribute__((target("avx512f"))) inline float inner_product_avx512(const float
 
 #endif  // LCKV_X86_DISPATCH
 
+// out[j] = dot(query, base + ids[j] * dim) for j < n: one call per graph expansion, so the
+// per-key kernel is inlined instead of called through a pointer.
+using InnerProductBatchFn = void (*)(const float* query, const float* base, const uint32_t* ids,
+                                     std::size_t n, std::size_t dim, float* out);
+
+inline void inner_product_batch_scalar(const float* query, const float* base, const uint32_t* ids,
+                                       std::size_t n, std::size_t dim, float* out) {
+  for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_scalar(query, base + ids[j] * dim, dim);
+}
+
+#ifdef LCKV_X86_DISPATCH
+__attribute__((target("avx2,fma"))) inline void inner_product_batch_avx2(
+    const float* query, const float* base, const uint32_t* ids, std::size_t n, std::size_t dim, float* out) {
+  for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_avx2(query, base + ids[j] * dim, dim);
+}
+
+__attribute__((target("avx512f"))) inline void inner_product_batch_avx512(
+    const float* query, const float* base, const uint32_t* ids, std::size_t n, std::size_t dim, float* out) {
+  for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_avx512(query, base + ids[j] * dim, dim);
+}
+#endif  // LCKV_X86_DISPATCH
+
 // Which kernel select_inner_product() picked, for logs and tests.
 enum class SimdLevel { kScalar, kAvx2, kAvx512 };
 
@@ -118,6 +140,16 @@ inline InnerProductFn inner_product_for(SimdLevel level) {
 #endif
   (void)level;
   return inner_product_scalar;
+}
+
+// The batch kernel for `level` (falls back to scalar when that level is not compiled in).
+inline InnerProductBatchFn inner_product_batch_for(SimdLevel level) {
+#ifdef LCKV_X86_DISPATCH
+  if (level == SimdLevel::kAvx512) return inner_product_batch_avx512;
+  if (level == SimdLevel::kAvx2) return inner_product_batch_avx2;
+#endif
+  (void)level;
+  return inner_product_batch_scalar;
 }
 
 // The level used for vectors of `dim` floats: AVX-512 for dim >= 16, AVX2 for dim >= 8.

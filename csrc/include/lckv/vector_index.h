@@ -1,5 +1,5 @@
 // The interface shared by lckv's inner-product indexes, and the pieces they share: a bounded top-k
-// heap, a pool of visited-marks for graph search, and a blocked exact top-k.
+// heap, visited-marks for graph search, and a blocked exact top-k.
 //
 // Contract of every index (one per layer and kv head):
 //   * keys are float32 rows of `dim`, with ids 0, 1, 2, ... in insertion order (build, then add);
@@ -53,7 +53,7 @@ class RwLock {
 
 // Per-call search knobs; each index reads the ones it understands.
 struct SearchParams {
-  int64_t ef = 64;      // GraphIndex: beam width (raised to k when smaller)
+  int64_t ef = 64;      // GraphIndex: beam width (may be below k: all keys scored compete for k)
   int64_t nprobe = 8;   // IVFIndex: number of lists scanned
 };
 
@@ -124,32 +124,6 @@ struct VisitedList {
   }
 };
 
-// A free list of VisitedList objects shared by concurrent searches of one index.
-class VisitedPool {
- public:
-  std::unique_ptr<VisitedList> acquire(std::size_t n) {
-    std::unique_ptr<VisitedList> list;
-    {
-      std::lock_guard<std::mutex> guard(mutex_);
-      if (!free_.empty()) {
-        list = std::move(free_.back());
-        free_.pop_back();
-      }
-    }
-    if (!list) list = std::make_unique<VisitedList>();
-    list->reset(n);
-    return list;
-  }
-  void release(std::unique_ptr<VisitedList> list) {
-    std::lock_guard<std::mutex> guard(mutex_);
-    free_.push_back(std::move(list));
-  }
-
- private:
-  std::mutex mutex_;                                // guards free_
-  std::vector<std::unique_ptr<VisitedList>> free_;  // lists not in use
-};
-
 // Exact top-k by inner product of m queries against n keys, blocked so that a block of keys stays
 // in cache while a block of queries scans it. Writes [m, k] scores/ids (padding (-inf, -1) when
 // k > n). Parallel over query blocks with OpenMP.
@@ -192,7 +166,8 @@ class VectorIndex {
   explicit VectorIndex(int64_t dim)
       : dim_(dim),
         simd_(simd_level_for(static_cast<std::size_t>(dim > 0 ? dim : 0))),
-        ip_(inner_product_for(simd_)) {
+        ip_(inner_product_for(simd_)),
+        ip_batch_(inner_product_batch_for(simd_)) {
     if (dim <= 0) throw std::invalid_argument("dim must be positive");
   }
   virtual ~VectorIndex() = default;
@@ -257,6 +232,7 @@ class VectorIndex {
   const int64_t dim_;               // floats per key
   const SimdLevel simd_;            // kernel level picked at construction
   const InnerProductFn ip_;         // inner-product kernel picked once
+  const InnerProductBatchFn ip_batch_;  // the same over a list of key ids
   std::vector<float> keys_;         // [size_, dim_] row-major
   int64_t size_ = 0;                // number of keys
   mutable RwLock mutex_;            // searches share, add is exclusive

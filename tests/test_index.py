@@ -1,0 +1,273 @@
+"""lckv.index: exact search against torch, approximate recall against exact, incremental adds,
+concurrent search while adding, the k > size rule, and input errors."""
+import os
+import threading
+
+import pytest
+import torch
+
+from lckv.index import (DimensionMismatchError, EmptyIndexError, FaissIndex, FlatIndex, GraphIndex,
+                        IVFIndex, LayerIndex, search_heads)
+from lckv.index.eval_data import exact_topk, real_sets, recall_at, synthetic_set
+
+pytest.importorskip("lckv._C")
+
+
+def fresh_seed():
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def shifted_data(n, m_build, m_decode, dim, seed):
+    """Keys around cluster centres; queries around scaled centres plus a shared offset (another
+    distribution than the keys)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(64, dim, generator=g)
+    keys = centres[torch.randint(64, (n,), generator=g)] + 0.4 * torch.randn(n, dim, generator=g)
+    q = 2 * centres[torch.randint(64, (m_build + m_decode,), generator=g)] + 0.4 * torch.randn(m_build + m_decode, dim, generator=g)
+    q[:, 0] += 3.0
+    return keys.contiguous(), q[:m_build].contiguous(), q[m_build:].contiguous()
+
+
+def all_indexes(dim):
+    return [FlatIndex(dim), IVFIndex(dim), GraphIndex(dim), FaissIndex(dim, "flat"),
+            FaissIndex(dim, "hnsw"), FaissIndex(dim, "ivf")]
+
+
+@pytest.mark.parametrize("dim", [8, 59, 128])
+@pytest.mark.parametrize("n,k", [(1, 1), (777, 10), (4099, 100)])
+def test_flat_equals_torch_topk(dim, n, k):
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    keys, queries = torch.randn(n, dim, generator=g), torch.randn(3, dim, generator=g)
+    scores, ids, n_scored = FlatIndex(dim).build(keys).search(queries, k)
+    ref_scores, ref_ids = exact_topk(keys, queries, k)
+    kk = min(k, n)
+    tol = 1e-5 * dim ** 0.5 * float(ref_scores.abs().max())
+    torch.testing.assert_close(scores[:, :kk], ref_scores, atol=tol, rtol=1e-5, msg=f"seed {seed}")
+    # Same ids, except among scores tied within fp32 summation-order noise.
+    differ = ids[:, :kk] != ref_ids
+    assert bool((ref_scores[differ] - scores[:, :kk][differ]).abs().le(tol).all()), f"seed {seed}"
+    assert bool((n_scored == n).all())
+
+
+@pytest.mark.parametrize("make", [lambda d: FlatIndex(d), lambda d: IVFIndex(d), lambda d: GraphIndex(d),
+                                  lambda d: FaissIndex(d, "flat"), lambda d: FaissIndex(d, "hnsw"),
+                                  lambda d: FaissIndex(d, "ivf")],
+                         ids=["flat", "ivf", "graph", "faiss-flat", "faiss-hnsw", "faiss-ivf"])
+def test_k_larger_than_index_pads_with_minus_one(make):
+    dim, n, k = 16, 5, 12
+    keys, queries = torch.randn(n, dim), torch.randn(4, dim)
+    index = make(dim).build(keys, torch.randn(20, dim))
+    scores, ids, _ = index.search(queries, k)
+    assert scores.shape == ids.shape == (4, k)
+    valid = ids >= 0
+    assert bool((valid.sum(1) <= n).all())
+    assert bool((ids[~valid] == -1).all()) and bool((scores[~valid] == float("-inf")).all())
+    assert bool((ids < n).all())
+    # Results come first, sorted descending.
+    for row_ids, row_scores in zip(ids, scores):
+        count = int((row_ids >= 0).sum())
+        assert bool((row_ids[:count] >= 0).all())
+        assert bool((row_scores[:count][:-1] >= row_scores[:count][1:]).all())
+    if isinstance(index, FlatIndex) or getattr(index, "kind", "") == "flat":
+        assert bool((valid.sum(1) == n).all())
+
+
+def test_graph_and_ivf_recall_on_synthetic_set():
+    seed = fresh_seed()
+    es = synthetic_set(n_keys=8192, n_build=4096, n_decode=128, seed=seed)
+    _, truth = exact_topk(es.keys, es.decode_queries, 100)
+    graph = GraphIndex(128).build(es.keys, es.build_queries)
+    _, ids, n_scored = graph.search(es.decode_queries, 100, ef=100)
+    r100 = recall_at(ids, truth, 100)
+    assert r100 >= 0.85, f"graph recall@100 {r100:.3f} (seed {seed})"
+    assert recall_at(ids, truth, 10) >= 0.9, f"seed {seed}"
+    assert float(n_scored.double().mean()) < 0.25 * es.keys.shape[0]
+    ivf = IVFIndex(128).build(es.keys)
+    _, ids, _ = ivf.search(es.decode_queries, 100, nprobe=ivf._core.n_lists // 4)
+    assert recall_at(ids, truth, 10) >= 0.8, f"ivf (seed {seed})"
+
+
+def test_graph_recall_on_shifted_clusters():
+    seed = fresh_seed()
+    keys, build_q, decode_q = shifted_data(20000, 2000, 200, 32, seed)
+    _, truth = exact_topk(keys, decode_q, 10)
+    _, ids, _ = GraphIndex(32).build(keys, build_q).search(decode_q, 10, ef=64)
+    assert recall_at(ids, truth, 10) >= 0.95, f"seed {seed}"
+
+
+@pytest.mark.data
+def test_graph_and_ivf_recall_on_real_stories260k(stories260k_files, hotpotqa_file, tmp_path):
+    (es,) = real_sets(4096, heads=[(2, 1)], n_decode_positions=64, cache_dir=None)
+    _, truth = exact_topk(es.keys, es.decode_queries, 100)
+    _, ids, _ = GraphIndex(8).build(es.keys, es.build_queries).search(es.decode_queries, 100, ef=100)
+    assert recall_at(ids, truth, 100) >= 0.95
+    ivf = IVFIndex(8).build(es.keys)
+    _, ids, _ = ivf.search(es.decode_queries, 100, nprobe=ivf._core.n_lists // 4)
+    assert recall_at(ids, truth, 10) >= 0.9
+
+
+def test_keys_added_after_build_are_found():
+    seed = fresh_seed()
+    keys, build_q, decode_q = shifted_data(12000, 1500, 100, 16, seed)
+    index = GraphIndex(16).build(keys[:8000], build_q)
+    for lo in range(8000, 12000, 500):
+        index.add(keys[lo:lo + 500])
+    assert index.size == 12000
+    _, truth = exact_topk(keys, decode_q, 10)
+    _, ids, _ = index.search(decode_q, 10, ef=64)
+    assert recall_at(ids, truth, 10) >= 0.9, f"seed {seed}"
+    late = truth >= 8000
+    found_late = (ids.unsqueeze(2) == truth.unsqueeze(1)).any(1)[late]
+    assert late.any() and float(found_late.float().mean()) >= 0.85, f"seed {seed}"
+    # A key that beats everything for these queries becomes their top-1.
+    strong = torch.zeros(1, 16)
+    strong[0, 0] = 1000.0
+    index.add(strong)
+    _, ids, _ = index.search(decode_q[decode_q[:, 0] > 1.0].contiguous(), 1)
+    assert bool((ids[:, 0] == 12000).all()), f"seed {seed}"
+    flat = FlatIndex(16).build(keys[:10])
+    flat.add(keys[10:20])
+    assert flat.size == 20
+
+
+@pytest.mark.parametrize("make", [lambda d: GraphIndex(d), lambda d: IVFIndex(d), lambda d: FlatIndex(d)],
+                         ids=["graph", "ivf", "flat"])
+def test_concurrent_search_while_adding(make):
+    keys, build_q, decode_q = shifted_data(6000, 500, 64, 16, fresh_seed())
+    index = make(16).build(keys[:3000], build_q)
+    errors, stop = [], threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                _, ids, _ = index.search(decode_q, 20)
+                if bool((ids < -1).any()) or bool((ids >= index.size).any()):
+                    errors.append("invalid id")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for lo in range(3000, 6000, 100):
+        index.add(keys[lo:lo + 100])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert index.size == 6000
+
+
+def test_graph_without_build_queries():
+    keys, _, decode_q = shifted_data(3000, 0, 50, 16, fresh_seed())
+    _, truth = exact_topk(keys, decode_q, 10)
+    _, ids, _ = GraphIndex(16).build(keys).search(decode_q, 10, ef=128)
+    assert recall_at(ids, truth, 10) >= 0.8
+
+
+def test_layer_index_matches_per_head_search():
+    heads, dim = 3, 16
+    keys, queries, decode = torch.randn(heads, 2000, dim), torch.randn(heads, 400, dim) + 1, torch.randn(heads, 7, dim) + 1
+    for make in (lambda d: GraphIndex(d), lambda d: FlatIndex(d), lambda d: FaissIndex(d, "hnsw")):
+        layer = LayerIndex(heads, dim, make).build(keys, queries)
+        scores, ids, n_scored = layer.search(decode, 5)
+        assert ids.shape == (heads, 7, 5) and n_scored.shape == (heads, 7)
+        for h in range(heads):
+            s, i, _ = layer.heads[h].search(decode[h].contiguous(), 5)
+            assert torch.equal(i, ids[h])
+            torch.testing.assert_close(s, scores[h])
+    with pytest.raises(ValueError, match="3 heads"):
+        layer.search(decode[:2], 5)
+
+
+def test_faiss_flat_is_exact_and_counts_scored():
+    keys, queries = torch.randn(1000, 24), torch.randn(6, 24)
+    ref_s, ref_i = exact_topk(keys, queries, 10)
+    scores, ids, n_scored = FaissIndex(24, "flat").build(keys).search(queries, 10)
+    torch.testing.assert_close(scores, ref_s, atol=1e-4, rtol=1e-5)
+    assert bool((n_scored == 1000).all())
+    _, _, n_hnsw = FaissIndex(24, "hnsw").build(keys).search(queries, 10, ef=32)
+    assert 0 < int(n_hnsw[0]) <= 1000
+
+
+@pytest.mark.parametrize("index", all_indexes(8), ids=lambda ix: type(ix).__name__ + getattr(ix, "kind", ""))
+def test_bad_input_errors(index):
+    keys = torch.randn(50, 8)
+    with pytest.raises(EmptyIndexError, match="empty"):
+        index.search(torch.randn(2, 8), 3)
+    with pytest.raises(DimensionMismatchError, match="keys must have head_dim 8"):
+        index.build(torch.randn(50, 7))
+    with pytest.raises(TypeError, match="keys must be float32"):
+        index.build(keys.double())
+    with pytest.raises(ValueError, match="keys must be on the CPU"):
+        index.build(torch.empty(50, 8, device="meta"))
+    with pytest.raises(ValueError, match="keys contains NaN or inf"):
+        index.build(torch.cat([keys, torch.full((1, 8), float("nan"))]))
+    with pytest.raises(ValueError, match="keys must be contiguous"):
+        index.build(torch.randn(8, 50).T)
+    with pytest.raises(ValueError, match=r"keys must have shape \[n, head_dim\]"):
+        index.build(torch.randn(50))
+    with pytest.raises(TypeError, match="keys must be a torch.Tensor"):
+        index.build(keys.numpy())
+    index.build(keys, torch.randn(30, 8))
+    q = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search(q, 0)
+    with pytest.raises(TypeError, match="k must be an int"):
+        index.search(q, 2.0)
+    with pytest.raises(DimensionMismatchError, match="queries must have head_dim 8"):
+        index.search(torch.randn(3, 9), 2)
+    with pytest.raises(ValueError, match="queries contains NaN or inf"):
+        index.search(torch.tensor([[float("inf")] * 8]), 2)
+    with pytest.raises(ValueError, match="queries must be contiguous"):
+        index.search(torch.randn(8, 3).T, 2)
+    with pytest.raises(TypeError, match="queries must be float32"):
+        index.search(q.half(), 2)
+    with pytest.raises(TypeError, match="unknown parameters"):
+        index.search(q, 2, beam=3)
+    with pytest.raises(ValueError, match="build\\(\\) needs an empty index"):
+        index.build(keys)
+    with pytest.raises(DimensionMismatchError):
+        index.add(torch.randn(4, 3))
+
+
+def test_compiled_glue_checks_its_inputs():
+    from lckv import _C
+
+    core = _C.GraphIndex(8)
+    with pytest.raises(ValueError, match="empty index"):
+        core.search(torch.randn(2, 8), 3)
+    core.build(torch.randn(100, 8), torch.randn(10, 8))
+    with pytest.raises(ValueError, match="k must be positive"):
+        core.search(torch.randn(2, 8), -1)
+    with pytest.raises(ValueError, match="ef must be positive"):
+        core.search(torch.randn(2, 8), 2, ef=0)
+    with pytest.raises(TypeError, match="queries must be float32"):
+        core.search(torch.randn(2, 8, dtype=torch.float64), 2)
+    with pytest.raises(ValueError, match="contiguous"):
+        core.search(torch.randn(8, 2).T, 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        core.add(torch.full((1, 8), float("nan")))
+    with pytest.raises(ValueError, match="head_dim 8"):
+        _C.search_heads([core], torch.randn(1, 2, 4), 2)
+    with pytest.raises(ValueError, match="max_degree"):
+        _C.GraphIndex(8, max_degree=1)
+
+
+def test_search_heads_rejects_mixed_and_empty():
+    a, b = FlatIndex(8).build(torch.randn(10, 8)), GraphIndex(8)
+    with pytest.raises(TypeError, match="one class"):
+        search_heads([a, FaissIndex(8, "flat").build(torch.randn(10, 8))], torch.randn(2, 1, 8), 1)
+    with pytest.raises(EmptyIndexError, match=r"indexes\[1\]"):
+        search_heads([a, FlatIndex(8)], torch.randn(2, 1, 8), 1)
+    del b
+
+
+def test_synthetic_set_is_labelled_and_queries_differ_from_keys():
+    es = synthetic_set(n_keys=4096, n_build=512, n_decode=32, seed=fresh_seed())
+    assert es.synthetic and "synthetic" in es.label
+    assert es.keys.shape == (4096, 128) and es.decode_queries.shape == (32, 128)
+    # Different distributions: the queries' mean is far from the keys' mean.
+    gap = (es.build_queries.mean(0) - es.keys.mean(0)).norm()
+    assert gap > 0.5 * es.keys.std(0).norm()
