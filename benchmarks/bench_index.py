@@ -35,7 +35,7 @@ K = 100
 
 
 def sweeps(quick: bool):
-    graph_ef = [16, 32, 48, 64, 100] if quick else [8, 16, 24, 32, 48, 64, 100, 150]
+    graph_ef = [16, 32, 48, 64, 100] if quick else [16, 24, 32, 48, 64, 100, 150, 200, 300]
     hnsw_ef = [100, 200, 400] if quick else [100, 150, 200, 300, 400, 600, 800, 1200]
     nprobe = [4, 16, 64] if quick else [4, 8, 16, 32, 64, 128]
     return [
@@ -67,9 +67,8 @@ def check(es, truth_scores, truth_ids, index, name):
     if "Flat" in name:
         tol = 1e-4 * float(truth_scores.abs().max())
         assert torch.allclose(scores, truth_scores, atol=tol, rtol=1e-5), f"{name}: exact scores differ"
-        kth = truth_scores[:, -1:]
-        mismatch = ids != truth_ids
-        assert bool((truth_scores[mismatch] - kth.expand_as(truth_scores)[mismatch]).abs().le(tol).all() | ~mismatch.any()), \
+        mismatch = ids != truth_ids  # allowed only where scores tie within fp32 noise
+        assert bool((truth_scores[mismatch] - scores[mismatch]).abs().le(tol).all()), \
             f"{name}: exact ids differ beyond ties"
 
 

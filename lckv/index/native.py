@@ -12,29 +12,33 @@ __all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "NativeIndex"]
 
 
 class NativeIndex(Index):
-    """Common part of the C++-backed indexes: ``self._core`` is an ``lckv._C.VectorIndex``."""
+    """Common part of the C++-backed indexes: ``self._core`` is an ``lckv._C.VectorIndex``, made
+    by ``_new_core(n)`` when the first keys arrive (some settings depend on n)."""
 
     def __init__(self, dim: int):
         super().__init__(dim)
-        self._core = self._make_core()
+        self._core = None
 
-    def _make_core(self):
+    def _new_core(self, n: int):
         raise NotImplementedError
 
     @property
     def size(self) -> int:
-        return self._core.size
+        return 0 if self._core is None else self._core.size
 
     @property
     def simd_level(self) -> str:
         """Inner-product kernel picked at construction: ``avx512``, ``avx2`` or ``scalar``."""
-        return self._core.simd_level
+        return self._new_core(1).simd_level if self._core is None else self._core.simd_level
 
     def memory_bytes(self) -> int:
-        return self._core.memory_bytes
+        return 0 if self._core is None else self._core.memory_bytes
 
     def _add(self, keys):
-        self._core.add(keys)
+        if self._core is None:
+            self._build(keys, None)
+        else:
+            self._core.add(keys)
 
     def _search(self, queries, k, params):
         return self._core.search(queries, k, **params)
@@ -47,10 +51,11 @@ class FlatIndex(NativeIndex):
     >>> scores, ids, n_scored = index.search(torch.randn(3, 8), k=5)   # n_scored == 100
     """
 
-    def _make_core(self):
+    def _new_core(self, n: int):
         return compiled("FlatIndex").FlatIndex(self.dim)
 
     def _build(self, keys, queries):
+        self._core = self._new_core(keys.shape[0])
         self._core.add(keys)
 
 
@@ -67,20 +72,6 @@ class IVFIndex(NativeIndex):
         self.n_lists, self.n_iters, self.seed = n_lists, n_iters, seed
         super().__init__(dim)
 
-    def _make_core(self):
-        return None  # created at build time, when n is known
-
-    @property
-    def size(self) -> int:
-        return 0 if self._core is None else self._core.size
-
-    @property
-    def simd_level(self) -> str:
-        return "unbuilt" if self._core is None else self._core.simd_level
-
-    def memory_bytes(self) -> int:
-        return 0 if self._core is None else self._core.memory_bytes
-
     def _new_core(self, n: int):
         n_lists = self.n_lists or max(1, int(4 * math.sqrt(max(n, 1))))
         return compiled("IVFIndex").IVFIndex(self.dim, n_lists, self.n_iters, self.seed)
@@ -88,12 +79,6 @@ class IVFIndex(NativeIndex):
     def _build(self, keys, queries):
         self._core = self._new_core(keys.shape[0])
         self._core.build(keys)
-
-    def _add(self, keys):
-        if self._core is None:  # first keys train the lists
-            self._build(keys, None)
-        else:
-            self._core.add(keys)
 
 
 class GraphIndex(NativeIndex):
@@ -109,6 +94,7 @@ class GraphIndex(NativeIndex):
     (at least k) from ``n_entry`` entry keys. Without build queries it degrades to a key-only graph.
 
     Build queries: at most ``max_build_queries`` rows of ``queries`` are used (an even subsample).
+    ``n_entry=None`` picks ``max(128, n // 512)`` entry keys for n keys at build time.
     Search parameter: ``ef`` (default 64); larger is slower and more accurate.
 
     >>> keys, prefill_q = torch.randn(5000, 16), torch.randn(1000, 16) + 1
@@ -119,7 +105,7 @@ class GraphIndex(NativeIndex):
     search_params = {"ef": 64}
 
     def __init__(self, dim: int, max_degree: int = 32, build_knn: int = 100, rank_window: int = 32,
-                 lists_per_key: int = 32, n_entry: int = 128, build_ef: int = 64,
+                 lists_per_key: int = 32, n_entry: int | None = None, build_ef: int = 64,
                  repair_queries: int = 8192, coarse_stride: int = 16, coarse_degree: int = 4,
                  max_build_queries: int = 65536):
         self.config = dict(max_degree=max_degree, build_knn=build_knn, rank_window=rank_window,
@@ -129,14 +115,18 @@ class GraphIndex(NativeIndex):
         self.max_build_queries = max_build_queries
         super().__init__(dim)
 
-    def _make_core(self):
-        return compiled("GraphIndex").GraphIndex(self.dim, **self.config)
+    def _new_core(self, n: int):
+        config = dict(self.config)
+        if config["n_entry"] is None:
+            config["n_entry"] = max(128, n // 512)
+        return compiled("GraphIndex").GraphIndex(self.dim, **config)
 
     @property
     def mean_degree(self) -> float:
-        return self._core.mean_degree
+        return 0.0 if self._core is None else self._core.mean_degree
 
     def _build(self, keys, queries):
+        self._core = self._new_core(keys.shape[0])
         if queries is None:
             queries = keys.new_empty((0, self.dim))
         elif queries.shape[0] > self.max_build_queries:
