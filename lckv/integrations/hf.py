@@ -17,6 +17,7 @@ keys it is given: same outputs, no offloading.
 """
 from __future__ import annotations
 
+import functools
 import threading
 import types
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from lckv.attention import KeyPaddingMask, attend_segments, attend_with_selection
 from lckv.cache import LckvCache, LckvCacheLayer, Segment
-from lckv.policies import FullPolicy, Policy, resolve_policy
+from lckv.ops import sink_window_attention_with_lse
+from lckv.reference.window import sink_window_mask
+from lckv.policies import FullPolicy, Policy, StreamingPolicy, resolve_policy
 from lckv.policies.selection import SelectionPolicy
 
 __all__ = ["ATTENTION_NAME", "register", "enable", "disable", "new_cache", "LckvBinding", "ModelNotSupportedError",
@@ -111,6 +114,18 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if binding is not None:
         for observe in binding.observers:
             observe(module, query, key[:, :, key.shape[2] - q_len:], value[:, :, value.shape[2] - q_len:])
+    if _sink_window_fast_path(policy, attention_mask, query):
+        # `key` holds sink then a contiguous recent run (or every key without a cache): index
+        # distances equal position distances, so the fused sink+window op is exact here.
+        if q_len == 1:
+            out, _ = sink_window_attention_with_lse(query, key, value, policy.sink, policy.window, scaling)
+        else:  # prefill chunks: torch's fused CPU/GPU attention with the sink+window mask
+            mask = _band_mask(q_len, key.shape[2], policy.sink, policy.window, query.device)
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                                   enable_gqa=True)
+        if layer is not None:
+            layer.record_queries(query)
+        return out.transpose(1, 2).contiguous(), None
     if layer is None:
         out, _ = attend_segments(query, [Segment(key, value, 0)], key.shape[2] - q_len, attention_mask, policy, scaling)
         return out.transpose(1, 2).contiguous(), None
@@ -128,6 +143,18 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         out, _ = attend_segments(query, layer.segments(), layer.total - q_len, attention_mask, policy, scaling)
     layer.record_queries(query)
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=8)
+def _band_mask(q_len: int, kv_len: int, sink: int, window: int, device: torch.device) -> torch.Tensor:
+    """The sink+window mask of a prefill chunk; chunks of one prefill share their shape."""
+    return sink_window_mask(q_len, kv_len, sink, window, device=device)
+
+
+def _sink_window_fast_path(policy: Policy, attention_mask, query: torch.Tensor) -> bool:
+    """Streaming-style policies without padding, outside autograd, use the fused op."""
+    return (isinstance(policy, StreamingPolicy) and attention_mask is None
+            and not (torch.is_grad_enabled() and query.requires_grad))
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
