@@ -103,6 +103,8 @@ def reference_decode(model, prefill_cache, first_logits, steps):
 def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budget, scale):
     """Policy attention vs exact attention on the exact history (see the module docstring)."""
     probe = LckvCache.from_cache(prefill_cache, policy)
+    all_keys = [torch.cat([s.k for s in layer.segments()], dim=2)[0].float() for layer in ref_cache.layers]
+    all_values = [torch.cat([s.v for s in layer.segments()], dim=2)[0].float() for layer in ref_cache.layers]
     errs, recalls, masses = [], [], []
     for t, layers in enumerate(trace):
         pos = prompt_len + t
@@ -115,30 +117,27 @@ def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budge
                 out, _ = attend_segments(q, layer.segments(), layer.total - 1, None, policy, scale)
                 rows = None
             layer.record_queries(q)
-            ref_layer = ref_cache.layers[i]
-            exact, _ = attend_segments(q, ref_layer.segments(), pos, None, FullPolicy(), scale)
-            errs.append(((out - exact).norm(dim=-1) / exact.norm(dim=-1).clamp(min=1e-12)).flatten())
-            # exact probabilities over positions [0, pos]
-            keys = torch.cat([s.k for s in ref_layer.segments()], dim=2)[:, :, :pos + 1].float()
-            group = q.shape[1] // keys.shape[1]
-            logits = (q[0, :, 0].float().unsqueeze(1) @ keys[0].repeat_interleave(group, 0).transpose(-1, -2)).squeeze(1) * scale
-            probs = torch.softmax(logits, dim=-1)  # [Hq, pos + 1]
-            attended = torch.zeros(keys.shape[1], pos + 1, dtype=torch.bool)
+            # exact attention of this query over positions [0, pos]
+            keys, values = all_keys[i][:, :pos + 1], all_values[i][:, :pos + 1]
+            group = q.shape[1] // keys.shape[0]
+            qh = q[0, :, 0].float().reshape(keys.shape[0], group, -1)
+            probs = torch.softmax((qh @ keys.transpose(-1, -2)) * scale, dim=-1)  # [Hkv, G, pos + 1]
+            exact = (probs @ values).reshape(1, -1, 1, values.shape[-1])
+            probs = probs.reshape(q.shape[1], pos + 1)
+            errs.append(((out.float() - exact).norm(dim=-1) / exact.norm(dim=-1).clamp(min=1e-12)).flatten())
+            attended = torch.zeros(keys.shape[0], pos + 1, dtype=torch.bool)
             n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
             attended[:, :n_sink] = True
             attended[:, pos + 1 - n_recent:] = True
             if layer.store is not None:
-                if rows is None:
-                    n_sel = policy.budget_tokens(layer.total) - n_sink - n_recent if isinstance(policy, SelectionPolicy) else 0
-                    if n_sel >= layer.store.length:
-                        attended[:, n_sink:n_sink + layer.store.length] = True
-                else:
-                    valid = rows[0] >= 0
-                    attended.scatter_(1, (rows[0].clamp(min=0) + n_sink), valid)
+                if rows is not None:
+                    attended.scatter_(1, rows[0].clamp(min=0) + n_sink, rows[0] >= 0)
+                elif isinstance(policy, SelectionPolicy) and (
+                        policy.budget_tokens(layer.total) - n_sink - n_recent >= layer.store.length):
+                    attended[:, n_sink:n_sink + layer.store.length] = True
             att = attended.repeat_interleave(group, 0)
             masses.append((probs * att).sum(-1))
-            k_top = min(budget, pos + 1)
-            top = probs.topk(k_top, dim=-1).indices
+            top = probs.topk(min(budget, pos + 1), dim=-1).indices
             recalls.append(torch.gather(att, 1, top).float().mean(-1))
     return (torch.cat(errs).mean().item(), torch.cat(recalls).mean().item(), torch.cat(masses).mean().item())
 
