@@ -32,19 +32,17 @@ def check_same_device(named: dict):
         raise ValueError(f"all tensors must be on one device, got {devices}")
 
 
-def check_attention_inputs(q, k, v, mask=None):
+def check_attention_inputs(q, k, v, mask=None, scan_kv: bool = True):
+    """Dense-layout attention arguments. ``scan_kv=False`` skips the NaN/inf scan of k and v
+    (the fast ops check their result instead: a full scan would cost more than the op)."""
     check_tensor(q, "q", 4, "[batch, q_heads, q_len, head_dim]")
     check_tensor(k, "k", 4, "[batch, kv_heads, kv_len, head_dim]")
     check_tensor(v, "v", 4, "[batch, kv_heads, kv_len, head_dim]")
     check_same_device({"q": q, "k": k, "v": v})
     batch, q_heads, _, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(
-            f"k must have batch {batch} and head_dim {head_dim} like q, got k {tuple(k.shape)}")
+    _check_kv_like_q(q, k, v, batch, head_dim)
     _check_gqa(q_heads, k.shape[1])
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", q), ("k", k), ("v", v)) if scan_kv else (("q", q),):
         check_finite(t, name)
     if mask is not None:
         check_tensor(mask, "mask", None, dtypes=None)
@@ -57,17 +55,15 @@ def check_attention_inputs(q, k, v, mask=None):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to {target}") from None
 
 
-def check_sparse_inputs(q, k, v, indices):
+def check_sparse_inputs(q, k, v, indices, scan_kv: bool = True):
+    """Sparse-attention arguments; ``scan_kv`` as in :func:`check_attention_inputs`."""
     check_tensor(q, "q", 3, "[batch, q_heads, head_dim]")
     check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim]")
     check_tensor(v, "v", 4, "[batch, kv_heads, seq, head_dim]")
     check_tensor(indices, "indices", 3, "[batch, kv_heads, n_selected]", dtypes=(torch.int64,))
     check_same_device({"q": q, "k": k, "v": v, "indices": indices})
     batch, q_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k must have batch {batch} and head_dim {head_dim} like q, got k {tuple(k.shape)}")
+    _check_kv_like_q(q, k, v, batch, head_dim)
     _check_gqa(q_heads, k.shape[1])
     if indices.shape[:2] != k.shape[:2]:
         raise ValueError(
@@ -76,7 +72,7 @@ def check_sparse_inputs(q, k, v, indices):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= k.shape[2]:
             raise ValueError(f"indices must lie in [-1, seq={k.shape[2]}) (-1 = no key), got values in [{lo}, {hi}]")
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", q), ("k", k), ("v", v)) if scan_kv else (("q", q),):
         check_finite(t, name)
 
 
@@ -96,6 +92,15 @@ def check_states(out_a, lse_a, out_b, lse_b):
             raise ValueError(f"{name} contains NaN or +inf (-inf, an empty part, is allowed)")
     check_finite(out_a, "out_a")
     check_finite(out_b, "out_b")
+
+
+def _check_kv_like_q(q, k, v, batch: int, head_dim: int):
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != v.dtype:
+        raise TypeError(f"k and v must have one dtype, got k {k.dtype} and v {v.dtype}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must have batch {batch} and head_dim {head_dim} like q, got k {tuple(k.shape)}")
 
 
 def _check_gqa(q_heads: int, kv_heads: int):
