@@ -7,7 +7,8 @@ different distributions. Every index is searched with decode queries that were n
 it; ground truth is the exact inner-product top-100.
 
 One row per (set, index, params): recall@10, recall@100, fraction of keys scored, queries/s
-(one batched call over all decode queries, all threads, best of 3), build time and memory.
+(one batched call over all decode queries, best of 3, ``--search-threads`` threads for every
+index, default 1), build time (all threads) and memory.
 Writes benchmarks/results/bench_index.json and .png (recall vs fraction scored, recall vs QPS).
 
     python benchmarks/bench_index.py            # full size: 256K keys per head (~15-20 min)
@@ -32,6 +33,19 @@ from lckv.index.eval_data import exact_topk, real_sets, recall_at, synthetic_set
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 100
+SEARCH_THREADS = 1
+ALL_THREADS = os.cpu_count() or 1
+
+
+def set_threads(n):
+    """Threads for lckv's OpenMP runtime and faiss's (they may be separate runtimes)."""
+    import faiss
+
+    from lckv._extension import compiled
+
+    n = n or ALL_THREADS
+    faiss.omp_set_num_threads(n)
+    compiled("set_index_threads").set_index_threads(n)
 
 
 def sweeps(quick: bool):
@@ -82,9 +96,11 @@ def run_set(es, quick, do_check, rows):
     print("-" * len(header))
     for name, make, grid in sweeps(quick):
         index = make(d)
+        set_threads(None)  # builds use every thread
         t0 = time.perf_counter()
         index.build(es.keys, es.build_queries)
         build_s = time.perf_counter() - t0
+        set_threads(SEARCH_THREADS)
         mem_mb = index.memory_bytes() / 2**20
         if do_check:
             check(es, truth_scores, truth_ids, index, name)
@@ -166,12 +182,16 @@ def main(argv=None):
     parser.add_argument("--no-real", action="store_true", help="skip the real stories260K sets")
     parser.add_argument("--cache-dir", default=os.environ.get("LCKV_QK_CACHE", str(Path.home() / ".cache" / "lckv")),
                         help="where captured real Q/K are cached (default ~/.cache/lckv or $LCKV_QK_CACHE)")
+    parser.add_argument("--search-threads", type=int, default=1,
+                        help="threads for searches (default 1: a shared 2-core box makes multi-thread QPS erratic)")
     parser.add_argument("--out", default=str(RESULTS / "bench_index"), help="output path without extension")
     args = parser.parse_args(argv)
+    global SEARCH_THREADS
+    SEARCH_THREADS = args.search_threads
     n_keys = args.n_keys or (32768 if args.quick else 262144)
     heads = args.real_heads or ("2:1" if args.quick else "1:0,3:2")
     heads = [tuple(int(x) for x in h.split(":")) for h in heads.split(",")]
-    print(f"threads: {torch.get_num_threads()}  keys per head: {n_keys}  k: {K}")
+    print(f"build threads: {ALL_THREADS}  search threads: {SEARCH_THREADS}  keys per head: {n_keys}  k: {K}")
     sets = [synthetic_set(n_keys=n_keys, n_build=min(65536, n_keys // 2))]
     if not args.no_real:
         try:
@@ -191,7 +211,7 @@ def main(argv=None):
               f"{'not reached' if frac is None else f'{100 * frac:.2f}%'};  QPS vs HNSW at 0.9: {fmt(ratio[0])}, at 0.95: {fmt(ratio[1])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(threads=torch.get_num_threads(), k=K, quick=args.quick, n_keys=n_keys,
+    meta = dict(build_threads=ALL_THREADS, search_threads=SEARCH_THREADS, k=K, quick=args.quick, n_keys=n_keys,
                 note="QPS: one batched call over all decode queries, best of 3; machine shared with other jobs")
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, targets=summary), indent=1))
     plot(rows, out.with_suffix(".png"))

@@ -1,5 +1,7 @@
 // Glue for the vector indexes (lckv/flat_index.h, ivf_index.h, graph_index.h): argument checks,
 // zero-copy reads of CPU float32 tensors, GIL released around every build, add and search.
+#include <omp.h>
+
 #include <limits>
 #include <memory>
 #include <vector>
@@ -162,6 +164,11 @@ void bind_index(py::module_& m) {
         self.build(keys.data_ptr<float>(), keys.size(0), queries.data_ptr<float>(), queries.size(0));
       }, py::arg("keys"), py::arg("queries"),
          "Adds keys [n, dim] and builds the graph from build queries [m, dim] (m may be 0).");
+
+  m.def("set_index_threads", [](int n) {
+    TORCH_CHECK_VALUE(n > 0, "n must be positive, got ", n);
+    omp_set_num_threads(n);
+  }, py::arg("n"), "Sets the OpenMP threads the index builds and searches use (this runtime only).");
 
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = 64, py::arg("nprobe") = 8,
