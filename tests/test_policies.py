@@ -223,3 +223,15 @@ def test_decode_step_never_selects_padding(policy):
     ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_retrieval_scans_exactly_when_k_is_a_large_fraction():
+    graph = RetrievalPolicy(sink=2, window=5, budget=1000, index="graph", estimate_rest=False, exact_above=0.25)
+    exact = RetrievalPolicy(sink=2, window=5, budget=1000, index="exact", estimate_rest=False)
+    layer, _, _ = _filled_cache(graph, total=1500)
+    q = torch.randn(2, 4, 16)
+    n = 1000 - 2 - layer.recent_k.shape[2]  # > 25% of the ~1490 offloaded rows
+    got = graph.select(layer.selection_state(), layer, q, n)
+    assert torch.equal(got.sort(-1).values, exact.select(None, layer, q, n).sort(-1).values)
+    with pytest.raises(PolicyConfigError, match="exact_above"):
+        get_policy("retrieval", exact_above=1.5)

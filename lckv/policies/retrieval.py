@@ -62,6 +62,10 @@ class RetrievalPolicy(SelectionPolicy):
     decode queries), which is what makes the attention-aware ``graph`` index accurate for decode
     queries; tokens spilling from the window later are inserted as decoding goes on.
 
+    ``exact_above``: when a step asks for more than this fraction of the offloaded keys, they are
+    scored exactly (a flat scan, as index ``exact``) instead of searched: at that size a scan
+    costs about what a graph search does, and graph searches lose recall when k nears n.
+
     ``estimate_rest``: diffuse heads spread attention so widely that no top-k captures it. The
     offloaded keys are clustered (``clusters`` k-means centroids per head, with per-cluster value
     sums and counts); the keys not retrieved are then estimated as ``count * exp(q . centroid)``
@@ -74,6 +78,7 @@ class RetrievalPolicy(SelectionPolicy):
     build_queries: int = 4096
     estimate_rest: bool = True
     clusters: int = 64
+    exact_above: float = 0.25
 
     name = "retrieval"
 
@@ -94,6 +99,8 @@ class RetrievalPolicy(SelectionPolicy):
                                         f"settings: {sorted(accepted)}")
         if self.build_queries < 0:
             raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
+        if not 0.0 <= self.exact_above <= 1.0:
+            raise PolicyConfigError(f"RetrievalPolicy.exact_above must be a fraction in [0, 1], got {self.exact_above}")
         if self.clusters < 1:
             raise PolicyConfigError(f"RetrievalPolicy.clusters must be >= 1, got {self.clusters}")
 
@@ -136,7 +143,7 @@ class RetrievalPolicy(SelectionPolicy):
     def select(self, state, layer, q, n_select):
         kv_heads = layer.store.keys.shape[1]
         q_sum = group_sum(q, kv_heads)  # [batch, kv_heads, D]
-        if self.index == "exact":
+        if self.index == "exact" or n_select > self.exact_above * layer.store.length:
             from lckv.ops import flat_topk_scores
 
             _, ids = flat_topk_scores(q_sum.to(layer.store.keys.dtype), layer.store.keys, n_select)
