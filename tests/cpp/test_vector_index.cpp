@@ -143,7 +143,7 @@ void test_add_and_concurrency(std::mt19937_64& rng) {
   make_shifted(rng, n, m_build, dim, keys, queries);
   lckv::GraphIndex graph(dim, lckv::GraphBuildParams{});
   graph.build(keys.data(), n, queries.data(), m_build);
-  // A key far along the query direction must become every such query's top-1 once added.
+  // A key far along axis 0, added last, must be found as the top-1 of queries pointing that way.
   std::vector<float> strong(dim, 0.0f);
   strong[0] = 50.0f;
   std::atomic<bool> stop{false};
@@ -168,9 +168,12 @@ void test_add_and_concurrency(std::mt19937_64& rng) {
   for (auto& r : readers) r.join();
   EXPECT(bad.load() == 0);
   EXPECT(graph.size() == n + 2001);
+  // A build query pushed far along axis 0: its exact top-1 is now the strong key.
+  std::vector<float> probe(queries.begin(), queries.begin() + dim);
+  probe[0] += 100.0f;
   std::vector<float> s(k);
   std::vector<int64_t> ids(k);
-  graph.search(queries.data(), k, {}, s.data(), ids.data());
+  graph.search(probe.data(), k, {}, s.data(), ids.data());
   EXPECT(ids[0] == n + 2000);
 }
 

@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
-#include <memory>
 #include <mutex>
 #include <shared_mutex>
 #include <stdexcept>
