@@ -33,7 +33,7 @@ from common import RESULTS, Table, machine, write_json  # noqa: E402
 
 import lckv  # noqa: E402
 from lckv.attention import attend_segments, attend_with_selection  # noqa: E402
-from lckv.cache import LckvCache  # noqa: E402
+from lckv.cache import LckvCache, QueryRecorder  # noqa: E402
 from lckv.capture import hotpotqa_token_ids  # noqa: E402
 from lckv.data import stories260k_paths  # noqa: E402
 from lckv.models.llama2c import load  # noqa: E402
@@ -48,9 +48,12 @@ class LocalPrefill(StreamingPolicy):
     keeps_offloaded: ClassVar[bool] = True
 
 
-def fill_cache(model, ids, sink, window, chunk):
+def fill_cache(model, ids, sink, window, chunk, build_queries):
+    """Prefill; records a uniform sample of prefill queries, which the retrieval index is built from."""
     binding = lckv.enable(model, LocalPrefill(sink=sink, window=window))
     cache = binding.new_cache()
+    for layer in cache.layers:
+        layer.queries = QueryRecorder(build_queries, 0)
     with torch.no_grad():
         for lo in range(0, ids.shape[1], chunk):
             model.model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True)
@@ -152,7 +155,7 @@ def main(argv=None):
     for length in args.lengths:
         t0 = time.perf_counter()
         ids = hotpotqa_token_ids(tok, length, seed=1)[None]
-        prefill = fill_cache(model, ids, args.sink, args.prefill_window, args.chunk)
+        prefill = fill_cache(model, ids, args.sink, args.prefill_window, args.chunk, args.build_queries)
         print(f"# {length} tokens cached by a sink+local-window prefill (sink={args.sink}, window={args.prefill_window}, "
               f"chunk={args.chunk}) in {time.perf_counter() - t0:.0f} s", flush=True)
         table = table or Table(COLUMNS)

@@ -198,6 +198,9 @@ def test_unsupported_or_mismatched_models_raise():
     ids = torch.randint(3, 97, (1, 9))
     with pytest.raises(ValueError, match="another model"):
         b(ids, past_key_values=lckv.new_cache(a))
+    lckv.enable(a, "streaming", window=4)
+    with pytest.raises(ValueError, match="another model"):
+        b(ids, past_key_values=lckv.new_cache(a))
     deeper = _tiny("qwen2", 2)
     lckv.enable(deeper, "full", window=4)
     with pytest.raises(ValueError, match="out of range"):

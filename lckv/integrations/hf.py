@@ -111,6 +111,10 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     policy = binding.policy if binding is not None else _default_policy
     layer: LckvCacheLayer | None = getattr(key, "lckv_layer", None)
     q_len = query.shape[2]
+    if layer is not None and (binding is None or layer.policy is not binding.policy):
+        raise ValueError(
+            f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
+            "cache with lckv.new_cache(model) for this model")
     if binding is not None:
         for observe in binding.observers:
             observe(module, query, key[:, :, key.shape[2] - q_len:], value[:, :, value.shape[2] - q_len:])
@@ -129,10 +133,6 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if layer is None:
         out, _ = attend_segments(query, [Segment(key, value, 0)], key.shape[2] - q_len, attention_mask, policy, scaling)
         return out.transpose(1, 2).contiguous(), None
-    if binding is None or layer.policy is not binding.policy:
-        raise ValueError(
-            f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
-            "cache with lckv.new_cache(model) for this model")
     padding = attention_mask.padding if isinstance(attention_mask, KeyPaddingMask) else None
     if isinstance(attention_mask, torch.Tensor) and isinstance(policy, SelectionPolicy):
         raise NotImplementedError("selection policies take causal masks with key padding only, not custom 4D masks")
