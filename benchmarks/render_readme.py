@@ -37,6 +37,7 @@ def fidelity() -> str:
     if not runs:
         return "### Fidelity\n\nNot run yet (`python benchmarks/bench_fidelity.py`).\n"
     rows = [row for run in runs for row in run["rows"]]
+    notes = [run["note"] for run in runs if run.get("note")]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     out = ["### Fidelity (`bench_fidelity.py`)", "",
@@ -49,9 +50,11 @@ def fidelity() -> str:
             cells = [policy]
             for budget in budgets:
                 hit = [r for r in rows if r["length"] == length and r["policy"] == policy and r["budget"] == budget]
-                cells.append(f"{hit[0]['kl']:.4f} / {hit[0]['greedy_agreement']:.2f}" if hit else "-")
+                # later result files (sorted by name) supersede earlier rows of the same case
+                cells.append(f"{hit[-1]['kl']:.4f} / {hit[-1]['greedy_agreement']:.2f}" if hit else "-")
             table.append(cells)
         out += [f"**{length} tokens**", "", _table(["policy"] + [f"budget {b}" for b in budgets], table), ""]
+    out += [f"Note: {n}." for n in notes] + ([""] if notes else [])
     attn = [[r["policy"], str(r["length"]), r["budget"], f"{r['attn_rel_err']:.3f}", f"{r['recall']:.3f}", f"{r['mass']:.3f}"]
             for r in rows if r["budget"] == "5%"]
     if attn:
