@@ -12,8 +12,9 @@ Exact causal prefill of 1M tokens is out of reach on 2 cores, so caches are fill
 prefill whose chunks attend the sink + a local window only (linear cost); the text is real
 HotpotQA context, repeated in shuffled passes to reach the length.
 
-    python benchmarks/bench_decode.py                      # 32K, 128K, 1M tokens
+    python benchmarks/bench_decode.py                      # 32K, 128K, 1M tokens; cluster and graph indexes
     python benchmarks/bench_decode.py --lengths 32768 --steps 4
+    python benchmarks/bench_decode.py --lengths 1048576 --indexes cluster   # the graph build is slow at 1M
 """
 from __future__ import annotations
 
@@ -140,7 +141,8 @@ def main(argv=None):
     parser.add_argument("--prefill-window", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--topk", type=int, default=2048, help="retrieved keys per kv head per step")
-    parser.add_argument("--index", default="graph")
+    parser.add_argument("--indexes", nargs="+", default=["cluster", "graph"],
+                        help="index kinds of the retrieval policies measured (one row each)")
     parser.add_argument("--build-queries", type=int, default=4096)
     parser.add_argument("--name", default="bench_decode")
     args = parser.parse_args(argv)
@@ -159,11 +161,11 @@ def main(argv=None):
         print(f"# {length} tokens cached by a sink+local-window prefill (sink={args.sink}, window={args.prefill_window}, "
               f"chunk={args.chunk}) in {time.perf_counter() - t0:.0f} s", flush=True)
         table = table or Table(COLUMNS)
-        policies = {
-            "full": FullPolicy(sink=args.sink, window=args.window),
-            "retrieval": RetrievalPolicy(sink=args.sink, window=args.window, budget=args.sink + args.window + args.topk,
-                                         index=args.index, build_queries=args.build_queries),
-        }
+        policies = {"full": FullPolicy(sink=args.sink, window=args.window)}
+        for kind in args.indexes:
+            policies[f"retrieval-{kind}"] = RetrievalPolicy(
+                sink=args.sink, window=args.window, budget=args.sink + args.window + args.topk, index=kind,
+                build_queries=args.build_queries)
         exact = None
         for name, policy in policies.items():
             m = measure(model, policy, prefill, token, args.steps, args.repeats)
@@ -172,7 +174,8 @@ def main(argv=None):
                        attention_speedup=exact["attention_s"] / m["attention_s"], step_ms=m["step_s"] * 1e3,
                        step_over_floor=m["step_s"] / floor, first_step_s=m["first_step_s"],
                        resident_mib=m["resident_bytes"] / 2**20, host_mib=m["offloaded_bytes"] / 2**20,
-                       index_mib=m["index_bytes"] / 2**20, floor_ms=floor * 1e3, topk=args.topk, index=args.index)
+                       index_mib=m["index_bytes"] / 2**20, floor_ms=floor * 1e3, topk=args.topk,
+                       index=getattr(policy, "index", None))
             rows.append(row)
             table.row(row)
             gc.collect()

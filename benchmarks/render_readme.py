@@ -69,6 +69,9 @@ def decode() -> str:
         return "### Decode latency\n\nNot run yet (`python benchmarks/bench_decode.py`).\n"
     run = runs[0]
     rows = sorted((r for run_ in runs for r in run_["rows"]), key=lambda r: (r["tokens"], r["policy"] != "full"))
+    for r in rows:  # older files name the policy "retrieval" and the index in a field
+        if r["policy"] == "retrieval" and r.get("index"):
+            r["policy"] = f"retrieval-{r['index']}"
     table = [[str(r["tokens"]), r["policy"], f"{r['attention_ms']:.2f}", f"{r['attention_speedup']:.1f}x",
               f"{r['step_ms']:.2f}", f"{r['step_over_floor']:.2f}", f"{r['first_step_s']:.1f}", f"{r['resident_mib']:.2f}",
               f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}"] for r in rows]
@@ -77,7 +80,8 @@ def decode() -> str:
         f"stories260K, batch 1, CPU; caches filled by a {run['prefill']}; measured {_machine(run['machine'])}. "
         f"Floor = a one-token forward with attention replaced by a no-op ({run['rows'][0]['floor_ms']:.2f} ms, "
         "measured in each run). The first step builds the indexes (one-off, not in the per-token times). "
-        f"`retrieval` retrieves top-{run['rows'][0]['topk']} keys per kv head with the `{run['rows'][0]['index']}` index.", "",
+        f"`retrieval-<index>` retrieves the top-{run['rows'][0]['topk']} keys per kv head with that index "
+        "(`cluster`: segment-clustered lists scanned best first; `graph`: the attention-aware graph).", "",
         _table(["cached tokens", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",
                 "first step s", "resident MiB", "host KV MiB", "index MiB"], table), ""])
 

@@ -6,8 +6,8 @@ import threading
 import pytest
 import torch
 
-from lckv.index import (DimensionMismatchError, EmptyIndexError, FaissIndex, FlatIndex, GraphIndex,
-                        IVFIndex, LayerIndex, search_heads)
+from lckv.index import (ClusterIndex, DimensionMismatchError, EmptyIndexError, FaissIndex, FlatIndex,
+                        GraphIndex, IVFIndex, LayerIndex, search_heads)
 from lckv.index.eval_data import exact_topk, real_sets, recall_at, synthetic_set
 
 pytest.importorskip("lckv._C")
@@ -29,7 +29,7 @@ def shifted_data(n, m_build, m_decode, dim, seed):
 
 
 def all_indexes(dim):
-    return [FlatIndex(dim), IVFIndex(dim), GraphIndex(dim), FaissIndex(dim, "flat"),
+    return [FlatIndex(dim), IVFIndex(dim), GraphIndex(dim), ClusterIndex(dim, cluster_size=4), FaissIndex(dim, "flat"),
             FaissIndex(dim, "hnsw"), FaissIndex(dim, "ivf")]
 
 
@@ -51,9 +51,9 @@ def test_flat_equals_torch_topk(dim, n, k):
 
 
 @pytest.mark.parametrize("make", [lambda d: FlatIndex(d), lambda d: IVFIndex(d), lambda d: GraphIndex(d),
-                                  lambda d: FaissIndex(d, "flat"), lambda d: FaissIndex(d, "hnsw"),
-                                  lambda d: FaissIndex(d, "ivf")],
-                         ids=["flat", "ivf", "graph", "faiss-flat", "faiss-hnsw", "faiss-ivf"])
+                                  lambda d: ClusterIndex(d, cluster_size=1), lambda d: FaissIndex(d, "flat"),
+                                  lambda d: FaissIndex(d, "hnsw"), lambda d: FaissIndex(d, "ivf")],
+                         ids=["flat", "ivf", "graph", "cluster", "faiss-flat", "faiss-hnsw", "faiss-ivf"])
 def test_k_larger_than_index_pads_with_minus_one(make):
     dim, n, k = 16, 5, 12
     keys, queries = torch.randn(n, dim), torch.randn(4, dim)
@@ -131,8 +131,9 @@ def test_keys_added_after_build_are_found():
     assert flat.size == 20
 
 
-@pytest.mark.parametrize("make", [lambda d: GraphIndex(d), lambda d: IVFIndex(d), lambda d: FlatIndex(d)],
-                         ids=["graph", "ivf", "flat"])
+@pytest.mark.parametrize("make", [lambda d: GraphIndex(d), lambda d: IVFIndex(d), lambda d: FlatIndex(d),
+                                  lambda d: ClusterIndex(d, segment=512)],
+                         ids=["graph", "ivf", "flat", "cluster"])
 def test_concurrent_search_while_adding(make):
     keys, build_q, decode_q = shifted_data(6000, 500, 64, 16, fresh_seed())
     index = make(16).build(keys[:3000], build_q)

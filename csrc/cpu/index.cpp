@@ -1,7 +1,8 @@
-// Glue for the vector indexes (lckv/flat_index.h, ivf_index.h, graph_index.h): argument checks,
+// Glue for the vector indexes (lckv/flat_index.h, ivf_index.h, graph_index.h, cluster_index.h): argument checks,
 // zero-copy reads of CPU float32 tensors, GIL released around every build, add and search.
 #include <omp.h>
 
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "checks.h"
 // The cores get hidden visibility like the pybind11 module that wraps them.
 #pragma GCC visibility push(hidden)
+#include "lckv/cluster_index.h"
 #include "lckv/flat_index.h"
 #include "lckv/graph_index.h"
 #include "lckv/ivf_index.h"
@@ -37,12 +39,14 @@ void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const ch
 
 void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
 
-SearchParams make_params(int64_t ef, int64_t nprobe) {
+SearchParams make_params(int64_t ef, int64_t nprobe, double scan) {
   TORCH_CHECK_VALUE(ef > 0, "ef must be positive, got ", ef);
   TORCH_CHECK_VALUE(nprobe > 0, "nprobe must be positive, got ", nprobe);
+  TORCH_CHECK_VALUE(std::isfinite(scan) && scan >= 1.0, "scan must be a finite number >= 1, got ", scan);
   SearchParams params;
   params.ef = ef;
   params.nprobe = nprobe;
+  params.scan = scan;
   return params;
 }
 
@@ -59,10 +63,10 @@ void add(VectorIndex& index, const torch::Tensor& keys) {
 }
 
 Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k, int64_t ef,
-              int64_t nprobe) {
+              int64_t nprobe, double scan) {
   check_rows(queries, "queries", 2, "[n_queries, head_dim]", index.dim());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe);
+  const SearchParams params = make_params(ef, nprobe, scan);
   TORCH_CHECK_VALUE(index.size() > 0, "search on an empty index: build() or add() keys first");
   const int64_t m = queries.size(0);
   auto scores = torch::empty({m, k}, torch::kFloat32);
@@ -77,14 +81,15 @@ Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k,
 }
 
 Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
-                       const torch::Tensor& queries, int64_t k, int64_t ef, int64_t nprobe) {
+                       const torch::Tensor& queries, int64_t k, int64_t ef, int64_t nprobe,
+                       double scan) {
   TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
   const int64_t dim = heads[0]->dim();
   check_rows(queries, "queries", 3, "[heads, n_queries, head_dim]", dim);
   TORCH_CHECK_VALUE(queries.size(0) == static_cast<int64_t>(heads.size()), "queries must have ",
                     heads.size(), " heads (one per index) in dim 0, got shape ", queries.sizes());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe);
+  const SearchParams params = make_params(ef, nprobe, scan);
   std::vector<const VectorIndex*> raw;
   for (std::size_t h = 0; h < heads.size(); ++h) {
     TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
@@ -118,7 +123,7 @@ void bind_index(py::module_& m) {
                              [](const VectorIndex& self) { return simd_level_name(self.simd_level()); })
       .def("add", &add, py::arg("keys"), "Appends keys [n, dim] (float32, contiguous).")
       .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = 64,
-           py::arg("nprobe") = 8, "Top-k by inner product of queries [m, dim].");
+           py::arg("nprobe") = 8, py::arg("scan") = 2.0, "Top-k by inner product of queries [m, dim].");
 
   py::class_<FlatIndex, VectorIndex, std::shared_ptr<FlatIndex>>(m, "FlatIndex")
       .def(py::init<int64_t>(), py::arg("dim"));
@@ -133,6 +138,32 @@ void bind_index(py::module_& m) {
         py::gil_scoped_release no_gil;
         self.build(keys.data_ptr<float>(), keys.size(0));
       }, py::arg("keys"), "Trains k-means on keys [n, dim] and adds them.");
+
+  py::class_<ClusterIndex, VectorIndex, std::shared_ptr<ClusterIndex>>(m, "ClusterIndex")
+      .def(py::init([](int64_t dim, int64_t cluster_size, int64_t segment, int64_t n_iters) {
+             ClusterBuildParams p;
+             p.cluster_size = cluster_size;
+             p.segment = segment;
+             p.n_iters = n_iters;
+             return std::make_shared<ClusterIndex>(dim, p);
+           }),
+           py::arg("dim"), py::arg("cluster_size") = 32, py::arg("segment") = 8192, py::arg("n_iters") = 6)
+      .def_property_readonly("n_clusters", &ClusterIndex::n_clusters)
+      .def_property_readonly("n_clustered", &ClusterIndex::n_clustered)
+      .def("assignments", [](const ClusterIndex& self) {
+        const std::vector<int64_t> a = self.assignments();
+        return torch::tensor(c10::ArrayRef<int64_t>(a), torch::kInt64);
+      }, "Cluster of every key, [size] int64 (-1: the unclustered tail).")
+      .def("centroids", [](const ClusterIndex& self) {
+        const std::vector<float> c = self.centroids();
+        return torch::tensor(c10::ArrayRef<float>(c), torch::kFloat32).reshape({-1, self.dim()});
+      }, "Centroids [n_clusters, dim] float32.")
+      .def("build", [](ClusterIndex& self, const torch::Tensor& keys) {
+        check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
+        check_capacity(self, keys.size(0));
+        py::gil_scoped_release no_gil;
+        self.build(keys.data_ptr<float>(), keys.size(0));
+      }, py::arg("keys"), "Adds keys [n, dim] and clusters them segment by segment.");
 
   py::class_<GraphIndex, VectorIndex, std::shared_ptr<GraphIndex>>(m, "GraphIndex")
       .def(py::init([](int64_t dim, int64_t max_degree, int64_t build_knn, int64_t rank_window,
@@ -171,7 +202,7 @@ void bind_index(py::module_& m) {
   }, py::arg("n"), "Sets the OpenMP threads the index builds and searches use (this runtime only).");
 
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
-        py::arg("ef") = 64, py::arg("nprobe") = 8,
+        py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
         "(scores [heads, m, k], ids [heads, m, k], n_scored [heads, m]).");
 }

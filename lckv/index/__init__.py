@@ -3,6 +3,8 @@
 * :class:`FlatIndex` — exact (the oracle), C++ with SIMD and OpenMP.
 * :class:`IVFIndex` — k-means inverted lists, C++.
 * :class:`GraphIndex` — attention-aware graph built from keys plus a sample of queries, C++.
+* :class:`ClusterIndex` — keys clustered segment by segment, scanned best cluster first until
+  ``scan * k`` keys: for large k (C++).
 * :class:`FaissIndex` — faiss-cpu Flat / HNSW / IVF (inner product), the baselines.
 * :class:`LayerIndex` / :func:`search_heads` — all kv heads of a layer searched in parallel.
 
@@ -13,9 +15,9 @@ shapes, the padding rule when k exceeds the index size, and the errors.
 from lckv.index.base import DimensionMismatchError, EmptyIndexError, Index
 from lckv.index.faiss_index import FaissIndex
 from lckv.index.multihead import LayerIndex, search_heads
-from lckv.index.native import FlatIndex, GraphIndex, IVFIndex
+from lckv.index.native import ClusterIndex, FlatIndex, GraphIndex, IVFIndex
 
 __all__ = [
-    "Index", "FlatIndex", "IVFIndex", "GraphIndex", "FaissIndex", "LayerIndex", "search_heads",
+    "Index", "FlatIndex", "IVFIndex", "GraphIndex", "ClusterIndex", "FaissIndex", "LayerIndex", "search_heads",
     "EmptyIndexError", "DimensionMismatchError",
 ]

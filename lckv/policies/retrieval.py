@@ -22,6 +22,7 @@ def _index_factory(kind: str):
         "flat": index.FlatIndex,
         "ivf": index.IVFIndex,
         "graph": index.GraphIndex,
+        "cluster": index.ClusterIndex,
         "faiss_flat": lambda dim, **kw: index.FaissIndex(dim, kind="flat", **kw),
         "faiss_hnsw": lambda dim, **kw: index.FaissIndex(dim, kind="hnsw", **kw),
         "faiss_ivf": lambda dim, **kw: index.FaissIndex(dim, kind="ivf", **kw),
@@ -29,8 +30,8 @@ def _index_factory(kind: str):
 
 
 #: ``exact`` scores every offloaded key (lckv.ops.flat_topk_scores): the oracle top-k.
-INDEX_KINDS = ("exact", "flat", "ivf", "graph", "faiss_flat", "faiss_hnsw", "faiss_ivf")
-_INDEX_CLASSES = {"flat": "FlatIndex", "ivf": "IVFIndex", "graph": "GraphIndex",
+INDEX_KINDS = ("exact", "flat", "ivf", "graph", "cluster", "faiss_flat", "faiss_hnsw", "faiss_ivf")
+_INDEX_CLASSES = {"flat": "FlatIndex", "ivf": "IVFIndex", "graph": "GraphIndex", "cluster": "ClusterIndex",
                   "faiss_flat": "FaissIndex", "faiss_hnsw": "FaissIndex", "faiss_ivf": "FaissIndex"}
 
 

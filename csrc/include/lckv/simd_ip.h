@@ -105,6 +105,27 @@ __attribute__((target("avx512f"))) inline void inner_product_batch_avx512(
 }
 #endif  // LCKV_X86_DISPATCH
 
+// out[j] = dot(query, rows + j * dim) for j < n: contiguous rows (centroids, packed lists).
+using InnerProductRowsFn = void (*)(const float* query, const float* rows, std::size_t n, std::size_t dim,
+                                    float* out);
+
+inline void inner_product_rows_scalar(const float* query, const float* rows, std::size_t n, std::size_t dim,
+                                      float* out) {
+  for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_scalar(query, rows + j * dim, dim);
+}
+
+#ifdef LCKV_X86_DISPATCH
+__attribute__((target("avx2,fma"))) inline void inner_product_rows_avx2(
+    const float* query, const float* rows, std::size_t n, std::size_t dim, float* out) {
+  for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_avx2(query, rows + j * dim, dim);
+}
+
+__attribute__((target("avx512f"))) inline void inner_product_rows_avx512(
+    const float* query, const float* rows, std::size_t n, std::size_t dim, float* out) {
+  for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_avx512(query, rows + j * dim, dim);
+}
+#endif  // LCKV_X86_DISPATCH
+
 // Which kernel select_inner_product() picked, for logs and tests.
 enum class SimdLevel { kScalar, kAvx2, kAvx512 };
 
@@ -158,6 +179,16 @@ inline SimdLevel simd_level_for(std::size_t dim) {
   if (level == SimdLevel::kAvx512 && dim < 16) level = SimdLevel::kAvx2;
   if (level == SimdLevel::kAvx2 && dim < 8) level = SimdLevel::kScalar;
   return level;
+}
+
+// The contiguous-rows kernel for `level` (falls back to scalar when that level is not compiled in).
+inline InnerProductRowsFn inner_product_rows_for(SimdLevel level) {
+#ifdef LCKV_X86_DISPATCH
+  if (level == SimdLevel::kAvx512) return inner_product_rows_avx512;
+  if (level == SimdLevel::kAvx2) return inner_product_rows_avx2;
+#endif
+  (void)level;
+  return inner_product_rows_scalar;
 }
 
 }  // namespace lckv

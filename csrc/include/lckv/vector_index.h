@@ -54,6 +54,7 @@ class RwLock {
 struct SearchParams {
   int64_t ef = 64;      // GraphIndex: beam width (may be below k: all keys scored compete for k)
   int64_t nprobe = 8;   // IVFIndex: number of lists scanned
+  double scan = 2.0;    // ClusterIndex: keys scanned per result wanted (clusters taken best first)
 };
 
 // Keeps the k largest (score, id) pairs seen; a min-heap on score.

@@ -1,0 +1,290 @@
+// Segment-clustered inverted index for inner-product top-k at large k (RetroInfer-style clusters).
+//
+// A KV cache grows in order, and attention keys cluster by topic and position, so the keys are
+// clustered one segment at a time: every `segment` consecutive keys are split by k-means (L2,
+// initialised at evenly spaced keys of the segment) into clusters of about `cluster_size` keys,
+// and each cluster's keys are copied next to each other (a cluster is scanned sequentially).
+// Keys that do not fill a segment yet (the tail) are scanned exactly by every search; add() clusters
+// the tail whenever it reaches `segment` keys, so decode-time inserts cost O(1) amortised and never
+// re-cluster old keys. build() clusters a last partial segment too when it holds at least
+// 4 * cluster_size keys.
+//
+// Search: score every centroid, then scan clusters in descending centroid score until at least
+// `scan * k` keys were scanned (SearchParams::scan), plus the tail; keep the top k. The work adapts
+// to k: graph search degrades when k is a large fraction of what its beam reaches, this does not.
+// With scan * k >= size the search is exact. n_scored counts centroids + keys scanned.
+// Torch-free.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "lckv/vector_index.h"
+
+namespace lckv {
+
+struct ClusterBuildParams {
+  int64_t cluster_size = 32;  // mean keys per cluster
+  int64_t segment = 8192;     // keys clustered together (the last, partial one waits in the tail)
+  int64_t n_iters = 6;        // Lloyd iterations per segment
+};
+
+class ClusterIndex : public VectorIndex {
+ public:
+  ClusterIndex(int64_t dim, const ClusterBuildParams& params)
+      : VectorIndex(dim), params_(params), ip_rows_(inner_product_rows_for(simd_)) {
+    if (params.cluster_size < 1) throw std::invalid_argument("cluster_size must be >= 1");
+    if (params.segment < params.cluster_size)
+      throw std::invalid_argument("segment must be >= cluster_size");
+    if (params.n_iters < 0) throw std::invalid_argument("n_iters must be >= 0");
+  }
+
+  const ClusterBuildParams& build_params() const { return params_; }
+
+  int64_t n_clusters() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return static_cast<int64_t>(starts_.size()) - 1;
+  }
+
+  // Keys in clusters; keys [n_clustered, size) are the tail, scanned exactly.
+  int64_t n_clustered() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return clustered_;
+  }
+
+  // Cluster of every key (-1 for the tail), [size].
+  std::vector<int64_t> assignments() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    std::vector<int64_t> out(static_cast<std::size_t>(size_), -1);
+    for (int64_t c = 0; c + 1 < static_cast<int64_t>(starts_.size()); ++c)
+      for (int64_t j = starts_[c]; j < starts_[c + 1]; ++j) out[members_[j]] = c;
+    return out;
+  }
+
+  // Centroids [n_clusters, dim].
+  std::vector<float> centroids() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return centroids_;
+  }
+
+  // Adds n keys and clusters them (a last partial segment too, see the file comment).
+  void build(const float* keys, int64_t n) {
+    std::unique_lock<RwLock> lock(mutex_);
+    append_keys(keys, n);
+    cluster_tail(/*partial=*/true);
+  }
+
+ protected:
+  void add_locked(const float* keys, int64_t n) override {
+    append_keys(keys, n);
+    cluster_tail(/*partial=*/false);
+  }
+
+  int64_t search_locked(const float* query, int64_t k, const SearchParams& params, float* scores,
+                        int64_t* ids) const override {
+    struct Scratch {
+      std::vector<float> centroid_scores, sorted, row_scores;
+      std::vector<uint32_t> picked;
+      std::vector<std::pair<float, int64_t>> found;  // every key scanned
+    };
+    thread_local Scratch scratch;
+    Scratch& local = scratch;
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    auto& found = local.found;
+    found.clear();
+    int64_t n_scored = 0;
+    // Scores n contiguous rows; the top k of everything scanned is selected once at the end (a
+    // k-heap would pay log k for most rows when k is large).
+    auto scan_rows = [&](const float* rows, int64_t n, auto id_of) {
+      local.row_scores.resize(static_cast<std::size_t>(n));
+      ip_rows_(query, rows, static_cast<std::size_t>(n), static_cast<std::size_t>(dim_), local.row_scores.data());
+      for (int64_t j = 0; j < n; ++j) found.emplace_back(local.row_scores[j], id_of(j));
+      n_scored += n;
+    };
+    // The tail, exactly.
+    if (size_ > clustered_)
+      scan_rows(key(clustered_), size_ - clustered_, [&](int64_t j) { return clustered_ + j; });
+    if (n_clusters > 0) {
+      auto& cs = local.centroid_scores;
+      cs.resize(static_cast<std::size_t>(n_clusters));
+      ip_rows_(query, centroids_.data(), static_cast<std::size_t>(n_clusters), static_cast<std::size_t>(dim_),
+               cs.data());
+      n_scored += n_clusters;
+      const double want = std::max(1.0, params.scan) * static_cast<double>(k);
+      auto& picked = local.picked;
+      picked.clear();
+      if (want >= static_cast<double>(clustered_)) {
+        for (int64_t c = 0; c < n_clusters; ++c) picked.push_back(static_cast<uint32_t>(c));
+      } else {
+        // The best p clusters by centroid score, p sized for `want` keys with a margin; doubled
+        // in the rare case their keys fall short.
+        const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
+        int64_t p = std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
+        for (;;) {
+          picked.clear();
+          float cut = -std::numeric_limits<float>::infinity();
+          if (p < n_clusters) {
+            local.sorted.assign(cs.begin(), cs.end());
+            std::nth_element(local.sorted.begin(), local.sorted.begin() + (p - 1), local.sorted.end(),
+                             std::greater<float>());
+            cut = local.sorted[p - 1];
+          }
+          for (int64_t c = 0; c < n_clusters; ++c)
+            if (cs[c] >= cut) picked.push_back(static_cast<uint32_t>(c));
+          int64_t total = 0;
+          for (uint32_t c : picked) total += starts_[c + 1] - starts_[c];
+          if (total >= want || p >= n_clusters) break;
+          p = std::min(n_clusters, 2 * p);
+        }
+        std::sort(picked.begin(), picked.end(), [&](uint32_t a, uint32_t b) {
+          return cs[a] > cs[b] || (cs[a] == cs[b] && a < b);
+        });
+      }
+      int64_t scanned = 0;
+      for (uint32_t c : picked) {
+        if (static_cast<double>(scanned) >= want) break;
+        const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
+        scan_rows(packed_.data() + lo * dim_, len, [&](int64_t j) { return static_cast<int64_t>(members_[lo + j]); });
+        scanned += len;
+      }
+    }
+    auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    const int64_t n_found = std::min<int64_t>(k, static_cast<int64_t>(found.size()));
+    if (n_found < static_cast<int64_t>(found.size()))
+      std::nth_element(found.begin(), found.begin() + n_found, found.end(), better);
+    std::sort(found.begin(), found.begin() + n_found, better);
+    for (int64_t j = 0; j < n_found; ++j) {
+      scores[j] = found[j].first;
+      ids[j] = found[j].second;
+    }
+    for (int64_t j = n_found; j < k; ++j) {
+      scores[j] = -std::numeric_limits<float>::infinity();
+      ids[j] = -1;
+    }
+    return n_scored;
+  }
+
+  int64_t extra_memory_bytes_locked() const override {
+    return static_cast<int64_t>(centroids_.capacity() * sizeof(float) + starts_.capacity() * sizeof(int64_t) +
+                                members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float));
+  }
+
+ private:
+  // One clustered segment, before it is appended to the global arrays.
+  struct Segment {
+    std::vector<float> centroids;   // [c, dim]
+    std::vector<int64_t> sizes;     // [c] keys per cluster (no empty clusters)
+    std::vector<uint32_t> members;  // key ids, grouped by cluster
+  };
+
+  // Clusters full segments of the tail (and with `partial` a last one of >= 4 * cluster_size keys).
+  void cluster_tail(bool partial) {
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    int64_t lo = clustered_;
+    while (size_ - lo >= params_.segment) {
+      ranges.emplace_back(lo, lo + params_.segment);
+      lo += params_.segment;
+    }
+    if (partial && size_ - lo >= 4 * params_.cluster_size) {
+      ranges.emplace_back(lo, size_);
+      lo = size_;
+    }
+    if (ranges.empty()) return;
+    std::vector<Segment> segments(ranges.size());
+    const int64_t n_ranges = static_cast<int64_t>(ranges.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n_ranges > 1)
+    for (int64_t r = 0; r < n_ranges; ++r) segments[r] = cluster_range(ranges[r].first, ranges[r].second);
+    if (starts_.empty()) starts_.push_back(0);
+    for (const Segment& seg : segments) {
+      centroids_.insert(centroids_.end(), seg.centroids.begin(), seg.centroids.end());
+      for (int64_t s : seg.sizes) starts_.push_back(starts_.back() + s);
+      for (uint32_t id : seg.members) {
+        members_.push_back(id);
+        packed_.insert(packed_.end(), key(id), key(id) + dim_);
+      }
+    }
+    clustered_ = lo;
+  }
+
+  // k-means of keys [lo, hi) into about (hi - lo) / cluster_size clusters.
+  Segment cluster_range(int64_t lo, int64_t hi) const {
+    const int64_t n = hi - lo;
+    const int64_t c_count = std::max<int64_t>(
+        1, std::min<int64_t>(n, (n + params_.cluster_size / 2) / params_.cluster_size));
+    std::vector<float> cent(static_cast<std::size_t>(c_count * dim_));
+    for (int64_t c = 0; c < c_count; ++c) {  // evenly spaced keys: topics are contiguous in position
+      const int64_t id = lo + (2 * c + 1) * n / (2 * c_count);
+      std::copy(key(id), key(id) + dim_, cent.begin() + c * dim_);
+    }
+    std::vector<float> half_norms(static_cast<std::size_t>(c_count));
+    std::vector<float> row(static_cast<std::size_t>(c_count));
+    std::vector<int64_t> assign(static_cast<std::size_t>(n));
+    std::vector<double> sums(static_cast<std::size_t>(c_count * dim_));
+    std::vector<int64_t> counts(static_cast<std::size_t>(c_count));
+    for (int64_t it = 0;; ++it) {
+      for (int64_t c = 0; c < c_count; ++c) {
+        const float* cv = cent.data() + c * dim_;
+        half_norms[c] = 0.5f * ip_(cv, cv, static_cast<std::size_t>(dim_));
+      }
+      // nearest centroid in L2: argmax_c (x . c - |c|^2 / 2)
+      for (int64_t i = 0; i < n; ++i) {
+        ip_rows_(key(lo + i), cent.data(), static_cast<std::size_t>(c_count), static_cast<std::size_t>(dim_),
+                 row.data());
+        int64_t best = 0;
+        float best_score = row[0] - half_norms[0];
+        for (int64_t c = 1; c < c_count; ++c) {
+          const float s = row[c] - half_norms[c];
+          if (s > best_score) {
+            best_score = s;
+            best = c;
+          }
+        }
+        assign[i] = best;
+      }
+      std::fill(counts.begin(), counts.end(), 0);
+      if (it == params_.n_iters) break;
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* x = key(lo + i);
+        double* s = sums.data() + assign[i] * dim_;
+        for (int64_t d = 0; d < dim_; ++d) s[d] += x[d];
+        ++counts[assign[i]];
+      }
+      for (int64_t c = 0; c < c_count; ++c)  // an empty cluster keeps its centroid
+        if (counts[c] > 0)
+          for (int64_t d = 0; d < dim_; ++d)
+            cent[c * dim_ + d] = static_cast<float>(sums[c * dim_ + d] / static_cast<double>(counts[c]));
+    }
+    for (int64_t i = 0; i < n; ++i) ++counts[assign[i]];
+    // Keep the non-empty clusters; group members by cluster (counting sort, ids ascending).
+    Segment seg;
+    std::vector<int64_t> remap(static_cast<std::size_t>(c_count), -1), offset;
+    for (int64_t c = 0; c < c_count; ++c) {
+      if (counts[c] == 0) continue;
+      remap[c] = static_cast<int64_t>(seg.sizes.size());
+      offset.push_back(seg.sizes.empty() ? 0 : offset.back() + seg.sizes.back());
+      seg.sizes.push_back(counts[c]);
+      seg.centroids.insert(seg.centroids.end(), cent.begin() + c * dim_, cent.begin() + (c + 1) * dim_);
+    }
+    seg.members.resize(static_cast<std::size_t>(n));
+    for (int64_t i = 0; i < n; ++i) seg.members[offset[remap[assign[i]]]++] = static_cast<uint32_t>(lo + i);
+    return seg;
+  }
+
+  const ClusterBuildParams params_;      // build knobs
+  const InnerProductRowsFn ip_rows_;     // inner products with contiguous rows
+  int64_t clustered_ = 0;                // keys [0, clustered_) are in clusters
+  std::vector<float> centroids_;         // [n_clusters, dim]
+  std::vector<int64_t> starts_;          // [n_clusters + 1] offsets into members_ / packed_
+  std::vector<uint32_t> members_;        // key ids grouped by cluster
+  std::vector<float> packed_;            // [clustered_, dim] the keys in members_ order
+};
+
+}  // namespace lckv
