@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lckv.memory import empty_host
 from lckv.policies import Policy
 
 __all__ = ["HostKVStore", "LckvCacheLayer", "LckvCache", "Segment"]
@@ -54,8 +55,9 @@ class HostKVStore:
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         batch, kv_heads, head_dim = self._shape
-        t = torch.empty(batch, kv_heads, capacity, head_dim, dtype=self._dtype, device="cpu")
-        return t.pin_memory() if torch.cuda.is_available() else t
+        if torch.cuda.is_available():  # pinned, for asynchronous copies to the device
+            return torch.empty(batch, kv_heads, capacity, head_dim, dtype=self._dtype).pin_memory()
+        return empty_host((batch, kv_heads, capacity, head_dim), self._dtype)  # huge pages when large
 
     @property
     def capacity(self) -> int:

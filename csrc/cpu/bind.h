@@ -8,5 +8,6 @@ namespace lckv {
 void bind_merge_states(pybind11::module_& m);
 void bind_sparse_attention(pybind11::module_& m);
 void bind_index(pybind11::module_& m);
+void bind_memory(pybind11::module_& m);
 
 }  // namespace lckv

@@ -1,0 +1,109 @@
+"""Host memory for large offloaded K/V: tensors on transparent huge pages.
+
+Decode-time sparse attention reads a few thousand rows of 256-512 bytes at random positions of a
+K/V cache that can be gigabytes large. On 4 KiB pages almost every such row misses the TLB and
+pays a page walk; on 2 MiB huge pages the whole cache stays within the TLB's reach, and the
+measured gather bandwidth of the C++ kernel roughly doubles at a 1M-token fp16 context (see
+``benchmarks/bench_kernels.py``). Linux hands out huge pages to a region only if it was
+``madvise(MADV_HUGEPAGE)``'d before its first touch when THP runs in the common ``madvise`` mode
+(``/sys/kernel/mm/transparent_hugepage/enabled``), which ``torch.empty`` does not do.
+:func:`empty_host` does, for tensors of at least :data:`HUGE_PAGE_MIN_BYTES`.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import torch
+
+from lckv._extension import extension_available
+
+__all__ = ["HUGE_PAGE_MIN_BYTES", "empty_host", "huge_page_fraction"]
+
+#: Tensors at least this large go on huge pages. Below it the 4 KiB TLB reach of a typical x86
+#: core (~2K second-level entries, 8 MiB) already covers most of the tensor, and rounding the
+#: allocation to whole 2 MiB pages would waste a noticeable share of memory.
+HUGE_PAGE_MIN_BYTES = 16 << 20
+
+
+def empty_host(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised contiguous CPU tensor, on transparent huge pages when it is large.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Non-negative sizes, e.g. ``[batch, kv_heads, capacity, head_dim]``.
+    dtype : torch.dtype
+        Any torch dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        ``torch.empty(shape, dtype=dtype)``-like (uninitialised, contiguous, CPU). When the tensor
+        has at least :data:`HUGE_PAGE_MIN_BYTES` bytes, its memory is 2 MiB aligned and advised
+        ``MADV_HUGEPAGE`` before first touch (``lckv._C.empty_huge``), and freed when the tensor
+        is. Otherwise -- small tensors, the extension not built, or the advice failing (a kernel
+        without THP, a non-Linux system, a sandbox that forbids ``madvise``) -- it is a plain
+        ``torch.empty``: huge pages are a speed-up, never a requirement. Whether the kernel actually
+        backed the pages with huge pages (it may not, e.g. when memory is fragmented or THP is
+        ``never``) can be checked after first touch with :func:`huge_page_fraction`.
+
+    Raises
+    ------
+    TypeError
+        ``dtype`` is not a ``torch.dtype`` or ``shape`` is not a sequence of ints.
+    ValueError
+        A size is negative.
+
+    Examples
+    --------
+    >>> k = empty_host([1, 8, 65536, 128], torch.float16)   # 128 MiB: on huge pages
+    >>> k.shape, k.is_contiguous()
+    (torch.Size([1, 8, 65536, 128]), True)
+    """
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    try:
+        sizes = [operator.index(s) for s in shape]
+    except TypeError:
+        raise TypeError(f"shape must be a sequence of ints, got {shape!r}") from None
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"shape must have non-negative sizes, got {tuple(sizes)}")
+    if math.prod(sizes) * dtype.itemsize >= HUGE_PAGE_MIN_BYTES and extension_available():
+        from lckv._extension import compiled
+
+        try:
+            return compiled("empty_huge").empty_huge(sizes, dtype)
+        except RuntimeError:  # madvise refused: plain pages are correct, only slower
+            pass
+    return torch.empty(sizes, dtype=dtype)
+
+
+def huge_page_fraction(tensor: torch.Tensor) -> float | None:
+    """Share of the memory mapping holding ``tensor`` that is backed by huge pages, in [0, 1].
+
+    Read from ``/proc/self/smaps`` (``AnonHugePages`` over ``Rss`` of the mapping that contains
+    ``tensor.data_ptr()``); only touched pages count. Returns None when that cannot be read
+    (not Linux, no smaps) or nothing of the mapping is resident yet.
+    """
+    address = tensor.data_ptr()
+    try:
+        with open("/proc/self/smaps") as smaps:
+            inside, rss, huge = False, None, None
+            for line in smaps:
+                first = line.split(maxsplit=1)[0] if line.strip() else ""
+                if "-" in first and not first.endswith(":"):  # a mapping header "start-end perms ..."
+                    if inside:
+                        break
+                    start, end = (int(x, 16) for x in first.split("-"))
+                    inside = start <= address < end
+                elif inside and first == "Rss:":
+                    rss = int(line.split()[1])
+                elif inside and first == "AnonHugePages:":
+                    huge = int(line.split()[1])
+    except OSError:
+        return None
+    if not rss or huge is None:
+        return None
+    return min(1.0, huge / rss)

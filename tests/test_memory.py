@@ -1,0 +1,121 @@
+"""lckv.memory.empty_host and lckv._C.empty_huge: huge-page host tensors for offloaded K/V."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernel_oracles import fresh_generator
+from lckv import extension_available
+from lckv.cache import HostKVStore
+from lckv.memory import HUGE_PAGE_MIN_BYTES, empty_host, huge_page_fraction
+
+needs_extension = pytest.mark.skipif(not extension_available(), reason="lckv._C is not built (pip install -e .)")
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+TWO_MIB = 2 << 20
+
+
+def _thp_mode():
+    try:
+        return THP.read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _rss_bytes():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool])
+@pytest.mark.parametrize("shape", [(3, 5), (0, 4), (), (1, 2, HUGE_PAGE_MIN_BYTES // 256, 64)])
+def test_shape_dtype_and_round_trip(shape, dtype):
+    gen, seed = fresh_generator()
+    t = empty_host(shape, dtype)
+    assert t.shape == torch.Size(shape) and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    data = (torch.randn(shape, generator=gen) * 100).to(dtype)
+    t.copy_(data)
+    assert torch.equal(t, data), f"seed {seed}"
+    t[...] = 0  # writable in place
+    assert not t.any()
+
+
+@needs_extension
+def test_large_tensors_are_huge_page_aligned_and_backed():
+    t = empty_host([4, HUGE_PAGE_MIN_BYTES // 4 // 128 + 3, 128], torch.float32)  # a bit above the threshold
+    assert t.data_ptr() % TWO_MIB == 0
+    small = empty_host([1024], torch.float32)
+    assert small.nbytes < HUGE_PAGE_MIN_BYTES
+    if _thp_mode() not in ("madvise", "always"):
+        pytest.skip(f"transparent huge pages are {_thp_mode()!r} here")
+    t.fill_(1.0)  # first touch
+    fraction = huge_page_fraction(t)
+    assert fraction is not None and fraction > 0.5, f"only {fraction} of the mapping is on huge pages"
+
+
+@needs_extension
+def test_memory_is_returned_to_the_system_when_tensors_die():
+    size = 64 << 20
+    before = _rss_bytes()
+    for i in range(40):  # 2.5 GB touched in total; a leak would keep all of it resident
+        t = empty_host([size // 4], torch.float32)
+        t.fill_(float(i))
+        assert t[-1].item() == float(i)
+        del t
+    grown = _rss_bytes() - before
+    assert grown < 4 * size, f"resident memory grew by {grown / 2**20:.0f} MiB over 40 freed allocations"
+
+
+@needs_extension
+def test_extension_allocator_checks_its_arguments():
+    from lckv._extension import compiled
+
+    empty_huge = compiled("empty_huge").empty_huge
+    t = empty_huge([2, 3], torch.bfloat16)
+    assert t.shape == (2, 3) and t.dtype == torch.bfloat16 and t.data_ptr() % TWO_MIB == 0
+    with pytest.raises(ValueError, match="non-negative"):
+        empty_huge([4, -1], torch.float32)
+    with pytest.raises(ValueError, match="overflows"):
+        empty_huge([1 << 40, 1 << 40], torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        empty_huge([4], "float32")
+
+
+def test_empty_host_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="non-negative"):
+        empty_host([2, -3], torch.float16)
+    with pytest.raises(TypeError, match="dtype"):
+        empty_host([2], "float16")
+    with pytest.raises(TypeError, match="shape"):
+        empty_host([2.0, 3], torch.float16)
+    with pytest.raises(TypeError, match="shape"):
+        empty_host(7, torch.float16)
+
+
+def test_falls_back_to_plain_pages_when_the_advice_fails(monkeypatch):
+    import lckv._extension
+
+    calls = []
+
+    class Refusing:
+        @staticmethod
+        def empty_huge(shape, dtype):
+            calls.append(shape)
+            raise RuntimeError("empty_huge: madvise(MADV_HUGEPAGE) failed: Operation not permitted")
+
+    monkeypatch.setattr("lckv.memory.extension_available", lambda: True)
+    monkeypatch.setattr(lckv._extension, "compiled", lambda name: Refusing)
+    t = empty_host([HUGE_PAGE_MIN_BYTES // 2], torch.float16)
+    assert calls == [[HUGE_PAGE_MIN_BYTES // 2]]
+    assert t.shape == (HUGE_PAGE_MIN_BYTES // 2,) and t.dtype == torch.float16
+    t.fill_(2.0)
+    assert bool((t == 2.0).all())
+
+
+@needs_extension
+def test_host_kv_store_allocates_through_empty_host():
+    gen, seed = fresh_generator()
+    store = HostKVStore(1, 8, 128, torch.float16, capacity=HUGE_PAGE_MIN_BYTES // (8 * 128 * 2))
+    assert store._k.data_ptr() % TWO_MIB == 0 and store._v.data_ptr() % TWO_MIB == 0
+    k, v = torch.randn(2, 1, 8, 37, 128, generator=gen).half()
+    store.append(k, v)
+    assert torch.equal(store.keys, k) and torch.equal(store.values, v), f"seed {seed}"
