@@ -1,5 +1,7 @@
-// FlatIndex equals a naive top-k; SIMD kernels agree with the scalar one; IVF and the graph index
+// FlatIndex equals a naive top-k; SIMD kernels (also the row and blocked ones) agree with the
+// scalar one; ClusterIndex is exact when its scan covers every key; IVF and the graph index
 // reach their recall on random data; keys added later are found; concurrent search during add.
+#include <lckv/cluster_index.h>
 #include <lckv/flat_index.h>
 #include <lckv/graph_index.h>
 #include <lckv/ivf_index.h>
@@ -41,6 +43,59 @@ void test_kernels(std::mt19937_64& rng) {
       const float got = lckv::inner_product_for(level)(a.data(), b.data(), dim);
       EXPECT(lckv_test::close(got, exact, 1e-5 * dim, 1e-5));
     }
+  }
+}
+
+void test_row_kernels(std::mt19937_64& rng) {
+  for (int64_t dim : {1, 7, 8, 15, 16, 33, 59, 128}) {
+    const int64_t n = 21;  // not a multiple of the 8-row block
+    auto q = gaussian(rng, 1, dim, 0.0f, 1.0f);
+    auto rows = gaussian(rng, n, dim, 0.0f, 1.0f);
+    const int64_t n_blocks = (n + 7) / 8;
+    std::vector<float> blocks(static_cast<std::size_t>(n_blocks * 8 * dim), 0.0f);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t d = 0; d < dim; ++d) blocks[(r / 8) * 8 * dim + d * 8 + r % 8] = rows[r * dim + d];
+    for (auto level : {lckv::SimdLevel::kScalar, lckv::detect_simd_level()}) {
+      std::vector<float> by_rows(n), by_blocks(n_blocks * 8);
+      lckv::inner_product_rows_for(level)(q.data(), rows.data(), n, dim, by_rows.data());
+      lckv::inner_product_blocks_for(level)(q.data(), blocks.data(), n_blocks, dim, by_blocks.data());
+      for (int64_t r = 0; r < n; ++r) {
+        double exact = 0.0;
+        for (int64_t d = 0; d < dim; ++d) exact += static_cast<double>(q[d]) * rows[r * dim + d];
+        EXPECT(lckv_test::close(by_rows[r], exact, 1e-5 * dim, 1e-5));
+        EXPECT(lckv_test::close(by_blocks[r], exact, 1e-5 * dim, 1e-5));
+      }
+    }
+  }
+}
+
+void test_cluster(std::mt19937_64& rng) {
+  const int64_t n = 3000, dim = 16, m = 4, k = 50;
+  auto keys = gaussian(rng, n, dim, 0.0f, 1.0f);
+  auto queries = gaussian(rng, m, dim, 0.0f, 1.0f);
+  lckv::ClusterBuildParams params;
+  params.cluster_size = 16;
+  params.segment = 1024;
+  lckv::ClusterIndex index(dim, params);
+  index.build(keys.data(), 2000);
+  EXPECT(index.n_clustered() == 2000);  // a segment and a partial one of 976 >= 4 * 16 keys
+  index.add(keys.data() + 2000 * dim, n - 2000);
+  EXPECT(index.size() == n && index.n_clustered() == 2000);  // the 1000 added keys wait in the tail
+  lckv::SearchParams full;
+  full.scan = static_cast<double>(n) / k;  // covers every key: exact
+  for (int64_t q = 0; q < m; ++q) {
+    std::vector<float> s(k);
+    std::vector<int64_t> ids(k);
+    const int64_t scored = index.search(queries.data() + q * dim, k, full, s.data(), ids.data());
+    EXPECT(scored == n + index.n_clusters());
+    std::vector<std::pair<double, int64_t>> all;
+    for (int64_t j = 0; j < n; ++j) {
+      double v = 0.0;
+      for (int64_t d = 0; d < dim; ++d) v += static_cast<double>(queries[q * dim + d]) * keys[j * dim + d];
+      all.emplace_back(-v, j);
+    }
+    std::sort(all.begin(), all.end());
+    for (int64_t j = 0; j < k; ++j) EXPECT(lckv_test::close(s[j], -all[j].first, 1e-4, 1e-5));
   }
 }
 
@@ -186,6 +241,8 @@ int main() {
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   test_kernels(rng);
+  test_row_kernels(rng);
+  test_cluster(rng);
   test_flat(rng);
   test_approximate(rng);
   test_add_and_concurrency(rng);

@@ -19,7 +19,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <functional>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -37,7 +36,10 @@ struct ClusterBuildParams {
 class ClusterIndex : public VectorIndex {
  public:
   ClusterIndex(int64_t dim, const ClusterBuildParams& params)
-      : VectorIndex(dim), params_(params), ip_rows_(inner_product_rows_for(simd_)) {
+      : VectorIndex(dim),
+        params_(params),
+        ip_rows_(inner_product_rows_for(simd_)),
+        ip_blocks_(inner_product_blocks_for(detect_simd_level())) {
     if (params.cluster_size < 1) throw std::invalid_argument("cluster_size must be >= 1");
     if (params.segment < params.cluster_size)
       throw std::invalid_argument("segment must be >= cluster_size");
@@ -88,8 +90,8 @@ class ClusterIndex : public VectorIndex {
   int64_t search_locked(const float* query, int64_t k, const SearchParams& params, float* scores,
                         int64_t* ids) const override {
     struct Scratch {
-      std::vector<float> centroid_scores, sorted, row_scores;
-      std::vector<uint32_t> picked;
+      std::vector<float> centroid_scores, row_scores;
+      std::vector<std::pair<float, uint32_t>> picked;  // min-heap of the best clusters, then sorted
       std::vector<std::pair<float, int64_t>> found;  // every key scanned
     };
     thread_local Scratch scratch;
@@ -111,42 +113,44 @@ class ClusterIndex : public VectorIndex {
       scan_rows(key(clustered_), size_ - clustered_, [&](int64_t j) { return clustered_ + j; });
     if (n_clusters > 0) {
       auto& cs = local.centroid_scores;
-      cs.resize(static_cast<std::size_t>(n_clusters));
-      ip_rows_(query, centroids_.data(), static_cast<std::size_t>(n_clusters), static_cast<std::size_t>(dim_),
-               cs.data());
+      const int64_t n_blocks = (n_clusters + 7) / 8;
+      cs.resize(static_cast<std::size_t>(n_blocks * 8));
+      ip_blocks_(query, blocks_.data(), static_cast<std::size_t>(n_blocks), static_cast<std::size_t>(dim_),
+                 cs.data());
       n_scored += n_clusters;
       const double want = std::max(1.0, params.scan) * static_cast<double>(k);
+      // The best p clusters by centroid score (a min-heap of p while scanning the scores), p sized
+      // for `want` keys with a margin; doubled in the rare case their keys fall short.
       auto& picked = local.picked;
-      picked.clear();
-      if (want >= static_cast<double>(clustered_)) {
-        for (int64_t c = 0; c < n_clusters; ++c) picked.push_back(static_cast<uint32_t>(c));
-      } else {
-        // The best p clusters by centroid score, p sized for `want` keys with a margin; doubled
-        // in the rare case their keys fall short.
-        const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
-        int64_t p = std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
-        for (;;) {
-          picked.clear();
-          float cut = -std::numeric_limits<float>::infinity();
-          if (p < n_clusters) {
-            local.sorted.assign(cs.begin(), cs.end());
-            std::nth_element(local.sorted.begin(), local.sorted.begin() + (p - 1), local.sorted.end(),
-                             std::greater<float>());
-            cut = local.sorted[p - 1];
+      const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
+      int64_t p = want >= static_cast<double>(clustered_)
+                      ? n_clusters
+                      : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
+      auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      };
+      for (;;) {
+        picked.clear();
+        for (int64_t c = 0; c < n_clusters; ++c) {
+          const std::pair<float, uint32_t> e(cs[c], static_cast<uint32_t>(c));
+          if (static_cast<int64_t>(picked.size()) < p) {
+            picked.push_back(e);
+            std::push_heap(picked.begin(), picked.end(), better);  // front: the worst kept
+          } else if (better(e, picked.front())) {
+            std::pop_heap(picked.begin(), picked.end(), better);
+            picked.back() = e;
+            std::push_heap(picked.begin(), picked.end(), better);  // front: the worst kept
           }
-          for (int64_t c = 0; c < n_clusters; ++c)
-            if (cs[c] >= cut) picked.push_back(static_cast<uint32_t>(c));
-          int64_t total = 0;
-          for (uint32_t c : picked) total += starts_[c + 1] - starts_[c];
-          if (total >= want || p >= n_clusters) break;
-          p = std::min(n_clusters, 2 * p);
         }
-        std::sort(picked.begin(), picked.end(), [&](uint32_t a, uint32_t b) {
-          return cs[a] > cs[b] || (cs[a] == cs[b] && a < b);
-        });
+        int64_t total = 0;
+        for (const auto& e : picked) total += starts_[e.second + 1] - starts_[e.second];
+        if (total >= want || p >= n_clusters) break;
+        p = std::min(n_clusters, 2 * p);
       }
+      std::sort(picked.begin(), picked.end(), better);  // best first
       int64_t scanned = 0;
-      for (uint32_t c : picked) {
+      for (const auto& pick : picked) {
+        const uint32_t c = pick.second;
         if (static_cast<double>(scanned) >= want) break;
         const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
         scan_rows(packed_.data() + lo * dim_, len, [&](int64_t j) { return static_cast<int64_t>(members_[lo + j]); });
@@ -172,7 +176,8 @@ class ClusterIndex : public VectorIndex {
   }
 
   int64_t extra_memory_bytes_locked() const override {
-    return static_cast<int64_t>(centroids_.capacity() * sizeof(float) + starts_.capacity() * sizeof(int64_t) +
+    return static_cast<int64_t>((centroids_.capacity() + blocks_.capacity()) * sizeof(float) +
+                                starts_.capacity() * sizeof(int64_t) +
                                 members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float));
   }
 
@@ -211,6 +216,12 @@ class ClusterIndex : public VectorIndex {
       }
     }
     clustered_ = lo;
+    // Centroids in blocks of 8, transposed, for inner_product_blocks (padding rows are zero and
+    // their scores are never read).
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    blocks_.assign(static_cast<std::size_t>((n_clusters + 7) / 8 * 8 * dim_), 0.0f);
+    for (int64_t c = 0; c < n_clusters; ++c)
+      for (int64_t d = 0; d < dim_; ++d) blocks_[(c / 8) * 8 * dim_ + d * 8 + c % 8] = centroids_[c * dim_ + d];
   }
 
   // k-means of keys [lo, hi) into about (hi - lo) / cluster_size clusters.
@@ -280,8 +291,10 @@ class ClusterIndex : public VectorIndex {
 
   const ClusterBuildParams params_;      // build knobs
   const InnerProductRowsFn ip_rows_;     // inner products with contiguous rows
+  const InnerProductBlocksFn ip_blocks_; // inner products with blocks of 8 transposed rows
   int64_t clustered_ = 0;                // keys [0, clustered_) are in clusters
   std::vector<float> centroids_;         // [n_clusters, dim]
+  std::vector<float> blocks_;            // the centroids as [ceil(n_clusters / 8)][dim][8]
   std::vector<int64_t> starts_;          // [n_clusters + 1] offsets into members_ / packed_
   std::vector<uint32_t> members_;        // key ids grouped by cluster
   std::vector<float> packed_;            // [clustered_, dim] the keys in members_ order
