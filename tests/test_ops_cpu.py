@@ -48,6 +48,26 @@ def test_sparse_low_precision_within_twice_torch_error(dtype, head_dim, group):
     assert_matches(lse, want_lse, lowp=low_lse, what=f"lse {dtype}", seed=seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim,group", [(64, 4), (128, 2), (72, 1), (59, 4)])  # 64/128/72: AVX2 intrinsics path
+def test_sparse_around_prefetch_batches_and_more_indices_than_rows(dtype, head_dim, group):
+    """The kernel prefetches rows in batches of 32 and processes them in tiles of 4: selection sizes
+    on and off those boundaries, and more indices than K/V rows (repeats and -1 padding)."""
+    gen, seed = fresh_generator()
+    for n_sel, seq in ((1, 40), (31, 40), (33, 40), (97, 40), (130, 300)):
+        q, k, v, idx = _sparse_case(gen, 2, 2, group, seq, n_sel, head_dim, dtype)
+        out, lse = sparse_attention_with_lse(q, k, v, idx, backend="cpu")
+        want_out, want_lse = sparse_oracle(q.float(), k.float(), v.float(), idx)
+        what = f"{dtype} n={n_sel} seq={seq}"
+        if dtype == torch.float32:
+            assert_matches(lse, want_lse, what=f"lse {what}", seed=seed)
+            assert_matches(out, want_out, what=f"out {what}", seed=seed)
+        else:
+            low_out, low_lse = lowp_sparse(q, k, v, idx)
+            assert_matches(out, want_out, lowp=low_out, what=f"out {what}", seed=seed)
+            assert_matches(lse, want_lse, lowp=low_lse, what=f"lse {what}", seed=seed)
+
+
 def test_sparse_strided_kv_is_read_in_place_and_scale():
     gen, seed = fresh_generator()
     k = randn(gen, 2, 200, 4, 64).transpose(1, 2)  # [B, Hkv, seq, D] with seq-major storage

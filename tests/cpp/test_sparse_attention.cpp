@@ -1,6 +1,7 @@
 // The torch-free sparse attention core against a double-precision scalar oracle, for fp32, fp16
 // and bf16 storage, both SIMD paths, random shapes (GQA groups, odd head dims, -1 padding,
-// repeated indices, strided K/V), plus the fp16 conversion and the polynomial exp on their own.
+// repeated indices, strided K/V, more indices than rows), the one-kv-head entry point, plus the
+// fp16 conversion and the polynomial exp on their own.
 #include <lckv/sparse_attention.h>
 
 #include <cmath>
@@ -47,10 +48,10 @@ void check_random_problem(std::mt19937& rng, bool allow_simd) {
   p.kv_heads = 1 + pick(rng) % 3;
   const int groups[] = {1, 2, 4, 7};
   p.q_heads = p.kv_heads * groups[pick(rng) % 4];
-  const int dims[] = {1, 8, 59, 64, 111, 128};
-  p.head_dim = dims[pick(rng) % 6];
+  const int dims[] = {1, 8, 24, 59, 64, 111, 128, 256};  // multiples of 8 take the AVX2 intrinsics path
+  p.head_dim = dims[pick(rng) % 8];
   p.seq = 1 + pick(rng) % 200;
-  p.n_selected = pick(rng) % 70;
+  p.n_selected = pick(rng) % 140;  // crosses several 32-row prefetch batches, and often exceeds seq
   p.scale = 1.0f / std::sqrt(static_cast<float>(p.head_dim)) * (0.5f + (pick(rng) % 100) / 50.0f);
   const int64_t row_pad = pick(rng) % 3;  // strided rows: extra elements after each row
   p.k_stride_s = p.head_dim + row_pad;
@@ -75,6 +76,26 @@ void check_random_problem(std::mt19937& rng, bool allow_simd) {
   kernel.run(q.data(), k.data(), v.data(), idx.data(), p, out.data(), lse.data());
 
   const int64_t group = p.q_heads / p.kv_heads;
+  // The one-kv-head entry point (used by callers that parallelise themselves) runs the same code
+  // path, so it must reproduce run() exactly.
+  std::vector<float> head_out(size_t(group * p.head_dim));
+  std::vector<float> head_lse(static_cast<size_t>(group));
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t h = 0; h < p.kv_heads; ++h) {
+      if (!allow_simd) continue;  // sparse_attention_kv_head always uses the process-wide SIMD choice
+      const int64_t q_offset = (b * p.q_heads + h * group) * p.head_dim;
+      lckv::sparse_attention_kv_head(q.data() + q_offset, group, p.head_dim,
+                                     k.data() + b * p.k_stride_b + h * p.k_stride_h, p.k_stride_s,
+                                     v.data() + b * p.v_stride_b + h * p.v_stride_h, p.v_stride_s,
+                                     idx.data() + (b * p.kv_heads + h) * p.n_selected, p.n_selected, p.scale,
+                                     head_out.data(), head_lse.data());
+      for (int64_t i = 0; i < group * p.head_dim; ++i) EXPECT(head_out[size_t(i)] == out[size_t(q_offset + i)]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float want = lse[size_t(b * p.q_heads + h * group + g)];
+        EXPECT(head_lse[size_t(g)] == want || (std::isnan(want) && std::isnan(head_lse[size_t(g)])));
+      }
+    }
+  }
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t hq = 0; hq < p.q_heads; ++hq) {
       const int64_t h = hq / group;
