@@ -143,3 +143,24 @@ def test_auto_picks_the_extension_on_cpu():
     want_out, want_lse = sparse_oracle(q, k, v, idx)
     assert_matches(out, want_out, what="out", seed=seed)
     assert_matches(lse, want_lse, what="lse", seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_read_rows_probe_reads_exactly_the_selected_rows(dtype):
+    """The benchmark's memory-only probe must read the rows the kernel reads (checksum of their
+    64-bit words, wrapping), skipping -1 padding; bad arguments get the kernel's errors."""
+    from lckv._extension import compiled
+
+    probe = compiled("sparse_attention_read_rows").sparse_attention_read_rows
+    gen, seed = fresh_generator()
+    k, v = randn(gen, 2, 3, 70, 64, dtype=dtype), randn(gen, 2, 3, 70, 64, dtype=dtype)
+    idx = torch.randint(-1, 70, (2, 3, 45), generator=gen)
+    safe = idx.clamp(min=0).unsqueeze(-1).expand(*idx.shape, 64)
+    rows = torch.cat([torch.gather(k, 2, safe), torch.gather(v, 2, safe)], 1)  # [2, 6, 45, 64]
+    rows = rows.masked_fill((idx < 0).repeat(1, 2, 1).unsqueeze(-1), 0.0)  # padding is not read: zero words
+    words = rows.contiguous().view(torch.int64).flatten().tolist()
+    assert probe(k, v, idx) == sum(w % (1 << 64) for w in words) % (1 << 64), f"seed {seed}"
+    with pytest.raises(ValueError, match="indices must lie in"):
+        probe(k, v, torch.full((2, 3, 4), 70))
+    with pytest.raises(TypeError, match="v must have the dtype of k"):
+        probe(k, v.double(), idx)

@@ -26,34 +26,23 @@ void run_typed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
                         out.data_ptr<float>(), lse.data_ptr<float>());
 }
 
-std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tensor& q,
-                                                              torch::Tensor k, torch::Tensor v,
-                                                              const torch::Tensor& indices,
-                                                              std::optional<double> scale) {
-  check_cpu_float(q, "q");
+// Checks k, v [B, Hkv, S, D] and indices [B, Hkv, n] (int64 in [-1, S)); makes k/v unit-stride
+// along head_dim if needed; returns the problem with q_heads = kv_heads and the default scale.
+SparseAttentionProblem describe_kv(torch::Tensor& k, torch::Tensor& v, const torch::Tensor& idx) {
   check_cpu_float(k, "k");
   check_cpu_float(v, "v");
-  check_dim(q, "q", 3, "[batch, q_heads, head_dim]");
   check_dim(k, "k", 4, "[batch, kv_heads, seq, head_dim]");
   check_dim(v, "v", 4, "[batch, kv_heads, seq, head_dim]");
-  check_dim(indices, "indices", 3, "[batch, kv_heads, n_selected]");
-  TORCH_CHECK_VALUE(indices.device().is_cpu(), "indices must be a CPU tensor, got device ", indices.device());
-  TORCH_CHECK_TYPE(indices.scalar_type() == torch::kInt64, "indices must be int64, got ", indices.scalar_type());
+  check_dim(idx, "indices", 3, "[batch, kv_heads, n_selected]");
+  TORCH_CHECK_VALUE(idx.device().is_cpu(), "indices must be a CPU tensor, got device ", idx.device());
+  TORCH_CHECK_TYPE(idx.scalar_type() == torch::kInt64, "indices must be int64, got ", idx.scalar_type());
   TORCH_CHECK_TYPE(v.scalar_type() == k.scalar_type(), "v must have the dtype of k (", k.scalar_type(),
                    "), got ", v.scalar_type());
   TORCH_CHECK_VALUE(k.sizes() == v.sizes(), "k and v must have the same shape, got k ", k.sizes(), " and v ",
                     v.sizes());
-  const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(3) == head_dim, "k must have batch ", batch,
-                    " and head_dim ", head_dim, " like q, got ", k.sizes());
-  const int64_t kv_heads = k.size(1);
-  TORCH_CHECK_VALUE(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads (", q_heads,
-                    ") must be a multiple of kv_heads (", kv_heads, ")");
-  TORCH_CHECK_VALUE(indices.size(0) == batch && indices.size(1) == kv_heads,
-                    "indices must have shape [batch=", batch, ", kv_heads=", kv_heads,
-                    ", n_selected], got ", indices.sizes());
-  const int64_t seq = k.size(2);
-  const auto idx = indices.contiguous();
+  const int64_t batch = k.size(0), kv_heads = k.size(1), seq = k.size(2), head_dim = k.size(3);
+  TORCH_CHECK_VALUE(idx.size(0) == batch && idx.size(1) == kv_heads, "indices must have shape [batch=", batch,
+                    ", kv_heads=", kv_heads, ", n_selected], got ", idx.sizes());
   if (idx.numel() > 0) {
     const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
     TORCH_CHECK_VALUE(lo >= -1 && hi < seq, "indices must lie in [-1, seq=", seq,
@@ -62,11 +51,9 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tenso
   // The kernel needs a unit stride along head_dim only; batch/head/row strides are passed through.
   if (k.stride(3) != 1 && head_dim > 1) k = k.contiguous();
   if (v.stride(3) != 1 && head_dim > 1) v = v.contiguous();
-  const auto qf = q.to(torch::kFloat32).contiguous();
-
   SparseAttentionProblem p;
   p.batch = batch;
-  p.q_heads = q_heads;
+  p.q_heads = kv_heads;
   p.kv_heads = kv_heads;
   p.head_dim = head_dim;
   p.n_selected = idx.size(2);
@@ -77,8 +64,28 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tenso
   p.v_stride_b = v.stride(0);
   p.v_stride_h = v.stride(1);
   p.v_stride_s = v.stride(2);
-  p.scale = scale.has_value() ? static_cast<float>(*scale)
-                              : (head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(head_dim)) : 1.0f);
+  p.scale = head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(head_dim)) : 1.0f;
+  return p;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tensor& q,
+                                                              torch::Tensor k, torch::Tensor v,
+                                                              const torch::Tensor& indices,
+                                                              std::optional<double> scale) {
+  check_cpu_float(q, "q");
+  check_dim(q, "q", 3, "[batch, q_heads, head_dim]");
+  check_dim(k, "k", 4, "[batch, kv_heads, seq, head_dim]");
+  const int64_t batch = q.size(0), q_heads = q.size(1), head_dim = q.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == batch && k.size(3) == head_dim, "k must have batch ", batch,
+                    " and head_dim ", head_dim, " like q, got ", k.sizes());
+  const int64_t kv_heads = k.size(1);
+  TORCH_CHECK_VALUE(kv_heads > 0 && q_heads % kv_heads == 0, "q_heads (", q_heads,
+                    ") must be a multiple of kv_heads (", kv_heads, ")");
+  const auto idx = indices.contiguous();
+  SparseAttentionProblem p = describe_kv(k, v, idx);
+  p.q_heads = q_heads;
+  if (scale.has_value()) p.scale = static_cast<float>(*scale);
+  const auto qf = q.to(torch::kFloat32).contiguous();
 
   auto out = torch::empty({batch, q_heads, head_dim}, q.options().dtype(torch::kFloat32));
   auto lse = torch::empty({batch, q_heads}, q.options().dtype(torch::kFloat32));
@@ -96,6 +103,23 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tenso
   return {out.to(q.scalar_type()), lse};
 }
 
+uint64_t read_selected_rows_cpu(torch::Tensor k, torch::Tensor v, const torch::Tensor& indices) {
+  const auto idx = indices.contiguous();
+  const SparseAttentionProblem p = describe_kv(k, v, idx);
+  pybind11::gil_scoped_release no_gil;
+  switch (k.scalar_type()) {
+    case torch::kFloat32:
+      return read_selected_rows(k.data_ptr<float>(), v.data_ptr<float>(), idx.data_ptr<int64_t>(), p);
+    case torch::kFloat16:
+      return read_selected_rows(reinterpret_cast<const half_bits*>(k.data_ptr<at::Half>()),
+                                reinterpret_cast<const half_bits*>(v.data_ptr<at::Half>()), idx.data_ptr<int64_t>(), p);
+    default:
+      return read_selected_rows(reinterpret_cast<const bfloat16_bits*>(k.data_ptr<at::BFloat16>()),
+                                reinterpret_cast<const bfloat16_bits*>(v.data_ptr<at::BFloat16>()),
+                                idx.data_ptr<int64_t>(), p);
+  }
+}
+
 }  // namespace
 
 void bind_sparse_attention(pybind11::module_& m) {
@@ -104,6 +128,11 @@ void bind_sparse_attention(pybind11::module_& m) {
         "Decode sparse attention over per-kv-head gathered rows: q [B, Hq, D], k/v [B, Hkv, S, D] "
         "(fp32/fp16/bf16, any strides with unit head_dim stride), indices [B, Hkv, n] int64 "
         "(-1 = none) -> (out [B, Hq, D] in q's dtype, lse [B, Hq] float32).");
+  m.def("sparse_attention_read_rows", &read_selected_rows_cpu, pybind11::arg("k"), pybind11::arg("v"),
+        pybind11::arg("indices"),
+        "Benchmark probe: reads the K/V rows sparse_attention_with_lse(q, k, v, indices) reads, with the "
+        "same prefetch and threads, and no attention math; returns a checksum of the bytes (its time is "
+        "the cost of the random-row gather alone).");
   m.def("sparse_attention_simd_path", []() { return std::string(kernel<float>().simd_name()); },
         "The SIMD code path the CPU sparse attention kernel selected on this machine.");
 }

@@ -558,6 +558,45 @@ class SparseAttention {
   const char* simd_name_;            // human-readable name of that path
 };
 
+// Memory-only probe for benchmarks: reads every K and V row that SparseAttention::run reads, in the
+// same order and with the same batched prefetch, but does no arithmetic beyond summing the words
+// into a checksum (returned so the reads cannot be optimised away). Its time is what gathering
+// these random rows costs on the machine, the floor the kernel can approach. OpenMP over
+// (batch, kv head) like run().
+template <typename T>
+uint64_t read_selected_rows(const T* k, const T* v, const int64_t* indices, const SparseAttentionProblem& p) {
+  const int64_t tasks = p.batch * p.kv_heads, n = p.n_selected, dim = p.head_dim;
+  const int64_t row_bytes = dim * int64_t(sizeof(T));
+  uint64_t checksum = 0;
+#pragma omp parallel for schedule(dynamic, 1) reduction(+ : checksum) if (tasks > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t b = t / p.kv_heads, h = t % p.kv_heads;
+    const int64_t* idx = indices + t * n;
+    const T* heads[2] = {k + b * p.k_stride_b + h * p.k_stride_h, v + b * p.v_stride_b + h * p.v_stride_h};
+    const int64_t strides[2] = {p.k_stride_s, p.v_stride_s};
+    for (int which = 0; which < 2; ++which) {
+      const T* head = heads[which];
+      const int64_t stride = strides[which];
+      detail::prefetch_rows(head, stride, idx, 0, detail::kPrefetchBatch, n, dim);
+      for (int64_t j = 0; j < n; ++j) {
+        if (j % detail::kPrefetchBatch == 0) {
+          detail::prefetch_rows(head, stride, idx, j + detail::kPrefetchBatch, j + 2 * detail::kPrefetchBatch, n, dim);
+        }
+        if (idx[j] < 0) continue;
+        const unsigned char* row = reinterpret_cast<const unsigned char*>(head + idx[j] * stride);
+        int64_t i = 0;
+        for (; i + 8 <= row_bytes; i += 8) {
+          uint64_t word;
+          std::memcpy(&word, row + i, sizeof word);
+          checksum += word;
+        }
+        for (; i < row_bytes; ++i) checksum += row[i];
+      }
+    }
+  }
+  return checksum;
+}
+
 // Sparse attention of one kv head's query group over gathered rows, on the SIMD path chosen once
 // per process: see SparseAttention<T>::attend_kv_head. T is float, half_bits or bfloat16_bits.
 template <typename T>
