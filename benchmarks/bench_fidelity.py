@@ -13,7 +13,8 @@ two ways from that same prefill:
   KL(full || policy) and greedy agreement (argmax equals the reference token).
 
 Budgets count every attended key per query head: sink + window + selected. ``retrieval`` runs the
-attention-aware graph index with the centroid estimate of the rest; ``retrieval-topk`` is the same
+attention-aware graph index with the centroid estimate of the rest (one centroid per ~32 offloaded
+keys); ``retrieval-topk`` is the same
 without the estimate, to show what the estimate does on diffuse heads; ``retrieval-cluster`` swaps
 the graph for the segment-clustered index (scan 4 keys per key wanted), with the estimate.
 
@@ -48,9 +49,8 @@ POLICIES = {
     "quest": ("quest", {"page_size": 16}),
     "block": ("block", {"block_size": 16, "representatives": 4}),
     "retrieval-topk": ("retrieval", {"index": "graph", "estimate_rest": False, "search_params": {"ef": 128}}),
-    "retrieval": ("retrieval", {"index": "graph", "estimate_rest": True, "clusters": 64, "search_params": {"ef": 128}}),
-    "retrieval-cluster": ("retrieval", {"index": "cluster", "estimate_rest": True, "clusters": 64,
-                                        "search_params": {"scan": 4.0}}),
+    "retrieval": ("retrieval", {"index": "graph", "estimate_rest": True, "search_params": {"ef": 128}}),
+    "retrieval-cluster": ("retrieval", {"index": "cluster", "estimate_rest": True, "search_params": {"scan": 4.0}}),
 }
 SINK, MAX_WINDOW, REF_WINDOW = 4, 64, 64
 RECORD = (4096, 64)  # prefill queries kept for index building (sample) and observation windows (recent)

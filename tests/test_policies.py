@@ -235,3 +235,45 @@ def test_retrieval_scans_exactly_when_k_is_a_large_fraction():
     assert torch.equal(got.sort(-1).values, exact.select(None, layer, q, n).sort(-1).values)
     with pytest.raises(PolicyConfigError, match="exact_above"):
         get_policy("retrieval", exact_above=1.5)
+
+
+def test_auto_estimate_with_one_key_per_cluster_is_exact():
+    """clusters='auto' with cluster_size=1: every offloaded key is its own centroid, so the estimate
+    of the non-retrieved rows (and the merged output) is exact."""
+    policy = RetrievalPolicy(sink=2, window=5, budget=30, index="exact", estimate_rest=True, clusters="auto",
+                             cluster_size=1)
+    layer, all_k, all_v = _filled_cache(policy, total=150)
+    query = torch.randn(2, 4, 1, 16)
+    out, lse = attend_with_selection(query, layer, None, policy, None)
+    ref_out, ref_lse = attention_with_lse(query, all_k, all_v)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_estimate_reuses_the_cluster_index():
+    policy = RetrievalPolicy(sink=2, window=5, budget=60, index="cluster", estimate_rest=True, cluster_size=8)
+    assert policy.clusters == "auto"
+    policy.index_params = {"cluster_size": 8}
+    layer, _, _ = _filled_cache(policy, total=700)
+    state = layer.selection_state()
+    est, rows = state.estimate, layer.store.length
+    for b in range(2):
+        for h in range(2):
+            index = state.indexes[b].heads[h]
+            c = index.centroids()
+            torch.testing.assert_close(est.centroids[b, h, :c.shape[0]], c)  # the index's own clusters
+            assert bool((est.counts[b, h, c.shape[0]:] == 0).all())  # padding centroids hold no key
+    assert est.assign.shape == (2, 2, rows) and bool((est.assign >= 0).all())
+    torch.testing.assert_close(est.counts.sum(-1), torch.full((2, 2), float(rows)))
+    # decode-time inserts join a real (non-padding) centroid
+    for _ in range(5):
+        layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    n_real = [[state.indexes[b].heads[h].n_clusters for h in range(2)] for b in range(2)]
+    new = est.assign[..., rows:]
+    assert new.shape[-1] == 5 and all(bool((new[b, h] < n_real[b][h]).all()) for b in range(2) for h in range(2))
+
+
+@pytest.mark.parametrize("bad", [dict(clusters="many"), dict(clusters=0), dict(clusters=True), dict(cluster_size=0)])
+def test_estimate_settings_are_validated(bad):
+    with pytest.raises(PolicyConfigError, match="clusters|cluster_size"):
+        RetrievalPolicy(sink=4, window=16, budget=100, **bad)

@@ -68,9 +68,14 @@ class RetrievalPolicy(SelectionPolicy):
     costs about what a graph search does, and graph searches lose recall when k nears n.
 
     ``estimate_rest``: diffuse heads spread attention so widely that no top-k captures it. The
-    offloaded keys are clustered (``clusters`` k-means centroids per head, with per-cluster value
-    sums and counts); the keys not retrieved are then estimated as ``count * exp(q . centroid)``
-    with the cluster's mean value, a third partial state merged by LSE (RetroInfer-style).
+    offloaded keys are clustered (per head, with per-cluster value sums and counts); the keys not
+    retrieved are then estimated as ``count * exp(q . centroid)`` with the cluster's mean value, a
+    third partial state merged by LSE (RetroInfer-style). ``clusters="auto"`` (default) makes one
+    cluster per about ``cluster_size`` offloaded keys, clustered segment by segment in C++ (the
+    :class:`~lckv.index.ClusterIndex` clustering; reused when ``index="cluster"`` with the same
+    cluster size), so the estimate's resolution grows with the context; an int asks for that many
+    k-means centroids per head (torch Lloyd iterations). Keys offloaded later join their nearest
+    centroid.
     """
 
     index: str = "graph"
@@ -78,7 +83,8 @@ class RetrievalPolicy(SelectionPolicy):
     search_params: dict = field(default_factory=dict)
     build_queries: int = 4096
     estimate_rest: bool = True
-    clusters: int = 64
+    clusters: int | str = "auto"
+    cluster_size: int = 32
     exact_above: float = 0.25
 
     name = "retrieval"
@@ -102,8 +108,11 @@ class RetrievalPolicy(SelectionPolicy):
             raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
         if not 0.0 <= self.exact_above <= 1.0:
             raise PolicyConfigError(f"RetrievalPolicy.exact_above must be a fraction in [0, 1], got {self.exact_above}")
-        if self.clusters < 1:
-            raise PolicyConfigError(f"RetrievalPolicy.clusters must be >= 1, got {self.clusters}")
+        if self.clusters != "auto" and (isinstance(self.clusters, bool) or not isinstance(self.clusters, int)
+                                        or self.clusters < 1):
+            raise PolicyConfigError(f"RetrievalPolicy.clusters must be 'auto' or an int >= 1, got {self.clusters!r}")
+        if isinstance(self.cluster_size, bool) or not isinstance(self.cluster_size, int) or self.cluster_size < 1:
+            raise PolicyConfigError(f"RetrievalPolicy.cluster_size must be an int >= 1, got {self.cluster_size!r}")
 
     def recorded_queries(self):
         return (self.build_queries, 0) if self.build_queries else None
@@ -125,7 +134,7 @@ class RetrievalPolicy(SelectionPolicy):
                                         kv_heads).transpose(0, 1).contiguous()  # [kv_heads, m, D]
                 indexes[b] = LayerIndex(kv_heads, head_dim, lambda d: make(d, **self.index_params))
                 indexes[b].build(keys[b].float().contiguous(), queries)
-        estimate = self._build_estimate(layer) if self.estimate_rest else None
+        estimate = self._build_estimate(layer, indexes) if self.estimate_rest else None
         return _RetrievalState(indexes, estimate)
 
     def on_offload(self, state, layer, first_row, n_rows):
@@ -176,9 +185,44 @@ class RetrievalPolicy(SelectionPolicy):
         est.counts.scatter_add_(2, assign, weight)
         est.value_sums.scatter_add_(2, assign.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))
 
-    def _build_estimate(self, layer, iterations: int = 8):
+    def _cluster_heads(self, keys, indexes):
+        """Segment-wise clusters of every (batch row, kv head): ``(centroids [B, Hkv, C, D],
+        assign [B, Hkv, rows])``, heads padded to the largest C with far-away centroids that no key
+        is assigned to (their count stays 0, so the estimate gives them no weight)."""
+        from lckv.index import ClusterIndex
+
+        batch, kv_heads, rows, head_dim = keys.shape
+        reuse = self.index == "cluster" and self.index_params.get("cluster_size", 32) == self.cluster_size
+        cents, assigns = [], []
+        for b in range(batch):
+            for h in range(kv_heads):
+                index = indexes[b].heads[h] if reuse and indexes[b] is not None else None
+                if index is None or index.size != rows:
+                    index = ClusterIndex(head_dim, cluster_size=self.cluster_size).build(keys[b, h].contiguous())
+                c, a = index.centroids(), index.assignments()
+                if c.shape[0] == 0:  # too few keys to cluster: every key is its own centroid
+                    c, a = keys[b, h].clone(), torch.arange(rows)
+                tail = a < 0
+                if tail.any():  # keys of a partial last segment: nearest centroid
+                    a = a.clone()
+                    a[tail] = self._assign(keys[b, h][tail], c)
+                cents.append(c)
+                assigns.append(a)
+        width = max(c.shape[0] for c in cents)
+        far = torch.zeros(head_dim)
+        far[0] = 1e6
+        centroids = torch.stack([torch.cat([c, far.expand(width - c.shape[0], head_dim)]) for c in cents])
+        return (centroids.reshape(batch, kv_heads, width, head_dim),
+                torch.stack(assigns).reshape(batch, kv_heads, rows))
+
+    def _build_estimate(self, layer, indexes=None, iterations: int = 8):
         keys = layer.store.keys.float()
         batch, kv_heads, rows, head_dim = keys.shape
+        if self.clusters == "auto":
+            centroids, assign = self._cluster_heads(keys, indexes or [None] * batch)
+            est = _Estimate(centroids, torch.zeros(centroids.shape[:3]), torch.zeros_like(centroids), assign)
+            self._accumulate(est, assign, layer.store.values.float(), self._valid_rows(layer, 0, rows))
+            return est
         n_clusters = min(self.clusters, rows)
         pick = torch.randperm(rows)[:n_clusters]
         centroids = keys[:, :, pick].clone()
