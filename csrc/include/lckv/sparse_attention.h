@@ -368,9 +368,76 @@ LCKV_TARGET_AVX2 inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, 
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
 }
 
+// exp_nonpositive on 8 lanes, same reduction and polynomial (to rounding of the FMA contractions):
+// 0 below -87 and for -inf, NaN for NaN.
+LCKV_TARGET_AVX2 inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 underflow = _mm256_set1_ps(-87.0f);
+  const __m256 zero = _mm256_cmp_ps(x, underflow, _CMP_LT_OQ);  // false for NaN
+  x = _mm256_blendv_ps(x, underflow, zero);
+  const __m256 round_magic = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round_magic), round_magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256i exponent = _mm256_slli_epi32(_mm256_cvttps_epi32(n), 23);
+  const __m256 scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), exponent));
+  return _mm256_andnot_ps(zero, scaled);
+}
+
+LCKV_TARGET_AVX2 inline float horizontal_sum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+LCKV_TARGET_AVX2 inline float horizontal_max(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+// softmax_in_place for rows whose length `stride` is a multiple of 8, on 8 lanes.
+LCKV_TARGET_AVX2 inline void softmax_in_place8(float* scores, int64_t group, int64_t stride, float* lse) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores + g * stride;
+    __m256 m8 = _mm256_set1_ps(neg_inf), nan8 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < stride; j += 8) {
+      const __m256 x = _mm256_loadu_ps(s + j);
+      m8 = _mm256_max_ps(m8, x);
+      nan8 = _mm256_or_ps(nan8, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    }
+    float m = horizontal_max(m8);
+    if (_mm256_movemask_ps(nan8) != 0) m = std::numeric_limits<float>::quiet_NaN();  // NaN poisons the row
+    if (m == neg_inf) {  // nothing selected
+      lse[g] = neg_inf;
+      std::memset(s, 0, sizeof(float) * size_t(stride));
+      continue;
+    }
+    const __m256 max8 = _mm256_set1_ps(m);
+    __m256 total8 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < stride; j += 8) {
+      const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(s + j), max8));
+      _mm256_storeu_ps(s + j, e);
+      total8 = _mm256_add_ps(total8, e);
+    }
+    const float total = horizontal_sum(total8);
+    lse[g] = m + std::log(total);
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int64_t j = 0; j < stride; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), inv));
+  }
+}
+
 // The AVX2 task for head_dim % 8 == 0 (64, 128, 256, ...): same two passes as attend_group_impl,
 // but rows are converted in registers (no staging buffer), the eight dot products of a
-// (2 heads x 4 rows) block are reduced together (sum8), and the tail tile reads a zero row.
+// (2 heads x 4 rows) block are reduced together (sum8), the softmax runs on 8 lanes, and the tail
+// tile reads a zero row.
 template <typename T>
 LCKV_TARGET_AVX2 void attend_group_avx2_dim8(const float* q_group, const T* k_head, const T* v_head,
                                              const int64_t* idx, const SparseAttentionProblem& p,
@@ -378,7 +445,7 @@ LCKV_TARGET_AVX2 void attend_group_avx2_dim8(const float* q_group, const T* k_he
   constexpr int64_t kTile = 4;
   static_assert(kPrefetchBatch % kTile == 0, "prefetch batches start on tile boundaries");
   const int64_t group = p.q_heads / p.kv_heads, n = p.n_selected, dim = p.head_dim;
-  const int64_t stride = (n + kTile - 1) / kTile * kTile;  // scores row stride: whole tiles
+  const int64_t stride = (n + 7) / 8 * 8;  // scores row stride: whole tiles and whole 8-lane vectors
   scratch.scores.resize(size_t(group * stride));
   scratch.row.assign(size_t(dim), 0.0f);  // all-zero bits: a zero row in every storage type
   scratch.acc.assign(size_t(group * dim), 0.0f);
@@ -428,7 +495,7 @@ LCKV_TARGET_AVX2 void attend_group_avx2_dim8(const float* q_group, const T* k_he
     }
   }
   prefetch_rows(v_head, p.v_stride_s, idx, 0, kPrefetchBatch, n, dim);  // overlaps the softmax
-  softmax_in_place(scores, group, stride, stride, lse_group);
+  softmax_in_place8(scores, group, stride, lse_group);
 
   // Pass 2: out += p * v, 4 rows x 2 heads per step; probabilities of padding rows are 0.
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
