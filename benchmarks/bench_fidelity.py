@@ -13,7 +13,7 @@ two ways from that same prefill:
   KL(full || policy) and greedy agreement (argmax equals the reference token).
 
 Budgets count every attended key per query head: sink + window + selected. ``retrieval`` runs the
-attention-aware graph index with the centroid estimate of the rest (one centroid per ~32 offloaded
+attention-aware graph index with the centroid estimate of the rest (one centroid per ~16 offloaded
 keys); ``retrieval-topk`` is the same
 without the estimate, to show what the estimate does on diffuse heads; ``retrieval-cluster`` swaps
 the graph for the segment-clustered index (scan 4 keys per key wanted), with the estimate.

@@ -71,7 +71,7 @@ class RetrievalPolicy(SelectionPolicy):
     offloaded keys are clustered (per head, with per-cluster value sums and counts); the keys not
     retrieved are then estimated as ``count * exp(q . centroid)`` with the cluster's mean value, a
     third partial state merged by LSE (RetroInfer-style). ``clusters="auto"`` (default) makes one
-    cluster per about ``cluster_size`` offloaded keys, clustered segment by segment in C++ (the
+    cluster per about ``cluster_size`` (16) offloaded keys, clustered segment by segment in C++ (the
     :class:`~lckv.index.ClusterIndex` clustering; reused when ``index="cluster"`` with the same
     cluster size), so the estimate's resolution grows with the context; an int asks for that many
     k-means centroids per head (torch Lloyd iterations). Keys offloaded later join their nearest
@@ -84,7 +84,7 @@ class RetrievalPolicy(SelectionPolicy):
     build_queries: int = 4096
     estimate_rest: bool = True
     clusters: int | str = "auto"
-    cluster_size: int = 32
+    cluster_size: int = 16
     exact_above: float = 0.25
 
     name = "retrieval"
