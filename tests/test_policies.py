@@ -277,3 +277,41 @@ def test_auto_estimate_reuses_the_cluster_index():
 def test_estimate_settings_are_validated(bad):
     with pytest.raises(PolicyConfigError, match="clusters|cluster_size"):
         RetrievalPolicy(sink=4, window=16, budget=100, **bad)
+
+
+@pytest.mark.parametrize("clusters", ["auto", 7])
+def test_estimate_matches_per_cluster_oracle(clusters):
+    """The estimate (computed as all clusters minus the retrieved rows) equals the per-cluster
+    definition evaluated in float64: rest_c keys at centroid c carrying the mean value of the rest."""
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    policy = RetrievalPolicy(sink=2, window=5, budget=40, index="exact", estimate_rest=True, clusters=clusters,
+                             cluster_size=8)
+    layer, _, _ = _filled_cache(policy, total=400)
+    state = layer.selection_state()
+    q = torch.randn(2, 4, 16)
+    n = 33
+    indices = policy.select(state, layer, q, n)
+    indices[0, 1, :5] = -1  # some empty slots
+    out, lse = policy.estimate(state, layer, q, indices, None)
+    est = state.estimate
+    values = layer.store.values.double()
+    for b in range(2):
+        for h in range(2):
+            got = indices[b, h][indices[b, h] >= 0]
+            taken = torch.zeros(est.assign.shape[-1], dtype=torch.bool)
+            taken[got] = True
+            for g in range(2):
+                qh = q[b, h * 2 + g].double()
+                logits, vals = [], []
+                for c in range(est.centroids.shape[2]):
+                    members = (est.assign[b, h] == c) & ~taken
+                    rest = int(members.sum())
+                    if rest == 0:
+                        continue
+                    logits.append(float(qh @ est.centroids[b, h, c].double()) * 16 ** -0.5 + math.log(rest))
+                    vals.append(values[b, h][members].mean(0))
+                logits = torch.tensor(logits, dtype=torch.float64)
+                ref_lse = torch.logsumexp(logits, 0)
+                ref_out = (torch.softmax(logits, 0).unsqueeze(-1) * torch.stack(vals)).sum(0)
+                assert abs(float(lse[b, h * 2 + g]) - float(ref_lse)) < 1e-4
+                torch.testing.assert_close(out[b, h * 2 + g].double(), ref_out, atol=1e-4, rtol=1e-4)

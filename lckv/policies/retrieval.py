@@ -237,6 +237,14 @@ class RetrievalPolicy(SelectionPolicy):
         return est
 
     def estimate(self, state, layer, q, indices, scale):
+        """The non-retrieved keys as one partial state: per cluster c, ``rest_c = count_c - retrieved``
+        keys at the centroid, with the mean value of those keys. Computed as (all clusters) minus
+        (the retrieved rows, each at its cluster's weight), so a step costs O(clusters * head_dim)
+        with no [clusters, head_dim] temporaries:
+        ``num = sum_c e^{s_c} (vsum_c - sum_{j in c, retrieved} v_j)``,
+        ``den = sum_c e^{s_c} (count_c - #{j in c, retrieved})``, ``s_c = scale * q . centroid_c``;
+        out = num / den, lse = log den. A rest below 1e-6 of the clusters' total weight (everything
+        retrieved, up to rounding) gives lse = -inf and a zero output."""
         est = state.estimate
         if est is None:
             return None
@@ -244,21 +252,23 @@ class RetrievalPolicy(SelectionPolicy):
         kv_heads = est.centroids.shape[1]
         group = q_heads // kv_heads
         scale = head_dim ** -0.5 if scale is None else scale
-        # subtract the retrieved rows from their clusters
+        qf = q.float().reshape(batch, kv_heads, group, head_dim)
+        s = (qf @ est.centroids.transpose(-1, -2)) * scale  # [B, Hkv, G, C]
+        s = s.masked_fill((est.counts <= 0).unsqueeze(2), float("-inf"))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        w = torch.exp(s - m)  # 0 for empty clusters
+        total = (w @ est.counts.unsqueeze(-1)).squeeze(-1)  # [B, Hkv, G]
+        num = w @ est.value_sums  # [B, Hkv, G, D]
         valid = indices >= 0
         safe = indices.clamp(min=0)
-        clusters = torch.gather(est.assign, 2, safe)
-        got_counts = torch.zeros_like(est.counts).scatter_add_(2, clusters, valid.float())
+        clusters = torch.gather(est.assign, 2, safe)  # [B, Hkv, n]
+        w_rows = torch.gather(w, 3, clusters.unsqueeze(2).expand(-1, -1, group, -1)) * valid.unsqueeze(2)
         got_values = torch.gather(layer.store.values, 2, safe.unsqueeze(-1).expand(-1, -1, -1, head_dim)).float()
-        got_sums = torch.zeros_like(est.value_sums).scatter_add_(
-            2, clusters.unsqueeze(-1).expand(-1, -1, -1, head_dim), got_values * valid.unsqueeze(-1))
-        rest = (est.counts - got_counts).clamp(min=0)  # [B, Hkv, C]
-        rest_sums = est.value_sums - got_sums
-        mean_values = rest_sums / rest.clamp(min=1).unsqueeze(-1)
-        qf = q.float().reshape(batch, kv_heads, group, head_dim)
-        logits = (qf @ est.centroids.transpose(-1, -2)) * scale + torch.log(rest).unsqueeze(2)  # [B, Hkv, G, C]
-        lse = torch.logsumexp(logits, dim=-1)
-        finite = torch.isfinite(lse)
-        weights = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-        out = torch.where(finite.unsqueeze(-1), weights @ mean_values, torch.zeros(()))
+        den = total - w_rows.sum(-1)
+        num = num - w_rows @ got_values
+        keep = den > 1e-6 * total
+        den = torch.where(keep, den, torch.ones_like(den))
+        lse = torch.where(keep, torch.log(den) + m.squeeze(-1), torch.full_like(den, float("-inf")))
+        out = torch.where(keep.unsqueeze(-1), num / den.unsqueeze(-1), torch.zeros_like(num))
         return out.reshape(batch, q_heads, head_dim).to(q.dtype), lse.reshape(batch, q_heads)
