@@ -176,11 +176,14 @@ LCKV_ALWAYS_INLINE void prefetch(const void* p) {
 #endif
 }
 
-// Prefetches every cache line of one gathered row.
+// Prefetches every cache line of one gathered row (also the last one of a row not 64-byte aligned).
 template <typename T>
 LCKV_ALWAYS_INLINE void prefetch_row(const T* row, int64_t dim) {
   const char* bytes = reinterpret_cast<const char*>(row);
-  for (int64_t offset = 0; offset < dim * int64_t(sizeof(T)); offset += 64) prefetch(bytes + offset);
+  const int64_t misalignment = int64_t(reinterpret_cast<uintptr_t>(bytes) & 63u);
+  for (int64_t offset = 0; offset < dim * int64_t(sizeof(T)) + misalignment; offset += 64) {
+    prefetch(bytes - misalignment + offset);
+  }
 }
 
 // Prefetches the rows idx[begin, min(end, n)) of one head (padding skipped).
