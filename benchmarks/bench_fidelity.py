@@ -134,7 +134,10 @@ def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budge
             attended[:, pos + 1 - n_recent:] = True
             if layer.store is not None:
                 if rows is not None:
-                    attended.scatter_(1, rows[0].clamp(min=0) + n_sink, rows[0] >= 0)
+                    # count hits: a -1 slot (clamped to row 0) must not un-mark a selected row 0
+                    hits = torch.zeros(attended.shape, dtype=torch.long)
+                    hits.scatter_add_(1, rows[0].clamp(min=0) + n_sink, (rows[0] >= 0).long())
+                    attended |= hits > 0
                 elif isinstance(policy, SelectionPolicy) and (
                         policy.budget_tokens(layer.total) - n_sink - n_recent >= layer.store.length):
                     attended[:, n_sink:n_sink + layer.store.length] = True

@@ -90,7 +90,9 @@ def test_decode_step_attends_resident_plus_selected_rows_exactly(policy):
     attended[:, :, :n_sink] = True
     attended[:, :, n_sink + n_store:] = True
     valid = indices >= 0
-    attended.scatter_(2, (indices.clamp(min=0) + n_sink), valid)
+    # count hits, so a -1 slot (clamped to row 0) cannot un-mark a selected row 0
+    hits = torch.zeros(attended.shape, dtype=torch.long).scatter_add_(2, indices.clamp(min=0) + n_sink, valid.long())
+    attended |= hits > 0
     ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -218,7 +220,8 @@ def test_decode_step_never_selects_padding(policy):
     attended = torch.zeros(2, 2, total, dtype=torch.bool)
     attended[:, :, :n_sink] = True
     attended[:, :, n_sink + layer.store.length:] = True
-    attended.scatter_(2, raw.clamp(min=0) + n_sink, raw >= 0)
+    hits = torch.zeros(attended.shape, dtype=torch.long).scatter_add_(2, raw.clamp(min=0) + n_sink, (raw >= 0).long())
+    attended |= hits > 0  # counted, so a -1 slot cannot un-mark a selected row 0
     attended &= padding[:, None, :]
     ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -315,3 +318,16 @@ def test_estimate_matches_per_cluster_oracle(clusters):
                 ref_out = (torch.softmax(logits, 0).unsqueeze(-1) * torch.stack(vals)).sum(0)
                 assert abs(float(lse[b, h * 2 + g]) - float(ref_lse)) < 1e-4
                 torch.testing.assert_close(out[b, h * 2 + g].double(), ref_out, atol=1e-4, rtol=1e-4)
+
+
+def test_estimate_clusters_are_capped_per_head():
+    policy = RetrievalPolicy(sink=2, window=5, budget=60, index="exact", estimate_rest=True, cluster_size=4,
+                             max_clusters=20)
+    layer, _, _ = _filled_cache(policy, total=900)
+    est = layer.selection_state().estimate
+    rows = layer.store.length
+    # cluster size raised to ceil(rows / max_clusters): about max_clusters clusters, never 4-key ones
+    assert est.centroids.shape[2] <= 20 + 2
+    assert bool((est.counts.sum(-1) == rows).all())
+    with pytest.raises(PolicyConfigError, match="max_clusters"):
+        RetrievalPolicy(sink=2, window=5, budget=60, max_clusters=0)

@@ -147,7 +147,7 @@ void bind_index(py::module_& m) {
              p.n_iters = n_iters;
              return std::make_shared<ClusterIndex>(dim, p);
            }),
-           py::arg("dim"), py::arg("cluster_size") = 32, py::arg("segment") = 8192, py::arg("n_iters") = 6)
+           py::arg("dim"), py::arg("cluster_size") = 16, py::arg("segment") = 8192, py::arg("n_iters") = 6)
       .def_property_readonly("n_clusters", &ClusterIndex::n_clusters)
       .def_property_readonly("n_clustered", &ClusterIndex::n_clustered)
       .def("assignments", [](const ClusterIndex& self) {

@@ -158,7 +158,7 @@ class ClusterIndex(NativeIndex):
 
     search_params = {"scan": 2.0}
 
-    def __init__(self, dim: int, cluster_size: int = 32, segment: int = 8192, n_iters: int = 6):
+    def __init__(self, dim: int, cluster_size: int = 16, segment: int = 8192, n_iters: int = 6):
         self.config = dict(cluster_size=cluster_size, segment=segment, n_iters=n_iters)
         super().__init__(dim)
         self._new_core(0)  # validates the settings now (ValueError naming the bad one)

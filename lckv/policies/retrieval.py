@@ -35,12 +35,30 @@ _INDEX_CLASSES = {"flat": "FlatIndex", "ivf": "IVFIndex", "graph": "GraphIndex",
                   "faiss_flat": "FaissIndex", "faiss_hnsw": "FaissIndex", "faiss_ivf": "FaissIndex"}
 
 
-@dataclass
 class _Estimate:
-    centroids: torch.Tensor  # [batch, kv_heads, clusters, head_dim] float32
-    counts: torch.Tensor  # [batch, kv_heads, clusters] float32 (non-pad rows)
-    value_sums: torch.Tensor  # [batch, kv_heads, clusters, head_dim] float32
-    assign: torch.Tensor  # [batch, kv_heads, rows] int64 cluster of each row
+    """Per-cluster state of the estimate. ``assign`` grows by doubling its buffer, so the one row
+    a decode step offloads costs O(1), not a copy of every row's cluster id."""
+
+    def __init__(self, centroids, counts, value_sums, assign):
+        self.centroids = centroids  # [batch, kv_heads, clusters, head_dim] float32
+        self.counts = counts  # [batch, kv_heads, clusters] float32 (non-pad rows)
+        self.value_sums = value_sums  # [batch, kv_heads, clusters, head_dim] float32
+        self._assign = assign  # [batch, kv_heads, capacity] int64 buffer
+        self.rows = assign.shape[-1]
+
+    @property
+    def assign(self) -> torch.Tensor:
+        """``[batch, kv_heads, rows]`` int64: the cluster of each offloaded row."""
+        return self._assign[..., :self.rows]
+
+    def append(self, assign: torch.Tensor) -> None:
+        n = assign.shape[-1]
+        if self.rows + n > self._assign.shape[-1]:
+            grown = self._assign.new_empty(*self._assign.shape[:2], max(2 * self._assign.shape[-1], self.rows + n))
+            grown[..., :self.rows] = self._assign[..., :self.rows]
+            self._assign = grown
+        self._assign[..., self.rows:self.rows + n] = assign
+        self.rows += n
 
 
 @dataclass
@@ -73,9 +91,10 @@ class RetrievalPolicy(SelectionPolicy):
     third partial state merged by LSE (RetroInfer-style). ``clusters="auto"`` (default) makes one
     cluster per about ``cluster_size`` (16) offloaded keys, clustered segment by segment in C++ (the
     :class:`~lckv.index.ClusterIndex` clustering; reused when ``index="cluster"`` with the same
-    cluster size), so the estimate's resolution grows with the context; an int asks for that many
-    k-means centroids per head (torch Lloyd iterations). Keys offloaded later join their nearest
-    centroid.
+    cluster size), so the estimate's resolution grows with the context up to ``max_clusters``
+    (8192) per head, beyond which clusters grow instead (a step's estimate costs
+    O(clusters * head_dim)); an int asks for that many k-means centroids per head (torch Lloyd
+    iterations). Keys offloaded later join their nearest centroid.
     """
 
     index: str = "graph"
@@ -85,6 +104,7 @@ class RetrievalPolicy(SelectionPolicy):
     estimate_rest: bool = True
     clusters: int | str = "auto"
     cluster_size: int = 16
+    max_clusters: int = 8192
     exact_above: float = 0.25
 
     name = "retrieval"
@@ -113,6 +133,8 @@ class RetrievalPolicy(SelectionPolicy):
             raise PolicyConfigError(f"RetrievalPolicy.clusters must be 'auto' or an int >= 1, got {self.clusters!r}")
         if isinstance(self.cluster_size, bool) or not isinstance(self.cluster_size, int) or self.cluster_size < 1:
             raise PolicyConfigError(f"RetrievalPolicy.cluster_size must be an int >= 1, got {self.cluster_size!r}")
+        if isinstance(self.max_clusters, bool) or not isinstance(self.max_clusters, int) or self.max_clusters < 1:
+            raise PolicyConfigError(f"RetrievalPolicy.max_clusters must be an int >= 1, got {self.max_clusters!r}")
 
     def recorded_queries(self):
         return (self.build_queries, 0) if self.build_queries else None
@@ -146,7 +168,7 @@ class RetrievalPolicy(SelectionPolicy):
             est = state.estimate
             assign = self._assign(new.float(), est.centroids)
             valid = self._valid_rows(layer, first_row, n_rows)
-            est.assign = torch.cat([est.assign, assign], dim=-1)
+            est.append(assign)
             self._accumulate(est, assign, layer.store.values[:, :, first_row:first_row + n_rows].float(), valid)
 
     # --- selection -----------------------------------------------------------------------------
@@ -192,13 +214,15 @@ class RetrievalPolicy(SelectionPolicy):
         from lckv.index import ClusterIndex
 
         batch, kv_heads, rows, head_dim = keys.shape
-        reuse = self.index == "cluster" and self.index_params.get("cluster_size", 32) == self.cluster_size
+        # at most max_clusters per head: a step's estimate costs O(clusters * head_dim)
+        cluster_size = max(self.cluster_size, -(-rows // self.max_clusters))
+        reuse = self.index == "cluster" and self.index_params.get("cluster_size", 16) == cluster_size
         cents, assigns = [], []
         for b in range(batch):
             for h in range(kv_heads):
                 index = indexes[b].heads[h] if reuse and indexes[b] is not None else None
                 if index is None or index.size != rows:
-                    index = ClusterIndex(head_dim, cluster_size=self.cluster_size).build(keys[b, h].contiguous())
+                    index = ClusterIndex(head_dim, cluster_size=cluster_size).build(keys[b, h].contiguous())
                 c, a = index.centroids(), index.assignments()
                 if c.shape[0] == 0:  # too few keys to cluster: every key is its own centroid
                     c, a = keys[b, h].clone(), torch.arange(rows)

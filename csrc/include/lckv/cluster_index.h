@@ -28,7 +28,7 @@
 namespace lckv {
 
 struct ClusterBuildParams {
-  int64_t cluster_size = 32;  // mean keys per cluster
+  int64_t cluster_size = 16;  // mean keys per cluster
   int64_t segment = 8192;     // keys clustered together (the last, partial one waits in the tail)
   int64_t n_iters = 6;        // Lloyd iterations per segment
 };
