@@ -324,7 +324,17 @@ def main():
     parser.add_argument("--plain-pages", action="store_true",
                         help="allocate K/V with torch.empty instead of lckv.memory.empty_host (no huge pages)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_kernels")
+    parser.add_argument("--triton-only", action="store_true",
+                        help="only (re)check the Triton kernels under the interpreter and update that part of "
+                             "the existing JSON (run as TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --triton-only)")
     args = parser.parse_args()
+    if args.triton_only:
+        path = args.out.with_suffix(".json")
+        payload = json.loads(path.read_text())
+        payload["triton"] = triton_interpreter_correctness()
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+        print(json.dumps(payload["triton"], indent=1))
+        return
     if args.quick:
         args.repeats, args.min_seconds = min(args.repeats, 8), min(args.min_seconds, 0.3)
     args.packaged_reference_works = packaged_sparse_reference_works()
