@@ -7,4 +7,5 @@ PYBIND11_MODULE(_C, m) {
   lckv::bind_sparse_attention(m);
   lckv::bind_index(m);
   lckv::bind_memory(m);
+  lckv::bind_estimate(m);
 }

@@ -331,3 +331,45 @@ def test_estimate_clusters_are_capped_per_head():
     assert bool((est.counts.sum(-1) == rows).all())
     with pytest.raises(PolicyConfigError, match="max_clusters"):
         RetrievalPolicy(sink=2, window=5, budget=60, max_clusters=0)
+
+
+def test_compiled_estimate_equals_the_torch_one():
+    """lckv._C.centroid_estimate (used for float32 CPU caches) against the torch formulation, with
+    strided value/assignment buffers, -1 slots and padding clusters; and its argument errors."""
+    pytest.importorskip("lckv._C")
+    from lckv._extension import compiled
+
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    policy = RetrievalPolicy(sink=2, window=5, budget=80, index="exact", estimate_rest=True, cluster_size=8)
+    layer, _, _ = _filled_cache(policy, total=700)
+    state = layer.selection_state()
+    for _ in range(3):  # decode-time inserts: the assignment buffer has spare capacity now
+        layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    est = state.estimate
+    q = torch.randn(2, 4, 16)
+    indices = policy.select(state, layer, q, 60)
+    indices[1, 0, 10:] = -1
+    rows = layer.store.length
+    buffer = torch.randn(2, 2, rows + 37, 16)  # values as a strided view of a larger buffer
+    buffer[:, :, :rows] = layer.store.values
+    values = buffer[:, :, :rows]
+    assert not values.is_contiguous() and not est.assign.is_contiguous()
+    got_out, got_lse = compiled("centroid_estimate").centroid_estimate(
+        q, est.centroids, est.counts, est.value_sums, est.assign, values, indices, 0.25)
+    ref_out, ref_lse = RetrievalPolicy._estimate_torch(est, values, q, indices, 0.25)
+    torch.testing.assert_close(got_out, ref_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_lse, ref_lse, atol=1e-5, rtol=1e-5)
+    # everything retrieved: no rest, lse -inf and zero output (both paths)
+    everything = torch.arange(layer.store.length).expand(2, 2, -1).contiguous()
+    out, lse = compiled("centroid_estimate").centroid_estimate(
+        q, est.centroids, est.counts, est.value_sums, est.assign, values, everything, 0.25)
+    assert bool(torch.isinf(lse).all()) and bool((out == 0).all())
+    with pytest.raises(ValueError, match="indices must be row ids"):
+        compiled("centroid_estimate").centroid_estimate(
+            q, est.centroids, est.counts, est.value_sums, est.assign, values, everything + 1, 0.25)
+    with pytest.raises(TypeError, match="q must be float32"):
+        compiled("centroid_estimate").centroid_estimate(
+            q.double(), est.centroids, est.counts, est.value_sums, est.assign, values, indices, 0.25)
+    with pytest.raises(ValueError, match="assign must have shape"):
+        compiled("centroid_estimate").centroid_estimate(
+            q, est.centroids, est.counts, est.value_sums, est.assign[..., :-1], values, indices, 0.25)

@@ -272,10 +272,26 @@ class RetrievalPolicy(SelectionPolicy):
         est = state.estimate
         if est is None:
             return None
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        values = layer.store.values
+        if values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu":
+            from lckv._extension import extension_available
+
+            if extension_available():  # the same computation in C++ (lckv/centroid_estimate.h)
+                from lckv._extension import compiled
+
+                out, lse = compiled("centroid_estimate").centroid_estimate(
+                    q.float().contiguous(), est.centroids, est.counts, est.value_sums, est.assign, values,
+                    indices.contiguous(), float(scale))
+                return out.to(q.dtype), lse
+        return self._estimate_torch(est, values, q, indices, scale)
+
+    @staticmethod
+    def _estimate_torch(est, values, q, indices, scale):
+        """The estimate in torch ops (any dtype or device; the C++ path's reference)."""
         batch, q_heads, head_dim = q.shape
         kv_heads = est.centroids.shape[1]
         group = q_heads // kv_heads
-        scale = head_dim ** -0.5 if scale is None else scale
         qf = q.float().reshape(batch, kv_heads, group, head_dim)
         s = (qf @ est.centroids.transpose(-1, -2)) * scale  # [B, Hkv, G, C]
         s = s.masked_fill((est.counts <= 0).unsqueeze(2), float("-inf"))
@@ -288,7 +304,7 @@ class RetrievalPolicy(SelectionPolicy):
         safe = indices.clamp(min=0)
         clusters = torch.gather(est.assign, 2, safe)  # [B, Hkv, n]
         w_rows = torch.gather(w, 3, clusters.unsqueeze(2).expand(-1, -1, group, -1)) * valid.unsqueeze(2)
-        got_values = torch.gather(layer.store.values, 2, safe.unsqueeze(-1).expand(-1, -1, -1, head_dim)).float()
+        got_values = torch.gather(values, 2, safe.unsqueeze(-1).expand(-1, -1, -1, head_dim)).float()
         den = total - w_rows.sum(-1)
         num = num - w_rows @ got_values
         keep = den > 1e-6 * total
