@@ -70,11 +70,14 @@ def decode() -> str:
     if not runs:
         return "### Decode latency\n\nNot run yet (`python benchmarks/bench_decode.py`).\n"
     run = runs[0]
-    rows = sorted((r for run_ in runs for r in run_["rows"]), key=lambda r: (r["tokens"], r["policy"] != "full"))
+    for run_ in runs:
+        for r in run_["rows"]:
+            r.setdefault("threads", run_["machine"].get("torch_threads"))
+    rows = sorted((r for run_ in runs for r in run_["rows"]), key=lambda r: (r["tokens"], r["threads"], r["policy"] != "full"))
     for r in rows:  # older files name the policy "retrieval" and the index in a field
         if r["policy"] == "retrieval" and r.get("index"):
             r["policy"] = f"retrieval-{r['index']}"
-    table = [[str(r["tokens"]), r["policy"], f"{r['attention_ms']:.2f}", f"{r['attention_speedup']:.1f}x",
+    table = [[str(r["tokens"]), str(r["threads"]), r["policy"], f"{r['attention_ms']:.2f}", f"{r['attention_speedup']:.1f}x",
               f"{r['step_ms']:.2f}", f"{r['step_over_floor']:.2f}", f"{r['first_step_s']:.1f}", f"{r['resident_mib']:.2f}",
               f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}"] for r in rows]
     return "\n".join([
@@ -83,8 +86,11 @@ def decode() -> str:
         f"Floor = a one-token forward with attention replaced by a no-op ({run['rows'][0]['floor_ms']:.2f} ms, "
         "measured in each run). The first step builds the indexes (one-off, not in the per-token times). "
         f"`retrieval-<index>` retrieves the top-{run['rows'][0]['topk']} keys per kv head with that index "
-        "(`cluster`: segment-clustered lists scanned best first; `graph`: the attention-aware graph).", "",
-        _table(["cached tokens", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",
+        "(`cluster`: segment-clustered lists scanned best first; `graph`: the attention-aware graph, whose beam "
+        "returns fewer than k keys at this k, so it also reads fewer rows; see the large-k index table). "
+        "Each run measures exact and retrieval with the same thread count; runs on this shared 2-core machine "
+        "vary by up to ~1.5x between runs.", "",
+        _table(["cached tokens", "threads", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",
                 "first step s", "resident MiB", "host KV MiB", "index MiB"], table), ""])
 
 
