@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <vector>
@@ -92,7 +93,7 @@ class ClusterIndex : public VectorIndex {
     struct Scratch {
       std::vector<float> centroid_scores, row_scores;
       std::vector<std::pair<float, uint32_t>> picked;  // min-heap of the best clusters, then sorted
-      std::vector<std::pair<float, int64_t>> found;  // every key scanned
+      std::vector<uint64_t> found;  // every key scanned, as sort_key(score, id)
     };
     thread_local Scratch scratch;
     Scratch& local = scratch;
@@ -105,7 +106,7 @@ class ClusterIndex : public VectorIndex {
     auto scan_rows = [&](const float* rows, int64_t n, auto id_of) {
       local.row_scores.resize(static_cast<std::size_t>(n));
       ip_rows_(query, rows, static_cast<std::size_t>(n), static_cast<std::size_t>(dim_), local.row_scores.data());
-      for (int64_t j = 0; j < n; ++j) found.emplace_back(local.row_scores[j], id_of(j));
+      for (int64_t j = 0; j < n; ++j) found.push_back(sort_key(local.row_scores[j], id_of(j)));
       n_scored += n;
     };
     // The tail, exactly.
@@ -157,16 +158,14 @@ class ClusterIndex : public VectorIndex {
         scanned += len;
       }
     }
-    auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
+    // Ascending keys = descending scores, ties by ascending id: plain integer selection and sort.
     const int64_t n_found = std::min<int64_t>(k, static_cast<int64_t>(found.size()));
     if (n_found < static_cast<int64_t>(found.size()))
-      std::nth_element(found.begin(), found.begin() + n_found, found.end(), better);
-    std::sort(found.begin(), found.begin() + n_found, better);
+      std::nth_element(found.begin(), found.begin() + n_found, found.end());
+    std::sort(found.begin(), found.begin() + n_found);
     for (int64_t j = 0; j < n_found; ++j) {
-      scores[j] = found[j].first;
-      ids[j] = found[j].second;
+      ids[j] = static_cast<int64_t>(found[j] & 0xffffffffu);
+      scores[j] = key_score(found[j]);
     }
     for (int64_t j = n_found; j < k; ++j) {
       scores[j] = -std::numeric_limits<float>::infinity();
@@ -182,6 +181,25 @@ class ClusterIndex : public VectorIndex {
   }
 
  private:
+  // 64-bit key ordering (score descending, id ascending) as unsigned integers: the upper half is
+  // the score's bits mapped to an order-preserving unsigned value, inverted; the lower half the id
+  // (ids fit in 32 bits: the glue caps the index below 2^32 keys).
+  static uint64_t sort_key(float score, int64_t id) {
+    uint32_t bits;
+    std::memcpy(&bits, &score, sizeof bits);
+    const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending in score
+    return (static_cast<uint64_t>(~ordered) << 32) | static_cast<uint32_t>(id);
+  }
+
+  // The score back from a sort_key (exact: the mapping is a bijection).
+  static float key_score(uint64_t key) {
+    const uint32_t ordered = ~static_cast<uint32_t>(key >> 32);
+    const uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
+    float score;
+    std::memcpy(&score, &bits, sizeof score);
+    return score;
+  }
+
   // One clustered segment, before it is appended to the global arrays.
   struct Segment {
     std::vector<float> centroids;   // [c, dim]
