@@ -3,7 +3,8 @@
 // A KV cache grows in order, and attention keys cluster by topic and position, so the keys are
 // clustered one segment at a time: every `segment` consecutive keys are split by k-means (L2,
 // initialised at evenly spaced keys of the segment) into clusters of about `cluster_size` keys,
-// and each cluster's keys are copied next to each other (a cluster is scanned sequentially).
+// and each cluster's keys are copied next to each other (a cluster is scanned sequentially, as
+// blocks of 8 transposed rows: no horizontal sum per key).
 // Keys that do not fill a segment yet (the tail) are scanned exactly by every search; add() clusters
 // the tail whenever it reaches `segment` keys, so decode-time inserts cost O(1) amortised and never
 // re-cluster old keys. build() clusters a last partial segment too when it holds at least
@@ -154,7 +155,12 @@ class ClusterIndex : public VectorIndex {
         const uint32_t c = pick.second;
         if (static_cast<double>(scanned) >= want) break;
         const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
-        scan_rows(packed_.data() + lo * dim_, len, [&](int64_t j) { return static_cast<int64_t>(members_[lo + j]); });
+        const int64_t first_block = block_starts_[c], n_blocks = block_starts_[c + 1] - first_block;
+        local.row_scores.resize(static_cast<std::size_t>(n_blocks * 8));
+        ip_blocks_(query, packed_.data() + first_block * 8 * dim_, static_cast<std::size_t>(n_blocks),
+                   static_cast<std::size_t>(dim_), local.row_scores.data());
+        for (int64_t j = 0; j < len; ++j) found.push_back(sort_key(local.row_scores[j], members_[lo + j]));
+        n_scored += len;
         scanned += len;
       }
     }
@@ -176,7 +182,7 @@ class ClusterIndex : public VectorIndex {
 
   int64_t extra_memory_bytes_locked() const override {
     return static_cast<int64_t>((centroids_.capacity() + blocks_.capacity()) * sizeof(float) +
-                                starts_.capacity() * sizeof(int64_t) +
+                                (starts_.capacity() + block_starts_.capacity()) * sizeof(int64_t) +
                                 members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float));
   }
 
@@ -225,12 +231,22 @@ class ClusterIndex : public VectorIndex {
 #pragma omp parallel for schedule(dynamic, 1) if (n_ranges > 1)
     for (int64_t r = 0; r < n_ranges; ++r) segments[r] = cluster_range(ranges[r].first, ranges[r].second);
     if (starts_.empty()) starts_.push_back(0);
+    if (block_starts_.empty()) block_starts_.push_back(0);
     for (const Segment& seg : segments) {
       centroids_.insert(centroids_.end(), seg.centroids.begin(), seg.centroids.end());
-      for (int64_t s : seg.sizes) starts_.push_back(starts_.back() + s);
-      for (uint32_t id : seg.members) {
-        members_.push_back(id);
-        packed_.insert(packed_.end(), key(id), key(id) + dim_);
+      int64_t m = 0;  // position in seg.members
+      for (int64_t size : seg.sizes) {
+        starts_.push_back(starts_.back() + size);
+        // the cluster's keys as blocks of 8 transposed rows ([dim][8] floats, zero padding)
+        const int64_t first_block = block_starts_.back(), n_blocks = (size + 7) / 8;
+        block_starts_.push_back(first_block + n_blocks);
+        packed_.resize(static_cast<std::size_t>((first_block + n_blocks) * 8 * dim_), 0.0f);
+        for (int64_t j = 0; j < size; ++j, ++m) {
+          const uint32_t id = seg.members[m];
+          members_.push_back(id);
+          float* block = packed_.data() + (first_block + j / 8) * 8 * dim_;
+          for (int64_t d = 0; d < dim_; ++d) block[d * 8 + j % 8] = key(id)[d];
+        }
       }
     }
     clustered_ = lo;
@@ -315,7 +331,9 @@ class ClusterIndex : public VectorIndex {
   std::vector<float> blocks_;            // the centroids as [ceil(n_clusters / 8)][dim][8]
   std::vector<int64_t> starts_;          // [n_clusters + 1] offsets into members_ / packed_
   std::vector<uint32_t> members_;        // key ids grouped by cluster
-  std::vector<float> packed_;            // [clustered_, dim] the keys in members_ order
+  std::vector<int64_t> block_starts_;    // [n_clusters + 1] offsets into packed_, in 8-row blocks
+  std::vector<float> packed_;            // each cluster's keys (members_ order) as blocks of 8
+                                         // transposed rows, [dim][8] floats, zero-padded
 };
 
 }  // namespace lckv
