@@ -62,6 +62,15 @@ void add(VectorIndex& index, const torch::Tensor& keys) {
   index.add(keys.data_ptr<float>(), keys.size(0));
 }
 
+// build(keys) of the indexes built from keys alone (IVF, Cluster).
+template <typename KeyIndex>
+void build_from_keys(KeyIndex& self, const torch::Tensor& keys) {
+  check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
+  check_capacity(self, keys.size(0));
+  py::gil_scoped_release no_gil;
+  self.build(keys.data_ptr<float>(), keys.size(0));
+}
+
 Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k, int64_t ef,
               int64_t nprobe, double scan) {
   check_rows(queries, "queries", 2, "[n_queries, head_dim]", index.dim());
@@ -132,12 +141,7 @@ void bind_index(py::module_& m) {
       .def(py::init<int64_t, int64_t, int64_t, uint64_t>(), py::arg("dim"), py::arg("n_lists"),
            py::arg("n_iters") = 10, py::arg("seed") = 0)
       .def_property_readonly("n_lists", &IVFIndex::n_lists)
-      .def("build", [](IVFIndex& self, const torch::Tensor& keys) {
-        check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
-        check_capacity(self, keys.size(0));
-        py::gil_scoped_release no_gil;
-        self.build(keys.data_ptr<float>(), keys.size(0));
-      }, py::arg("keys"), "Trains k-means on keys [n, dim] and adds them.");
+      .def("build", &build_from_keys<IVFIndex>, py::arg("keys"), "Trains k-means on keys [n, dim] and adds them.");
 
   py::class_<ClusterIndex, VectorIndex, std::shared_ptr<ClusterIndex>>(m, "ClusterIndex")
       .def(py::init([](int64_t dim, int64_t cluster_size, int64_t segment, int64_t n_iters) {
@@ -158,12 +162,8 @@ void bind_index(py::module_& m) {
         const std::vector<float> c = self.centroids();
         return torch::tensor(c10::ArrayRef<float>(c), torch::kFloat32).reshape({-1, self.dim()});
       }, "Centroids [n_clusters, dim] float32.")
-      .def("build", [](ClusterIndex& self, const torch::Tensor& keys) {
-        check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
-        check_capacity(self, keys.size(0));
-        py::gil_scoped_release no_gil;
-        self.build(keys.data_ptr<float>(), keys.size(0));
-      }, py::arg("keys"), "Adds keys [n, dim] and clusters them segment by segment.");
+      .def("build", &build_from_keys<ClusterIndex>, py::arg("keys"),
+           "Adds keys [n, dim] and clusters them segment by segment.");
 
   py::class_<GraphIndex, VectorIndex, std::shared_ptr<GraphIndex>>(m, "GraphIndex")
       .def(py::init([](int64_t dim, int64_t max_degree, int64_t build_knn, int64_t rank_window,

@@ -92,9 +92,10 @@ class ClusterIndex : public VectorIndex {
   int64_t search_locked(const float* query, int64_t k, const SearchParams& params, float* scores,
                         int64_t* ids) const override {
     struct Scratch {
-      std::vector<float> centroid_scores, row_scores;
-      std::vector<std::pair<float, uint32_t>> picked;  // min-heap of the best clusters, then sorted
-      std::vector<uint64_t> found;  // every key scanned, as sort_key(score, id)
+      std::vector<float> centroid_scores, row_scores, picked_scores;
+      std::vector<int64_t> picked;  // the best clusters, best first
+      std::vector<uint64_t> found;  // every key scanned, as sort_key(score, id): the top k of them
+                                    // is selected once at the end (a k-heap would pay log k per key)
     };
     thread_local Scratch scratch;
     Scratch& local = scratch;
@@ -102,17 +103,14 @@ class ClusterIndex : public VectorIndex {
     auto& found = local.found;
     found.clear();
     int64_t n_scored = 0;
-    // Scores n contiguous rows; the top k of everything scanned is selected once at the end (a
-    // k-heap would pay log k for most rows when k is large).
-    auto scan_rows = [&](const float* rows, int64_t n, auto id_of) {
+    if (size_ > clustered_) {  // the tail, exactly
+      const int64_t n = size_ - clustered_;
       local.row_scores.resize(static_cast<std::size_t>(n));
-      ip_rows_(query, rows, static_cast<std::size_t>(n), static_cast<std::size_t>(dim_), local.row_scores.data());
-      for (int64_t j = 0; j < n; ++j) found.push_back(sort_key(local.row_scores[j], id_of(j)));
+      ip_rows_(query, key(clustered_), static_cast<std::size_t>(n), static_cast<std::size_t>(dim_),
+               local.row_scores.data());
+      for (int64_t j = 0; j < n; ++j) found.push_back(sort_key(local.row_scores[j], clustered_ + j));
       n_scored += n;
-    };
-    // The tail, exactly.
-    if (size_ > clustered_)
-      scan_rows(key(clustered_), size_ - clustered_, [&](int64_t j) { return clustered_ + j; });
+    }
     if (n_clusters > 0) {
       auto& cs = local.centroid_scores;
       const int64_t n_blocks = (n_clusters + 7) / 8;
@@ -121,38 +119,26 @@ class ClusterIndex : public VectorIndex {
                  cs.data());
       n_scored += n_clusters;
       const double want = std::max(1.0, params.scan) * static_cast<double>(k);
-      // The best p clusters by centroid score (a min-heap of p while scanning the scores), p sized
-      // for `want` keys with a margin; doubled in the rare case their keys fall short.
+      // The best p clusters by centroid score, p sized for `want` keys with a margin; doubled in
+      // the rare case their keys fall short.
       auto& picked = local.picked;
       const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
       int64_t p = want >= static_cast<double>(clustered_)
                       ? n_clusters
                       : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
-      auto better = [](const std::pair<float, uint32_t>& a, const std::pair<float, uint32_t>& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      };
       for (;;) {
-        picked.clear();
-        for (int64_t c = 0; c < n_clusters; ++c) {
-          const std::pair<float, uint32_t> e(cs[c], static_cast<uint32_t>(c));
-          if (static_cast<int64_t>(picked.size()) < p) {
-            picked.push_back(e);
-            std::push_heap(picked.begin(), picked.end(), better);  // front: the worst kept
-          } else if (better(e, picked.front())) {
-            std::pop_heap(picked.begin(), picked.end(), better);
-            picked.back() = e;
-            std::push_heap(picked.begin(), picked.end(), better);  // front: the worst kept
-          }
-        }
+        TopK best(p);
+        for (int64_t c = 0; c < n_clusters; ++c) best.push(cs[c], c);
+        local.picked_scores.resize(static_cast<std::size_t>(p));
+        picked.resize(static_cast<std::size_t>(p));
+        best.write_sorted(local.picked_scores.data(), picked.data());  // best first
         int64_t total = 0;
-        for (const auto& e : picked) total += starts_[e.second + 1] - starts_[e.second];
+        for (int64_t c : picked) total += starts_[c + 1] - starts_[c];
         if (total >= want || p >= n_clusters) break;
         p = std::min(n_clusters, 2 * p);
       }
-      std::sort(picked.begin(), picked.end(), better);  // best first
       int64_t scanned = 0;
-      for (const auto& pick : picked) {
-        const uint32_t c = pick.second;
+      for (int64_t c : picked) {
         if (static_cast<double>(scanned) >= want) break;
         const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
         const int64_t first_block = block_starts_[c], n_blocks = block_starts_[c + 1] - first_block;
@@ -233,29 +219,31 @@ class ClusterIndex : public VectorIndex {
     if (starts_.empty()) starts_.push_back(0);
     if (block_starts_.empty()) block_starts_.push_back(0);
     for (const Segment& seg : segments) {
-      centroids_.insert(centroids_.end(), seg.centroids.begin(), seg.centroids.end());
       int64_t m = 0;  // position in seg.members
-      for (int64_t size : seg.sizes) {
+      for (std::size_t c = 0; c < seg.sizes.size(); ++c) {
+        const int64_t size = seg.sizes[c];
+        put_blocked_row(blocks_, static_cast<int64_t>(starts_.size()) - 1, seg.centroids.data() + c * dim_);
+        centroids_.insert(centroids_.end(), seg.centroids.begin() + c * dim_, seg.centroids.begin() + (c + 1) * dim_);
         starts_.push_back(starts_.back() + size);
-        // the cluster's keys as blocks of 8 transposed rows ([dim][8] floats, zero padding)
-        const int64_t first_block = block_starts_.back(), n_blocks = (size + 7) / 8;
-        block_starts_.push_back(first_block + n_blocks);
-        packed_.resize(static_cast<std::size_t>((first_block + n_blocks) * 8 * dim_), 0.0f);
+        // the cluster's keys in whole blocks of their own, so a cluster scan starts on a block
+        const int64_t first_block = block_starts_.back();
+        block_starts_.push_back(first_block + (size + 7) / 8);
         for (int64_t j = 0; j < size; ++j, ++m) {
-          const uint32_t id = seg.members[m];
-          members_.push_back(id);
-          float* block = packed_.data() + (first_block + j / 8) * 8 * dim_;
-          for (int64_t d = 0; d < dim_; ++d) block[d * 8 + j % 8] = key(id)[d];
+          members_.push_back(seg.members[m]);
+          put_blocked_row(packed_, first_block * 8 + j, key(seg.members[m]));
         }
       }
     }
     clustered_ = lo;
-    // Centroids in blocks of 8, transposed, for inner_product_blocks (padding rows are zero and
-    // their scores are never read).
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
-    blocks_.assign(static_cast<std::size_t>((n_clusters + 7) / 8 * 8 * dim_), 0.0f);
-    for (int64_t c = 0; c < n_clusters; ++c)
-      for (int64_t d = 0; d < dim_; ++d) blocks_[(c / 8) * 8 * dim_ + d * 8 + c % 8] = centroids_[c * dim_ + d];
+  }
+
+  // Writes x as row `row` of a blocks-of-8 transposed layout ([block][dim][8] floats, as
+  // inner_product_blocks reads it), growing it with zero rows as needed.
+  void put_blocked_row(std::vector<float>& blocks, int64_t row, const float* x) const {
+    const std::size_t need = static_cast<std::size_t>((row / 8 + 1) * 8 * dim_);
+    if (blocks.size() < need) blocks.resize(need, 0.0f);
+    float* block = blocks.data() + (row / 8) * 8 * dim_;
+    for (int64_t d = 0; d < dim_; ++d) block[d * 8 + row % 8] = x[d];
   }
 
   // k-means of keys [lo, hi) into about (hi - lo) / cluster_size clusters.
@@ -328,7 +316,8 @@ class ClusterIndex : public VectorIndex {
   const InnerProductBlocksFn ip_blocks_; // inner products with blocks of 8 transposed rows
   int64_t clustered_ = 0;                // keys [0, clustered_) are in clusters
   std::vector<float> centroids_;         // [n_clusters, dim]
-  std::vector<float> blocks_;            // the centroids as [ceil(n_clusters / 8)][dim][8]
+  std::vector<float> blocks_;            // the centroids as [ceil(n_clusters / 8)][dim][8] (zero
+                                         // padding rows, whose scores are never read)
   std::vector<int64_t> starts_;          // [n_clusters + 1] offsets into members_ / packed_
   std::vector<uint32_t> members_;        // key ids grouped by cluster
   std::vector<int64_t> block_starts_;    // [n_clusters + 1] offsets into packed_, in 8-row blocks
