@@ -65,6 +65,18 @@ def _filled_cache(policy, batch=2, kv_heads=2, group=2, head_dim=16, total=300):
     return layer, all_k, all_v
 
 
+def _attended(indices, n_sink, n_store, total):
+    """[B, Hkv, total] mask of the keys a selection step attends: the sink, the recent window (after
+    the n_store offloaded rows) and the selected store rows (-1 = none)."""
+    attended = torch.zeros(*indices.shape[:2], total, dtype=torch.bool)
+    attended[:, :, :n_sink] = True
+    attended[:, :, n_sink + n_store:] = True
+    # count hits, so a -1 slot (clamped to row 0) cannot un-mark a selected row 0
+    hits = torch.zeros(attended.shape, dtype=torch.long).scatter_add_(
+        2, indices.clamp(min=0) + n_sink, (indices >= 0).long())
+    return attended | (hits > 0)
+
+
 def _dense_over(query, all_k, all_v, attended):
     """Exact attention restricted to attended [B, Hkv, S] (shared by a GQA group)."""
     group = query.shape[1] // all_k.shape[1]
@@ -86,13 +98,7 @@ def test_decode_step_attends_resident_plus_selected_rows_exactly(policy):
     n_sink, n_store = layer.sink_k.shape[2], layer.store.length
     indices = policy.select(layer.selection, layer, query[:, :, 0], 60 - n_sink - layer.recent_k.shape[2])
     assert indices.shape[-1] <= 60 - n_sink - layer.recent_k.shape[2]
-    attended = torch.zeros(2, 2, all_k.shape[2], dtype=torch.bool)
-    attended[:, :, :n_sink] = True
-    attended[:, :, n_sink + n_store:] = True
-    valid = indices >= 0
-    # count hits, so a -1 slot (clamped to row 0) cannot un-mark a selected row 0
-    hits = torch.zeros(attended.shape, dtype=torch.long).scatter_add_(2, indices.clamp(min=0) + n_sink, valid.long())
-    attended |= hits > 0
+    attended = _attended(indices, n_sink, n_store, all_k.shape[2])
     ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -123,11 +129,14 @@ def test_graph_retrieval_recall_against_exact():
     assert hits / want.numel() >= 0.9
 
 
-def test_estimate_with_one_cluster_per_row_is_exact():
-    """With as many clusters as offloaded rows, every centroid is a key and every cluster's mean
-    value is that key's value: the estimate of the non-retrieved rows is then exact."""
-    policy = RetrievalPolicy(sink=2, window=5, budget=30, index="exact", estimate_rest=True, clusters=100_000)
-    layer, all_k, all_v = _filled_cache(policy, total=120)
+@pytest.mark.parametrize("clusters", [dict(clusters=100_000), dict(clusters="auto", cluster_size=1)],
+                         ids=["kmeans", "auto"])
+def test_estimate_with_one_cluster_per_row_is_exact(clusters):
+    """With one cluster per offloaded row (k-means with more clusters than rows, or segment
+    clustering with cluster_size 1), every centroid is a key and every cluster's mean value is that
+    key's value: the estimate of the non-retrieved rows, and the merged output, are then exact."""
+    policy = RetrievalPolicy(sink=2, window=5, budget=30, index="exact", estimate_rest=True, **clusters)
+    layer, all_k, all_v = _filled_cache(policy, total=150)
     query = torch.randn(2, 4, 1, 16)
     out, lse = attend_with_selection(query, layer, None, policy, None)
     ref_out, ref_lse = attention_with_lse(query, all_k, all_v)
@@ -217,12 +226,7 @@ def test_decode_step_never_selects_padding(policy):
     raw = policy.select(layer.selection_state(), layer, query[:, :, 0], n_sel)
     real = raw.clamp(min=0) + n_sink >= 120
     assert not real[1].all(), "the test must offer pad rows to the selection"
-    attended = torch.zeros(2, 2, total, dtype=torch.bool)
-    attended[:, :, :n_sink] = True
-    attended[:, :, n_sink + layer.store.length:] = True
-    hits = torch.zeros(attended.shape, dtype=torch.long).scatter_add_(2, raw.clamp(min=0) + n_sink, (raw >= 0).long())
-    attended |= hits > 0  # counted, so a -1 slot cannot un-mark a selected row 0
-    attended &= padding[:, None, :]
+    attended = _attended(raw, n_sink, layer.store.length, total) & padding[:, None, :]
     ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
@@ -238,19 +242,6 @@ def test_retrieval_scans_exactly_when_k_is_a_large_fraction():
     assert torch.equal(got.sort(-1).values, exact.select(None, layer, q, n).sort(-1).values)
     with pytest.raises(PolicyConfigError, match="exact_above"):
         get_policy("retrieval", exact_above=1.5)
-
-
-def test_auto_estimate_with_one_key_per_cluster_is_exact():
-    """clusters='auto' with cluster_size=1: every offloaded key is its own centroid, so the estimate
-    of the non-retrieved rows (and the merged output) is exact."""
-    policy = RetrievalPolicy(sink=2, window=5, budget=30, index="exact", estimate_rest=True, clusters="auto",
-                             cluster_size=1)
-    layer, all_k, all_v = _filled_cache(policy, total=150)
-    query = torch.randn(2, 4, 1, 16)
-    out, lse = attend_with_selection(query, layer, None, policy, None)
-    ref_out, ref_lse = attention_with_lse(query, all_k, all_v)
-    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-4)
 
 
 def test_auto_estimate_reuses_the_cluster_index():

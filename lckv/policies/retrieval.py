@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lckv._extension import compiled, extension_available
 from lckv.policies.base import PolicyConfigError, register_policy
 from lckv.policies.selection import SelectionPolicy, group_sum
 
@@ -274,16 +275,12 @@ class RetrievalPolicy(SelectionPolicy):
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         values = layer.store.values
-        if values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu":
-            from lckv._extension import extension_available
-
-            if extension_available():  # the same computation in C++ (lckv/centroid_estimate.h)
-                from lckv._extension import compiled
-
-                out, lse = compiled("centroid_estimate").centroid_estimate(
-                    q.float().contiguous(), est.centroids, est.counts, est.value_sums, est.assign, values,
-                    indices.contiguous(), float(scale))
-                return out.to(q.dtype), lse
+        if (values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu"
+                and extension_available()):  # the same computation in C++ (lckv/centroid_estimate.h)
+            out, lse = compiled("centroid_estimate").centroid_estimate(
+                q.float().contiguous(), est.centroids, est.counts, est.value_sums, est.assign, values,
+                indices.contiguous(), float(scale))
+            return out.to(q.dtype), lse
         return self._estimate_torch(est, values, q, indices, scale)
 
     @staticmethod

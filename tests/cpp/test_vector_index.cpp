@@ -6,6 +6,7 @@
 #include <lckv/graph_index.h>
 #include <lckv/ivf_index.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <random>
@@ -31,6 +32,19 @@ double recall(const std::vector<int64_t>& truth, const std::vector<int64_t>& got
     for (int64_t j = 0; j < k; ++j) hits += t.count(got[q * k + j]);
   }
   return static_cast<double>(hits) / static_cast<double>(m * k);
+}
+
+// Every key as (-inner product in double, id), sorted: the exact ranking, best first.
+std::vector<std::pair<double, int64_t>> naive_ranking(const std::vector<float>& keys, int64_t n, const float* query,
+                                                      int64_t dim) {
+  std::vector<std::pair<double, int64_t>> all;
+  for (int64_t j = 0; j < n; ++j) {
+    double s = 0.0;
+    for (int64_t d = 0; d < dim; ++d) s += static_cast<double>(query[d]) * keys[j * dim + d];
+    all.emplace_back(-s, j);
+  }
+  std::sort(all.begin(), all.end());
+  return all;
 }
 
 void test_kernels(std::mt19937_64& rng) {
@@ -88,13 +102,7 @@ void test_cluster(std::mt19937_64& rng) {
     std::vector<int64_t> ids(k);
     const int64_t scored = index.search(queries.data() + q * dim, k, full, s.data(), ids.data());
     EXPECT(scored == n + index.n_clusters());
-    std::vector<std::pair<double, int64_t>> all;
-    for (int64_t j = 0; j < n; ++j) {
-      double v = 0.0;
-      for (int64_t d = 0; d < dim; ++d) v += static_cast<double>(queries[q * dim + d]) * keys[j * dim + d];
-      all.emplace_back(-v, j);
-    }
-    std::sort(all.begin(), all.end());
+    const auto all = naive_ranking(keys, n, queries.data() + q * dim, dim);
     for (int64_t j = 0; j < k; ++j) EXPECT(lckv_test::close(s[j], -all[j].first, 1e-4, 1e-5));
   }
 }
@@ -111,13 +119,7 @@ void test_flat(std::mt19937_64& rng) {
   for (int64_t q = 0; q < m; ++q) {
     EXPECT(ns[q] == n);
     EXPECT(index.search(queries.data() + q * dim, k, {}, s2.data() + q * k, i2.data() + q * k) == n);
-    std::vector<std::pair<double, int64_t>> all;
-    for (int64_t j = 0; j < n; ++j) {
-      double s = 0.0;
-      for (int64_t d = 0; d < dim; ++d) s += static_cast<double>(queries[q * dim + d]) * keys[j * dim + d];
-      all.emplace_back(-s, j);
-    }
-    std::sort(all.begin(), all.end());
+    const auto all = naive_ranking(keys, n, queries.data() + q * dim, dim);
     for (int64_t j = 0; j < k; ++j) {
       EXPECT(i1[q * k + j] == all[j].second);
       EXPECT(i2[q * k + j] == all[j].second);
