@@ -118,15 +118,20 @@ def test_exact_retrieval_selects_top_rows_of_group_summed_logits():
 
 
 def test_graph_retrieval_recall_against_exact():
+    """Mean recall over 8 decode queries x 2 batch rows x 2 kv heads: single queries on random keys
+    range from ~0.7 to 1.0, so a mean over 4 would fail the bound by chance now and then."""
     policy = RetrievalPolicy(sink=2, window=5, budget=60, index="graph", estimate_rest=False)
     exact = RetrievalPolicy(sink=2, window=5, budget=60, index="exact", estimate_rest=False)
     layer, _, _ = _filled_cache(policy, total=2000)
-    q = torch.randn(2, 4, 16) + 0.5
     n = 60 - 2 - layer.recent_k.shape[2]
-    got = policy.select(layer.selection_state(), layer, q, n)
-    want = exact.select(None, layer, q, n)
-    hits = sum(len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got.flatten(0, 1), want.flatten(0, 1)))
-    assert hits / want.numel() >= 0.9
+    hits = total = 0
+    for _ in range(8):
+        q = torch.randn(2, 4, 16) + 0.5
+        got = policy.select(layer.selection_state(), layer, q, n)
+        want = exact.select(None, layer, q, n)
+        hits += sum(len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got.flatten(0, 1), want.flatten(0, 1)))
+        total += want.numel()
+    assert hits / total >= 0.9
 
 
 @pytest.mark.parametrize("clusters", [dict(clusters=100_000), dict(clusters="auto", cluster_size=1)],
