@@ -369,3 +369,10 @@ def test_compiled_estimate_equals_the_torch_one():
     with pytest.raises(ValueError, match="assign must have shape"):
         compiled("centroid_estimate").centroid_estimate(
             q, est.centroids, est.counts, est.value_sums, est.assign[..., :-1], values, indices, 0.25)
+    # cluster ids are checked where a step reads them (the retrieved rows): O(k), not O(rows)
+    bad = est.assign.clone()
+    row = int(indices[1, 0, 0])  # retrieved (slots 10: of this head are -1)
+    bad[1, 0, row] = est.centroids.shape[2]
+    with pytest.raises(ValueError, match=f"retrieved row {row} of batch 1, kv head 0 has cluster"):
+        compiled("centroid_estimate").centroid_estimate(
+            q, est.centroids, est.counts, est.value_sums, bad, values, indices, 0.25)

@@ -46,8 +46,6 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   const int64_t rows = values.size(2);
   TORCH_CHECK_VALUE(idx_c.numel() == 0 || (idx_c.max().item<int64_t>() < rows && idx_c.min().item<int64_t>() >= -1),
                     "indices must be row ids in [0, ", rows, ") or -1");
-  TORCH_CHECK_VALUE(assign.numel() == 0 || (assign.min().item<int64_t>() >= 0 && assign.max().item<int64_t>() < C),
-                    "assign must hold cluster ids in [0, ", C, ")");
   auto out = torch::empty({B, q.size(1), D}, torch::kFloat32);
   auto lse = torch::empty({B, q.size(1)}, torch::kFloat32);
   EstimateProblem p;
@@ -72,6 +70,13 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   p.scale = static_cast<float>(scale);
   p.out = out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
+  const int64_t bad = first_bad_assignment(p);  // reads only the retrieved rows' cluster ids
+  if (bad >= 0) {
+    const int64_t bh = bad / p.n_selected, row = p.indices[bad];
+    const int64_t cluster = p.assign[(bh / H) * p.as0 + (bh % H) * p.as1 + row];
+    TORCH_CHECK_VALUE(false, "assign must hold cluster ids in [0, ", C, "): retrieved row ", row, " of batch ",
+                      bh / H, ", kv head ", bh % H, " has cluster ", cluster);
+  }
   {
     pybind11::gil_scoped_release no_gil;
     centroid_estimate(p);

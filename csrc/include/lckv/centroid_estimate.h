@@ -36,6 +36,20 @@ struct EstimateProblem {
   float* lse = nullptr;               // [batch, kv_heads * group]
 };
 
+// The first retrieved row (as b * kv_heads * n_selected + h * n_selected + j) whose cluster id is
+// outside [0, clusters), or -1 when all are valid. Only the rows a step retrieved are read, so the
+// check costs O(batch * kv_heads * n_selected), not O(rows): run it before centroid_estimate.
+inline int64_t first_bad_assignment(const EstimateProblem& p) {
+  for (int64_t bh = 0; bh < p.batch * p.kv_heads; ++bh) {
+    const int64_t* assign = p.assign + (bh / p.kv_heads) * p.as0 + (bh % p.kv_heads) * p.as1;
+    for (int64_t j = 0; j < p.n_selected; ++j) {
+      const int64_t r = p.indices[bh * p.n_selected + j];
+      if (r >= 0 && (assign[r] < 0 || assign[r] >= p.clusters)) return bh * p.n_selected + j;
+    }
+  }
+  return -1;
+}
+
 inline void centroid_estimate(const EstimateProblem& p) {
   const InnerProductFn ip = inner_product_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
   const int64_t D = p.head_dim, C = p.clusters, G = p.group;
