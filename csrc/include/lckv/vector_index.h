@@ -244,7 +244,9 @@ inline void search_heads(const std::vector<const VectorIndex*>& heads, const flo
                          int64_t* ids, int64_t* n_scored) {
   const int64_t n_heads = static_cast<int64_t>(heads.size());
   const int64_t total = n_heads * m;
-#pragma omp parallel for schedule(dynamic, 4)
+  // chunks of one (head, query): a decode step has one query per head, so a chunk of several
+  // would hand all heads to one thread
+#pragma omp parallel for schedule(dynamic, 1)
   for (int64_t t = 0; t < total; ++t) {
     const int64_t h = t / m;
     n_scored[t] = heads[h]->search(queries + t * heads[h]->dim(), k, params, scores + t * k, ids + t * k);
