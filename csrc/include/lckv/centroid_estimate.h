@@ -7,7 +7,9 @@
 //   out  = num / den,  lse = log(den) + m,  m = max_c s_c
 // i.e. every non-retrieved key sits at its cluster's centroid and carries the mean value of its
 // cluster's non-retrieved keys. A rest below 1e-6 of the clusters' total weight (everything
-// retrieved, up to rounding) gives out = 0, lse = -inf. Sums in double. Torch-free.
+// retrieved, up to rounding) gives out = 0, lse = -inf. Centroid scores by the contiguous-rows
+// inner product, weights by the branch-free polynomial exp (vectorised loops), sums in double.
+// Torch-free.
 #pragma once
 
 #include <algorithm>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "lckv/simd_ip.h"
+#include "lckv/sparse_attention.h"  // exp_nonpositive
 
 namespace lckv {
 
@@ -36,6 +39,80 @@ struct EstimateProblem {
   float* lse = nullptr;               // [batch, kv_heads * group]
 };
 
+// Cluster weights of one query head: scores w[c] (q . centroid_c) become
+// w[c] = exp(scale * w[c] - m) for clusters with count > 0 and 0 for empty ones, m = the largest
+// scaled score (0 when no cluster has keys). Returns sum_c w[c] * count_c (in double); writes m.
+using ClusterWeightsFn = double (*)(float* w, const float* counts, int64_t C, float scale, float* m_out);
+
+inline double cluster_weights_portable(float* w, const float* counts, int64_t C, float scale, float* m_out) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  float m = neg_inf;
+#pragma omp simd reduction(max : m)
+  for (int64_t c = 0; c < C; ++c) {
+    w[c] = counts[c] > 0.0f ? scale * w[c] : neg_inf;  // empty clusters weigh nothing
+    m = w[c] > m ? w[c] : m;
+  }
+  if (!std::isfinite(m)) m = 0.0f;
+  double total = 0.0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t c = 0; c < C; ++c) {
+    w[c] = exp_nonpositive(w[c] - m);
+    total += static_cast<double>(w[c]) * counts[c];
+  }
+  *m_out = m;
+  return total;
+}
+
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+// The same on 8 lanes (detail::exp_nonpositive8); the last C % 8 clusters by the portable code.
+__attribute__((target("avx2,fma,f16c"))) inline double cluster_weights_avx2(float* w, const float* counts, int64_t C,
+                                                                            float scale, float* m_out) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const int64_t C8 = C - C % 8;
+  const __m256 ninf = _mm256_set1_ps(neg_inf), zero = _mm256_setzero_ps(), scale8 = _mm256_set1_ps(scale);
+  __m256 max8 = ninf;
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 empty = _mm256_cmp_ps(_mm256_loadu_ps(counts + c), zero, _CMP_LE_OQ);
+    const __m256 s = _mm256_blendv_ps(_mm256_mul_ps(scale8, _mm256_loadu_ps(w + c)), ninf, empty);
+    _mm256_storeu_ps(w + c, s);
+    max8 = _mm256_max_ps(s, max8);  // a NaN score leaves the max alone (as the portable loop)
+  }
+  float m = detail::horizontal_max(max8);
+  for (int64_t c = C8; c < C; ++c) {
+    w[c] = counts[c] > 0.0f ? scale * w[c] : neg_inf;
+    m = w[c] > m ? w[c] : m;
+  }
+  if (!std::isfinite(m)) m = 0.0f;
+  const __m256 m8 = _mm256_set1_ps(m);
+  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+  for (int64_t c = 0; c < C8; c += 8) {
+    const __m256 e = detail::exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(w + c), m8));
+    _mm256_storeu_ps(w + c, e);
+    const __m256 ec = _mm256_mul_ps(e, _mm256_loadu_ps(counts + c));  // exact enough: one rounding
+    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(ec)));
+    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(ec, 1)));
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(lo, hi));
+  double total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (int64_t c = C8; c < C; ++c) {
+    w[c] = exp_nonpositive(w[c] - m);
+    total += static_cast<double>(w[c]) * counts[c];
+  }
+  *m_out = m;
+  return total;
+}
+#endif
+
+// Picked once per process: AVX2 where the CPU has it.
+inline ClusterWeightsFn cluster_weights_for_cpu() {
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return cluster_weights_avx2;
+#endif
+  return cluster_weights_portable;
+}
+
 // The first retrieved row (as b * kv_heads * n_selected + h * n_selected + j) whose cluster id is
 // outside [0, clusters), or -1 when all are valid. Only the rows a step retrieved are read, so the
 // check costs O(batch * kv_heads * n_selected), not O(rows): run it before centroid_estimate.
@@ -50,10 +127,13 @@ inline int64_t first_bad_assignment(const EstimateProblem& p) {
   return -1;
 }
 
-inline void centroid_estimate(const EstimateProblem& p) {
-  const InnerProductFn ip = inner_product_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
+inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) {
+  const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
+  static const ClusterWeightsFn best = cluster_weights_for_cpu();
+  const ClusterWeightsFn weights = allow_simd ? best : cluster_weights_portable;
   const int64_t D = p.head_dim, C = p.clusters, G = p.group;
   const int64_t pairs = p.batch * p.kv_heads;
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel for schedule(dynamic, 1) if (pairs > 1)
   for (int64_t bh = 0; bh < pairs; ++bh) {
     const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads;
@@ -63,44 +143,50 @@ inline void centroid_estimate(const EstimateProblem& p) {
     const int64_t* assign = p.assign + b * p.as0 + h * p.as1;
     const float* values = p.values + b * p.vs0 + h * p.vs1;
     const int64_t* rows = p.indices + bh * p.n_selected;
-    std::vector<float> w(static_cast<std::size_t>(C));
-    std::vector<double> num(static_cast<std::size_t>(D));
+    // every query head's cluster weights first, so the retrieved rows (random reads of assign and
+    // values) are visited once for the whole group
+    std::vector<float> w(static_cast<std::size_t>(G * C));
+    std::vector<double> num(static_cast<std::size_t>(G * D)), den(static_cast<std::size_t>(G));
+    std::vector<float> maxes(static_cast<std::size_t>(G));
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t qh = h * G + g;
-      const float* q = p.q + (b * p.kv_heads * G + qh) * D;
-      float m = -std::numeric_limits<float>::infinity();
+      const float* q = p.q + (b * p.kv_heads * G + h * G + g) * D;
+      float* wc = w.data() + g * C;
+      ip_rows(q, cent, static_cast<std::size_t>(C), static_cast<std::size_t>(D), wc);
+      den[g] = weights(wc, counts, C, p.scale, &maxes[g]);
+      double* nd = num.data() + g * D;
       for (int64_t c = 0; c < C; ++c) {
-        w[c] = counts[c] > 0.0f ? p.scale * ip(q, cent + c * D, static_cast<std::size_t>(D))
-                                : -std::numeric_limits<float>::infinity();
-        m = std::max(m, w[c]);
-      }
-      if (!std::isfinite(m)) m = 0.0f;
-      double total = 0.0;
-      std::fill(num.begin(), num.end(), 0.0);
-      for (int64_t c = 0; c < C; ++c) {
-        w[c] = std::exp(w[c] - m);  // 0 for empty clusters
-        if (w[c] == 0.0f) continue;
-        total += static_cast<double>(w[c]) * counts[c];
+        const double wd = wc[c];
         const float* vs = vsums + c * D;
-        for (int64_t d = 0; d < D; ++d) num[d] += static_cast<double>(w[c]) * vs[d];
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) nd[d] += wd * vs[d];
       }
-      double den = total;
-      for (int64_t j = 0; j < p.n_selected; ++j) {
-        const int64_t r = rows[j];
-        if (r < 0) continue;
-        const double wr = w[assign[r]];
-        den -= wr;
-        const float* v = values + r * p.vs2;
-        for (int64_t d = 0; d < D; ++d) num[d] -= wr * v[d];
+    }
+    std::vector<double> totals(den);
+    for (int64_t j = 0; j < p.n_selected; ++j) {
+      if (j + 8 < p.n_selected && rows[j + 8] >= 0) {  // the random reads of a later row, early
+        __builtin_prefetch(assign + rows[j + 8]);
+        __builtin_prefetch(values + rows[j + 8] * p.vs2);
       }
-      float* out = p.out + (b * p.kv_heads * G + qh) * D;
-      float& lse = p.lse[b * p.kv_heads * G + qh];
-      if (den > 1e-6 * total && den > 0.0) {
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(num[d] / den);
-        lse = static_cast<float>(std::log(den)) + m;
+      const int64_t r = rows[j];
+      if (r < 0) continue;
+      const int64_t c = assign[r];
+      const float* v = values + r * p.vs2;
+      for (int64_t g = 0; g < G; ++g) {
+        const double wr = w[g * C + c];
+        den[g] -= wr;
+        double* nd = num.data() + g * D;
+        for (int64_t d = 0; d < D; ++d) nd[d] -= wr * v[d];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t row = b * p.kv_heads * G + h * G + g;
+      float* out = p.out + row * D;
+      if (den[g] > 1e-6 * totals[g] && den[g] > 0.0) {
+        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(num[g * D + d] / den[g]);
+        p.lse[row] = static_cast<float>(std::log(den[g])) + maxes[g];
       } else {
         std::fill(out, out + D, 0.0f);
-        lse = -std::numeric_limits<float>::infinity();
+        p.lse[row] = neg_inf;
       }
     }
   }

@@ -1,0 +1,151 @@
+// centroid_estimate (SIMD and portable paths) against its definition evaluated directly in double:
+// every non-retrieved key sits at its cluster's centroid and carries the mean value of its
+// cluster's non-retrieved keys. Cluster counts that are not multiples of 8, empty clusters and
+// -1 slots included; and the check of the retrieved rows' cluster ids.
+#include <lckv/centroid_estimate.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "check.h"
+
+namespace {
+
+struct Case {
+  int64_t batch, kv_heads, group, dim, clusters, rows, selected;
+  std::vector<float> q, centroids, counts, value_sums, values;
+  std::vector<int64_t> assign, indices;
+};
+
+Case make_case(std::mt19937& rng) {
+  Case c;
+  c.batch = 1 + rng() % 2;
+  c.kv_heads = 1 + rng() % 3;
+  c.group = 1 + rng() % 3;
+  c.dim = 1 + rng() % 20;
+  c.clusters = 1 + rng() % 70;
+  c.rows = c.clusters + rng() % 300;
+  c.selected = rng() % (c.rows + 1);
+  std::normal_distribution<float> normal;
+  auto fill = [&](std::vector<float>& x, std::size_t n) {
+    x.resize(n);
+    for (auto& v : x) v = normal(rng);
+  };
+  const int64_t pairs = c.batch * c.kv_heads;
+  fill(c.q, pairs * c.group * c.dim);
+  fill(c.centroids, pairs * c.clusters * c.dim);
+  fill(c.values, pairs * c.rows * c.dim);
+  c.assign.resize(pairs * c.rows);
+  c.counts.assign(pairs * c.clusters, 0.0f);
+  c.value_sums.assign(pairs * c.clusters * c.dim, 0.0f);
+  for (int64_t bh = 0; bh < pairs; ++bh) {
+    const int64_t used = 1 + rng() % c.clusters;  // clusters >= used stay empty
+    for (int64_t r = 0; r < c.rows; ++r) {
+      const int64_t cl = rng() % used;
+      c.assign[bh * c.rows + r] = cl;
+      c.counts[bh * c.clusters + cl] += 1.0f;
+      for (int64_t d = 0; d < c.dim; ++d)
+        c.value_sums[(bh * c.clusters + cl) * c.dim + d] += c.values[(bh * c.rows + r) * c.dim + d];
+    }
+    std::vector<int64_t> perm(c.rows);
+    for (int64_t r = 0; r < c.rows; ++r) perm[r] = r;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    for (int64_t j = 0; j < c.selected; ++j) c.indices.push_back(rng() % 7 == 0 ? -1 : perm[j]);
+  }
+  return c;
+}
+
+lckv::EstimateProblem problem(Case& c, std::vector<float>& out, std::vector<float>& lse, float scale) {
+  out.assign(c.batch * c.kv_heads * c.group * c.dim, 0.0f);
+  lse.assign(c.batch * c.kv_heads * c.group, 0.0f);
+  lckv::EstimateProblem p;
+  p.batch = c.batch;
+  p.kv_heads = c.kv_heads;
+  p.group = c.group;
+  p.head_dim = c.dim;
+  p.clusters = c.clusters;
+  p.n_selected = c.selected;
+  p.q = c.q.data();
+  p.centroids = c.centroids.data();
+  p.counts = c.counts.data();
+  p.value_sums = c.value_sums.data();
+  p.assign = c.assign.data();
+  p.as0 = c.kv_heads * c.rows;
+  p.as1 = c.rows;
+  p.values = c.values.data();
+  p.vs0 = c.kv_heads * c.rows * c.dim;
+  p.vs1 = c.rows * c.dim;
+  p.vs2 = c.dim;
+  p.indices = c.indices.data();
+  p.scale = scale;
+  p.out = out.data();
+  p.lse = lse.data();
+  return p;
+}
+
+// The definition, row by row: each non-retrieved row contributes exp(scale * q . centroid of its
+// cluster) with its own value (the cluster mean of the rest is what this sums to).
+void reference(const Case& c, float scale, std::vector<double>& out, std::vector<double>& lse) {
+  out.assign(c.batch * c.kv_heads * c.group * c.dim, 0.0);
+  lse.assign(c.batch * c.kv_heads * c.group, -std::numeric_limits<double>::infinity());
+  for (int64_t bh = 0; bh < c.batch * c.kv_heads; ++bh) {
+    std::vector<bool> taken(c.rows, false);
+    for (int64_t j = 0; j < c.selected; ++j)
+      if (c.indices[bh * c.selected + j] >= 0) taken[c.indices[bh * c.selected + j]] = true;
+    for (int64_t g = 0; g < c.group; ++g) {
+      const int64_t row = bh * c.group + g;
+      const float* q = c.q.data() + row * c.dim;
+      double den = 0.0;
+      std::vector<double> num(c.dim, 0.0);
+      for (int64_t r = 0; r < c.rows; ++r) {
+        if (taken[r]) continue;
+        const float* cent = c.centroids.data() + (bh * c.clusters + c.assign[bh * c.rows + r]) * c.dim;
+        double s = 0.0;
+        for (int64_t d = 0; d < c.dim; ++d) s += static_cast<double>(q[d]) * cent[d];
+        const double w = std::exp(scale * s);
+        den += w;
+        for (int64_t d = 0; d < c.dim; ++d) num[d] += w * c.values[(bh * c.rows + r) * c.dim + d];
+      }
+      if (den == 0.0) continue;
+      for (int64_t d = 0; d < c.dim; ++d) out[row * c.dim + d] = num[d] / den;
+      lse[row] = std::log(den);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  const unsigned seed = std::random_device{}();
+  std::printf("test_centroid_estimate: seed %u\n", seed);
+  std::mt19937 rng(seed);
+  for (int trial = 0; trial < 300; ++trial) {
+    Case c = make_case(rng);
+    const float scale = 0.2f + 0.1f * static_cast<float>(rng() % 8);
+    std::vector<double> want_out, want_lse;
+    reference(c, scale, want_out, want_lse);
+    for (bool simd : {true, false}) {
+      std::vector<float> out, lse;
+      lckv::EstimateProblem p = problem(c, out, lse, scale);
+      EXPECT(lckv::first_bad_assignment(p) == -1);
+      lckv::centroid_estimate(p, simd);
+      for (std::size_t i = 0; i < lse.size(); ++i) {
+        // everything retrieved: -inf and zero output; otherwise float32 accuracy of the weights
+        EXPECT(lckv_test::close(lse[i], want_lse[i], 1e-4, 1e-4));
+        for (int64_t d = 0; d < c.dim; ++d)
+          EXPECT(lckv_test::close(out[i * c.dim + d], want_out[i * c.dim + d], 1e-4, 1e-3));
+      }
+    }
+    if (c.selected > 0 && c.indices[0] >= 0) {  // a corrupt cluster id on a retrieved row is found
+      std::vector<float> out, lse;
+      const int64_t saved = c.assign[c.indices[0]];
+      c.assign[c.indices[0]] = c.clusters;
+      EXPECT(lckv::first_bad_assignment(problem(c, out, lse, scale)) == 0);
+      c.assign[c.indices[0]] = saved;
+    }
+  }
+  return lckv_test::finish("test_centroid_estimate");
+}
