@@ -102,7 +102,8 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     and with ``return_indices`` also the attended store rows ``[batch, kv_heads, n]`` (-1 = none;
     None when the whole store or none of it was attended).
     """
-    from lckv.ops import merge_attention_states, sparse_attention_with_lse
+    from lckv.ops.merge_states import merge_states_unchecked as merge
+    from lckv.ops.sparse_attention import sparse_attention_unchecked
 
     store = layer.store
     n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
@@ -114,7 +115,7 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
         return (out, lse, None) if return_indices else (out, lse)
     if n_select >= store.length:  # the budget covers the whole store: exact
         part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
-        merged = merge_attention_states(out, lse, *part)
+        merged = merge(out, lse, *part)
         return (*merged, None) if return_indices else merged
     state = layer.selection_state()
     q = query[:, :, 0].to(store.keys.device)
@@ -123,10 +124,10 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
         valid = layer.store_padding.to(indices.device)
         gathered = torch.gather(valid.unsqueeze(1).expand(-1, indices.shape[1], -1), 2, indices.clamp(min=0))
         indices = indices.masked_fill(~gathered, -1)
-    sel_out, sel_lse = sparse_attention_with_lse(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
+    sel_out, sel_lse = sparse_attention_unchecked(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
     extra = policy.estimate(state, layer, q, indices, scale)
     if extra is not None:
-        sel_out, sel_lse = merge_attention_states(sel_out, sel_lse, *extra)
+        sel_out, sel_lse = merge(sel_out, sel_lse, *extra)
     sel_out, sel_lse = sel_out.to(query.device).unsqueeze(2), sel_lse.to(query.device).unsqueeze(2)
-    merged = merge_attention_states(out, lse, sel_out.to(out.dtype), sel_lse)
+    merged = merge(out, lse, sel_out.to(out.dtype), sel_lse)
     return (*merged, indices) if return_indices else merged

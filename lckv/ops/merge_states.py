@@ -57,3 +57,12 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, backend: str = "auto"):
         return reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
     check_states(out_a, lse_a, out_b, lse_b)
     return _BACKENDS[name](out_a, lse_a, out_b, lse_b)
+
+
+def merge_states_unchecked(out_a, lse_a, out_b, lse_b):
+    """:func:`merge_attention_states` on the ``auto`` backend without argument checks, for the
+    decode engine's internal partial states."""
+    name = resolve_backend("merge_attention_states", out_a.device, "auto")
+    if name == "reference":
+        return reference.attention.merge_states_unchecked(out_a, lse_a, out_b, lse_b)
+    return _BACKENDS[name](out_a, lse_a, out_b, lse_b)

@@ -81,3 +81,13 @@ def sparse_attention_with_lse(q, k, v, indices, scale=None, backend: str = "auto
     check_sparse_args(q, k, v, indices)
     out, lse = _BACKENDS[name](q, k, v, indices, scale)
     return check_result(out, lse, "k or v")
+
+
+def sparse_attention_unchecked(q, k, v, indices, scale=None):
+    """:func:`sparse_attention_with_lse` on the ``auto`` backend without the Python-side argument
+    and result checks: for the decode engine, whose inputs lckv made itself (a NaN in the cache
+    then shows as NaN in the output, as in any attention). The C++ glue still checks shapes."""
+    name = resolve_backend("sparse_attention_with_lse", q.device, "auto")
+    if name == "reference":
+        return reference.sparse_attention_with_lse(q, k, v, indices, scale=scale)
+    return _BACKENDS[name](q, k, v, indices, scale)
