@@ -46,6 +46,7 @@ class _Estimate:
         self.value_sums = value_sums  # [batch, kv_heads, clusters, head_dim] float32
         self._assign = assign  # [batch, kv_heads, capacity] int64 buffer
         self.rows = assign.shape[-1]
+        self.half_norms = 0.5 * centroids.square().sum(-1)  # [batch, kv_heads, clusters], for assignments
 
     @property
     def assign(self) -> torch.Tensor:
@@ -167,7 +168,7 @@ class RetrievalPolicy(SelectionPolicy):
                 index.add(new[b].float().contiguous())
         if state.estimate is not None:
             est = state.estimate
-            assign = self._assign(new.float(), est.centroids)
+            assign = self._assign(new.float(), est.centroids, est.half_norms)
             valid = self._valid_rows(layer, first_row, n_rows)
             est.append(assign)
             self._accumulate(est, assign, layer.store.values[:, :, first_row:first_row + n_rows].float(), valid)
@@ -198,9 +199,11 @@ class RetrievalPolicy(SelectionPolicy):
         return pad
 
     @staticmethod
-    def _assign(keys, centroids):
+    def _assign(keys, centroids, half_norms=None):
         # nearest centroid in L2: argmin |k|^2 - 2 k.c + |c|^2 = argmax k.c - |c|^2 / 2
-        return (keys @ centroids.transpose(-1, -2) - 0.5 * centroids.square().sum(-1).unsqueeze(-2)).argmax(-1)
+        if half_norms is None:
+            half_norms = 0.5 * centroids.square().sum(-1)
+        return (keys @ centroids.transpose(-1, -2) - half_norms.unsqueeze(-2)).argmax(-1)
 
     @staticmethod
     def _accumulate(est, assign, values, valid):
