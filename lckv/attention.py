@@ -124,7 +124,7 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
         return (*merged, None) if return_indices else merged
     state = layer.selection_state()
     q = query[:, :, 0].to(store.keys.device)
-    indices = policy.select(state, layer, q, n_select)
+    indices = policy.select(state, layer, q, n_select, scale)
     if layer.store_padding is not None:  # never select pad slots
         valid = layer.store_padding.to(indices.device)
         gathered = torch.gather(valid.unsqueeze(1).expand(-1, indices.shape[1], -1), 2, indices.clamp(min=0))

@@ -74,7 +74,7 @@ class BlockPolicy(SelectionPolicy):
         state.reps = torch.cat([state.reps[:, :, :first_block], reps], dim=2)
         state.rep_valid = torch.cat([state.rep_valid[:, :, :first_block], valid], dim=2)
 
-    def select(self, state, layer, q, n_select):
+    def select(self, state, layer, q, n_select, scale=None):
         q_sum = group_sum(q, state.reps.shape[1])
         scores = torch.einsum("bhd,bhnrd->bhnr", q_sum, state.reps.float())
         scores = scores.masked_fill(~state.rep_valid, 0.0).sum(dim=-1)

@@ -51,7 +51,7 @@ class QuestPolicy(SelectionPolicy):
         state.page_min = torch.cat([state.page_min[:, :, :first_page], new_min], dim=2)
         state.page_max = torch.cat([state.page_max[:, :, :first_page], new_max], dim=2)
 
-    def select(self, state, layer, q, n_select):
+    def select(self, state, layer, q, n_select, scale=None):
         from lckv.ops import quest_page_scores
 
         # the bound of the group's summed logit: the page bound of the summed query

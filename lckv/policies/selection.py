@@ -12,8 +12,9 @@ either a token count (int >= 1) or a fraction of the context (float in (0, 1]). 
 the context length attends everything and reproduces ``full`` exactly. When the budget is smaller
 than the resident part, only the resident part is attended.
 
-GQA: the query heads of a group share one selection per kv head; selections rank keys by the
-group's summed logits ``sum_h q_h . k`` (one search per kv head with the summed query).
+GQA: the query heads of a group share one selection per kv head. ``snapkv``, ``quest`` and
+``block`` rank keys by the group's summed logits ``sum_h q_h . k``; ``retrieval`` by default ranks
+them by the group's summed attention probabilities (see :class:`RetrievalPolicy`).
 """
 from __future__ import annotations
 
@@ -64,9 +65,10 @@ class SelectionPolicy(Policy):
         """Store rows ``[first_row, first_row + n_rows)`` were appended after :meth:`build`."""
         raise NotImplementedError
 
-    def select(self, state, layer, q: torch.Tensor, n_select: int) -> torch.Tensor:
+    def select(self, state, layer, q: torch.Tensor, n_select: int, scale: float | None = None) -> torch.Tensor:
         """Store rows to attend: ``q`` ``[batch, q_heads, head_dim]`` -> int64
-        ``[batch, kv_heads, <= n_select]`` (-1 = none), with ``0 < n_select < store rows``."""
+        ``[batch, kv_heads, <= n_select]`` (-1 = none), with ``0 < n_select < store rows``.
+        ``scale`` is the attention's softmax scale (None: ``head_dim ** -0.5``)."""
         raise NotImplementedError
 
     def estimate(self, state, layer, q: torch.Tensor, indices: torch.Tensor, scale: float):
@@ -95,3 +97,48 @@ def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: i
     rows = torch.gather(rows, -1, order)[..., :n_select]
     keyed = rows.masked_fill(rows < 0, n_rows).sort(dim=-1).values
     return keyed.masked_fill(keyed >= n_rows, -1)
+
+
+def distinct_rows(candidates: torch.Tensor) -> torch.Tensor:
+    """``[..., m]`` row ids sorted, with repeats (and -1) as -1: each row once."""
+    pool = candidates.sort(dim=-1).values
+    repeat = torch.zeros_like(pool, dtype=torch.bool)
+    repeat[..., 1:] = pool[..., 1:] == pool[..., :-1]
+    return pool.masked_fill(repeat, -1)
+
+
+def top_by_group_probability(q: torch.Tensor, keys: torch.Tensor, n_select: int, scale: float | None = None,
+                             candidates: torch.Tensor | None = None,
+                             rest_lse: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``n_select`` keys of each kv head with the largest summed attention probability over its
+    query group, ``sum_h softmax_h(scale * q_h . k)``: the rows that keep the most attention mass
+    for the group as a whole. Ranking by summed logits instead lets one head's large logits
+    decide for every head of the group, and misses what a diffuse head attends.
+
+    ``q`` ``[batch, q_heads, D]``, ``keys`` ``[batch, kv_heads, n, D]``. Without ``candidates``
+    every key competes (softmax over all n); with ``candidates`` ``[batch, kv_heads, m]`` (row ids,
+    -1 = none, repeats allowed) only those do, and each head's probabilities are normalised over
+    the distinct candidates plus ``rest_lse`` ``[batch, q_heads]`` (the log of the attention mass
+    of the keys outside the candidates, e.g. the centroid estimate's; None: the candidates only).
+    Returns int64 ``[batch, kv_heads, min(n_select, pool)]``, -1 where fewer valid rows exist.
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    qh = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    if candidates is None:
+        logits = torch.einsum("bhgd,bhnd->bhgn", qh, keys.float())
+        pool = None
+    else:
+        pool = distinct_rows(candidates)
+        rows = torch.gather(keys, 2, pool.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, head_dim))
+        logits = torch.einsum("bhgd,bhmd->bhgm", qh, rows.float())
+        logits = logits.masked_fill((pool < 0).unsqueeze(2), float("-inf"))
+    logits = logits * scale
+    lse = torch.logsumexp(logits, dim=-1)  # [batch, kv_heads, group]
+    if rest_lse is not None:
+        lse = torch.logaddexp(lse, rest_lse.float().reshape(lse.shape))
+    probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # a head with nothing to attend: 0
+    top = probs.sum(dim=2).topk(min(n_select, probs.shape[-1]), dim=-1)
+    ids = top.indices if pool is None else torch.gather(pool, -1, top.indices)
+    return ids.masked_fill(top.values <= 0, -1)

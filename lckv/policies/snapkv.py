@@ -73,6 +73,6 @@ class SnapKVPolicy(SelectionPolicy):
         new = torch.full((batch, kv_heads, n_rows), float("inf"))
         state.score = torch.cat([state.score, new], dim=-1)
 
-    def select(self, state, layer, q, n_select):
+    def select(self, state, layer, q, n_select, scale=None):
         k = min(n_select, state.score.shape[-1])
         return state.score.topk(k, dim=-1).indices.sort(dim=-1).values
