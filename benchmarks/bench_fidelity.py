@@ -244,6 +244,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="2K tokens, budgets 5%% and 256, 16 steps")
     parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context is exact) and exit")
     parser.add_argument("--name", default="bench_fidelity")
+    parser.add_argument("--note", default=None, help="a note rendered under the README's fidelity tables")
     args = parser.parse_args(argv)
     if args.check:
         return check(args)
@@ -253,6 +254,8 @@ def main(argv=None):
     payload = {"benchmark": "fidelity", "machine": machine(), "model": "stories260K (llama2.c, head_dim 8, GQA 2)",
                "text": "HotpotQA contexts (../shared/data)", "prefill": "exact (chunked, full attention)",
                "steps": args.steps, "rows": rows}
+    if args.note:
+        payload["note"] = args.note
     write_json(args.name, payload)
     plot(rows, RESULTS / f"{args.name}.png")
     print(f"wrote {RESULTS / (args.name + '.json')} and .png")
