@@ -143,6 +143,8 @@ def main(argv=None):
     parser.add_argument("--topk", type=int, default=2048, help="retrieved keys per kv head per step")
     parser.add_argument("--indexes", nargs="+", default=["cluster", "graph"],
                         help="index kinds of the retrieval policies measured (one row each)")
+    parser.add_argument("--group-ranks", nargs="+", default=["probability", "logits"], choices=["probability", "logits"],
+                        help="RetrievalPolicy.group_rank values measured per index (logits rows are named <index>-logits)")
     parser.add_argument("--build-queries", type=int, default=4096)
     parser.add_argument("--name", default="bench_decode")
     args = parser.parse_args(argv)
@@ -163,9 +165,10 @@ def main(argv=None):
         table = table or Table(COLUMNS)
         policies = {"full": FullPolicy(sink=args.sink, window=args.window)}
         for kind in args.indexes:
-            policies[f"retrieval-{kind}"] = RetrievalPolicy(
-                sink=args.sink, window=args.window, budget=args.sink + args.window + args.topk, index=kind,
-                build_queries=args.build_queries)
+            for rank in args.group_ranks:
+                policies[f"retrieval-{kind}" + ("-logits" if rank == "logits" else "")] = RetrievalPolicy(
+                    sink=args.sink, window=args.window, budget=args.sink + args.window + args.topk, index=kind,
+                    build_queries=args.build_queries, group_rank=rank)
         exact = None
         for name, policy in policies.items():
             m = measure(model, policy, prefill, token, args.steps, args.repeats)
@@ -175,7 +178,7 @@ def main(argv=None):
                        step_over_floor=m["step_s"] / floor, first_step_s=m["first_step_s"],
                        resident_mib=m["resident_bytes"] / 2**20, host_mib=m["offloaded_bytes"] / 2**20,
                        index_mib=m["index_bytes"] / 2**20, floor_ms=floor * 1e3, topk=args.topk,
-                       index=getattr(policy, "index", None))
+                       index=getattr(policy, "index", None), group_rank=getattr(policy, "group_rank", None))
             rows.append(row)
             table.row(row)
             gc.collect()

@@ -77,6 +77,9 @@ def decode() -> str:
     for r in rows:  # older files name the policy "retrieval" and the index in a field
         if r["policy"] == "retrieval" and r.get("index"):
             r["policy"] = f"retrieval-{r['index']}"
+        # rows measured before group_rank existed ranked GQA groups by summed logits
+        if r["policy"].startswith("retrieval") and "group_rank" not in r and not r["policy"].endswith("-logits"):
+            r["policy"] += "-logits"
     table = [[str(r["tokens"]), str(r["threads"]), r["policy"], f"{r['attention_ms']:.2f}", f"{r['attention_speedup']:.1f}x",
               f"{r['step_ms']:.2f}", f"{r['step_over_floor']:.2f}", f"{r['first_step_s']:.1f}", f"{r['resident_mib']:.2f}",
               f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}"] for r in rows]
@@ -87,7 +90,9 @@ def decode() -> str:
         "measured in each run). The first step builds the indexes (one-off, not in the per-token times). "
         f"`retrieval-<index>` retrieves the top-{run['rows'][0]['topk']} keys per kv head with that index "
         "(`cluster`: segment-clustered lists scanned best first; `graph`: the attention-aware graph, whose beam "
-        "returns fewer than k keys at this k, so it also reads fewer rows; see the large-k index table). "
+        "returns fewer than k keys at this k, so it also reads fewer rows; see the large-k index table); "
+        "without a suffix the GQA group is ranked by summed attention probability (`group_rank='probability'`, "
+        "the default: one search per query head), `-logits` by summed logits (one search per kv head). "
         "Each run measures exact and retrieval with the same thread count; runs on this shared 2-core machine "
         "vary by up to ~1.5x between runs.", "",
         _table(["cached tokens", "threads", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",

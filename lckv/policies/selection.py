@@ -131,7 +131,9 @@ def top_by_group_probability(q: torch.Tensor, keys: torch.Tensor, n_select: int,
         pool = None
     else:
         pool = distinct_rows(candidates)
-        rows = torch.gather(keys, 2, pool.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, head_dim))
+        b_idx = torch.arange(batch, device=keys.device)[:, None, None]
+        h_idx = torch.arange(kv_heads, device=keys.device)[None, :, None]
+        rows = keys[b_idx, h_idx, pool.clamp(min=0)]  # [batch, kv_heads, m, D]: the candidates' keys
         logits = torch.einsum("bhgd,bhmd->bhgm", qh, rows.float())
         logits = logits.masked_fill((pool < 0).unsqueeze(2), float("-inf"))
     logits = logits * scale
