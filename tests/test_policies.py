@@ -424,6 +424,9 @@ def test_compiled_estimate_equals_the_torch_one():
     out, lse = compiled("centroid_estimate").centroid_estimate(
         q, est.centroids, est.counts, est.value_sums, est.assign, values, everything, 0.25)
     assert bool(torch.isinf(lse).all()) and bool((out == 0).all())
+    lse_only = compiled("centroid_estimate").centroid_estimate(
+        q, est.centroids, est.counts, est.value_sums, est.assign, values, indices, 0.25, True)[1]
+    torch.testing.assert_close(lse_only, got_lse, atol=0, rtol=0)  # the same lse without reading values
     with pytest.raises(ValueError, match="indices must be row ids"):
         compiled("centroid_estimate").centroid_estimate(
             q, est.centroids, est.counts, est.value_sums, est.assign, values, everything + 1, 0.25)

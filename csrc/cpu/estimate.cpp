@@ -17,7 +17,7 @@ void check_f32(const torch::Tensor& t, const char* name, int64_t dim, const char
 std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
     const torch::Tensor& q, const torch::Tensor& centroids, const torch::Tensor& counts,
     const torch::Tensor& value_sums, const torch::Tensor& assign, const torch::Tensor& values,
-    const torch::Tensor& indices, double scale) {
+    const torch::Tensor& indices, double scale, bool lse_only) {
   check_f32(q, "q", 3, "[batch, q_heads, head_dim]");
   check_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
   check_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
@@ -46,7 +46,7 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   const int64_t rows = values.size(2);
   TORCH_CHECK_VALUE(idx_c.numel() == 0 || (idx_c.max().item<int64_t>() < rows && idx_c.min().item<int64_t>() >= -1),
                     "indices must be row ids in [0, ", rows, ") or -1");
-  auto out = torch::empty({B, q.size(1), D}, torch::kFloat32);
+  auto out = torch::empty({lse_only ? 0 : B, q.size(1), D}, torch::kFloat32);
   auto lse = torch::empty({B, q.size(1)}, torch::kFloat32);
   EstimateProblem p;
   p.batch = B;
@@ -68,7 +68,7 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   p.vs2 = values.stride(2);
   p.indices = idx_c.data_ptr<int64_t>();
   p.scale = static_cast<float>(scale);
-  p.out = out.data_ptr<float>();
+  p.out = lse_only ? nullptr : out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
   const int64_t bad = first_bad_assignment(p);  // reads only the retrieved rows' cluster ids
   if (bad >= 0) {
@@ -89,7 +89,7 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
 void bind_estimate(pybind11::module_& m) {
   m.def("centroid_estimate", &centroid_estimate_cpu, pybind11::arg("q"), pybind11::arg("centroids"),
         pybind11::arg("counts"), pybind11::arg("value_sums"), pybind11::arg("assign"), pybind11::arg("values"),
-        pybind11::arg("indices"), pybind11::arg("scale"),
+        pybind11::arg("indices"), pybind11::arg("scale"), pybind11::arg("lse_only") = false,
         "Attention estimate of the non-retrieved keys from per-cluster state: (out [B, Hq, D], lse [B, Hq]) "
         "float32; see lckv/centroid_estimate.h.");
 }

@@ -219,8 +219,8 @@ class RetrievalPolicy(SelectionPolicy):
         pool = distinct_rows(candidates.flatten(2))
         # each head's probabilities over all offloaded keys: the candidates exactly, the rest by the
         # centroid estimate when there is one
-        rest = self.estimate(state, layer, q, pool, scale)
-        return top_by_group_probability(q, keys, n_select, scale, pool, None if rest is None else rest[1])
+        rest_lse = self._estimate(state, layer, q, pool, scale, lse_only=True)
+        return top_by_group_probability(q, keys, n_select, scale, pool, rest_lse)
 
     # --- the estimate of the rest --------------------------------------------------------------
     def _valid_rows(self, layer, first_row, n_rows):
@@ -307,6 +307,10 @@ class RetrievalPolicy(SelectionPolicy):
         ``den = sum_c e^{s_c} (count_c - #{j in c, retrieved})``, ``s_c = scale * q . centroid_c``;
         out = num / den, lse = log den. A rest below 1e-6 of the clusters' total weight (everything
         retrieved, up to rounding) gives lse = -inf and a zero output."""
+        return self._estimate(state, layer, q, indices, scale, lse_only=False)
+
+    def _estimate(self, state, layer, q, indices, scale, lse_only):
+        """:meth:`estimate`; with ``lse_only`` just the rest's lse ``[batch, q_heads]`` (no values read)."""
         est = state.estimate
         if est is None:
             return None
@@ -316,9 +320,10 @@ class RetrievalPolicy(SelectionPolicy):
                 and extension_available()):  # the same computation in C++ (lckv/centroid_estimate.h)
             out, lse = compiled("centroid_estimate").centroid_estimate(
                 q.float().contiguous(), est.centroids, est.counts, est.value_sums, est.assign, values,
-                indices.contiguous(), float(scale))
-            return out.to(q.dtype), lse
-        return self._estimate_torch(est, values, q, indices, scale)
+                indices.contiguous(), float(scale), lse_only)
+            return lse if lse_only else (out.to(q.dtype), lse)
+        out, lse = self._estimate_torch(est, values, q, indices, scale)
+        return lse if lse_only else (out, lse)
 
     @staticmethod
     def _estimate_torch(est, values, q, indices, scale):

@@ -132,6 +132,13 @@ int main() {
       lckv::EstimateProblem p = problem(c, out, lse, scale);
       EXPECT(lckv::first_bad_assignment(p) == -1);
       lckv::centroid_estimate(p, simd);
+      std::vector<float> lse_only(lse.size(), 0.0f);  // out = nullptr: the same lse, no values read
+      lckv::EstimateProblem q = p;
+      q.out = nullptr;
+      q.lse = lse_only.data();
+      lckv::centroid_estimate(q, simd);
+      for (std::size_t i = 0; i < lse.size(); ++i)
+        EXPECT(lse_only[i] == lse[i] || (std::isnan(lse[i]) && std::isnan(lse_only[i])));
       for (std::size_t i = 0; i < lse.size(); ++i) {
         // everything retrieved: -inf and zero output; otherwise float32 accuracy of the weights
         EXPECT(lckv_test::close(lse[i], want_lse[i], 1e-4, 1e-4));

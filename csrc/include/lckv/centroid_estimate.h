@@ -35,7 +35,8 @@ struct EstimateProblem {
   int64_t vs0 = 0, vs1 = 0, vs2 = 0;
   const int64_t* indices = nullptr;   // [batch, kv_heads, n_selected] retrieved rows, -1 = none
   float scale = 1.0f;
-  float* out = nullptr;               // [batch, kv_heads * group, head_dim]
+  float* out = nullptr;               // [batch, kv_heads * group, head_dim]; nullptr: lse only (no
+                                      // value sums or value rows are read)
   float* lse = nullptr;               // [batch, kv_heads * group]
 };
 
@@ -153,6 +154,7 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
       float* wc = w.data() + g * C;
       ip_rows(q, cent, static_cast<std::size_t>(C), static_cast<std::size_t>(D), wc);
       den[g] = weights(wc, counts, C, p.scale, &maxes[g]);
+      if (p.out == nullptr) continue;
       double* nd = num.data() + g * D;
       for (int64_t c = 0; c < C; ++c) {
         const double wd = wc[c];
@@ -165,29 +167,27 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
     for (int64_t j = 0; j < p.n_selected; ++j) {
       if (j + 8 < p.n_selected && rows[j + 8] >= 0) {  // the random reads of a later row, early
         __builtin_prefetch(assign + rows[j + 8]);
-        __builtin_prefetch(values + rows[j + 8] * p.vs2);
+        if (p.out != nullptr) __builtin_prefetch(values + rows[j + 8] * p.vs2);
       }
       const int64_t r = rows[j];
       if (r < 0) continue;
       const int64_t c = assign[r];
+      for (int64_t g = 0; g < G; ++g) den[g] -= w[g * C + c];
+      if (p.out == nullptr) continue;
       const float* v = values + r * p.vs2;
       for (int64_t g = 0; g < G; ++g) {
         const double wr = w[g * C + c];
-        den[g] -= wr;
         double* nd = num.data() + g * D;
         for (int64_t d = 0; d < D; ++d) nd[d] -= wr * v[d];
       }
     }
     for (int64_t g = 0; g < G; ++g) {
       const int64_t row = b * p.kv_heads * G + h * G + g;
+      const bool rest = den[g] > 1e-6 * totals[g] && den[g] > 0.0;
+      p.lse[row] = rest ? static_cast<float>(std::log(den[g])) + maxes[g] : neg_inf;
+      if (p.out == nullptr) continue;
       float* out = p.out + row * D;
-      if (den[g] > 1e-6 * totals[g] && den[g] > 0.0) {
-        for (int64_t d = 0; d < D; ++d) out[d] = static_cast<float>(num[g * D + d] / den[g]);
-        p.lse[row] = static_cast<float>(std::log(den[g])) + maxes[g];
-      } else {
-        std::fill(out, out + D, 0.0f);
-        p.lse[row] = neg_inf;
-      }
+      for (int64_t d = 0; d < D; ++d) out[d] = rest ? static_cast<float>(num[g * D + d] / den[g]) : 0.0f;
     }
   }
 }
