@@ -42,7 +42,8 @@ def fidelity() -> str:
     budgets = list(dict.fromkeys(r["budget"] for r in rows))
     out = ["### Fidelity (`bench_fidelity.py`)", "",
            f"stories260K on real HotpotQA text, exact prefill, {runs[0]['steps']} teacher-forced decode steps; "
-           f"measured {_machine(runs[0]['machine'])}. Cells: next-token KL vs `full` / greedy agreement. "
+           f"measured {', '.join(sorted({r['machine'].get('date', '?') for r in runs}))} "
+           f"({_machine(runs[0]['machine']).split(' on ', 1)[-1]}). Cells: next-token KL vs `full` / greedy agreement. "
            "Budgets count sink + window + selected keys per query head.", ""]
     for length in sorted({r["length"] for r in rows}):
         table = []
@@ -73,6 +74,7 @@ def decode() -> str:
     for run_ in runs:
         for r in run_["rows"]:
             r.setdefault("threads", run_["machine"].get("torch_threads"))
+            r["date"] = run_["machine"].get("date", "?")
     rows = sorted((r for run_ in runs for r in run_["rows"]), key=lambda r: (r["tokens"], r["threads"], r["policy"] != "full"))
     for r in rows:  # older files name the policy "retrieval" and the index in a field
         if r["policy"] == "retrieval" and r.get("index"):
@@ -82,12 +84,13 @@ def decode() -> str:
             r["policy"] += "-logits"
     table = [[str(r["tokens"]), str(r["threads"]), r["policy"], f"{r['attention_ms']:.2f}", f"{r['attention_speedup']:.1f}x",
               f"{r['step_ms']:.2f}", f"{r['step_over_floor']:.2f}", f"{r['first_step_s']:.1f}", f"{r['resident_mib']:.2f}",
-              f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}"] for r in rows]
+              f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}", r["date"]] for r in rows]
     return "\n".join([
         "### Decode latency (`bench_decode.py`)", "",
-        f"stories260K, batch 1, CPU; caches filled by a {run['prefill']}; measured {_machine(run['machine'])}. "
-        f"Floor = a one-token forward with attention replaced by a no-op ({run['rows'][0]['floor_ms']:.2f} ms, "
-        "measured in each run). The first step builds the indexes (one-off, not in the per-token times). "
+        f"stories260K, batch 1, CPU; caches filled by a {run['prefill']}; measured on "
+        f"{_machine(run['machine']).split(' on ', 1)[-1].split(',')[0]} (2 cores; the date of each row in the table). "
+        f"Floor = a one-token forward with attention replaced by a no-op (measured in each run: "
+        f"{min(r['floor_ms'] for r in rows):.2f}-{max(r['floor_ms'] for r in rows):.2f} ms). The first step builds the indexes (one-off, not in the per-token times). "
         f"`retrieval-<index>` retrieves the top-{run['rows'][0]['topk']} keys per kv head with that index "
         "(`cluster`: segment-clustered lists scanned best first; `graph`: the attention-aware graph, whose beam "
         "returns fewer than k keys at this k, so it also reads fewer rows; see the large-k index table); "
@@ -96,7 +99,7 @@ def decode() -> str:
         "Each run measures exact and retrieval with the same thread count; runs on this shared 2-core machine "
         "vary by up to ~1.5x between runs.", "",
         _table(["cached tokens", "threads", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",
-                "first step s", "resident MiB", "host KV MiB", "index MiB"], table), ""])
+                "first step s", "resident MiB", "host KV MiB", "index MiB", "measured"], table), ""])
 
 
 def kernels() -> str:
