@@ -164,6 +164,46 @@ def test_index_retrieval_ranks_the_union_of_per_head_searches(estimate):
     assert bool((left_out <= chosen.amin(-1) + 1e-6).all())
 
 
+@pytest.mark.parametrize("with_rest", [False, True])
+@pytest.mark.parametrize("group", [1, 2, 7])
+def test_compiled_group_ranking_against_oracle(group, with_rest):
+    """lckv._C.rank_by_group_probability (float32 CPU) and the torch formulation both choose the
+    most probable distinct candidates (float64 oracle; -1 slots, repeats, strided keys, a mass
+    outside the candidates), best first, and reject bad input."""
+    pytest.importorskip("lckv._C")
+    from lckv._extension import compiled
+    from lckv.policies.selection import top_by_group_probability_torch
+
+    batch, kv_heads, rows, dim, m, n = 2, 3, 500, 16, 90, 25
+    keys = torch.randn(batch, kv_heads, rows + 9, dim)[:, :, :rows]  # a strided view
+    q = 2 * torch.randn(batch, kv_heads * group, dim)
+    candidates = torch.randint(-1, rows, (batch, kv_heads, m))
+    candidates[..., :10] = candidates[..., 10:20]  # repeats
+    rest = torch.randn(batch, kv_heads * group) + 3 if with_rest else None
+    logits = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(batch, kv_heads, group, dim), keys.double()) * 0.3
+    pool = torch.zeros(batch, kv_heads, rows, dtype=torch.bool).scatter_(2, candidates.clamp(min=0), candidates >= 0)
+    logits = logits.masked_fill(~pool.unsqueeze(2), float("-inf"))
+    lse = torch.logsumexp(logits, -1)
+    if with_rest:
+        lse = torch.logaddexp(lse, rest.double().reshape(lse.shape))
+    prob = torch.exp(logits - lse.unsqueeze(-1)).sum(2).masked_fill(~pool, float("-inf"))
+    for got in (compiled("rank_by_group_probability").rank_by_group_probability(q, keys, candidates, rest, 0.3, n),
+                top_by_group_probability_torch(q, keys, n, 0.3, candidates, rest)):
+        assert got.shape == (batch, kv_heads, n) and bool((got >= 0).all())
+        chosen = torch.gather(prob, 2, got)
+        assert bool((chosen[..., :-1] >= chosen[..., 1:] - 1e-6).all())  # best first
+        left_out = prob.scatter(2, got, float("-inf")).amax(-1)
+        assert bool((left_out <= chosen.amin(-1) + 1e-6).all())
+        assert all(len(set(r.tolist())) == n for r in got.flatten(0, 1))  # distinct
+    rank = compiled("rank_by_group_probability").rank_by_group_probability
+    with pytest.raises(ValueError, match="candidates must be row ids"):
+        rank(q, keys, candidates + rows, rest, 0.3, n)
+    with pytest.raises(ValueError, match="n_select must be positive"):
+        rank(q, keys, candidates, rest, 0.3, 0)
+    with pytest.raises(TypeError, match="keys must be float32"):
+        rank(q, keys.double(), candidates, rest, 0.3, n)
+
+
 def test_group_rank_logits_and_probability_agree_without_gqa():
     layer_p, _, _ = _filled_cache(RetrievalPolicy(sink=2, window=5, budget=40, index="exact", estimate_rest=False),
                                   group=1)
@@ -427,6 +467,11 @@ def test_compiled_estimate_equals_the_torch_one():
     lse_only = compiled("centroid_estimate").centroid_estimate(
         q, est.centroids, est.counts, est.value_sums, est.assign, values, indices, 0.25, True)[1]
     torch.testing.assert_close(lse_only, got_lse, atol=0, rtol=0)  # the same lse without reading values
+    repeated = torch.cat([indices, indices[..., :7]], -1)  # a row listed twice is retrieved once
+    out_r, lse_r = compiled("centroid_estimate").centroid_estimate(
+        q, est.centroids, est.counts, est.value_sums, est.assign, values, repeated, 0.25)
+    torch.testing.assert_close(out_r, got_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse_r, got_lse, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="indices must be row ids"):
         compiled("centroid_estimate").centroid_estimate(
             q, est.centroids, est.counts, est.value_sums, est.assign, values, everything + 1, 0.25)

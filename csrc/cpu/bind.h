@@ -10,5 +10,6 @@ void bind_sparse_attention(pybind11::module_& m);
 void bind_index(pybind11::module_& m);
 void bind_memory(pybind11::module_& m);
 void bind_estimate(pybind11::module_& m);
+void bind_group_rank(pybind11::module_& m);
 
 }  // namespace lckv

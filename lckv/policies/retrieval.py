@@ -63,6 +63,13 @@ class _Estimate:
         self.rows += n
 
 
+def _compiled_estimate(layer, q) -> bool:
+    """Whether the estimate runs in C++ (float32 CPU caches with the extension built)."""
+    values = layer.store.values
+    return values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu" \
+        and extension_available()
+
+
 @dataclass
 class _RetrievalState:
     indexes: list  # one lckv.index.LayerIndex per batch row (None for kind "exact")
@@ -216,7 +223,9 @@ class RetrievalPolicy(SelectionPolicy):
         per_head = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
         candidates = torch.stack([index.search(per_head[b].contiguous(), n_select, **self.search_params)[1]
                                   for b, index in enumerate(state.indexes)])  # [batch, kv_heads, group, k]
-        pool = distinct_rows(candidates.flatten(2))
+        pool = candidates.flatten(2)  # repeats across the group's searches: both kernels take a set
+        if state.estimate is not None and not _compiled_estimate(layer, q):
+            pool = distinct_rows(pool)  # the torch estimate counts a repeated row twice
         # each head's probabilities over all offloaded keys: the candidates exactly, the rest by the
         # centroid estimate when there is one
         rest_lse = self._estimate(state, layer, q, pool, scale, lse_only=True)
@@ -316,8 +325,7 @@ class RetrievalPolicy(SelectionPolicy):
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         values = layer.store.values
-        if (values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu"
-                and extension_available()):  # the same computation in C++ (lckv/centroid_estimate.h)
+        if _compiled_estimate(layer, q):  # the same computation in C++ (lckv/centroid_estimate.h)
             out, lse = compiled("centroid_estimate").centroid_estimate(
                 q.float().contiguous(), est.centroids, est.counts, est.value_sums, est.assign, values,
                 indices.contiguous(), float(scale), lse_only)

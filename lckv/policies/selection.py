@@ -121,7 +121,23 @@ def top_by_group_probability(q: torch.Tensor, keys: torch.Tensor, n_select: int,
     the distinct candidates plus ``rest_lse`` ``[batch, q_heads]`` (the log of the attention mass
     of the keys outside the candidates, e.g. the centroid estimate's; None: the candidates only).
     Returns int64 ``[batch, kv_heads, min(n_select, pool)]``, -1 where fewer valid rows exist.
+    Float32 CPU keys with candidates go to the C++ kernel (``lckv/group_rank.h``); this function's
+    torch formulation (:func:`top_by_group_probability_torch`) serves everything else.
     """
+    if (candidates is not None and keys.dtype == torch.float32 and keys.device.type == "cpu"
+            and q.device.type == "cpu"):
+        from lckv._extension import compiled, extension_available
+
+        if extension_available():
+            scale = q.shape[-1] ** -0.5 if scale is None else scale
+            rest = None if rest_lse is None else rest_lse.float().contiguous()
+            return compiled("rank_by_group_probability").rank_by_group_probability(
+                q.float().contiguous(), keys, candidates.contiguous(), rest, float(scale), n_select)
+    return top_by_group_probability_torch(q, keys, n_select, scale, candidates, rest_lse)
+
+
+def top_by_group_probability_torch(q, keys, n_select, scale=None, candidates=None, rest_lse=None):
+    """:func:`top_by_group_probability` in torch ops (any dtype or device; the C++ path's reference)."""
     batch, q_heads, head_dim = q.shape
     kv_heads = keys.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale

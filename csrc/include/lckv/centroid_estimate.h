@@ -34,6 +34,7 @@ struct EstimateProblem {
   const float* values = nullptr;      // value row r of (b, h): values + b*vs0 + h*vs1 + r*vs2
   int64_t vs0 = 0, vs1 = 0, vs2 = 0;
   const int64_t* indices = nullptr;   // [batch, kv_heads, n_selected] retrieved rows, -1 = none
+                                      // (a row listed twice counts once)
   float scale = 1.0f;
   float* out = nullptr;               // [batch, kv_heads * group, head_dim]; nullptr: lse only (no
                                       // value sums or value rows are read)
@@ -143,7 +144,7 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
     const float* vsums = p.value_sums + bh * C * D;
     const int64_t* assign = p.assign + b * p.as0 + h * p.as1;
     const float* values = p.values + b * p.vs0 + h * p.vs1;
-    const int64_t* rows = p.indices + bh * p.n_selected;
+    const int64_t* rows = p.indices + bh * p.n_selected;  // -1 = none; repeats count once
     // every query head's cluster weights first, so the retrieved rows (random reads of assign and
     // values) are visited once for the whole group
     std::vector<float> w(static_cast<std::size_t>(G * C));
@@ -164,8 +165,15 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
       }
     }
     std::vector<double> totals(den);
-    for (int64_t j = 0; j < p.n_selected; ++j) {
-      if (j + 8 < p.n_selected && rows[j + 8] >= 0) {  // the random reads of a later row, early
+    // the retrieved rows as a set: a row listed twice (e.g. the union of several heads' searches)
+    // is retrieved once
+    std::vector<int64_t> distinct(rows, rows + p.n_selected);
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    rows = distinct.data();
+    const int64_t n_rows = static_cast<int64_t>(distinct.size());
+    for (int64_t j = 0; j < n_rows; ++j) {
+      if (j + 8 < n_rows && rows[j + 8] >= 0) {  // the random reads of a later row, early
         __builtin_prefetch(assign + rows[j + 8]);
         if (p.out != nullptr) __builtin_prefetch(values + rows[j + 8] * p.vs2);
       }
