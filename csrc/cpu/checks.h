@@ -19,4 +19,18 @@ inline void check_dim(const torch::Tensor& t, const char* name, int64_t dim, con
   TORCH_CHECK_VALUE(t.dim() == dim, name, " must have shape ", layout, ", got ", t.sizes());
 }
 
+// A float32 CPU tensor of rank `dim` (layout names the expected shape in the message).
+inline void check_cpu_f32(const torch::Tensor& t, const char* name, int64_t dim, const char* layout) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
+  check_dim(t, name, dim, layout);
+}
+
+// q [batch, kv_heads * group, head_dim] for `kv_heads` kv heads of `head_dim`.
+inline void check_group_query(const torch::Tensor& q, int64_t batch, int64_t kv_heads, int64_t head_dim) {
+  TORCH_CHECK_VALUE(q.size(0) == batch && q.size(2) == head_dim && kv_heads > 0 && q.size(1) % kv_heads == 0,
+                    "q must have shape [", batch, ", kv_heads * group, ", head_dim, "] with kv_heads = ", kv_heads,
+                    ", got ", q.sizes());
+}
+
 }  // namespace lckv

@@ -8,24 +8,17 @@
 namespace lckv {
 namespace {
 
-void check_f32(const torch::Tensor& t, const char* name, int64_t dim, const char* layout) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type());
-  check_dim(t, name, dim, layout);
-}
-
 std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
     const torch::Tensor& q, const torch::Tensor& centroids, const torch::Tensor& counts,
     const torch::Tensor& value_sums, const torch::Tensor& assign, const torch::Tensor& values,
     const torch::Tensor& indices, double scale, bool lse_only) {
-  check_f32(q, "q", 3, "[batch, q_heads, head_dim]");
-  check_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
-  check_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
-  check_f32(value_sums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
-  check_f32(values, "values", 4, "[batch, kv_heads, rows, head_dim]");
+  check_cpu_f32(q, "q", 3, "[batch, q_heads, head_dim]");
+  check_cpu_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
+  check_cpu_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
+  check_cpu_f32(value_sums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
+  check_cpu_f32(values, "values", 4, "[batch, kv_heads, rows, head_dim]");
   const int64_t B = centroids.size(0), H = centroids.size(1), C = centroids.size(2), D = centroids.size(3);
-  TORCH_CHECK_VALUE(q.size(0) == B && q.size(2) == D && H > 0 && q.size(1) % H == 0, "q must have shape [", B,
-                    ", kv_heads * group, ", D, "] with kv_heads = ", H, ", got ", q.sizes());
+  check_group_query(q, B, H, D);
   TORCH_CHECK_VALUE(counts.sizes() == centroids.sizes().slice(0, 3), "counts must have shape ",
                     centroids.sizes().slice(0, 3), ", got ", counts.sizes());
   TORCH_CHECK_VALUE(value_sums.sizes() == centroids.sizes(), "value_sums must have shape ", centroids.sizes(),

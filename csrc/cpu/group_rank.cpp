@@ -11,15 +11,11 @@ torch::Tensor rank_by_group_probability_cpu(const torch::Tensor& q, const torch:
                                             const torch::Tensor& candidates,
                                             const c10::optional<torch::Tensor>& rest_lse, double scale,
                                             int64_t n_select) {
-  for (const auto* t : {&q, &keys}) TORCH_CHECK_VALUE(t->device().is_cpu(), "q and keys must be CPU tensors");
-  TORCH_CHECK_TYPE(q.scalar_type() == torch::kFloat32, "q must be float32, got ", q.scalar_type());
-  TORCH_CHECK_TYPE(keys.scalar_type() == torch::kFloat32, "keys must be float32, got ", keys.scalar_type());
-  check_dim(q, "q", 3, "[batch, q_heads, head_dim]");
-  check_dim(keys, "keys", 4, "[batch, kv_heads, rows, head_dim]");
+  check_cpu_f32(q, "q", 3, "[batch, q_heads, head_dim]");
+  check_cpu_f32(keys, "keys", 4, "[batch, kv_heads, rows, head_dim]");
   check_dim(candidates, "candidates", 3, "[batch, kv_heads, n_candidates]");
   const int64_t B = keys.size(0), H = keys.size(1), rows = keys.size(2), D = keys.size(3);
-  TORCH_CHECK_VALUE(q.size(0) == B && q.size(2) == D && H > 0 && q.size(1) % H == 0, "q must have shape [", B,
-                    ", kv_heads * group, ", D, "] with kv_heads = ", H, ", got ", q.sizes());
+  check_group_query(q, B, H, D);
   TORCH_CHECK_VALUE(keys.stride(3) == 1, "keys must have a contiguous last dim, got strides ", keys.strides());
   TORCH_CHECK_TYPE(candidates.scalar_type() == torch::kInt64, "candidates must be int64, got ",
                    candidates.scalar_type());
