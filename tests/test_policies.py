@@ -181,7 +181,9 @@ def test_compiled_group_ranking_against_oracle(group, with_rest):
     candidates[..., :10] = candidates[..., 10:20]  # repeats
     rest = torch.randn(batch, kv_heads * group) + 3 if with_rest else None
     logits = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(batch, kv_heads, group, dim), keys.double()) * 0.3
-    pool = torch.zeros(batch, kv_heads, rows, dtype=torch.bool).scatter_(2, candidates.clamp(min=0), candidates >= 0)
+    # count hits, so a -1 slot (clamped to row 0) cannot un-mark a candidate row 0
+    pool = torch.zeros(batch, kv_heads, rows, dtype=torch.long).scatter_add_(
+        2, candidates.clamp(min=0), (candidates >= 0).long()) > 0
     logits = logits.masked_fill(~pool.unsqueeze(2), float("-inf"))
     lse = torch.logsumexp(logits, -1)
     if with_rest:
