@@ -474,6 +474,9 @@ def test_compiled_estimate_equals_the_torch_one():
         q, est.centroids, est.counts, est.value_sums, est.assign, values, repeated, 0.25)
     torch.testing.assert_close(out_r, got_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse_r, got_lse, atol=1e-6, rtol=1e-6)
+    out_t, lse_t = RetrievalPolicy._estimate_torch(est, values, q, repeated, 0.25)  # the torch path too
+    torch.testing.assert_close(out_t, ref_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse_t, ref_lse, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="indices must be row ids"):
         compiled("centroid_estimate").centroid_estimate(
             q, est.centroids, est.counts, est.value_sums, est.assign, values, everything + 1, 0.25)

@@ -63,13 +63,6 @@ class _Estimate:
         self.rows += n
 
 
-def _compiled_estimate(layer, q) -> bool:
-    """Whether the estimate runs in C++ (float32 CPU caches with the extension built)."""
-    values = layer.store.values
-    return values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu" \
-        and extension_available()
-
-
 @dataclass
 class _RetrievalState:
     indexes: list  # one lckv.index.LayerIndex per batch row (None for kind "exact")
@@ -86,8 +79,9 @@ class RetrievalPolicy(SelectionPolicy):
     ``"probability"`` (default) ranks keys by the group's summed attention probabilities
     ``sum_h softmax_h(q_h . k)`` (:func:`~lckv.policies.selection.top_by_group_probability`): each
     query head searches the index for its own top keys (one batched search, ``group`` queries per
-    kv head), and the union is ranked by summed probability, normalised per head over the
-    candidates; ``"logits"`` searches once per kv head with the summed query ``sum_h q_h`` (keys
+    kv head), and the union is ranked by summed probability, each head's softmax normalised over
+    the candidates plus the estimated mass of the other offloaded keys (the candidates alone
+    without ``estimate_rest``); ``"logits"`` searches once per kv head with the summed query ``sum_h q_h`` (keys
     rank by summed logits; half the search work at group 2, but one head's large logits then
     decide for the group: on stories260K at 2K tokens and a 5% budget, exact selection by summed
     logits gives next-token KL 0.0053, by summed probability 0.0002). With one query head per kv
@@ -223,11 +217,10 @@ class RetrievalPolicy(SelectionPolicy):
         per_head = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
         candidates = torch.stack([index.search(per_head[b].contiguous(), n_select, **self.search_params)[1]
                                   for b, index in enumerate(state.indexes)])  # [batch, kv_heads, group, k]
-        pool = candidates.flatten(2)  # repeats across the group's searches: both kernels take a set
-        if state.estimate is not None and not _compiled_estimate(layer, q):
-            pool = distinct_rows(pool)  # the torch estimate counts a repeated row twice
-        # each head's probabilities over all offloaded keys: the candidates exactly, the rest by the
-        # centroid estimate when there is one
+        # repeats across the group's searches are fine: the estimate and the ranking take a set.
+        # Each head's probabilities are over all offloaded keys: the candidates exactly, the rest
+        # by the centroid estimate when there is one.
+        pool = candidates.flatten(2)
         rest_lse = self._estimate(state, layer, q, pool, scale, lse_only=True)
         return top_by_group_probability(q, keys, n_select, scale, pool, rest_lse)
 
@@ -325,7 +318,8 @@ class RetrievalPolicy(SelectionPolicy):
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         values = layer.store.values
-        if _compiled_estimate(layer, q):  # the same computation in C++ (lckv/centroid_estimate.h)
+        if (values.dtype == torch.float32 and values.device.type == "cpu" and q.device.type == "cpu"
+                and extension_available()):  # the same computation in C++ (lckv/centroid_estimate.h)
             out, lse = compiled("centroid_estimate").centroid_estimate(
                 q.float().contiguous(), est.centroids, est.counts, est.value_sums, est.assign, values,
                 indices.contiguous(), float(scale), lse_only)
@@ -335,7 +329,9 @@ class RetrievalPolicy(SelectionPolicy):
 
     @staticmethod
     def _estimate_torch(est, values, q, indices, scale):
-        """The estimate in torch ops (any dtype or device; the C++ path's reference)."""
+        """The estimate in torch ops (any dtype or device; the C++ path's reference). Like the C++
+        kernel it takes ``indices`` as a set: a row listed twice is retrieved once."""
+        indices = distinct_rows(indices)
         batch, q_heads, head_dim = q.shape
         kv_heads = est.centroids.shape[1]
         group = q_heads // kv_heads
