@@ -145,3 +145,112 @@ def test_settings_errors():
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scan must be a finite number >= 1"):
             index.search(torch.randn(2, 8), 5, scan=bad)
+
+
+def group_rule_oracle(index, keys, queries, k, scan, scale):
+    """float64 oracle of ClusterIndex.search_group's documented rule: per query head, clusters in
+    descending centroid score until scan * k keys; candidates = their union plus the tail; each head
+    normalised over the candidates exactly and every other key at its cluster's centroid; rank by
+    summed probability. Returns (mass of every candidate, candidate ids, boundary-is-close flag)."""
+    centroids, assign = index.centroids().double(), index.assignments()
+    sizes = torch.bincount(assign[assign >= 0], minlength=index.n_clusters).double()
+    chosen = torch.zeros(index.n_clusters, dtype=torch.bool)
+    close = False
+    for q in queries.double():
+        c_scores = centroids @ q
+        order = torch.sort(-c_scores, stable=True).indices
+        taken = min(int((sizes[order].cumsum(0) < scan * k).sum()) + 1, index.n_clusters)
+        if taken < index.n_clusters and float(c_scores[order[taken - 1]] - c_scores[order[taken]]) < 1e-4:
+            close = True  # float32 vs float64 could pick the boundary cluster either way
+        chosen[order[:taken]] = True
+    cand = ((assign < 0) | chosen[assign.clamp(min=0)]).nonzero().flatten()
+    logits = scale * (queries.double() @ keys[cand].double().T)  # [group, cand]
+    rest = scale * (queries.double() @ centroids[~chosen].T) + sizes[~chosen].log()  # unscanned clusters
+    lse = torch.logsumexp(torch.cat([logits, rest], 1), 1, keepdim=True)
+    return (logits - lse).exp().sum(0), cand, close
+
+
+@pytest.mark.parametrize("group,k", [(1, 40), (2, 300), (4, 700)])
+def test_group_search_follows_the_documented_rule(group, k):
+    """search_group against its float64 oracle at a size where clusters are picked through the
+    sampled threshold; keys in topic runs, the group's heads looking at different topics."""
+    seed = fresh_seed()
+    keys, queries = topic_stream(72000 + 777, 3 * group, 8, seed)  # 777 keys stay in the tail
+    index = ClusterIndex(8, cluster_size=16, segment=8192).build(keys[:72000])
+    index.add(keys[72000:])
+    assert index.n_clusters >= 4096 and index.n_clustered == 72000
+    scale, scan = 8 ** -0.5, 2.0
+    checked = 0
+    for i in range(3):
+        q = queries[i * group:(i + 1) * group].contiguous()
+        probs, ids, n_scored = index.search_group(q, k, scale, scan=scan)
+        mass, cand, close = group_rule_oracle(index, keys, q, k, scan, scale)
+        if close:
+            continue
+        checked += 1
+        want = mass.topk(k).values
+        torch.testing.assert_close(probs.double(), want, atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
+        assert bool(torch.isin(ids, cand).all()) and ids.unique().numel() == k, f"seed {seed}"
+        # the ids carry the probabilities reported (ties at the boundary may swap equal-mass keys)
+        got = mass[torch.searchsorted(cand, ids)]
+        torch.testing.assert_close(got, probs.double(), atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
+        assert n_scored == group * (index.n_clusters + cand.numel()), f"seed {seed}"
+    assert checked >= 1, f"seed {seed}: every draw hit a float32/float64 boundary tie"
+
+
+@pytest.mark.parametrize("dim", [8, 64])
+def test_group_search_covering_every_key_is_exact(dim):
+    """With scan * k >= size every key is a candidate: the ranking is exact summed probability,
+    the same rows the policy's reference ranking picks."""
+    from lckv.policies.selection import top_by_group_probability_torch
+
+    seed = fresh_seed()
+    keys, queries = topic_stream(3000, 4, dim, seed)
+    index = ClusterIndex(dim, cluster_size=16, segment=1024).build(keys)
+    k, scale = 200, dim ** -0.5
+    probs, ids, _ = index.search_group(queries, k, scale, scan=3000 / k)
+    ref = top_by_group_probability_torch(queries[None].double(), keys[None, None].double(), k, scale)[0, 0]
+    p = torch.softmax(scale * (queries.double() @ keys.double().T), -1).sum(0)
+    torch.testing.assert_close(probs.double(), p[ref], atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
+    differ = ids != ref
+    torch.testing.assert_close(p[ids[differ]], p[ref[differ]], atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
+
+
+def test_group_search_k_beyond_the_keys_pads():
+    """k larger than the index: every key, best first, then (0, -1) padding; the probabilities of all
+    keys of a query head sum to 1, so the group's sum to the group size."""
+    keys, queries = topic_stream(500, 2, 8, fresh_seed())
+    index = ClusterIndex(8, cluster_size=16, segment=256).build(keys)
+    probs, ids, _ = index.search_group(queries, 600, 0.5)
+    assert bool((ids[:500] >= 0).all()) and ids[:500].unique().numel() == 500
+    assert bool((ids[500:] == -1).all()) and bool((probs[500:] == 0).all())
+    assert bool((probs[:-1] >= probs[1:]).all())
+    assert abs(float(probs.double().sum()) - 2.0) < 1e-4
+
+
+def test_group_search_errors():
+    from lckv.index import EmptyIndexError, search_groups
+
+    index = ClusterIndex(8).build(torch.randn(300, 8))
+    q = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="k must be positive"):
+        index.search_group(q, 0, 0.5)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be a finite number > 0"):
+            index.search_group(q, 5, bad)
+    with pytest.raises(ValueError, match="contains NaN or inf"):
+        index.search_group(torch.full((2, 8), float("nan")), 5, 0.5)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        index.search_group(torch.randn(2, 7), 5, 0.5)
+    with pytest.raises(TypeError, match="float32"):
+        index.search_group(q.double(), 5, 0.5)
+    with pytest.raises(ValueError, match=r"\[group, head_dim\]"):
+        index.search_group(torch.randn(8), 5, 0.5)
+    with pytest.raises(TypeError, match="unknown parameters"):
+        index.search_group(q, 5, 0.5, ef=3)
+    with pytest.raises(ValueError, match="scan must be a finite number >= 1"):
+        index.search_group(q, 5, 0.5, scan=0.5)
+    with pytest.raises(EmptyIndexError, match="empty index"):
+        ClusterIndex(8).search_group(q, 5, 0.5)
+    with pytest.raises(TypeError, match="ClusterIndex"):
+        search_groups([GraphIndex(8).build(torch.randn(300, 8))], q[None], 5, 0.5)

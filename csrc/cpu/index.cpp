@@ -119,6 +119,42 @@ Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
   return {scores, ids, n_scored};
 }
 
+// ClusterIndex::search_group for every head: heads[h] gets queries[h] ([heads, group, dim]).
+Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads, const torch::Tensor& queries,
+                        int64_t k, double scan, double scale) {
+  TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
+  const int64_t dim = heads[0]->dim();
+  check_rows(queries, "queries", 3, "[heads, group, head_dim]", dim);
+  TORCH_CHECK_VALUE(queries.size(0) == static_cast<int64_t>(heads.size()), "queries must have ", heads.size(),
+                    " heads (one per index) in dim 0, got shape ", queries.sizes());
+  TORCH_CHECK_VALUE(queries.size(1) > 0, "queries must hold at least one query head per index, got shape ",
+                    queries.sizes());
+  check_k(k);
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ", scale);
+  const SearchParams params = make_params(1, 1, scan);
+  for (std::size_t h = 0; h < heads.size(); ++h) {
+    TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
+    TORCH_CHECK_VALUE(heads[h]->dim() == dim, "heads[", h, "] has dim ", heads[h]->dim(), ", heads[0] has dim ", dim);
+    TORCH_CHECK_VALUE(heads[h]->size() > 0, "search on an empty index: heads[", h, "] has no keys");
+  }
+  const int64_t n_heads = queries.size(0), group = queries.size(1);
+  auto probs = torch::empty({n_heads, k}, torch::kFloat32);
+  auto ids = torch::empty({n_heads, k}, torch::kInt64);
+  auto n_scored = torch::empty({n_heads}, torch::kInt64);
+  {
+    py::gil_scoped_release no_gil;
+    const float* q = queries.data_ptr<float>();
+    float* p = probs.data_ptr<float>();
+    int64_t* i = ids.data_ptr<int64_t>();
+    int64_t* n = n_scored.data_ptr<int64_t>();
+#pragma omp parallel for schedule(dynamic, 1) if (n_heads > 1)
+    for (int64_t h = 0; h < n_heads; ++h)
+      n[h] = heads[h]->search_group(q + h * group * dim, group, k, params, static_cast<float>(scale), p + h * k,
+                                     i + h * k);
+  }
+  return {probs, ids, n_scored};
+}
+
 }  // namespace
 
 void bind_index(py::module_& m) {
@@ -201,6 +237,11 @@ void bind_index(py::module_& m) {
     omp_set_num_threads(n);
   }, py::arg("n"), "Sets the OpenMP threads the index builds and searches use (this runtime only).");
 
+  m.def("search_groups", &search_groups_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
+        py::arg("scan") = 2.0, py::arg("scale") = 1.0,
+        "ClusterIndex.search_group for heads[h] with queries[h] ([heads, group, dim]) in parallel, GIL "
+        "released: a GQA group's top-k keys by summed softmax probability (cluster_index.h): "
+        "(probs [heads, k], ids [heads, k] padded with 0 / -1, n_scored [heads]).");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "

@@ -6,7 +6,8 @@
 * :class:`ClusterIndex` — keys clustered segment by segment, scanned best cluster first until
   ``scan * k`` keys: for large k (C++).
 * :class:`FaissIndex` — faiss-cpu Flat / HNSW / IVF (inner product), the baselines.
-* :class:`LayerIndex` / :func:`search_heads` — all kv heads of a layer searched in parallel.
+* :class:`LayerIndex` / :func:`search_heads` — all kv heads of a layer searched in parallel;
+  :func:`search_groups` — a GQA group's top-k by summed probability (ClusterIndex).
 
 All share ``build(keys, queries=None)``, ``add(keys)`` and
 ``search(queries, k, **params) -> (scores, ids, n_scored)``; see :mod:`lckv.index.base` for the
@@ -14,10 +15,10 @@ shapes, the padding rule when k exceeds the index size, and the errors.
 """
 from lckv.index.base import DimensionMismatchError, EmptyIndexError, Index
 from lckv.index.faiss_index import FaissIndex
-from lckv.index.multihead import LayerIndex, search_heads
+from lckv.index.multihead import LayerIndex, search_groups, search_heads
 from lckv.index.native import ClusterIndex, FlatIndex, GraphIndex, IVFIndex
 
 __all__ = [
-    "Index", "FlatIndex", "IVFIndex", "GraphIndex", "ClusterIndex", "FaissIndex", "LayerIndex", "search_heads",
+    "Index", "FlatIndex", "IVFIndex", "GraphIndex", "ClusterIndex", "FaissIndex", "LayerIndex", "search_groups", "search_heads",
     "EmptyIndexError", "DimensionMismatchError",
 ]

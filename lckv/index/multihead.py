@@ -7,6 +7,7 @@ and runs all (head, query) pairs in parallel with OpenMP (:func:`search_heads`);
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from lckv._extension import compiled
 from lckv.index.base import Index, check_k, check_rows, EmptyIndexError
 from lckv.index.native import IVFIndex, NativeIndex
 
-__all__ = ["LayerIndex", "search_heads"]
+__all__ = ["LayerIndex", "search_groups", "search_heads"]
 
 
 def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **params):
@@ -51,6 +52,46 @@ def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **para
     return tuple(torch.stack(parts) for parts in zip(*results))
 
 
+def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale: float, **params):
+    """A GQA group's top-k keys by summed attention probability, for every kv head at once.
+
+    ``indexes`` are :class:`~lckv.index.ClusterIndex` es (one per kv head); ``queries`` ``[heads,
+    group, head_dim]`` float32 holds each kv head's query heads; ``scale`` multiplies the inner
+    products (the attention scale). Per head, the candidates are the keys of the clusters any query
+    head's search would scan (``scan * k`` keys each, best centroids first) plus the unclustered
+    tail; each query head's softmax is normalised over the candidates exactly and every other key at
+    its cluster centroid (``size * exp(scale * q . centroid)``); candidates rank by the summed
+    probabilities. With ``scan * k >= size`` the ranking is exact. Returns ``probs [heads, k]``
+    (descending), ``ids [heads, k]`` (padded with 0 / -1 when fewer keys exist) and ``n_scored
+    [heads]`` (inner products computed, all query heads). One C++ call, GIL released, heads in
+    parallel.
+    """
+    from lckv.index.native import ClusterIndex
+
+    if not indexes:
+        raise ValueError("indexes must hold at least one index")
+    if not all(isinstance(ix, ClusterIndex) for ix in indexes):
+        raise TypeError(f"search_groups needs ClusterIndex heads, got {sorted({type(ix).__name__ for ix in indexes})}")
+    dim = indexes[0].dim
+    check_rows(queries, "queries", dim, ndim=3, layout="[heads, group, head_dim]")
+    check_k(k)
+    if queries.shape[0] != len(indexes):
+        raise ValueError(f"queries must have {len(indexes)} heads (one per index) in dim 0, got {tuple(queries.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+    unknown = set(params) - set(ClusterIndex.search_params)
+    if unknown:
+        raise TypeError(f"ClusterIndex search got unknown parameters {sorted(unknown)}")
+    for h, ix in enumerate(indexes):
+        if ix.dim != dim:
+            raise ValueError(f"indexes[{h}] has head_dim {ix.dim}, indexes[0] has {dim}")
+        if ix.size == 0:
+            raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
+    merged = {**ClusterIndex.search_params, **params}
+    return compiled("search_groups").search_groups([ix._core for ix in indexes], queries, k, scale=float(scale),
+                                                   **merged)
+
+
 class LayerIndex:
     """The indexes of one layer, one per kv head.
 
@@ -61,6 +102,8 @@ class LayerIndex:
     * ``add(keys [kv_heads, n, head_dim])``.
     * ``search(queries [kv_heads, n_queries, head_dim], k, **params)`` -> ``[kv_heads, n_queries, k]``
       scores and ids, ``[kv_heads, n_queries]`` n_scored.
+    * ``search_group(queries [kv_heads, group, head_dim], k, scale, **params)``: each kv head's top-k
+      keys for its whole query group by summed probability (:func:`search_groups`, ClusterIndex).
     """
 
     def __init__(self, kv_heads: int, head_dim: int, make_index: Callable[[int], Index]):
@@ -93,3 +136,7 @@ class LayerIndex:
 
     def search(self, queries: torch.Tensor, k: int, **params):
         return search_heads(self.heads, queries, k, **params)
+
+    def search_group(self, queries: torch.Tensor, k: int, scale: float, **params):
+        """:func:`search_groups` over this layer's heads (ClusterIndex heads only)."""
+        return search_groups(self.heads, queries, k, scale, **params)

@@ -175,6 +175,17 @@ class ClusterIndex(NativeIndex):
         """Keys held in clusters; the remaining ``size - n_clustered`` (the tail) are scanned exactly."""
         return 0 if self._core is None else self._core.n_clustered
 
+    def search_group(self, queries, k: int, scale: float, **params):
+        """Top-k keys of one GQA group (``queries [group, dim]``) by summed softmax probability:
+        :func:`lckv.index.search_groups` for this index alone. Returns ``(probs [k], ids [k], n_scored)``."""
+        from lckv.index.multihead import search_groups
+
+        if isinstance(queries, torch.Tensor) and queries.dim() != 2:
+            raise ValueError(f"queries must have shape [group, head_dim] (2 dims), got {tuple(queries.shape)}")
+        probs, ids, n_scored = search_groups([self], queries[None] if isinstance(queries, torch.Tensor) else queries,
+                                             k, scale, **params)
+        return probs[0], ids[0], int(n_scored[0])
+
     def assignments(self) -> torch.Tensor:
         """Cluster of every key, ``[size]`` int64 (-1 for the tail)."""
         return torch.empty(0, dtype=torch.int64) if self._core is None else self._core.assignments()

@@ -81,7 +81,11 @@ class RetrievalPolicy(SelectionPolicy):
     query head searches the index for its own top keys (one batched search, ``group`` queries per
     kv head), and the union is ranked by summed probability, each head's softmax normalised over
     the candidates plus the estimated mass of the other offloaded keys (the candidates alone
-    without ``estimate_rest``); ``"logits"`` searches once per kv head with the summed query ``sum_h q_h`` (keys
+    without ``estimate_rest``). With ``index="cluster"`` the rule runs inside the index in one pass
+    (:func:`lckv.index.search_groups`): the candidates are the keys of every cluster any head of
+    the group scans, and each head is normalised over them plus the index's own clusters (each
+    unscanned key at its cluster centroid), so no separate search per head, estimate or ranking
+    call is made. ``"logits"`` searches once per kv head with the summed query ``sum_h q_h`` (keys
     rank by summed logits; half the search work at group 2, but one head's large logits then
     decide for the group: on stories260K at 2K tokens and a 5% budget, exact selection by summed
     logits gives next-token KL 0.0053, by summed probability 0.0002). With one query head per kv
@@ -215,6 +219,10 @@ class RetrievalPolicy(SelectionPolicy):
             return top_by_group_probability(q, keys, n_select, scale)
         batch, q_heads, head_dim = q.shape
         per_head = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+        if self.index == "cluster":  # the whole rule in one C++ pass per kv head (ClusterIndex.search_group)
+            scale = head_dim ** -0.5 if scale is None else float(scale)
+            return torch.stack([index.search_group(per_head[b].contiguous(), n_select, scale, **self.search_params)[1]
+                                for b, index in enumerate(state.indexes)])
         candidates = torch.stack([index.search(per_head[b].contiguous(), n_select, **self.search_params)[1]
                                   for b, index in enumerate(state.indexes)])  # [batch, kv_heads, group, k]
         # repeats across the group's searches are fine: the estimate and the ranking take a set.

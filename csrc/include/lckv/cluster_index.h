@@ -26,6 +26,7 @@
 #include <numeric>
 #include <vector>
 
+#include "lckv/centroid_estimate.h"  // cluster_weights_for_cpu, exp_nonpositive
 #include "lckv/vector_index.h"
 
 namespace lckv {
@@ -42,7 +43,8 @@ class ClusterIndex : public VectorIndex {
       : VectorIndex(dim),
         params_(params),
         ip_rows_(inner_product_rows_for(simd_)),
-        ip_blocks_(inner_product_blocks_for(detect_simd_level())) {
+        ip_blocks_(inner_product_blocks_for(detect_simd_level())),
+        cluster_weights_(cluster_weights_for_cpu()) {
     if (params.cluster_size < 1) throw std::invalid_argument("cluster_size must be >= 1");
     if (params.segment < params.cluster_size)
       throw std::invalid_argument("segment must be >= cluster_size");
@@ -75,6 +77,142 @@ class ClusterIndex : public VectorIndex {
   std::vector<float> centroids() const {
     std::shared_lock<RwLock> lock(mutex_);
     return centroids_;
+  }
+
+  // The top k keys of a GQA group by summed attention probability, in one pass (the
+  // RetrievalPolicy rule group_rank="probability" for this index). queries [group, dim]; with
+  // s_g(x) = scale * q_g . x:
+  //   1. every centroid is scored for every query head; each head picks clusters best first until
+  //      scan * k keys (as search() does); the candidates are the keys of the union of the heads'
+  //      clusters, plus the tail, and every candidate is scored for every head;
+  //   2. each head's softmax is normalised over all keys: the candidates exactly, every other key at
+  //      its cluster's centroid, lse_g = log(sum_cand e^{s_g(x)} + sum_{c not picked} size_c e^{s_g(c)});
+  //   3. candidates rank by sum_g e^{s_g(x) - lse_g} (ties: smaller id).
+  // Writes min(k, candidates) probabilities (descending) and ids, padded with (0, -1). When
+  // scan * k covers the index every key is a candidate and the ranking is exact. Returns n_scored:
+  // inner products computed over all heads (centroids and candidates).
+  int64_t search_group(const float* queries, int64_t group, int64_t k, const SearchParams& params, float scale,
+                       float* probs, int64_t* ids) const {
+    std::shared_lock<RwLock> lock(mutex_);
+    struct Scratch {
+      std::vector<float> centroid_scores, row_scores, sample, logits, rest;
+      std::vector<double> mass;
+      std::vector<uint64_t> candidates, ranked;
+      std::vector<int64_t> picked, chosen;
+      std::vector<uint8_t> taken;
+      std::vector<uint32_t> rows;
+    };
+    thread_local Scratch scratch;
+    Scratch& local = scratch;
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_blocks = (std::max<int64_t>(n_clusters, 0) + 7) / 8, stride = n_blocks * 8;
+    const auto dim = static_cast<std::size_t>(dim_);
+    int64_t n_scored = 0;
+    // 1. clusters: each head's best ones, their union in `chosen`
+    auto& chosen = local.chosen;
+    chosen.clear();
+    local.rest.assign(static_cast<std::size_t>(group), 0.0f);  // per head: the rest's mass, times e^{-m_g}
+    std::vector<float> rest_max(static_cast<std::size_t>(group), 0.0f);
+    if (n_clusters > 0) {
+      auto& cs = local.centroid_scores;
+      cs.resize(static_cast<std::size_t>(group * stride));
+      local.taken.assign(static_cast<std::size_t>(n_clusters), 0);
+      const double want = std::max(1.0, params.scan) * static_cast<double>(k);
+      const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = cs.data() + g * stride;
+        ip_blocks_(queries + g * dim_, blocks_.data(), static_cast<std::size_t>(n_blocks), dim, sg);
+        n_scored += n_clusters;
+        int64_t p = want >= static_cast<double>(clustered_)
+                        ? n_clusters
+                        : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
+        for (;;) {
+          best_clusters(sg, n_clusters, p, local.candidates, local.sample, local.picked);
+          int64_t total = 0;
+          for (int64_t c : local.picked) total += starts_[c + 1] - starts_[c];
+          if (total >= want || p >= n_clusters) break;
+          p = std::min(n_clusters, 2 * p);
+        }
+        double scanned = 0.0;
+        for (int64_t c : local.picked) {
+          if (scanned >= want) break;
+          scanned += static_cast<double>(starts_[c + 1] - starts_[c]);
+          if (!local.taken[c]) {
+            local.taken[c] = 1;
+            chosen.push_back(c);
+          }
+        }
+      }
+      // 2. (rest) each head's mass of the clusters nobody picked, relative to its best centroid
+      for (int64_t g = 0; g < group; ++g) {
+        float* w = cs.data() + g * stride;
+        float m = 0.0f;
+        double rest = cluster_weights_(w, sizes_.data(), n_clusters, scale, &m);
+        for (int64_t c : chosen) rest -= static_cast<double>(w[c]) * sizes_[c];
+        // the subtraction rounds at 1e-7 of the total, which the candidates' exact mass dominates
+        local.rest[g] = static_cast<float>(std::max(rest, 0.0));
+        rest_max[g] = m;
+      }
+    }
+    // 1b. the candidates: the tail, then the chosen clusters' keys, scored for every head
+    const int64_t n_tail = size_ - clustered_;
+    int64_t n_rows = n_tail;
+    for (int64_t c : chosen) n_rows += starts_[c + 1] - starts_[c];
+    auto& rows = local.rows;
+    auto& logits = local.logits;  // [group, n_rows] scaled scores
+    rows.resize(static_cast<std::size_t>(n_rows));
+    logits.resize(static_cast<std::size_t>(group * n_rows));
+    for (int64_t j = 0; j < n_tail; ++j) rows[j] = static_cast<uint32_t>(clustered_ + j);
+    for (int64_t g = 0; g < group && n_tail > 0; ++g)
+      ip_rows_(queries + g * dim_, key(clustered_), static_cast<std::size_t>(n_tail), dim, logits.data() + g * n_rows);
+    int64_t at = n_tail;
+    for (int64_t c : chosen) {
+      const int64_t lo = starts_[c], len = starts_[c + 1] - lo;
+      const int64_t first_block = block_starts_[c], blocks = block_starts_[c + 1] - first_block;
+      std::copy(members_.begin() + lo, members_.begin() + lo + len, rows.begin() + at);
+      local.row_scores.resize(static_cast<std::size_t>(blocks * 8));
+      for (int64_t g = 0; g < group; ++g) {
+        ip_blocks_(queries + g * dim_, packed_.data() + first_block * 8 * dim_, static_cast<std::size_t>(blocks), dim,
+                   local.row_scores.data());
+        std::copy(local.row_scores.begin(), local.row_scores.begin() + len, logits.begin() + g * n_rows + at);
+      }
+      at += len;
+    }
+    n_scored += group * n_rows;
+    // 2-3. normalise each head over candidates + rest, sum the probabilities over the group
+    auto& mass = local.mass;
+    mass.assign(static_cast<std::size_t>(n_rows), 0.0);
+    for (int64_t g = 0; g < group; ++g) {
+      float* lg = logits.data() + g * n_rows;
+      float top = local.rest[g] > 0.0f ? rest_max[g] : -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n_rows; ++j) {
+        lg[j] *= scale;
+        top = std::max(top, lg[j]);
+      }
+      double den = local.rest[g] > 0.0f ? static_cast<double>(local.rest[g]) * std::exp(static_cast<double>(rest_max[g] - top)) : 0.0;
+#pragma omp simd reduction(+ : den)
+      for (int64_t j = 0; j < n_rows; ++j) {
+        lg[j] = exp_nonpositive(lg[j] - top);
+        den += lg[j];
+      }
+      const double inv = den > 0.0 ? 1.0 / den : 0.0;
+      for (int64_t j = 0; j < n_rows; ++j) mass[j] += static_cast<double>(lg[j]) * inv;
+    }
+    auto& ranked = local.ranked;
+    ranked.resize(static_cast<std::size_t>(n_rows));
+    for (int64_t j = 0; j < n_rows; ++j) ranked[j] = sort_key(static_cast<float>(mass[j]), rows[j]);
+    const int64_t n_found = std::min(k, n_rows);
+    if (n_found < n_rows) std::nth_element(ranked.begin(), ranked.begin() + n_found, ranked.end());
+    std::sort(ranked.begin(), ranked.begin() + n_found);
+    for (int64_t j = 0; j < n_found; ++j) {
+      ids[j] = static_cast<int64_t>(ranked[j] & 0xffffffffu);
+      probs[j] = key_score(ranked[j]);
+    }
+    for (int64_t j = n_found; j < k; ++j) {
+      probs[j] = 0.0f;
+      ids[j] = -1;
+    }
+    return n_scored;
   }
 
   // Adds n keys and clusters them (a last partial segment too, see the file comment).
@@ -167,6 +305,7 @@ class ClusterIndex : public VectorIndex {
   int64_t extra_memory_bytes_locked() const override {
     return static_cast<int64_t>((centroids_.capacity() + blocks_.capacity()) * sizeof(float) +
                                 (starts_.capacity() + block_starts_.capacity()) * sizeof(int64_t) +
+                                sizes_.capacity() * sizeof(float) +
                                 members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float));
   }
 
@@ -255,6 +394,7 @@ class ClusterIndex : public VectorIndex {
         put_blocked_row(blocks_, static_cast<int64_t>(starts_.size()) - 1, seg.centroids.data() + c * dim_);
         centroids_.insert(centroids_.end(), seg.centroids.begin() + c * dim_, seg.centroids.begin() + (c + 1) * dim_);
         starts_.push_back(starts_.back() + size);
+        sizes_.push_back(static_cast<float>(size));
         // the cluster's keys in whole blocks of their own, so a cluster scan starts on a block
         const int64_t first_block = block_starts_.back();
         block_starts_.push_back(first_block + (size + 7) / 8);
@@ -344,11 +484,13 @@ class ClusterIndex : public VectorIndex {
   const ClusterBuildParams params_;      // build knobs
   const InnerProductRowsFn ip_rows_;     // inner products with contiguous rows
   const InnerProductBlocksFn ip_blocks_; // inner products with blocks of 8 transposed rows
+  const ClusterWeightsFn cluster_weights_;  // exp of scaled centroid scores (search_group)
   int64_t clustered_ = 0;                // keys [0, clustered_) are in clusters
   std::vector<float> centroids_;         // [n_clusters, dim]
   std::vector<float> blocks_;            // the centroids as [ceil(n_clusters / 8)][dim][8] (zero
                                          // padding rows, whose scores are never read)
   std::vector<int64_t> starts_;          // [n_clusters + 1] offsets into members_ / packed_
+  std::vector<float> sizes_;             // [n_clusters] keys per cluster
   std::vector<uint32_t> members_;        // key ids grouped by cluster
   std::vector<int64_t> block_starts_;    // [n_clusters + 1] offsets into packed_, in 8-row blocks
   std::vector<float> packed_;            // each cluster's keys (members_ order) as blocks of 8
