@@ -143,6 +143,23 @@ def test_exact_retrieval_selects_top_rows_of_group_summed_probability(group):
     assert got.shape[-1] == n and bool((got >= 0).all())
 
 
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_cluster_retrieval_ranks_by_group_probability_in_the_index(group):
+    """index='cluster', group_rank='probability': the rule runs inside ClusterIndex.search_group;
+    with a scan that covers every offloaded key it is the exact summed-probability top-n."""
+    policy = RetrievalPolicy(sink=2, window=5, budget=40, index="cluster", estimate_rest=False,
+                             index_params={"cluster_size": 4, "segment": 64}, search_params={"scan": 1000.0})
+    layer, _, _ = _filled_cache(policy, group=group)
+    q = 2 * torch.randn(2, 2 * group, 16)
+    n = 40 - 2 - layer.recent_k.shape[2]
+    got = policy.select(layer.selection_state(), layer, q, n, 0.3)
+    prob = _group_probability(q, layer.store.keys, 0.3)
+    chosen = torch.gather(prob, 2, got)
+    left_out = prob.scatter(2, got, float("-inf")).amax(-1)
+    assert bool((left_out <= chosen.amin(-1) + 1e-6).all())
+    assert got.shape[-1] == n and bool((got >= 0).all()) and all(r.unique().numel() == n for r in got.flatten(0, 1))
+
+
 @pytest.mark.parametrize("estimate", [False, True], ids=["union-normalised", "estimate-normalised"])
 def test_index_retrieval_ranks_the_union_of_per_head_searches(estimate):
     """Index path of group_rank='probability': each query head searches its own top-n (flat index =
