@@ -121,7 +121,7 @@ Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
 
 // ClusterIndex::search_group for every head: heads[h] gets queries[h] ([heads, group, dim]).
 Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads, const torch::Tensor& queries,
-                        int64_t k, double scan, double scale) {
+                        int64_t k, double scan, double scale, bool sorted) {
   TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
   const int64_t dim = heads[0]->dim();
   check_rows(queries, "queries", 3, "[heads, group, head_dim]", dim);
@@ -150,7 +150,7 @@ Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads,
 #pragma omp parallel for schedule(dynamic, 1) if (n_heads > 1)
     for (int64_t h = 0; h < n_heads; ++h)
       n[h] = heads[h]->search_group(q + h * group * dim, group, k, params, static_cast<float>(scale), p + h * k,
-                                     i + h * k);
+                                     i + h * k, sorted);
   }
   return {probs, ids, n_scored};
 }
@@ -238,10 +238,10 @@ void bind_index(py::module_& m) {
   }, py::arg("n"), "Sets the OpenMP threads the index builds and searches use (this runtime only).");
 
   m.def("search_groups", &search_groups_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
-        py::arg("scan") = 2.0, py::arg("scale") = 1.0,
+        py::arg("scan") = 2.0, py::arg("scale") = 1.0, py::arg("sorted") = true,
         "ClusterIndex.search_group for heads[h] with queries[h] ([heads, group, dim]) in parallel, GIL "
         "released: a GQA group's top-k keys by summed softmax probability (cluster_index.h): "
-        "(probs [heads, k], ids [heads, k] padded with 0 / -1, n_scored [heads]).");
+        "(probs [heads, k] descending (any order unless sorted), ids [heads, k] padded with 0 / -1, n_scored [heads]).");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "

@@ -52,7 +52,8 @@ def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **para
     return tuple(torch.stack(parts) for parts in zip(*results))
 
 
-def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale: float, **params):
+def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale: float, sorted: bool = True,
+                  **params):
     """A GQA group's top-k keys by summed attention probability, for every kv head at once.
 
     ``indexes`` are :class:`~lckv.index.ClusterIndex` es (one per kv head); ``queries`` ``[heads,
@@ -62,7 +63,7 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
     tail; each query head's softmax is normalised over the candidates exactly and every other key at
     its cluster centroid (``size * exp(scale * q . centroid)``); candidates rank by the summed
     probabilities. With ``scan * k >= size`` the ranking is exact. Returns ``probs [heads, k]``
-    (descending), ``ids [heads, k]`` (padded with 0 / -1 when fewer keys exist) and ``n_scored
+    (descending; with ``sorted=False`` the same top k in no particular order, which saves a sort), ``ids [heads, k]`` (padded with 0 / -1 when fewer keys exist) and ``n_scored
     [heads]`` (inner products computed, all query heads). One C++ call, GIL released, heads in
     parallel.
     """
@@ -89,7 +90,7 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
             raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
     merged = {**ClusterIndex.search_params, **params}
     return compiled("search_groups").search_groups([ix._core for ix in indexes], queries, k, scale=float(scale),
-                                                   **merged)
+                                                   sorted=bool(sorted), **merged)
 
 
 class LayerIndex:
@@ -137,6 +138,6 @@ class LayerIndex:
     def search(self, queries: torch.Tensor, k: int, **params):
         return search_heads(self.heads, queries, k, **params)
 
-    def search_group(self, queries: torch.Tensor, k: int, scale: float, **params):
+    def search_group(self, queries: torch.Tensor, k: int, scale: float, sorted: bool = True, **params):
         """:func:`search_groups` over this layer's heads (ClusterIndex heads only)."""
-        return search_groups(self.heads, queries, k, scale, **params)
+        return search_groups(self.heads, queries, k, scale, sorted, **params)

@@ -221,7 +221,7 @@ class RetrievalPolicy(SelectionPolicy):
         per_head = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
         if self.index == "cluster":  # the whole rule in one C++ pass per kv head (ClusterIndex.search_group)
             scale = head_dim ** -0.5 if scale is None else float(scale)
-            return torch.stack([index.search_group(per_head[b].contiguous(), n_select, scale, **self.search_params)[1]
+            return torch.stack([index.search_group(per_head[b].contiguous(), n_select, scale, False, **self.search_params)[1]
                                 for b, index in enumerate(state.indexes)])
         candidates = torch.stack([index.search(per_head[b].contiguous(), n_select, **self.search_params)[1]
                                   for b, index in enumerate(state.indexes)])  # [batch, kv_heads, group, k]

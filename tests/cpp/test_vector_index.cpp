@@ -69,15 +69,23 @@ void test_row_kernels(std::mt19937_64& rng) {
     std::vector<float> blocks(static_cast<std::size_t>(n_blocks * 8 * dim), 0.0f);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t d = 0; d < dim; ++d) blocks[(r / 8) * 8 * dim + d * 8 + r % 8] = rows[r * dim + d];
+    auto q1 = gaussian(rng, 1, dim, 0.0f, 1.0f);
     for (auto level : {lckv::SimdLevel::kScalar, lckv::detect_simd_level()}) {
-      std::vector<float> by_rows(n), by_blocks(n_blocks * 8);
+      std::vector<float> by_rows(n), by_blocks(n_blocks * 8), pair0(n_blocks * 8), pair1(n_blocks * 8);
       lckv::inner_product_rows_for(level)(q.data(), rows.data(), n, dim, by_rows.data());
       lckv::inner_product_blocks_for(level)(q.data(), blocks.data(), n_blocks, dim, by_blocks.data());
+      lckv::inner_product_blocks_pair_for(level)(q.data(), q1.data(), blocks.data(), n_blocks, dim, pair0.data(),
+                                                 pair1.data());
       for (int64_t r = 0; r < n; ++r) {
-        double exact = 0.0;
-        for (int64_t d = 0; d < dim; ++d) exact += static_cast<double>(q[d]) * rows[r * dim + d];
+        double exact = 0.0, exact1 = 0.0;
+        for (int64_t d = 0; d < dim; ++d) {
+          exact += static_cast<double>(q[d]) * rows[r * dim + d];
+          exact1 += static_cast<double>(q1[d]) * rows[r * dim + d];
+        }
         EXPECT(lckv_test::close(by_rows[r], exact, 1e-5 * dim, 1e-5));
         EXPECT(lckv_test::close(by_blocks[r], exact, 1e-5 * dim, 1e-5));
+        EXPECT(lckv_test::close(pair0[r], exact, 1e-5 * dim, 1e-5));
+        EXPECT(lckv_test::close(pair1[r], exact1, 1e-5 * dim, 1e-5));
       }
     }
   }

@@ -44,6 +44,7 @@ class ClusterIndex : public VectorIndex {
         params_(params),
         ip_rows_(inner_product_rows_for(simd_)),
         ip_blocks_(inner_product_blocks_for(detect_simd_level())),
+        ip_blocks_pair_(inner_product_blocks_pair_for(detect_simd_level())),
         cluster_weights_(cluster_weights_for_cpu()) {
     if (params.cluster_size < 1) throw std::invalid_argument("cluster_size must be >= 1");
     if (params.segment < params.cluster_size)
@@ -88,14 +89,15 @@ class ClusterIndex : public VectorIndex {
   //   2. each head's softmax is normalised over all keys: the candidates exactly, every other key at
   //      its cluster's centroid, lse_g = log(sum_cand e^{s_g(x)} + sum_{c not picked} size_c e^{s_g(c)});
   //   3. candidates rank by sum_g e^{s_g(x) - lse_g} (ties: smaller id).
-  // Writes min(k, candidates) probabilities (descending) and ids, padded with (0, -1). When
+  // Writes min(k, candidates) probabilities (descending; in no order when !sorted) and ids, padded
+  // with (0, -1). When
   // scan * k covers the index every key is a candidate and the ranking is exact. Returns n_scored:
   // inner products computed over all heads (centroids and candidates).
   int64_t search_group(const float* queries, int64_t group, int64_t k, const SearchParams& params, float scale,
-                       float* probs, int64_t* ids) const {
+                       float* probs, int64_t* ids, bool sorted = true) const {
     std::shared_lock<RwLock> lock(mutex_);
     struct Scratch {
-      std::vector<float> centroid_scores, row_scores, sample, logits, rest;
+      std::vector<float> centroid_scores, row_scores, sample, logits, rest, ones;
       std::vector<double> mass;
       std::vector<uint64_t> candidates, ranked;
       std::vector<int64_t> picked, chosen;
@@ -119,10 +121,10 @@ class ClusterIndex : public VectorIndex {
       local.taken.assign(static_cast<std::size_t>(n_clusters), 0);
       const double want = std::max(1.0, params.scan) * static_cast<double>(k);
       const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
+      score_blocks(queries, group, blocks_.data(), n_blocks, cs.data(), stride);
+      n_scored += group * n_clusters;
       for (int64_t g = 0; g < group; ++g) {
-        float* sg = cs.data() + g * stride;
-        ip_blocks_(queries + g * dim_, blocks_.data(), static_cast<std::size_t>(n_blocks), dim, sg);
-        n_scored += n_clusters;
+        const float* sg = cs.data() + g * stride;
         int64_t p = want >= static_cast<double>(clustered_)
                         ? n_clusters
                         : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
@@ -170,31 +172,26 @@ class ClusterIndex : public VectorIndex {
       const int64_t lo = starts_[c], len = starts_[c + 1] - lo;
       const int64_t first_block = block_starts_[c], blocks = block_starts_[c + 1] - first_block;
       std::copy(members_.begin() + lo, members_.begin() + lo + len, rows.begin() + at);
-      local.row_scores.resize(static_cast<std::size_t>(blocks * 8));
-      for (int64_t g = 0; g < group; ++g) {
-        ip_blocks_(queries + g * dim_, packed_.data() + first_block * 8 * dim_, static_cast<std::size_t>(blocks), dim,
-                   local.row_scores.data());
-        std::copy(local.row_scores.begin(), local.row_scores.begin() + len, logits.begin() + g * n_rows + at);
-      }
+      local.row_scores.resize(static_cast<std::size_t>(group * blocks * 8));
+      score_blocks(queries, group, packed_.data() + first_block * 8 * dim_, blocks, local.row_scores.data(), blocks * 8);
+      for (int64_t g = 0; g < group; ++g)
+        std::copy(local.row_scores.begin() + g * blocks * 8, local.row_scores.begin() + g * blocks * 8 + len,
+                  logits.begin() + g * n_rows + at);
       at += len;
     }
     n_scored += group * n_rows;
     // 2-3. normalise each head over candidates + rest, sum the probabilities over the group
     auto& mass = local.mass;
     mass.assign(static_cast<std::size_t>(n_rows), 0.0);
+    local.ones.resize(static_cast<std::size_t>(n_rows), 1.0f);
     for (int64_t g = 0; g < group; ++g) {
       float* lg = logits.data() + g * n_rows;
-      float top = local.rest[g] > 0.0f ? rest_max[g] : -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < n_rows; ++j) {
-        lg[j] *= scale;
-        top = std::max(top, lg[j]);
-      }
-      double den = local.rest[g] > 0.0f ? static_cast<double>(local.rest[g]) * std::exp(static_cast<double>(rest_max[g] - top)) : 0.0;
-#pragma omp simd reduction(+ : den)
-      for (int64_t j = 0; j < n_rows; ++j) {
-        lg[j] = exp_nonpositive(lg[j] - top);
-        den += lg[j];
-      }
+      float m = 0.0f;  // lg[j] becomes e^{scale * lg[j] - m}, m = the candidates' best scaled score
+      const double cand = n_rows > 0 ? cluster_weights_(lg, local.ones.data(), n_rows, scale, &m) : 0.0;
+      // den relative to e^m: the candidates plus the rest (relative to e^{rest_max})
+      const double den = cand + (local.rest[g] > 0.0f ? static_cast<double>(local.rest[g]) *
+                                                            std::exp(static_cast<double>(rest_max[g]) - m)
+                                                      : 0.0);
       const double inv = den > 0.0 ? 1.0 / den : 0.0;
       for (int64_t j = 0; j < n_rows; ++j) mass[j] += static_cast<double>(lg[j]) * inv;
     }
@@ -203,7 +200,7 @@ class ClusterIndex : public VectorIndex {
     for (int64_t j = 0; j < n_rows; ++j) ranked[j] = sort_key(static_cast<float>(mass[j]), rows[j]);
     const int64_t n_found = std::min(k, n_rows);
     if (n_found < n_rows) std::nth_element(ranked.begin(), ranked.begin() + n_found, ranked.end());
-    std::sort(ranked.begin(), ranked.begin() + n_found);
+    if (sorted) std::sort(ranked.begin(), ranked.begin() + n_found);
     for (int64_t j = 0; j < n_found; ++j) {
       ids[j] = static_cast<int64_t>(ranked[j] & 0xffffffffu);
       probs[j] = key_score(ranked[j]);
@@ -213,6 +210,18 @@ class ClusterIndex : public VectorIndex {
       ids[j] = -1;
     }
     return n_scored;
+  }
+
+  // out[g * out_stride + r] = queries[g] . row r of n_blocks blocks of 8 transposed rows, queries
+  // two at a time (one pass over the rows per pair).
+  void score_blocks(const float* queries, int64_t group, const float* blocks, int64_t n_blocks, float* out,
+                    int64_t out_stride) const {
+    const auto dim = static_cast<std::size_t>(dim_);
+    int64_t g = 0;
+    for (; g + 2 <= group; g += 2)
+      ip_blocks_pair_(queries + g * dim_, queries + (g + 1) * dim_, blocks, static_cast<std::size_t>(n_blocks), dim,
+                      out + g * out_stride, out + (g + 1) * out_stride);
+    if (g < group) ip_blocks_(queries + g * dim_, blocks, static_cast<std::size_t>(n_blocks), dim, out + g * out_stride);
   }
 
   // Adds n keys and clusters them (a last partial segment too, see the file comment).
@@ -339,8 +348,8 @@ class ClusterIndex : public VectorIndex {
       threshold = sample[rank];
     }
     candidates.clear();
-    for (int64_t c = 0; c < n; ++c)
-      if (scores[c] >= threshold) candidates.push_back(sort_key(scores[c], c));
+    static const CollectFn collect = collect_for_cpu();
+    collect(scores, n, threshold, candidates);
     if (static_cast<int64_t>(candidates.size()) < p) {
       candidates.clear();
       for (int64_t c = 0; c < n; ++c) candidates.push_back(sort_key(scores[c], c));
@@ -350,6 +359,37 @@ class ClusterIndex : public VectorIndex {
     std::sort(candidates.begin(), candidates.begin() + p);
     out.resize(static_cast<std::size_t>(p));
     for (int64_t j = 0; j < p; ++j) out[j] = static_cast<int64_t>(candidates[j] & 0xffffffffu);
+  }
+
+  // Appends sort_key(scores[c], c) for every c with scores[c] >= threshold (a few percent pass:
+  // the AVX2 version compares 8 at once and visits only the set bits).
+  using CollectFn = void (*)(const float*, int64_t, float, std::vector<uint64_t>&);
+  static void collect_portable(const float* scores, int64_t n, float threshold, std::vector<uint64_t>& out) {
+    for (int64_t c = 0; c < n; ++c)
+      if (scores[c] >= threshold) out.push_back(sort_key(scores[c], c));
+  }
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+  __attribute__((target("avx2"))) static void collect_avx2(const float* scores, int64_t n, float threshold,
+                                                          std::vector<uint64_t>& out) {
+    const __m256 t = _mm256_set1_ps(threshold);
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+      auto mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(scores + c), t, _CMP_GE_OQ)));
+      while (mask != 0) {
+        const int64_t j = c + __builtin_ctz(mask);
+        out.push_back(sort_key(scores[j], j));
+        mask &= mask - 1;
+      }
+    }
+    for (; c < n; ++c)
+      if (scores[c] >= threshold) out.push_back(sort_key(scores[c], c));
+  }
+#endif
+  static CollectFn collect_for_cpu() {
+#ifdef LCKV_HAVE_AVX2_DISPATCH
+    if (__builtin_cpu_supports("avx2")) return collect_avx2;
+#endif
+    return collect_portable;
   }
 
   // The score back from a sort_key (exact: the mapping is a bijection).
@@ -484,6 +524,7 @@ class ClusterIndex : public VectorIndex {
   const ClusterBuildParams params_;      // build knobs
   const InnerProductRowsFn ip_rows_;     // inner products with contiguous rows
   const InnerProductBlocksFn ip_blocks_; // inner products with blocks of 8 transposed rows
+  const InnerProductBlocksPairFn ip_blocks_pair_;  // the same for two queries in one pass
   const ClusterWeightsFn cluster_weights_;  // exp of scaled centroid scores (search_group)
   int64_t clustered_ = 0;                // keys [0, clustered_) are in clusters
   std::vector<float> centroids_;         // [n_clusters, dim]

@@ -156,6 +156,35 @@ __attribute__((target("avx2,fma"))) inline void inner_product_blocks_avx2(
 }
 #endif  // LCKV_X86_DISPATCH
 
+// Two queries over the same blocks in one pass (a GQA pair shares every load):
+// out0[8 * b + j] = dot(q0, row 8b + j), out1[8 * b + j] = dot(q1, row 8b + j).
+using InnerProductBlocksPairFn = void (*)(const float* q0, const float* q1, const float* blocks, std::size_t n_blocks,
+                                          std::size_t dim, float* out0, float* out1);
+
+inline void inner_product_blocks_pair_scalar(const float* q0, const float* q1, const float* blocks,
+                                             std::size_t n_blocks, std::size_t dim, float* out0, float* out1) {
+  inner_product_blocks_scalar(q0, blocks, n_blocks, dim, out0);
+  inner_product_blocks_scalar(q1, blocks, n_blocks, dim, out1);
+}
+
+#ifdef LCKV_X86_DISPATCH
+__attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_avx2(
+    const float* q0, const float* q1, const float* blocks, std::size_t n_blocks, std::size_t dim, float* out0,
+    float* out1) {
+  for (std::size_t b = 0; b < n_blocks; ++b) {
+    const float* blk = blocks + b * dim * 8;
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (std::size_t d = 0; d < dim; ++d) {
+      const __m256 x = _mm256_loadu_ps(blk + d * 8);
+      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[d]), x, acc0);
+      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(q1[d]), x, acc1);
+    }
+    _mm256_storeu_ps(out0 + b * 8, acc0);
+    _mm256_storeu_ps(out1 + b * 8, acc1);
+  }
+}
+#endif  // LCKV_X86_DISPATCH
+
 // Which kernel select_inner_product() picked, for logs and tests.
 enum class SimdLevel { kScalar, kAvx2, kAvx512 };
 
@@ -228,6 +257,14 @@ inline InnerProductBlocksFn inner_product_blocks_for(SimdLevel level) {
 #endif
   (void)level;
   return inner_product_blocks_scalar;
+}
+
+inline InnerProductBlocksPairFn inner_product_blocks_pair_for(SimdLevel level) {
+#ifdef LCKV_X86_DISPATCH
+  if (level == SimdLevel::kAvx512 || level == SimdLevel::kAvx2) return inner_product_blocks_pair_avx2;
+#endif
+  (void)level;
+  return inner_product_blocks_pair_scalar;
 }
 
 }  // namespace lckv
