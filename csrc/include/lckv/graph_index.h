@@ -18,8 +18,9 @@
 //      beam searches (`build_ef`): the key itself as the query, and the probe query (step 5) that
 //      ranks the key best; reverse links go into the reserved slots. A key that beats a probe's
 //      top-1 becomes an entry point;
-//   5. `n_entry` build queries, taken evenly, are kept as probes; the entry points are their
-//      current top-1 keys (then the keys in the most lists), so they cover the query distribution;
+//   5. up to `n_entry` build queries are kept as probes, one per k-means cluster of the build
+//      queries (the one nearest the centroid); the entry points are their current top-1 keys
+//      (then the keys in the most lists), so they cover the query distribution;
 //   6. up to `repair_queries` build queries are searched; when one misses its exact top-1 key, the
 //      best key it reached and that top-1 key are linked both ways (long-range edges); up to three
 //      passes, until fewer than 1% miss.
@@ -408,13 +409,14 @@ class GraphIndex : public VectorIndex {
       }
     }
 
-    // Entry points: the current top-1 keys of `n_entry` probe queries taken evenly from the build
-    // queries (they cover the query distribution), then the keys found in the most lists.
-    const int64_t n_probes = std::min(m, params_.n_entry);
+    // Entry points: the current top-1 keys of up to `n_entry` probe queries that cover the query
+    // distribution (one per k-means cluster of the build queries), then the keys in the most lists.
+    const std::vector<int64_t> picked = cover_queries(queries, m, std::min(m, params_.n_entry));
+    const int64_t n_probes = static_cast<int64_t>(picked.size());
     probes_.resize(static_cast<std::size_t>(n_probes * dim_));
     probe_best_.resize(static_cast<std::size_t>(n_probes));
     for (int64_t r = 0; r < n_probes; ++r) {
-      const int64_t q = r * m / n_probes;
+      const int64_t q = picked[r];
       std::copy(queries + q * dim_, queries + (q + 1) * dim_, probes_.begin() + r * dim_);
       probe_best_[r] = Scored(list_scores[q * L], lists[q * L]);
     }
@@ -428,6 +430,67 @@ class GraphIndex : public VectorIndex {
     std::vector<int64_t> top1(static_cast<std::size_t>(m));
     for (int64_t q = 0; q < m; ++q) top1[q] = lists[q * L];
     return top1;
+  }
+
+  // Up to `count` build queries that cover the query distribution: k-means (L2, kProbeIters Lloyd
+  // iterations from evenly spaced queries) over the build queries, and from each non-empty
+  // cluster the query nearest its centroid. Evenly spaced queries alone follow the prompt's order,
+  // so topics that fill few positions got no probe and their decode queries no nearby entry.
+  // Nearest centroid = argmax over c of [q, 1] . [c, -|c|^2 / 2], an exact top-1 search.
+  std::vector<int64_t> cover_queries(const float* queries, int64_t m, int64_t count) const {
+    constexpr int64_t kProbeIters = 4;
+    std::vector<int64_t> picked;
+    if (count <= 0) return picked;
+    const int64_t d1 = dim_ + 1;
+    const InnerProductFn ip1 = inner_product_for(simd_level_for(static_cast<std::size_t>(d1)));
+    std::vector<float> lifted(static_cast<std::size_t>(m * d1), 1.0f);  // [q, 1]
+    for (int64_t q = 0; q < m; ++q) std::copy(queries + q * dim_, queries + (q + 1) * dim_, lifted.begin() + q * d1);
+    std::vector<float> cent(static_cast<std::size_t>(count * d1));  // [c, -|c|^2 / 2]
+    std::vector<double> sums(static_cast<std::size_t>(count * dim_));
+    std::vector<int64_t> sizes(static_cast<std::size_t>(count)), assign(static_cast<std::size_t>(m));
+    std::vector<float> best(static_cast<std::size_t>(m));
+    auto set_centroid = [&](int64_t c, const float* x) {
+      float half = 0.0f;
+      for (int64_t d = 0; d < dim_; ++d) {
+        cent[c * d1 + d] = x[d];
+        half += 0.5f * x[d] * x[d];
+      }
+      cent[c * d1 + dim_] = -half;
+    };
+    for (int64_t c = 0; c < count; ++c) set_centroid(c, queries + (c * m / count) * dim_);
+    std::vector<float> mean(static_cast<std::size_t>(dim_));
+    for (int64_t it = 0;; ++it) {
+      exact_topk(cent.data(), count, lifted.data(), m, d1, 1, ip1, best.data(), assign.data());
+      if (it == kProbeIters) break;
+      std::fill(sums.begin(), sums.end(), 0.0);
+      std::fill(sizes.begin(), sizes.end(), 0);
+      for (int64_t q = 0; q < m; ++q) {
+        double* sc = sums.data() + assign[q] * dim_;
+        for (int64_t d = 0; d < dim_; ++d) sc[d] += queries[q * dim_ + d];
+        ++sizes[assign[q]];
+      }
+      for (int64_t c = 0; c < count; ++c) {  // an empty cluster keeps its centroid
+        if (sizes[c] == 0) continue;
+        for (int64_t d = 0; d < dim_; ++d) mean[d] = static_cast<float>(sums[c * dim_ + d] / static_cast<double>(sizes[c]));
+        set_centroid(c, mean.data());
+      }
+    }
+    // |q - c|^2 = |q|^2 - 2 (q . c - |c|^2 / 2): a cluster's member nearest its centroid has the
+    // largest best[q] - |q|^2 / 2.
+    std::vector<int64_t> nearest(static_cast<std::size_t>(count), -1);
+    std::vector<float> nearest_score(static_cast<std::size_t>(count), -std::numeric_limits<float>::infinity());
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t c = assign[q];
+      const float* x = queries + q * dim_;
+      const float s = best[q] - 0.5f * ip_(x, x, dim_);
+      if (s > nearest_score[c]) {
+        nearest_score[c] = s;
+        nearest[c] = q;
+      }
+    }
+    for (int64_t c = 0; c < count; ++c)
+      if (nearest[c] >= 0) picked.push_back(nearest[c]);
+    return picked;
   }
 
   // Step 6: searches with up to `repair_queries` build queries; when a search misses its query's
