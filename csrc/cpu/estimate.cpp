@@ -60,6 +60,7 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   p.vs1 = values.stride(1);
   p.vs2 = values.stride(2);
   p.indices = idx_c.data_ptr<int64_t>();
+  p.rows = rows;  // indices were checked to lie in [-1, rows): repeats dropped by a bitmap
   p.scale = static_cast<float>(scale);
   p.out = lse_only ? nullptr : out.data_ptr<float>();
   p.lse = lse.data_ptr<float>();

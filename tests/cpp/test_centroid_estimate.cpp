@@ -146,6 +146,28 @@ int main() {
       lckv::centroid_estimate(q, simd);
       for (std::size_t i = 0; i < lse.size(); ++i)
         EXPECT(lse_only[i] == lse[i] || (std::isnan(lse[i]) && std::isnan(lse_only[i])));
+      {  // the retrieved rows are a set: listed twice (each head's list repeated), by the bitmap
+         // (rows known) or by sorting (rows = 0), the result is the same as listed once
+        Case twice = c;
+        twice.indices.clear();
+        twice.selected = 2 * c.selected;
+        for (int64_t bh = 0; bh < c.batch * c.kv_heads; ++bh)
+          for (int rep = 0; rep < 2; ++rep)
+            for (int64_t j = 0; j < c.selected; ++j) twice.indices.push_back(c.indices[bh * c.selected + j]);
+        for (int64_t rows : {int64_t{0}, c.rows}) {
+          std::vector<float> out2, lse2;
+          lckv::EstimateProblem r = problem(twice, out2, lse2, scale);
+          r.rows = rows;
+          lckv::centroid_estimate(r, simd);
+          // another order of the double subtractions: rounding at 1e-15 times the cancellation
+          for (std::size_t i = 0; i < lse.size(); ++i) {
+            const double tol = 1e-7 + 1e-12 * conditioning[i];
+            EXPECT(lckv_test::close(lse2[i], lse[i], tol, 1e-6));
+            for (int64_t d = 0; d < c.dim; ++d)
+              EXPECT(lckv_test::close(out2[i * c.dim + d], out[i * c.dim + d], tol, 1e-6));
+          }
+        }
+      }
       for (std::size_t i = 0; i < lse.size(); ++i) {
         // everything retrieved: -inf and zero output; otherwise float32 accuracy of the weights
         // (~2.4e-7 relative, 4x margin) times the cancellation of (all minus retrieved)

@@ -35,6 +35,9 @@ struct EstimateProblem {
   int64_t vs0 = 0, vs1 = 0, vs2 = 0;
   const int64_t* indices = nullptr;   // [batch, kv_heads, n_selected] retrieved rows, -1 = none
                                       // (a row listed twice counts once)
+  int64_t rows = 0;                   // rows per (batch, kv head), the bound of `indices`: when > 0,
+                                      // repeats are dropped with a bitmap of the rows (O(n_selected));
+                                      // 0: by sorting the retrieved rows
   float scale = 1.0f;
   float* out = nullptr;               // [batch, kv_heads * group, head_dim]; nullptr: lse only (no
                                       // value sums or value rows are read)
@@ -167,9 +170,26 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
     std::vector<double> totals(den);
     // the retrieved rows as a set: a row listed twice (e.g. the union of several heads' searches)
     // is retrieved once
-    std::vector<int64_t> distinct(rows, rows + p.n_selected);
-    std::sort(distinct.begin(), distinct.end());
-    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    std::vector<int64_t> distinct;
+    distinct.reserve(static_cast<std::size_t>(p.n_selected));
+    if (p.rows > 0) {  // first occurrences, marked in a per-thread bitmap that is cleared after
+      thread_local std::vector<uint64_t> seen;
+      if (seen.size() < static_cast<std::size_t>(p.rows / 64 + 1)) seen.assign(static_cast<std::size_t>(p.rows / 64 + 1), 0);
+      for (int64_t j = 0; j < p.n_selected; ++j) {
+        const int64_t r = rows[j];
+        if (r < 0) continue;
+        uint64_t& word = seen[static_cast<std::size_t>(r >> 6)];
+        const uint64_t bit = uint64_t{1} << (r & 63);
+        if (word & bit) continue;
+        word |= bit;
+        distinct.push_back(r);
+      }
+      for (int64_t r : distinct) seen[static_cast<std::size_t>(r >> 6)] = 0;
+    } else {
+      distinct.assign(rows, rows + p.n_selected);
+      std::sort(distinct.begin(), distinct.end());
+      distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+    }
     rows = distinct.data();
     const int64_t n_rows = static_cast<int64_t>(distinct.size());
     for (int64_t j = 0; j < n_rows; ++j) {
