@@ -95,7 +95,8 @@ def decode() -> str:
         "(`cluster`: segment-clustered lists scanned best first; `graph`: the attention-aware graph, whose beam "
         "returns fewer than k keys at this k, so it also reads fewer rows; see the large-k index table); "
         "without a suffix the GQA group is ranked by summed attention probability (`group_rank='probability'`, "
-        "the default: one search per query head), `-logits` by summed logits (one search per kv head). "
+        "the default: with `graph` one search per query head, then a ranking call; with `cluster` one "
+        "in-index pass per kv head, `ClusterIndex.search_group`), `-logits` by summed logits (one search per kv head). "
         "Each run measures exact and retrieval with the same thread count; runs on this shared 2-core machine "
         "vary by up to ~1.5x between runs.", "",
         _table(["cached tokens", "threads", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",

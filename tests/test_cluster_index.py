@@ -195,6 +195,10 @@ def test_group_search_follows_the_documented_rule(group, k):
         got = mass[torch.searchsorted(cand, ids)]
         torch.testing.assert_close(got, probs.double(), atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
         assert n_scored == group * (index.n_clusters + cand.numel()), f"seed {seed}"
+        probs_u, ids_u, _ = index.search_group(q, k, scale, scan=scan, sort=False)  # the same top k, unordered
+        order = torch.argsort(ids_u)
+        assert torch.equal(ids_u[order], ids.sort().values), f"seed {seed}"
+        torch.testing.assert_close(probs_u[order], probs[torch.argsort(ids)], msg=f"seed {seed}")
     assert checked >= 1, f"seed {seed}: every draw hit a float32/float64 boundary tie"
 
 

@@ -182,6 +182,29 @@ def test_layer_index_matches_per_head_search():
         layer.search(decode[:2], 5)
 
 
+@pytest.mark.parametrize("n_new", [1, 300])
+def test_layer_index_add_matches_per_head_add(n_new):
+    """LayerIndex.add (one C++ call for native heads) leaves every head as its own add() would."""
+    heads, dim = 3, 16
+    keys, queries = torch.randn(heads, 2000, dim), torch.randn(heads, 400, dim) + 1
+    new, decode = torch.randn(heads, n_new, dim), torch.randn(heads, 7, dim) + 1
+    for make in (lambda d: GraphIndex(d), lambda d: ClusterIndex(d, segment=256), lambda d: FaissIndex(d, "flat")):
+        layer = LayerIndex(heads, dim, make).build(keys, queries)
+        alone = [make(dim).build(keys[h], queries[h]) for h in range(heads)]
+        layer.add(new)
+        for h in range(heads):
+            alone[h].add(new[h].contiguous())
+            assert layer.heads[h].size == alone[h].size == 2000 + n_new
+            s, i, _ = alone[h].search(decode[h].contiguous(), 20)
+            s2, i2, _ = layer.heads[h].search(decode[h].contiguous(), 20)
+            assert torch.equal(i, i2)
+            torch.testing.assert_close(s, s2)
+    with pytest.raises(ValueError, match="kv_heads=3"):
+        layer.add(new[:2])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer.add(torch.full((heads, 1, dim), float("inf")))
+
+
 def test_faiss_flat_is_exact_and_counts_scored():
     keys, queries = torch.randn(1000, 24), torch.randn(6, 24)
     ref_s, ref_i = exact_topk(keys, queries, 10)

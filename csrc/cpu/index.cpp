@@ -119,6 +119,27 @@ Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
   return {scores, ids, n_scored};
 }
 
+// add() of keys[h] ([heads, n, dim]) to heads[h] for every head, in parallel, GIL released: one
+// check of the whole tensor instead of one per head.
+void add_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads, const torch::Tensor& keys) {
+  TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
+  const int64_t dim = heads[0]->dim();
+  check_rows(keys, "keys", 3, "[heads, n, head_dim]", dim);
+  TORCH_CHECK_VALUE(keys.size(0) == static_cast<int64_t>(heads.size()), "keys must have ", heads.size(),
+                    " heads (one per index) in dim 0, got shape ", keys.sizes());
+  for (std::size_t h = 0; h < heads.size(); ++h) {
+    TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
+    TORCH_CHECK_VALUE(heads[h]->dim() == dim, "heads[", h, "] has dim ", heads[h]->dim(), ", heads[0] has dim ", dim);
+    check_capacity(*heads[h], keys.size(1));
+  }
+  const int64_t n_heads = keys.size(0), n = keys.size(1);
+  if (n == 0) return;
+  py::gil_scoped_release no_gil;
+  const float* base = keys.data_ptr<float>();
+#pragma omp parallel for schedule(dynamic, 1) if (n_heads > 1 && n >= 256)
+  for (int64_t h = 0; h < n_heads; ++h) heads[h]->add(base + h * n * dim, n);
+}
+
 // ClusterIndex::search_group for every head: heads[h] gets queries[h] ([heads, group, dim]).
 Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads, const torch::Tensor& queries,
                         int64_t k, double scan, double scale, bool sorted) {
@@ -237,6 +258,9 @@ void bind_index(py::module_& m) {
     omp_set_num_threads(n);
   }, py::arg("n"), "Sets the OpenMP threads the index builds and searches use (this runtime only).");
 
+  m.def("add_heads", &add_heads_py, py::arg("heads"), py::arg("keys"),
+        "Appends keys[h] ([heads, n, dim], float32, contiguous) to heads[h] for every head; one check, "
+        "GIL released, heads in parallel for large n.");
   m.def("search_groups", &search_groups_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("scan") = 2.0, py::arg("scale") = 1.0, py::arg("sorted") = true,
         "ClusterIndex.search_group for heads[h] with queries[h] ([heads, group, dim]) in parallel, GIL "

@@ -52,7 +52,7 @@ def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **para
     return tuple(torch.stack(parts) for parts in zip(*results))
 
 
-def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale: float, sorted: bool = True,
+def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale: float, sort: bool = True,
                   **params):
     """A GQA group's top-k keys by summed attention probability, for every kv head at once.
 
@@ -63,7 +63,7 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
     tail; each query head's softmax is normalised over the candidates exactly and every other key at
     its cluster centroid (``size * exp(scale * q . centroid)``); candidates rank by the summed
     probabilities. With ``scan * k >= size`` the ranking is exact. Returns ``probs [heads, k]``
-    (descending; with ``sorted=False`` the same top k in no particular order, which saves a sort), ``ids [heads, k]`` (padded with 0 / -1 when fewer keys exist) and ``n_scored
+    (descending; with ``sort=False`` the same top k in no particular order, which saves a sort), ``ids [heads, k]`` (padded with 0 / -1 when fewer keys exist) and ``n_scored
     [heads]`` (inner products computed, all query heads). One C++ call, GIL released, heads in
     parallel.
     """
@@ -90,7 +90,7 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
             raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
     merged = {**ClusterIndex.search_params, **params}
     return compiled("search_groups").search_groups([ix._core for ix in indexes], queries, k, scale=float(scale),
-                                                   sorted=bool(sorted), **merged)
+                                                   sorted=bool(sort), **merged)
 
 
 class LayerIndex:
@@ -132,12 +132,15 @@ class LayerIndex:
 
     def add(self, keys: torch.Tensor) -> None:
         self._check(keys, "keys", "[kv_heads, n, head_dim]")
+        if all(isinstance(ix, NativeIndex) and ix._core is not None for ix in self.heads):
+            compiled("add_heads").add_heads([ix._core for ix in self.heads], keys)  # one call, GIL released
+            return
         for h, index in enumerate(self.heads):
             index.add(keys[h].contiguous())
 
     def search(self, queries: torch.Tensor, k: int, **params):
         return search_heads(self.heads, queries, k, **params)
 
-    def search_group(self, queries: torch.Tensor, k: int, scale: float, sorted: bool = True, **params):
+    def search_group(self, queries: torch.Tensor, k: int, scale: float, sort: bool = True, **params):
         """:func:`search_groups` over this layer's heads (ClusterIndex heads only)."""
-        return search_groups(self.heads, queries, k, scale, sorted, **params)
+        return search_groups(self.heads, queries, k, scale, sort, **params)

@@ -5,6 +5,7 @@
 // initialised at evenly spaced keys of the segment) into clusters of about `cluster_size` keys,
 // and each cluster's keys are copied next to each other (a cluster is scanned sequentially, as
 // blocks of 8 transposed rows: no horizontal sum per key).
+// Only the packed copy of clustered keys is kept (the row store holds just the tail).
 // Keys that do not fill a segment yet (the tail) are scanned exactly by every search; add() clusters
 // the tail whenever it reaches `segment` keys, so decode-time inserts cost O(1) amortised and never
 // re-cluster old keys. build() clusters a last partial segment too when it holds at least
@@ -427,6 +428,20 @@ class ClusterIndex : public VectorIndex {
     for (int64_t r = 0; r < n_ranges; ++r) segments[r] = cluster_range(ranges[r].first, ranges[r].second);
     if (starts_.empty()) starts_.push_back(0);
     if (block_starts_.empty()) block_starts_.push_back(0);
+    std::size_t n_new = 0, c_new = 0, rows_new = 0;
+    for (const Segment& seg : segments) {
+      n_new += seg.members.size();
+      c_new += seg.sizes.size();
+      for (int64_t size : seg.sizes) rows_new += static_cast<std::size_t>((size + 7) / 8 * 8);
+    }
+    const auto d = static_cast<std::size_t>(dim_);
+    reserve_more(centroids_, c_new * d);
+    reserve_more(blocks_, (c_new + 8) * d);
+    reserve_more(packed_, rows_new * d);
+    reserve_more(members_, n_new);
+    reserve_more(sizes_, c_new);
+    reserve_more(starts_, c_new);
+    reserve_more(block_starts_, c_new);
     for (const Segment& seg : segments) {
       int64_t m = 0;  // position in seg.members
       for (std::size_t c = 0; c < seg.sizes.size(); ++c) {
@@ -445,6 +460,16 @@ class ClusterIndex : public VectorIndex {
       }
     }
     clustered_ = lo;
+    // clustered keys live on in packed_ (searches read only packed_ and the tail): keep one copy
+    drop_keys_before(clustered_);
+  }
+
+  // Room for `extra` more elements, with 1/8 slack (a doubling vector would hold up to twice the
+  // index while decode-time segments arrive).
+  template <typename T>
+  static void reserve_more(std::vector<T>& v, std::size_t extra) {
+    const std::size_t need = v.size() + extra;
+    if (need > v.capacity()) v.reserve(need + need / 8);
   }
 
   // Writes x as row `row` of a blocks-of-8 transposed layout ([block][dim][8] floats, as

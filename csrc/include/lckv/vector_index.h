@@ -220,7 +220,15 @@ class VectorIndex {
                                 float* scores, int64_t* ids) const = 0;
   virtual int64_t extra_memory_bytes_locked() const { return 0; }
 
-  const float* key(int64_t id) const { return keys_.data() + id * dim_; }
+  // Key rows [key_base_, size_) are in keys_ (an index that keeps its own copy of older keys may
+  // drop them: drop_keys_before).
+  const float* key(int64_t id) const { return keys_.data() + (id - key_base_) * dim_; }
+  void drop_keys_before(int64_t id) {
+    if (id <= key_base_) return;
+    keys_.erase(keys_.begin(), keys_.begin() + (id - key_base_) * dim_);
+    keys_.shrink_to_fit();  // releases the memory (the rest is a short tail)
+    key_base_ = id;
+  }
   float score(const float* query, int64_t id) const {
     return ip_(query, key(id), static_cast<std::size_t>(dim_));
   }
@@ -233,7 +241,8 @@ class VectorIndex {
   const SimdLevel simd_;            // kernel level picked at construction
   const InnerProductFn ip_;         // inner-product kernel picked once
   const InnerProductBatchFn ip_batch_;  // the same over a list of key ids
-  std::vector<float> keys_;         // [size_, dim_] row-major
+  std::vector<float> keys_;         // [size_ - key_base_, dim_] row-major: keys key_base_, ...
+  int64_t key_base_ = 0;            // id of keys_'s first row
   int64_t size_ = 0;                // number of keys
   mutable RwLock mutex_;            // searches share, add is exclusive
 };
