@@ -510,3 +510,35 @@ def test_compiled_estimate_equals_the_torch_one():
     with pytest.raises(ValueError, match=f"retrieved row {row} of batch 1, kv head 0 has cluster"):
         compiled("centroid_estimate").centroid_estimate(
             q, est.centroids, est.counts, est.value_sums, bad, values, indices, 0.25)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_estimate_add_matches_the_torch_update(padded):
+    """lckv._C.estimate_add (the decode-time offload of the estimate) against the torch formulation:
+    nearest centroid in L2, counts and value sums of valid rows only."""
+    from lckv._extension import compiled
+
+    pytest.importorskip("lckv._C")
+    B, H, C, D, n = 2, 3, 37, 16, 5
+    centroids = torch.randn(B, H, C, D)
+    half = 0.5 * centroids.square().sum(-1)
+    counts, sums = torch.rand(B, H, C) * 10, torch.randn(B, H, C, D)
+    keys, values = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
+    valid = torch.rand(B, n) > 0.3 if padded else None
+    got_counts, got_sums = counts.clone(), sums.clone()
+    assign = compiled("estimate_add").estimate_add(keys, values, valid, centroids, half, got_counts, got_sums)
+    # nearest centroid in L2 (float64 oracle; a float32 near-tie may go either way)
+    dist = torch.cdist(keys.double(), centroids.double())
+    chosen = torch.gather(dist, 3, assign.unsqueeze(-1)).squeeze(-1)
+    assert bool((chosen <= dist.amin(-1) + 1e-4).all())
+    assert float((assign == RetrievalPolicy._assign(keys, centroids, half)).float().mean()) >= 0.9
+    est = type("E", (), {})()
+    est.counts, est.value_sums = counts.clone(), sums.clone()
+    RetrievalPolicy._accumulate(est, assign, values, valid if padded else torch.ones(B, n, dtype=torch.bool))
+    torch.testing.assert_close(got_counts, est.counts)
+    torch.testing.assert_close(got_sums, est.value_sums, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="keys contains NaN or inf"):
+        compiled("estimate_add").estimate_add(torch.full_like(keys, float("nan")), values, valid, centroids, half,
+                                              got_counts, got_sums)
+    with pytest.raises(ValueError, match="values must have the shape of keys"):
+        compiled("estimate_add").estimate_add(keys, values[:, :, :2], valid, centroids, half, got_counts, got_sums)

@@ -78,9 +78,69 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   return {out, lse};
 }
 
+// lckv::estimate_add_rows: the rows a decode step offloads join the estimate's clusters.
+torch::Tensor estimate_add_cpu(const torch::Tensor& keys, const torch::Tensor& values,
+                               const c10::optional<torch::Tensor>& valid, const torch::Tensor& centroids,
+                               const torch::Tensor& half_norms, torch::Tensor& counts, torch::Tensor& value_sums) {
+  check_cpu_f32(keys, "keys", 4, "[batch, kv_heads, n, head_dim]");
+  check_cpu_f32(values, "values", 4, "[batch, kv_heads, n, head_dim]");
+  check_cpu_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
+  check_cpu_f32(half_norms, "half_norms", 3, "[batch, kv_heads, clusters]");
+  check_cpu_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
+  check_cpu_f32(value_sums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
+  const int64_t B = centroids.size(0), H = centroids.size(1), C = centroids.size(2), D = centroids.size(3);
+  TORCH_CHECK_VALUE(C > 0, "centroids must hold at least one cluster, got shape ", centroids.sizes());
+  TORCH_CHECK_VALUE(keys.size(0) == B && keys.size(1) == H && keys.size(3) == D, "keys must have shape [", B, ", ", H,
+                    ", n, ", D, "], got ", keys.sizes());
+  TORCH_CHECK_VALUE(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(), ", got ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(half_norms.sizes() == centroids.sizes().slice(0, 3) && counts.sizes() == half_norms.sizes(),
+                    "half_norms and counts must have shape ", centroids.sizes().slice(0, 3), ", got ",
+                    half_norms.sizes(), " and ", counts.sizes());
+  TORCH_CHECK_VALUE(value_sums.sizes() == centroids.sizes(), "value_sums must have shape ", centroids.sizes(),
+                    ", got ", value_sums.sizes());
+  TORCH_CHECK_VALUE(counts.is_contiguous() && value_sums.is_contiguous(),
+                    "counts and value_sums must be contiguous (they are updated in place)");
+  const int64_t n = keys.size(2);
+  torch::Tensor valid_c;
+  if (valid.has_value()) {
+    TORCH_CHECK_TYPE(valid->scalar_type() == torch::kBool, "valid must be bool, got ", valid->scalar_type());
+    TORCH_CHECK_VALUE(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == n, "valid must have shape [", B,
+                      ", ", n, "], got ", valid->sizes());
+    valid_c = valid->contiguous();
+  }
+  const auto k_c = keys.contiguous(), v_c = values.contiguous(), c_c = centroids.contiguous(),
+             h_c = half_norms.contiguous();
+  TORCH_CHECK_VALUE(n == 0 || torch::isfinite(k_c).all().item<bool>(), "keys contains NaN or inf");
+  auto assign = torch::empty({B, H, n}, torch::kInt64);
+  EstimateAddProblem p;
+  p.batch = B;
+  p.kv_heads = H;
+  p.head_dim = D;
+  p.clusters = C;
+  p.n = n;
+  p.keys = k_c.data_ptr<float>();
+  p.values = v_c.data_ptr<float>();
+  p.valid = valid.has_value() ? valid_c.data_ptr<bool>() : nullptr;
+  p.centroids = c_c.data_ptr<float>();
+  p.half_norms = h_c.data_ptr<float>();
+  p.counts = counts.data_ptr<float>();
+  p.value_sums = value_sums.data_ptr<float>();
+  p.assign = assign.data_ptr<int64_t>();
+  {
+    pybind11::gil_scoped_release no_gil;
+    estimate_add_rows(p);
+  }
+  return assign;
+}
+
 }  // namespace
 
 void bind_estimate(pybind11::module_& m) {
+  m.def("estimate_add", &estimate_add_cpu, pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("valid"),
+        pybind11::arg("centroids"), pybind11::arg("half_norms"), pybind11::arg("counts"), pybind11::arg("value_sums"),
+        "New rows join the estimate's clusters (nearest centroid in L2; valid rows add to counts and value sums, "
+        "in place); returns their clusters [B, H, n] int64; see lckv/centroid_estimate.h.");
   m.def("centroid_estimate", &centroid_estimate_cpu, pybind11::arg("q"), pybind11::arg("centroids"),
         pybind11::arg("counts"), pybind11::arg("value_sums"), pybind11::arg("assign"), pybind11::arg("values"),
         pybind11::arg("indices"), pybind11::arg("scale"), pybind11::arg("lse_only") = false,

@@ -196,10 +196,15 @@ class RetrievalPolicy(SelectionPolicy):
                 index.add(new[b].float().contiguous())
         if state.estimate is not None:
             est = state.estimate
-            assign = self._assign(new.float(), est.centroids, est.half_norms)
-            valid = self._valid_rows(layer, first_row, n_rows)
+            values = layer.store.values[:, :, first_row:first_row + n_rows]
+            valid = None if layer.store_padding is None else self._valid_rows(layer, first_row, n_rows)
+            if new.device.type == "cpu" and extension_available():  # one C++ call (centroid_estimate.h)
+                assign = compiled("estimate_add").estimate_add(new.float().contiguous(), values.float().contiguous(), valid,
+                                                               est.centroids, est.half_norms, est.counts, est.value_sums)
+            else:
+                assign = self._assign(new.float(), est.centroids, est.half_norms)
+                self._accumulate(est, assign, values.float(), self._valid_rows(layer, first_row, n_rows))
             est.append(assign)
-            self._accumulate(est, assign, layer.store.values[:, :, first_row:first_row + n_rows].float(), valid)
 
     # --- selection -----------------------------------------------------------------------------
     def select(self, state, layer, q, n_select, scale=None):

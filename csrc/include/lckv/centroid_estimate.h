@@ -220,4 +220,51 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
   }
 }
 
+// New rows joining the estimate's clusters (a decode step offloads the token leaving the window):
+// per (batch, kv head), each row goes to its nearest centroid in L2, argmax_c (k . c - |c|^2 / 2)
+// (ties: the lower c), and a valid row adds 1 to that cluster's count and its value to the value
+// sum. Writes each row's cluster to assign.
+struct EstimateAddProblem {
+  int64_t batch = 0, kv_heads = 0, head_dim = 0, clusters = 0, n = 0;
+  const float* keys = nullptr;        // [batch, kv_heads, n, head_dim] contiguous
+  const float* values = nullptr;      // [batch, kv_heads, n, head_dim] contiguous
+  const bool* valid = nullptr;        // [batch, n]; nullptr: every row is valid
+  const float* centroids = nullptr;   // [batch, kv_heads, clusters, head_dim] contiguous
+  const float* half_norms = nullptr;  // [batch, kv_heads, clusters] contiguous: |c|^2 / 2
+  float* counts = nullptr;            // [batch, kv_heads, clusters], updated
+  float* value_sums = nullptr;        // [batch, kv_heads, clusters, head_dim], updated
+  int64_t* assign = nullptr;          // [batch, kv_heads, n] out
+};
+
+inline void estimate_add_rows(const EstimateAddProblem& p) {
+  const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
+  const int64_t D = p.head_dim, C = p.clusters, pairs = p.batch * p.kv_heads;
+#pragma omp parallel for schedule(dynamic, 1) if (pairs > 1 && p.n * C >= (1 << 16))
+  for (int64_t bh = 0; bh < pairs; ++bh) {
+    const int64_t b = bh / p.kv_heads;
+    const float* cent = p.centroids + bh * C * D;
+    const float* half = p.half_norms + bh * C;
+    std::vector<float> s(static_cast<std::size_t>(C));
+    for (int64_t r = 0; r < p.n; ++r) {
+      const float* k = p.keys + (bh * p.n + r) * D;
+      ip_rows(k, cent, static_cast<std::size_t>(C), static_cast<std::size_t>(D), s.data());
+      int64_t best = 0;
+      float best_score = s[0] - half[0];
+      for (int64_t c = 1; c < C; ++c) {
+        const float score = s[c] - half[c];
+        if (score > best_score) {
+          best_score = score;
+          best = c;
+        }
+      }
+      p.assign[bh * p.n + r] = best;
+      if (p.valid != nullptr && !p.valid[b * p.n + r]) continue;
+      p.counts[bh * C + best] += 1.0f;
+      const float* v = p.values + (bh * p.n + r) * D;
+      float* vs = p.value_sums + (bh * C + best) * D;
+      for (int64_t d = 0; d < D; ++d) vs[d] += v[d];
+    }
+  }
+}
+
 }  // namespace lckv
