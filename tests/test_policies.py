@@ -135,12 +135,17 @@ def test_exact_retrieval_selects_top_rows_of_group_summed_probability(group):
     q = 2 * torch.randn(2, 2 * group, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
     got = policy.select(layer.selection_state(), layer, q, n, 0.3)
-    prob = _group_probability(q, layer.store.keys, 0.3)
+    _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-9)
+
+
+def _assert_most_probable(got, q, keys, n, scale, tol):
+    """``got`` [B, Hkv, n] holds n distinct rows of each kv head with the largest summed group
+    probability: none left out beats the weakest chosen (ties within ``tol`` aside)."""
+    prob = _group_probability(q, keys, scale)
     chosen = torch.gather(prob, 2, got)
-    # the chosen rows are the n most probable ones: none left out beats the weakest chosen (ties aside)
     left_out = prob.scatter(2, got, float("-inf")).amax(-1)
-    assert bool((left_out <= chosen.amin(-1) + 1e-9).all())
-    assert got.shape[-1] == n and bool((got >= 0).all())
+    assert bool((left_out <= chosen.amin(-1) + tol).all())
+    assert got.shape[-1] == n and bool((got >= 0).all()) and all(r.unique().numel() == n for r in got.flatten(0, 1))
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -153,11 +158,7 @@ def test_cluster_retrieval_ranks_by_group_probability_in_the_index(group):
     q = 2 * torch.randn(2, 2 * group, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
     got = policy.select(layer.selection_state(), layer, q, n, 0.3)
-    prob = _group_probability(q, layer.store.keys, 0.3)
-    chosen = torch.gather(prob, 2, got)
-    left_out = prob.scatter(2, got, float("-inf")).amax(-1)
-    assert bool((left_out <= chosen.amin(-1) + 1e-6).all())
-    assert got.shape[-1] == n and bool((got >= 0).all()) and all(r.unique().numel() == n for r in got.flatten(0, 1))
+    _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-6)  # float32 kernel vs float64 oracle
 
 
 @pytest.mark.parametrize("estimate", [False, True], ids=["union-normalised", "estimate-normalised"])

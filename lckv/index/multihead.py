@@ -19,6 +19,22 @@ from lckv.index.native import IVFIndex, NativeIndex
 __all__ = ["LayerIndex", "search_groups", "search_heads"]
 
 
+def _check_heads(indexes, queries, k, layout):
+    """Checks shared by the per-head searches: one non-empty index per row of ``queries``."""
+    if not indexes:
+        raise ValueError("indexes must hold at least one index")
+    dim = indexes[0].dim
+    check_rows(queries, "queries", dim, ndim=3, layout=layout)
+    check_k(k)
+    if queries.shape[0] != len(indexes):
+        raise ValueError(f"queries must have {len(indexes)} heads (one per index) in dim 0, got {tuple(queries.shape)}")
+    for h, ix in enumerate(indexes):
+        if ix.dim != dim:
+            raise ValueError(f"indexes[{h}] has head_dim {ix.dim}, indexes[0] has {dim}")
+        if ix.size == 0:
+            raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
+
+
 def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **params):
     """Searches ``indexes[h]`` with ``queries[h]`` for every head h.
 
@@ -26,21 +42,10 @@ def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **para
     ``ids [heads, n_queries, k]`` (padding -1 / -inf as in :mod:`lckv.index.base`) and
     ``n_scored [heads, n_queries]``. All indexes must share one class and head_dim.
     """
-    if not indexes:
-        raise ValueError("indexes must hold at least one index")
-    dim = indexes[0].dim
-    check_rows(queries, "queries", dim, ndim=3, layout="[heads, n_queries, head_dim]")
-    check_k(k)
-    if queries.shape[0] != len(indexes):
-        raise ValueError(f"queries must have {len(indexes)} heads (one per index) in dim 0, got {tuple(queries.shape)}")
+    _check_heads(indexes, queries, k, "[heads, n_queries, head_dim]")
     kinds = {type(ix) for ix in indexes}
     if len(kinds) != 1:
         raise TypeError(f"indexes must share one class, got {sorted(t.__name__ for t in kinds)}")
-    for h, ix in enumerate(indexes):
-        if ix.dim != dim:
-            raise ValueError(f"indexes[{h}] has head_dim {ix.dim}, indexes[0] has {dim}")
-        if ix.size == 0:
-            raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
     first = indexes[0]
     unknown = set(params) - set(first.search_params)
     if unknown:
@@ -69,25 +74,14 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
     """
     from lckv.index.native import ClusterIndex
 
-    if not indexes:
-        raise ValueError("indexes must hold at least one index")
-    if not all(isinstance(ix, ClusterIndex) for ix in indexes):
+    if indexes and not all(isinstance(ix, ClusterIndex) for ix in indexes):
         raise TypeError(f"search_groups needs ClusterIndex heads, got {sorted({type(ix).__name__ for ix in indexes})}")
-    dim = indexes[0].dim
-    check_rows(queries, "queries", dim, ndim=3, layout="[heads, group, head_dim]")
-    check_k(k)
-    if queries.shape[0] != len(indexes):
-        raise ValueError(f"queries must have {len(indexes)} heads (one per index) in dim 0, got {tuple(queries.shape)}")
+    _check_heads(indexes, queries, k, "[heads, group, head_dim]")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     unknown = set(params) - set(ClusterIndex.search_params)
     if unknown:
         raise TypeError(f"ClusterIndex search got unknown parameters {sorted(unknown)}")
-    for h, ix in enumerate(indexes):
-        if ix.dim != dim:
-            raise ValueError(f"indexes[{h}] has head_dim {ix.dim}, indexes[0] has {dim}")
-        if ix.size == 0:
-            raise EmptyIndexError(f"search on an empty index: indexes[{h}] holds no keys")
     merged = {**ClusterIndex.search_params, **params}
     return compiled("search_groups").search_groups([ix._core for ix in indexes], queries, k, scale=float(scale),
                                                    sorted=bool(sort), **merged)

@@ -248,15 +248,7 @@ inline void estimate_add_rows(const EstimateAddProblem& p) {
     for (int64_t r = 0; r < p.n; ++r) {
       const float* k = p.keys + (bh * p.n + r) * D;
       ip_rows(k, cent, static_cast<std::size_t>(C), static_cast<std::size_t>(D), s.data());
-      int64_t best = 0;
-      float best_score = s[0] - half[0];
-      for (int64_t c = 1; c < C; ++c) {
-        const float score = s[c] - half[c];
-        if (score > best_score) {
-          best_score = score;
-          best = c;
-        }
-      }
+      const int64_t best = nearest_from_scores(s.data(), half, C);
       p.assign[bh * p.n + r] = best;
       if (p.valid != nullptr && !p.valid[b * p.n + r]) continue;
       p.counts[bh * C + best] += 1.0f;

@@ -505,16 +505,7 @@ class ClusterIndex : public VectorIndex {
       for (int64_t i = 0; i < n; ++i) {
         ip_rows_(key(lo + i), cent.data(), static_cast<std::size_t>(c_count), static_cast<std::size_t>(dim_),
                  row.data());
-        int64_t best = 0;
-        float best_score = row[0] - half_norms[0];
-        for (int64_t c = 1; c < c_count; ++c) {
-          const float s = row[c] - half_norms[c];
-          if (s > best_score) {
-            best_score = s;
-            best = c;
-          }
-        }
-        assign[i] = best;
+        assign[i] = nearest_from_scores(row.data(), half_norms.data(), c_count);
       }
       std::fill(counts.begin(), counts.end(), 0);
       if (it == params_.n_iters) break;

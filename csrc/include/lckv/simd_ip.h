@@ -267,4 +267,19 @@ inline InnerProductBlocksPairFn inner_product_blocks_pair_for(SimdLevel level) {
   return inner_product_blocks_pair_scalar;
 }
 
+// The nearest of C centroids in L2 from inner products: argmax_c (scores[c] - half_norms[c]) with
+// half_norms[c] = |c|^2 / 2 (ties: the lower c).
+inline int64_t nearest_from_scores(const float* scores, const float* half_norms, int64_t C) {
+  int64_t best = 0;
+  float best_score = scores[0] - half_norms[0];
+  for (int64_t c = 1; c < C; ++c) {
+    const float s = scores[c] - half_norms[c];
+    if (s > best_score) {
+      best_score = s;
+      best = c;
+    }
+  }
+  return best;
+}
+
 }  // namespace lckv
