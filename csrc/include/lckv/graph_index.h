@@ -55,7 +55,8 @@ struct GraphBuildParams {
 
 class GraphIndex : public VectorIndex {
  public:
-  GraphIndex(int64_t dim, const GraphBuildParams& params) : VectorIndex(dim), params_(params) {
+  GraphIndex(int64_t dim, const GraphBuildParams& params)
+      : VectorIndex(dim), params_(params), ip_rows_(inner_product_rows_for(simd_)) {
     if (params.max_degree < 2 || params.max_degree > 65535)
       throw std::invalid_argument("max_degree must be in [2, 65535]");
     if (params.build_knn < 2) throw std::invalid_argument("build_knn must be >= 2");
@@ -139,7 +140,7 @@ class GraphIndex : public VectorIndex {
   int64_t extra_memory_bytes_locked() const override {
     return static_cast<int64_t>(adjacency_.capacity() * sizeof(uint32_t) +
                                 degree_.capacity() * sizeof(uint16_t) +
-                                entries_.capacity() * sizeof(int64_t) +
+                                entries_.capacity() * sizeof(int64_t) + entry_keys_.capacity() * sizeof(float) +
                                 probes_.capacity() * sizeof(float));
   }
 
@@ -179,6 +180,8 @@ class GraphIndex : public VectorIndex {
       std::vector<uint32_t> fresh;   // unvisited neighbours of the key being expanded
       std::vector<float> fresh_scores;
       std::vector<Scored> scored;    // everything scored, when n_results > ef
+      std::vector<float> entry_scores;
+      std::vector<Scored> entry_scored;
     };
     thread_local Scratch scratch;
     Scratch& local = scratch;  // one TLS lookup
@@ -210,14 +213,26 @@ class GraphIndex : public VectorIndex {
       n_scored += static_cast<int64_t>(fresh.size());
     };
     if (exclude >= 0) visited.test_and_set(static_cast<std::size_t>(exclude));
-    fresh.clear();
-    for (int64_t e : entries_) {
-      if (visited.test_and_set(static_cast<std::size_t>(e))) continue;
-      fresh.push_back(static_cast<uint32_t>(e));
-      prefetch_key(e);
+    // The entries: their keys are kept contiguous (entry_keys_), scored in one pass; only the best
+    // cap of them can enter the pool, so they are selected before the ordered inserts.
+    const auto n_entries = static_cast<int64_t>(entries_.size());
+    auto& es = local.entry_scored;
+    local.entry_scores.resize(static_cast<std::size_t>(n_entries));
+    ip_rows_(query, entry_keys_.data(), static_cast<std::size_t>(n_entries), static_cast<std::size_t>(dim_),
+             local.entry_scores.data());
+    n_scored += n_entries;
+    es.clear();
+    for (int64_t i = 0; i < n_entries; ++i) {
+      visited.test_and_set(static_cast<std::size_t>(entries_[i]));
+      if (entries_[i] != exclude) es.emplace_back(local.entry_scores[i], entries_[i]);
     }
-    score_fresh();
-    for (std::size_t j = 0; j < fresh.size(); ++j) insert(fresh_scores[j], fresh[j]);
+    const auto keep = static_cast<std::ptrdiff_t>(std::min(es.size(), cap));
+    if (keep < static_cast<std::ptrdiff_t>(es.size()))
+      std::nth_element(es.begin(), es.begin() + keep, es.end(), std::greater<Scored>());
+    std::sort(es.begin(), es.begin() + keep, std::greater<Scored>());
+    for (std::ptrdiff_t j = 0; j < keep; ++j) pool.push_back(Candidate{es[j].first, static_cast<uint32_t>(es[j].second), false});
+    if (wide) scored.insert(scored.end(), es.begin(), es.end());
+    fresh.clear();
     std::size_t cur = 0;
     while (cur < pool.size()) {
       if (pool[cur].expanded) {
@@ -566,6 +581,7 @@ class GraphIndex : public VectorIndex {
     int64_t done = 0;
     if (entries_.empty() && total > 0) {  // empty graph: the first key starts it
       entries_.push_back(ids[0]);
+      pack_entry_keys();
       done = 1;
       linked += 1;
     }
@@ -634,6 +650,14 @@ class GraphIndex : public VectorIndex {
     };
     for (const Scored& p : probe_best_) put(p.second);
     for (int64_t id : popular_) put(id);
+    pack_entry_keys();
+  }
+
+  // entry_keys_ = the entries' keys, contiguous (one pass scores them all).
+  void pack_entry_keys() {
+    entry_keys_.resize(entries_.size() * static_cast<std::size_t>(dim_));
+    for (std::size_t i = 0; i < entries_.size(); ++i)
+      std::copy(key(entries_[i]), key(entries_[i]) + dim_, entry_keys_.begin() + static_cast<std::ptrdiff_t>(i) * dim_);
   }
 
   // Adds the edge y -> x: into a free slot, else replacing the weakest (by inner product with y)
@@ -671,13 +695,16 @@ class GraphIndex : public VectorIndex {
     keep_heaviest(norms, params_.n_entry);
     entries_.clear();
     for (const Scored& s : norms) entries_.push_back(s.second);
+    pack_entry_keys();
   }
 
   const GraphBuildParams params_;        // build knobs
+  const InnerProductRowsFn ip_rows_;     // inner products with contiguous rows (the entries)
   int64_t reserve_;                      // slots per key kept for links made after the projection
   std::vector<uint32_t> adjacency_;      // [size_, max_degree] neighbor ids
   std::vector<uint16_t> degree_;         // edges used per key
   std::vector<int64_t> entries_;         // entry keys of every search
+  std::vector<float> entry_keys_;        // [entries, dim] their keys, contiguous
   std::vector<float> probes_;            // [n_probes, dim] build queries kept to place new keys
   std::vector<Scored> probe_best_;       // each probe's current top-1 (score, key)
   std::vector<int64_t> popular_;         // keys in the most build-query lists
