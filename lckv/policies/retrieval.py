@@ -203,7 +203,7 @@ class RetrievalPolicy(SelectionPolicy):
                                                                est.centroids, est.half_norms, est.counts, est.value_sums)
             else:
                 assign = self._assign(new.float(), est.centroids, est.half_norms)
-                self._accumulate(est, assign, values.float(), self._valid_rows(layer, first_row, n_rows))
+                self._accumulate(est, assign, values.float(), valid)
             est.append(assign)
 
     # --- selection -----------------------------------------------------------------------------
@@ -256,6 +256,9 @@ class RetrievalPolicy(SelectionPolicy):
 
     @staticmethod
     def _accumulate(est, assign, values, valid):
+        """Adds rows to their clusters' counts and value sums; ``valid`` [batch, rows] (None: all rows)."""
+        if valid is None:
+            valid = torch.ones(assign.shape[0], assign.shape[-1], dtype=torch.bool, device=assign.device)
         weight = valid[:, None, :].expand_as(assign).float()
         est.counts.scatter_add_(2, assign, weight)
         est.value_sums.scatter_add_(2, assign.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))

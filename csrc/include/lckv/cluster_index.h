@@ -91,14 +91,13 @@ class ClusterIndex : public VectorIndex {
   //      its cluster's centroid, lse_g = log(sum_cand e^{s_g(x)} + sum_{c not picked} size_c e^{s_g(c)});
   //   3. candidates rank by sum_g e^{s_g(x) - lse_g} (ties: smaller id).
   // Writes min(k, candidates) probabilities (descending; in no order when !sorted) and ids, padded
-  // with (0, -1). When
-  // scan * k covers the index every key is a candidate and the ranking is exact. Returns n_scored:
-  // inner products computed over all heads (centroids and candidates).
+  // with (0, -1). When scan * k covers the index every key is a candidate and the ranking is exact.
+  // Returns n_scored: inner products computed over all heads (centroids and candidates).
   int64_t search_group(const float* queries, int64_t group, int64_t k, const SearchParams& params, float scale,
                        float* probs, int64_t* ids, bool sorted = true) const {
     std::shared_lock<RwLock> lock(mutex_);
     struct Scratch {
-      std::vector<float> centroid_scores, row_scores, sample, logits, rest, ones;
+      std::vector<float> centroid_scores, row_scores, sample, logits, rest, rest_max, ones;
       std::vector<double> mass;
       std::vector<uint64_t> candidates, ranked;
       std::vector<int64_t> picked, chosen;
@@ -114,32 +113,19 @@ class ClusterIndex : public VectorIndex {
     // 1. clusters: each head's best ones, their union in `chosen`
     auto& chosen = local.chosen;
     chosen.clear();
+    auto& rest_max = local.rest_max;
     local.rest.assign(static_cast<std::size_t>(group), 0.0f);  // per head: the rest's mass, times e^{-m_g}
-    std::vector<float> rest_max(static_cast<std::size_t>(group), 0.0f);
+    rest_max.assign(static_cast<std::size_t>(group), 0.0f);
     if (n_clusters > 0) {
       auto& cs = local.centroid_scores;
       cs.resize(static_cast<std::size_t>(group * stride));
       local.taken.assign(static_cast<std::size_t>(n_clusters), 0);
       const double want = std::max(1.0, params.scan) * static_cast<double>(k);
-      const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
       score_blocks(queries, group, blocks_.data(), n_blocks, cs.data(), stride);
       n_scored += group * n_clusters;
       for (int64_t g = 0; g < group; ++g) {
-        const float* sg = cs.data() + g * stride;
-        int64_t p = want >= static_cast<double>(clustered_)
-                        ? n_clusters
-                        : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
-        for (;;) {
-          best_clusters(sg, n_clusters, p, local.candidates, local.sample, local.picked);
-          int64_t total = 0;
-          for (int64_t c : local.picked) total += starts_[c + 1] - starts_[c];
-          if (total >= want || p >= n_clusters) break;
-          p = std::min(n_clusters, 2 * p);
-        }
-        double scanned = 0.0;
+        clusters_to_scan(cs.data() + g * stride, want, local.candidates, local.sample, local.picked);
         for (int64_t c : local.picked) {
-          if (scanned >= want) break;
-          scanned += static_cast<double>(starts_[c + 1] - starts_[c]);
           if (!local.taken[c]) {
             local.taken[c] = 1;
             chosen.push_back(c);
@@ -268,24 +254,10 @@ class ClusterIndex : public VectorIndex {
       ip_blocks_(query, blocks_.data(), static_cast<std::size_t>(n_blocks), static_cast<std::size_t>(dim_),
                  cs.data());
       n_scored += n_clusters;
-      const double want = std::max(1.0, params.scan) * static_cast<double>(k);
-      // The best p clusters by centroid score, p sized for `want` keys with a margin; doubled in
-      // the rare case their keys fall short.
       auto& picked = local.picked;
-      const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
-      int64_t p = want >= static_cast<double>(clustered_)
-                      ? n_clusters
-                      : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
-      for (;;) {
-        best_clusters(cs.data(), n_clusters, p, local.candidates, local.sample, picked);  // best first
-        int64_t total = 0;
-        for (int64_t c : picked) total += starts_[c + 1] - starts_[c];
-        if (total >= want || p >= n_clusters) break;
-        p = std::min(n_clusters, 2 * p);
-      }
-      int64_t scanned = 0;
+      clusters_to_scan(cs.data(), std::max(1.0, params.scan) * static_cast<double>(k), local.candidates, local.sample,
+                       picked);
       for (int64_t c : picked) {
-        if (static_cast<double>(scanned) >= want) break;
         const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
         const int64_t first_block = block_starts_[c], n_blocks = block_starts_[c + 1] - first_block;
         local.row_scores.resize(static_cast<std::size_t>(n_blocks * 8));
@@ -293,7 +265,6 @@ class ClusterIndex : public VectorIndex {
                    static_cast<std::size_t>(dim_), local.row_scores.data());
         for (int64_t j = 0; j < len; ++j) found.push_back(sort_key(local.row_scores[j], members_[lo + j]));
         n_scored += len;
-        scanned += len;
       }
     }
     // Ascending keys = descending scores, ties by ascending id: plain integer selection and sort.
@@ -328,6 +299,29 @@ class ClusterIndex : public VectorIndex {
     std::memcpy(&bits, &score, sizeof bits);
     const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending in score
     return (static_cast<uint64_t>(~ordered) << 32) | static_cast<uint32_t>(id);
+  }
+
+  // The clusters a search scans, best centroid score first, until they hold `want` keys (the last
+  // one may overshoot), into `out`. The best p are selected, p sized for `want` keys with a
+  // margin, and doubled in the rare case their keys fall short.
+  void clusters_to_scan(const float* scores, double want, std::vector<uint64_t>& candidates, std::vector<float>& sample,
+                        std::vector<int64_t>& out) const {
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
+    int64_t p = want >= static_cast<double>(clustered_)
+                    ? n_clusters
+                    : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
+    for (;;) {
+      best_clusters(scores, n_clusters, p, candidates, sample, out);  // best first
+      int64_t total = 0;
+      for (int64_t c : out) total += starts_[c + 1] - starts_[c];
+      if (total >= want || p >= n_clusters) break;
+      p = std::min(n_clusters, 2 * p);
+    }
+    std::size_t taken = 0;
+    for (double scanned = 0.0; taken < out.size() && scanned < want; ++taken)
+      scanned += static_cast<double>(starts_[out[taken] + 1] - starts_[out[taken]]);
+    out.resize(taken);
   }
 
   // The p best of n scores (ids, best first; ties by ascending id). A heap over every cluster
