@@ -88,6 +88,35 @@ def test_graph_and_ivf_recall_on_synthetic_set():
     assert recall_at(ids, truth, 10) >= 0.8, f"ivf (seed {seed})"
 
 
+def test_graph_upper_level_navigates_where_entries_alone_do_not():
+    """The upper level (step 7 of graph_index.h): on the synthetic set, whose decode queries want
+    regions no build query's list links to the entry points, a walk over the upper keys finds
+    them; with the same entries and beam but no upper level, many queries stay in the wrong regions."""
+    seed = fresh_seed()
+    es = synthetic_set(n_keys=32768, n_build=16384, n_decode=128, seed=seed)
+    _, truth = exact_topk(es.keys, es.decode_queries, 10)
+    with_upper = GraphIndex(128, upper_size=512).build(es.keys, es.build_queries)
+    upper = with_upper._core.upper_keys
+    entries = with_upper._core.entry_points
+    assert len(upper) <= 512 and len(set(upper)) == len(upper)
+    assert all(0 <= u < es.keys.shape[0] for u in upper)
+    assert set(entries) <= set(upper)  # the walk starts from the entries
+    _, ids, n_scored = with_upper.search(es.decode_queries, 10, ef=32)
+    assert bool((n_scored > len(entries)).all())
+    flat = GraphIndex(128, upper_size=0).build(es.keys, es.build_queries)
+    assert flat._core.upper_keys == []
+    _, ids_flat, _ = flat.search(es.decode_queries, 10, ef=32)
+    # upper_ef at search time: a wider walk scores more upper keys; without an upper level it is ignored.
+    _, _, n_wide = with_upper.search(es.decode_queries, 10, ef=32, upper_ef=256)
+    assert float(n_wide.double().mean()) > float(n_scored.double().mean())
+    assert torch.equal(flat.search(es.decode_queries, 10, ef=32, upper_ef=256)[1], ids_flat)
+    with pytest.raises(ValueError, match="upper_ef"):
+        with_upper.search(es.decode_queries, 10, upper_ef=-1)
+    r_upper, r_flat = recall_at(ids, truth, 10), recall_at(ids_flat, truth, 10)
+    assert r_upper >= 0.92, f"recall@10 {r_upper:.3f} with the upper level (seed {seed})"
+    assert r_upper >= r_flat + 0.03, f"upper {r_upper:.3f} vs none {r_flat:.3f} (seed {seed})"
+
+
 def test_graph_recall_on_shifted_clusters():
     seed = fresh_seed()
     keys, build_q, decode_q = shifted_data(20000, 2000, 200, 32, seed)
@@ -107,10 +136,12 @@ def test_graph_and_ivf_recall_on_real_stories260k(stories260k_files, hotpotqa_fi
     assert recall_at(ids, truth, 10) >= 0.9
 
 
-def test_keys_added_after_build_are_found():
+@pytest.mark.parametrize("upper_size", [0, 512])
+def test_keys_added_after_build_are_found(upper_size):
     seed = fresh_seed()
     keys, build_q, decode_q = shifted_data(12000, 1500, 100, 16, seed)
-    index = GraphIndex(16).build(keys[:8000], build_q)
+    index = GraphIndex(16, upper_size=upper_size).build(keys[:8000], build_q)
+    assert (len(index._core.upper_keys) > 0) == (upper_size > 0)
     for lo in range(8000, 12000, 500):
         index.add(keys[lo:lo + 500])
     assert index.size == 12000
@@ -277,6 +308,9 @@ def test_compiled_glue_checks_its_inputs():
         _C.search_heads([core], torch.randn(1, 2, 4), 2)
     with pytest.raises(ValueError, match="max_degree"):
         _C.GraphIndex(8, max_degree=1)
+    for bad in (dict(upper_size=-1), dict(upper_degree=1), dict(upper_ef=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            _C.GraphIndex(8, **bad)
 
 
 def test_search_heads_rejects_mixed_and_empty():

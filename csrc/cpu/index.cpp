@@ -39,14 +39,16 @@ void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const ch
 
 void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
 
-SearchParams make_params(int64_t ef, int64_t nprobe, double scan) {
+SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = 0) {
   TORCH_CHECK_VALUE(ef > 0, "ef must be positive, got ", ef);
+  TORCH_CHECK_VALUE(upper_ef >= 0, "upper_ef must be >= 0 (0: the index's build setting), got ", upper_ef);
   TORCH_CHECK_VALUE(nprobe > 0, "nprobe must be positive, got ", nprobe);
   TORCH_CHECK_VALUE(std::isfinite(scan) && scan >= 1.0, "scan must be a finite number >= 1, got ", scan);
   SearchParams params;
   params.ef = ef;
   params.nprobe = nprobe;
   params.scan = scan;
+  params.upper_ef = upper_ef;
   return params;
 }
 
@@ -72,10 +74,10 @@ void build_from_keys(KeyIndex& self, const torch::Tensor& keys) {
 }
 
 Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k, int64_t ef,
-              int64_t nprobe, double scan) {
+              int64_t nprobe, double scan, int64_t upper_ef) {
   check_rows(queries, "queries", 2, "[n_queries, head_dim]", index.dim());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe, scan);
+  const SearchParams params = make_params(ef, nprobe, scan, upper_ef);
   TORCH_CHECK_VALUE(index.size() > 0, "search on an empty index: build() or add() keys first");
   const int64_t m = queries.size(0);
   auto scores = torch::empty({m, k}, torch::kFloat32);
@@ -91,14 +93,14 @@ Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k,
 
 Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
                        const torch::Tensor& queries, int64_t k, int64_t ef, int64_t nprobe,
-                       double scan) {
+                       double scan, int64_t upper_ef) {
   TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
   const int64_t dim = heads[0]->dim();
   check_rows(queries, "queries", 3, "[heads, n_queries, head_dim]", dim);
   TORCH_CHECK_VALUE(queries.size(0) == static_cast<int64_t>(heads.size()), "queries must have ",
                     heads.size(), " heads (one per index) in dim 0, got shape ", queries.sizes());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe, scan);
+  const SearchParams params = make_params(ef, nprobe, scan, upper_ef);
   std::vector<const VectorIndex*> raw;
   for (std::size_t h = 0; h < heads.size(); ++h) {
     TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
@@ -189,7 +191,8 @@ void bind_index(py::module_& m) {
                              [](const VectorIndex& self) { return simd_level_name(self.simd_level()); })
       .def("add", &add, py::arg("keys"), "Appends keys [n, dim] (float32, contiguous).")
       .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = 64,
-           py::arg("nprobe") = 8, py::arg("scan") = 2.0, "Top-k by inner product of queries [m, dim].");
+           py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
+           "Top-k by inner product of queries [m, dim].");
 
   py::class_<FlatIndex, VectorIndex, std::shared_ptr<FlatIndex>>(m, "FlatIndex")
       .def(py::init<int64_t>(), py::arg("dim"));
@@ -225,7 +228,8 @@ void bind_index(py::module_& m) {
   py::class_<GraphIndex, VectorIndex, std::shared_ptr<GraphIndex>>(m, "GraphIndex")
       .def(py::init([](int64_t dim, int64_t max_degree, int64_t build_knn, int64_t rank_window,
                        int64_t lists_per_key, int64_t n_entry, int64_t build_ef, int64_t repair_queries,
-                       int64_t coarse_stride, int64_t coarse_degree) {
+                       int64_t coarse_stride, int64_t coarse_degree, int64_t upper_size, int64_t upper_degree,
+                       int64_t upper_ef) {
              GraphBuildParams p;
              p.max_degree = max_degree;
              p.build_knn = build_knn;
@@ -236,14 +240,19 @@ void bind_index(py::module_& m) {
              p.repair_queries = repair_queries;
              p.coarse_stride = coarse_stride;
              p.coarse_degree = coarse_degree;
+             p.upper_size = upper_size;
+             p.upper_degree = upper_degree;
+             p.upper_ef = upper_ef;
              return std::make_shared<GraphIndex>(dim, p);
            }),
            py::arg("dim"), py::arg("max_degree") = 32, py::arg("build_knn") = 100,
            py::arg("rank_window") = 32, py::arg("lists_per_key") = 32, py::arg("n_entry") = 128,
            py::arg("build_ef") = 64, py::arg("repair_queries") = 8192,
-           py::arg("coarse_stride") = 16, py::arg("coarse_degree") = 4)
+           py::arg("coarse_stride") = 16, py::arg("coarse_degree") = 4, py::arg("upper_size") = 0,
+           py::arg("upper_degree") = 24, py::arg("upper_ef") = 128)
       .def_property_readonly("mean_degree", &GraphIndex::mean_degree)
       .def_property_readonly("entry_points", &GraphIndex::entry_points)
+      .def_property_readonly("upper_keys", &GraphIndex::upper_keys)
       .def("build", [](GraphIndex& self, const torch::Tensor& keys, const torch::Tensor& queries) {
         check_rows(keys, "keys", 2, "[n, head_dim]", self.dim());
         check_rows(queries, "queries", 2, "[n_queries, head_dim]", self.dim());
@@ -267,7 +276,7 @@ void bind_index(py::module_& m) {
         "released: a GQA group's top-k keys by summed softmax probability (cluster_index.h): "
         "(probs [heads, k] descending (any order unless sorted), ids [heads, k] padded with 0 / -1, n_scored [heads]).");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
-        py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0,
+        py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
         "(scores [heads, m, k], ids [heads, m, k], n_scored [heads, m]).");
 }

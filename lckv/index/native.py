@@ -90,28 +90,41 @@ class GraphIndex(NativeIndex):
     coarse subsamples of the keys (every ``coarse_stride``-th, ...) adds ``coarse_degree`` long-range
     edges per level, build queries whose search
     misses their top-1 key add long-range edges, and keys no build query reaches (and keys added
-    later) are linked by searching with the key itself. Search is a beam search of width ``ef``
-    (at least k) from ``n_entry`` entry keys. Without build queries it degrades to a key-only graph.
+    later) are linked by searching with the key itself. An upper level of up to ``upper_size`` keys
+    that cover the build queries (the entries plus the top-1 keys of k-means clusters of the build
+    queries) gets a graph of its own (``upper_degree`` edges, from each build query's top-32 upper
+    keys): its edges are long, so it navigates between regions of keys that no build query links.
+    A search scores the ``n_entry`` entry keys, walks the upper level from them (beam ``upper_ef``),
+    then runs a beam search of width ``ef`` over the key graph from the best keys found;
+    ``n_scored`` counts every key scored on the way. Without build queries it degrades to a key-only graph.
 
     Build queries: at most ``max_build_queries`` rows of ``queries`` are used (an even subsample).
-    ``n_entry=None`` picks ``max(128, n // 512)`` entry keys for n keys at build time.
-    Search parameter: ``ef`` (default 64); larger is slower and more accurate.
+    ``n_entry=None`` picks ``max(128, n // 512)`` entry keys for n keys at build time;
+    ``upper_size`` is 0 (no upper level) by default; ``None`` picks ``n // 64`` when that exceeds
+    ``n_entry``. Measured (bench_index, 262K keys): on the synthetic head_dim-128 set the upper
+    level lifts recall a lot at the same fraction scored; on the real stories260K heads (head_dim 8),
+    where the entries already navigate, it leaves recall unchanged and costs ~1/3 of the QPS.
+    Keys added after the build are not in the upper level (the key graph reaches them).
+    Search parameters: ``ef`` (default 64); larger is slower and more accurate. ``upper_ef``: the
+    walk's beam over the upper level (default 0: the ``upper_ef`` given at construction).
 
     >>> keys, prefill_q = torch.randn(5000, 16), torch.randn(1000, 16) + 1
     >>> index = GraphIndex(16).build(keys, prefill_q)
     >>> scores, ids, n_scored = index.search(torch.randn(4, 16) + 1, k=10, ef=48)
     """
 
-    search_params = {"ef": 64}
+    search_params = {"ef": 64, "upper_ef": 0}
 
     def __init__(self, dim: int, max_degree: int = 32, build_knn: int = 100, rank_window: int = 32,
                  lists_per_key: int = 32, n_entry: int | None = None, build_ef: int = 64,
                  repair_queries: int = 8192, coarse_stride: int = 16, coarse_degree: int = 4,
+                 upper_size: int | None = 0, upper_degree: int = 24, upper_ef: int = 128,
                  max_build_queries: int = 65536):
         self.config = dict(max_degree=max_degree, build_knn=build_knn, rank_window=rank_window,
                            lists_per_key=lists_per_key, n_entry=n_entry, build_ef=build_ef,
                            repair_queries=repair_queries, coarse_stride=coarse_stride,
-                           coarse_degree=coarse_degree)
+                           coarse_degree=coarse_degree, upper_size=upper_size, upper_degree=upper_degree,
+                           upper_ef=upper_ef)
         self.max_build_queries = max_build_queries
         super().__init__(dim)
 
@@ -119,6 +132,8 @@ class GraphIndex(NativeIndex):
         config = dict(self.config)
         if config["n_entry"] is None:
             config["n_entry"] = max(128, n // 512)
+        if config["upper_size"] is None:
+            config["upper_size"] = n // 64 if n // 64 > config["n_entry"] else 0
         return compiled("GraphIndex").GraphIndex(self.dim, **config)
 
     @property

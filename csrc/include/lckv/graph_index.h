@@ -23,11 +23,20 @@
 //      (then the keys in the most lists), so they cover the query distribution;
 //   6. up to `repair_queries` build queries are searched; when one misses its exact top-1 key, the
 //      best key it reached and that top-1 key are linked both ways (long-range edges); up to three
-//      passes, until fewer than 1% miss.
-// A search scores the entry points, then runs a best-first beam search of width `ef`
+//      passes, until fewer than 1% miss;
+//   7. upper level (when upper_size > 0): up to `upper_size` keys that cover the query
+//      distribution (the entry points, then the top-1 keys of one build query per k-means cluster)
+//      get a graph of their own: each build query is linked to its exact top-32 upper keys and
+//      the lists are projected as in step 2, `upper_degree` edges per upper key. The upper keys
+//      are few, so a list spans many regions of the key graph and the upper edges are long: the
+//      navigation that the key graph lacks between regions no build query links (HNSW's upper
+//      layer, built from queries). Keys added later are not in it (the key graph reaches them).
+// A search scores the entry points, walks the upper level from them (a beam of SearchParams::upper_ef
+// upper keys, default the build's `upper_ef`; every upper key scored is a candidate), then runs a best-first beam search of width `ef`
 // (SearchParams::ef); when ef < k, every key scored competes for the k results, so the beam can
 // stay narrower than k. n_scored counts the entry points and every key whose inner product the
-// search computed. Without build queries, every key is linked as in step 4.
+// search computed (entries and upper keys included). Without build queries, every key is linked
+// as in step 4.
 // Torch-free.
 #pragma once
 
@@ -35,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <unordered_map>
 #include <vector>
 
 #include "lckv/vector_index.h"
@@ -51,6 +61,9 @@ struct GraphBuildParams {
   int64_t repair_queries = 8192;  // build queries whose search misses add long-range edges
   int64_t coarse_stride = 16;  // coarse level l holds every coarse_stride^l-th key
   int64_t coarse_degree = 4;   // edges per key and coarse level, from lists over that level only
+  int64_t upper_size = 0;      // keys of the upper level (0: none); see step 7
+  int64_t upper_degree = 24;   // edges per upper key, among upper keys only
+  int64_t upper_ef = 128;      // beam width of a search's walk over the upper level
 };
 
 class GraphIndex : public VectorIndex {
@@ -67,6 +80,10 @@ class GraphIndex : public VectorIndex {
     if (params.repair_queries < 0) throw std::invalid_argument("repair_queries must be >= 0");
     if (params.coarse_stride < 1) throw std::invalid_argument("coarse_stride must be >= 1");
     if (params.coarse_degree < 0) throw std::invalid_argument("coarse_degree must be >= 0");
+    if (params.upper_size < 0) throw std::invalid_argument("upper_size must be >= 0");
+    if (params.upper_degree < 2 || params.upper_degree > 65535)
+      throw std::invalid_argument("upper_degree must be in [2, 65535]");
+    if (params.upper_ef < 1) throw std::invalid_argument("upper_ef must be >= 1");
     reserve_ = std::max<int64_t>(1, params.max_degree / 4);
   }
 
@@ -105,6 +122,13 @@ class GraphIndex : public VectorIndex {
     link_by_search(unlinked);
     for (int pass = 0; pass < 3; ++pass)
       if (repair_with_queries(queries, m, top1) * 100 < std::min(m, params_.repair_queries)) break;
+    build_upper(queries, m, top1);
+  }
+
+  // Keys of the upper level (step 7), in slot order.
+  std::vector<int64_t> upper_keys() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return upper_ids_;
   }
 
  protected:
@@ -124,7 +148,7 @@ class GraphIndex : public VectorIndex {
       return 0;
     }
     std::vector<Scored> found;
-    const int64_t n_scored = beam_search(query, params.ef, -1, found, k);
+    const int64_t n_scored = beam_search(query, params.ef, -1, found, k, params.upper_ef);
     const int64_t n_found = std::min<int64_t>(k, static_cast<int64_t>(found.size()));
     for (int64_t j = 0; j < n_found; ++j) {  // found is sorted best first
       scores[j] = found[j].first;
@@ -141,11 +165,32 @@ class GraphIndex : public VectorIndex {
     return static_cast<int64_t>(adjacency_.capacity() * sizeof(uint32_t) +
                                 degree_.capacity() * sizeof(uint16_t) +
                                 entries_.capacity() * sizeof(int64_t) + entry_keys_.capacity() * sizeof(float) +
-                                probes_.capacity() * sizeof(float));
+                                entry_slot_.capacity() * sizeof(int32_t) + probes_.capacity() * sizeof(float) +
+                                upper_ids_.capacity() * sizeof(int64_t) + upper_keys_.capacity() * sizeof(float) +
+                                upper_adjacency_.capacity() * sizeof(uint32_t) +
+                                upper_deg_.capacity() * sizeof(uint16_t) +
+                                upper_slot_.size() * (sizeof(int64_t) + sizeof(int32_t) + 2 * sizeof(void*)));
   }
 
  private:
   using Scored = std::pair<float, int64_t>;
+
+  struct Candidate {  // a beam entry
+    float score;
+    uint32_t id;
+    bool expanded;
+  };
+
+  // Inserts (s, id) into `pool` (sorted by descending score, at most cap long); returns its
+  // position, or cap when it does not enter.
+  static std::size_t insert_sorted(std::vector<Candidate>& pool, std::size_t cap, float s, uint32_t id) {
+    if (pool.size() >= cap && s <= pool.back().score) return cap;
+    std::size_t pos = pool.size();
+    while (pos > 0 && pool[pos - 1].score < s) --pos;
+    if (pool.size() >= cap) pool.pop_back();
+    pool.insert(pool.begin() + static_cast<std::ptrdiff_t>(pos), Candidate{s, id, false});
+    return pos;
+  }
 
   // Asks for every cache line of a key (a 128-float key spans 8 lines).
   void prefetch_key(int64_t id) const {
@@ -168,14 +213,11 @@ class GraphIndex : public VectorIndex {
   // or, when n_results > ef, a separate top-n_results of everything scored (the beam stays ef
   // wide). Skips `exclude`. Returns n_scored.
   int64_t beam_search(const float* query, int64_t ef, int64_t exclude, std::vector<Scored>& found,
-                      int64_t n_results = 0) const {
-    struct Candidate {
-      float score;
-      uint32_t id;
-      bool expanded;
-    };
+                      int64_t n_results = 0, int64_t upper_ef = 0) const {
     struct Scratch {  // per-thread buffers, reused across searches
       std::vector<Candidate> pool;   // the beam, sorted by descending score
+      std::vector<Candidate> upper;  // the upper-level beam (ids are upper slots)
+      VisitedList upper_seen;        // upper slots already met (small: stays in L1)
       VisitedList visited;           // keys already scored
       std::vector<uint32_t> fresh;   // unvisited neighbours of the key being expanded
       std::vector<float> fresh_scores;
@@ -199,12 +241,7 @@ class GraphIndex : public VectorIndex {
     // Inserts (s, id) in order; returns its position, or cap when it does not enter.
     auto insert = [&](float s, uint32_t id) -> std::size_t {
       if (wide) scored.emplace_back(s, id);
-      if (pool.size() >= cap && s <= pool.back().score) return cap;
-      std::size_t pos = pool.size();
-      while (pos > 0 && pool[pos - 1].score < s) --pos;
-      if (pool.size() >= cap) pool.pop_back();
-      pool.insert(pool.begin() + static_cast<std::ptrdiff_t>(pos), Candidate{s, id, false});
-      return pos;
+      return insert_sorted(pool, cap, s, id);
     };
     auto score_fresh = [&]() {
       fresh_scores.resize(fresh.size());
@@ -226,6 +263,9 @@ class GraphIndex : public VectorIndex {
       visited.test_and_set(static_cast<std::size_t>(entries_[i]));
       if (entries_[i] != exclude) es.emplace_back(local.entry_scores[i], entries_[i]);
     }
+    if (!upper_ids_.empty())
+      n_scored += walk_upper(query, local.entry_scores.data(), exclude, upper_ef > 0 ? upper_ef : params_.upper_ef,
+                             local.upper, local.upper_seen, visited, fresh, fresh_scores, es);
     const auto keep = static_cast<std::ptrdiff_t>(std::min(es.size(), cap));
     if (keep < static_cast<std::ptrdiff_t>(es.size()))
       std::nth_element(es.begin(), es.begin() + keep, es.end(), std::greater<Scored>());
@@ -277,6 +317,93 @@ class GraphIndex : public VectorIndex {
       for (const Candidate& c : pool) found.emplace_back(c.score, static_cast<int64_t>(c.id));
     }
     return n_scored;
+  }
+
+  // The walk over the upper level (step 7): a beam of `width` upper keys, seeded with the entries
+  // that are upper keys (entry_scores parallel to entries_), expanded best first over upper edges.
+  // Every upper key scored is marked visited and appended to `candidates` as (score, key id).
+  // Returns how many keys it scored.
+  // Slots are checked against `seen` (one mark per upper slot) before the per-key marks, which are
+  // random reads over all keys.
+  int64_t walk_upper(const float* query, const float* entry_scores, int64_t exclude, int64_t width,
+                     std::vector<Candidate>& beam, VisitedList& seen, VisitedList& visited,
+                     std::vector<uint32_t>& fresh, std::vector<float>& fresh_scores,
+                     std::vector<Scored>& candidates) const {
+    const std::size_t cap = static_cast<std::size_t>(width);
+    const int64_t ud = params_.upper_degree;
+    int64_t n_scored = 0;
+    beam.clear();
+    seen.reset(upper_ids_.size());
+    for (std::size_t i = 0; i < entries_.size(); ++i) {  // the best cap entries, selected then sorted
+      if (entry_slot_[i] < 0) continue;
+      seen.test_and_set(static_cast<std::size_t>(entry_slot_[i]));
+      if (entries_[i] != exclude) beam.push_back(Candidate{entry_scores[i], static_cast<uint32_t>(entry_slot_[i]), false});
+    }
+    auto higher = [](const Candidate& a, const Candidate& b) { return a.score > b.score; };
+    if (beam.size() > cap) {
+      std::nth_element(beam.begin(), beam.begin() + static_cast<std::ptrdiff_t>(cap), beam.end(), higher);
+      beam.resize(cap);
+    }
+    std::sort(beam.begin(), beam.end(), higher);
+    std::size_t cur = 0;
+    while (cur < beam.size()) {
+      if (beam[cur].expanded) {
+        ++cur;
+        continue;
+      }
+      beam[cur].expanded = true;
+      const uint32_t slot = beam[cur].id;
+      const uint32_t* nbrs = upper_adjacency_.data() + static_cast<std::size_t>(slot) * ud;
+      fresh.clear();
+      for (int64_t j = 0; j < upper_deg_[slot]; ++j)
+        if (!seen.test_and_set(nbrs[j]) && !visited.test_and_set(static_cast<std::size_t>(upper_ids_[nbrs[j]])))
+          fresh.push_back(nbrs[j]);
+      fresh_scores.resize(fresh.size());
+      ip_batch_(query, upper_keys_.data(), fresh.data(), fresh.size(), static_cast<std::size_t>(dim_), fresh_scores.data());
+      n_scored += static_cast<int64_t>(fresh.size());
+      std::size_t lowest = cap;
+      for (std::size_t j = 0; j < fresh.size(); ++j) {
+        candidates.emplace_back(fresh_scores[j], upper_ids_[fresh[j]]);
+        lowest = std::min(lowest, insert_sorted(beam, cap, fresh_scores[j], fresh[j]));
+      }
+      cur = lowest <= cur ? lowest : cur + 1;
+    }
+    return n_scored;
+  }
+
+  // Step 7: the upper level over up to upper_size keys: the entry points, then the distinct top-1
+  // keys of one build query per k-means cluster (clusters often share one); edges from each build query's exact top-32 upper
+  // keys, projected as in step 2.
+  void build_upper(const float* queries, int64_t m, const std::vector<int64_t>& top1) {
+    upper_ids_.clear();
+    upper_slot_.clear();
+    if (params_.upper_size <= 0 || m <= 0) {
+      pack_entry_keys();
+      return;
+    }
+    auto put = [&](int64_t id) {
+      if (static_cast<int64_t>(upper_ids_.size()) < params_.upper_size && upper_slot_.emplace(id, upper_ids_.size()).second)
+        upper_ids_.push_back(id);
+    };
+    for (int64_t id : entries_) put(id);
+    for (int64_t q : cover_queries(queries, m, std::min(m, params_.upper_size))) put(top1[q]);
+    const auto nu = static_cast<int64_t>(upper_ids_.size());
+    upper_keys_.resize(static_cast<std::size_t>(nu * dim_));
+    for (int64_t u = 0; u < nu; ++u) std::copy(key(upper_ids_[u]), key(upper_ids_[u]) + dim_, upper_keys_.begin() + u * dim_);
+    constexpr int64_t kUpperList = 32;
+    const int64_t L = std::min(kUpperList, nu);
+    std::vector<float> list_scores(static_cast<std::size_t>(m * L));
+    std::vector<int64_t> lists(static_cast<std::size_t>(m * L));
+    exact_topk(upper_keys_.data(), nu, queries, m, dim_, L, ip_, list_scores.data(), lists.data());
+    const auto edges = cooccurrence_edges(lists, m, L, nu, params_.upper_degree, nullptr);
+    const int64_t ud = params_.upper_degree;
+    upper_adjacency_.assign(static_cast<std::size_t>(nu * ud), 0);
+    upper_deg_.assign(static_cast<std::size_t>(nu), 0);
+    for (int64_t u = 0; u < nu; ++u) {
+      for (std::size_t j = 0; j < edges[u].size(); ++j) upper_adjacency_[u * ud + j] = static_cast<uint32_t>(edges[u][j].second);
+      upper_deg_[u] = static_cast<uint16_t>(edges[u].size());
+    }
+    pack_entry_keys();
   }
 
   // Co-occurrence edges among n_nodes nodes from m ranked lists [m, L] of node indices: forward
@@ -653,11 +780,16 @@ class GraphIndex : public VectorIndex {
     pack_entry_keys();
   }
 
-  // entry_keys_ = the entries' keys, contiguous (one pass scores them all).
+  // entry_keys_ = the entries' keys, contiguous (one pass scores them all); entry_slot_ = their
+  // upper slots (-1: not an upper key).
   void pack_entry_keys() {
     entry_keys_.resize(entries_.size() * static_cast<std::size_t>(dim_));
-    for (std::size_t i = 0; i < entries_.size(); ++i)
+    entry_slot_.assign(entries_.size(), -1);
+    for (std::size_t i = 0; i < entries_.size(); ++i) {
       std::copy(key(entries_[i]), key(entries_[i]) + dim_, entry_keys_.begin() + static_cast<std::ptrdiff_t>(i) * dim_);
+      const auto it = upper_slot_.find(entries_[i]);
+      if (it != upper_slot_.end()) entry_slot_[i] = static_cast<int32_t>(it->second);
+    }
   }
 
   // Adds the edge y -> x: into a free slot, else replacing the weakest (by inner product with y)
@@ -705,6 +837,12 @@ class GraphIndex : public VectorIndex {
   std::vector<uint16_t> degree_;         // edges used per key
   std::vector<int64_t> entries_;         // entry keys of every search
   std::vector<float> entry_keys_;        // [entries, dim] their keys, contiguous
+  std::vector<int32_t> entry_slot_;      // [entries] their upper slots, -1 if none
+  std::vector<int64_t> upper_ids_;       // [upper] key of each upper slot (step 7)
+  std::unordered_map<int64_t, std::size_t> upper_slot_;  // key -> upper slot
+  std::vector<float> upper_keys_;        // [upper, dim] their keys, contiguous
+  std::vector<uint32_t> upper_adjacency_;  // [upper, upper_degree] upper slots
+  std::vector<uint16_t> upper_deg_;      // edges used per upper slot
   std::vector<float> probes_;            // [n_probes, dim] build queries kept to place new keys
   std::vector<Scored> probe_best_;       // each probe's current top-1 (score, key)
   std::vector<int64_t> popular_;         // keys in the most build-query lists

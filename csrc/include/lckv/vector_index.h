@@ -55,6 +55,7 @@ struct SearchParams {
   int64_t ef = 64;      // GraphIndex: beam width (may be below k: all keys scored compete for k)
   int64_t nprobe = 8;   // IVFIndex: number of lists scanned
   double scan = 2.0;    // ClusterIndex: keys scanned per result wanted (clusters taken best first)
+  int64_t upper_ef = 0;  // GraphIndex: beam width over the upper level (0: the build setting)
 };
 
 // Keeps the k largest (score, id) pairs seen; a min-heap on score.
