@@ -131,16 +131,21 @@ def index() -> str:
     def num(x, spec):
         return "not reached" if x is None else format(x, spec)
 
+    def config(t, key):  # which GraphIndex configuration gave the cell (runs since 2026-11-30)
+        name = t.get(key)
+        return f" ({name.replace('lckv ', '')})" if name else ""
+
     def ratio(t, level):
         value = t[f"qps_ratio_graph_over_hnsw_at_{level}"]
         if value is not None:
-            return f"{value:.2f}x"
+            return f"{value:.2f}x" + config(t, f"graph_config_at_{level}")
         if t[f"graph_qps_at_{level}"] is not None:
             return f"HNSW never reaches {level}"
         return "graph never reaches " + level
 
     table = [[t["set"] + (" (synthetic)" if t["synthetic"] else ""), str(t["n_keys"]),
-              num(t["graph_min_fraction_at_recall100_095"] and 100 * t["graph_min_fraction_at_recall100_095"], ".2f"),
+              num(t["graph_min_fraction_at_recall100_095"] and 100 * t["graph_min_fraction_at_recall100_095"], ".2f")
+              + config(t, "graph_config_at_min_fraction"),
               ratio(t, "0.9"), ratio(t, "0.95")] for t in run["targets"]]
     return "\n".join([
         "### Vector index (`bench_index.py`)", "",

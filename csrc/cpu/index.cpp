@@ -249,7 +249,7 @@ void bind_index(py::module_& m) {
            py::arg("rank_window") = 32, py::arg("lists_per_key") = 32, py::arg("n_entry") = 128,
            py::arg("build_ef") = 64, py::arg("repair_queries") = 8192,
            py::arg("coarse_stride") = 16, py::arg("coarse_degree") = 4, py::arg("upper_size") = 0,
-           py::arg("upper_degree") = 24, py::arg("upper_ef") = 128)
+           py::arg("upper_degree") = 32, py::arg("upper_ef") = 128)
       .def_property_readonly("mean_degree", &GraphIndex::mean_degree)
       .def_property_readonly("entry_points", &GraphIndex::entry_points)
       .def_property_readonly("upper_keys", &GraphIndex::upper_keys)

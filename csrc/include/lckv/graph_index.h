@@ -62,7 +62,7 @@ struct GraphBuildParams {
   int64_t coarse_stride = 16;  // coarse level l holds every coarse_stride^l-th key
   int64_t coarse_degree = 4;   // edges per key and coarse level, from lists over that level only
   int64_t upper_size = 0;      // keys of the upper level (0: none); see step 7
-  int64_t upper_degree = 24;   // edges per upper key, among upper keys only
+  int64_t upper_degree = 32;   // edges per upper key, among upper keys only
   int64_t upper_ef = 128;      // beam width of a search's walk over the upper level
 };
 
@@ -192,6 +192,23 @@ class GraphIndex : public VectorIndex {
     return pos;
   }
 
+  // Best-first expansion (as in NSG): expands the best unexpanded candidate of `pool` with
+  // expand(cur), which inserts what it finds and returns the lowest position it inserted at (or
+  // more than cur); continues from the best unexpanded candidate until every one is expanded.
+  template <typename Expand>
+  static void expand_best_first(std::vector<Candidate>& pool, Expand&& expand) {
+    std::size_t cur = 0;
+    while (cur < pool.size()) {
+      if (pool[cur].expanded) {
+        ++cur;
+        continue;
+      }
+      pool[cur].expanded = true;
+      const std::size_t lowest = expand(cur);
+      cur = lowest <= cur ? lowest : cur + 1;
+    }
+  }
+
   // Asks for every cache line of a key (a 128-float key spans 8 lines).
   void prefetch_key(int64_t id) const {
     const char* p = reinterpret_cast<const char*>(key(id));
@@ -208,8 +225,9 @@ class GraphIndex : public VectorIndex {
 
   // Best-first search over a pool of the ef best keys seen, kept sorted by descending score (as in
   // NSG): expand the best unexpanded key, insert its unvisited neighbours that beat the pool's
-  // worst, continue from the best unexpanded key; stop when every pool key is expanded.
-  // `found` gets the best max(ef, n_results) keys scored, as (score, id), best first: the pool,
+  // worst, continue from the best unexpanded key; stop when every pool key is expanded. The pool
+  // starts with the best of the entries and of the upper keys the walk over the upper level scored
+  // (width upper_ef, 0: the build setting). `found` gets the best max(ef, n_results) keys scored, as (score, id), best first: the pool,
   // or, when n_results > ef, a separate top-n_results of everything scored (the beam stays ef
   // wide). Skips `exclude`. Returns n_scored.
   int64_t beam_search(const float* query, int64_t ef, int64_t exclude, std::vector<Scored>& found,
@@ -272,14 +290,7 @@ class GraphIndex : public VectorIndex {
     std::sort(es.begin(), es.begin() + keep, std::greater<Scored>());
     for (std::ptrdiff_t j = 0; j < keep; ++j) pool.push_back(Candidate{es[j].first, static_cast<uint32_t>(es[j].second), false});
     if (wide) scored.insert(scored.end(), es.begin(), es.end());
-    fresh.clear();
-    std::size_t cur = 0;
-    while (cur < pool.size()) {
-      if (pool[cur].expanded) {
-        ++cur;
-        continue;
-      }
-      pool[cur].expanded = true;
+    expand_best_first(pool, [&](std::size_t cur) {
       const uint32_t node = pool[cur].id;
       // The next key to expand is usually the next unexpanded one: fetch its row early.
       for (std::size_t next = cur + 1; next < pool.size(); ++next) {
@@ -300,8 +311,8 @@ class GraphIndex : public VectorIndex {
       score_fresh();
       std::size_t lowest = cap;
       for (std::size_t j = 0; j < fresh.size(); ++j) lowest = std::min(lowest, insert(fresh_scores[j], fresh[j]));
-      cur = lowest <= cur ? lowest : cur + 1;
-    }
+      return lowest;
+    });
     found.clear();
     if (wide) {
       auto better = [](const Scored& a, const Scored& b) {
@@ -345,13 +356,7 @@ class GraphIndex : public VectorIndex {
       beam.resize(cap);
     }
     std::sort(beam.begin(), beam.end(), higher);
-    std::size_t cur = 0;
-    while (cur < beam.size()) {
-      if (beam[cur].expanded) {
-        ++cur;
-        continue;
-      }
-      beam[cur].expanded = true;
+    expand_best_first(beam, [&](std::size_t cur) {
       const uint32_t slot = beam[cur].id;
       const uint32_t* nbrs = upper_adjacency_.data() + static_cast<std::size_t>(slot) * ud;
       fresh.clear();
@@ -366,8 +371,8 @@ class GraphIndex : public VectorIndex {
         candidates.emplace_back(fresh_scores[j], upper_ids_[fresh[j]]);
         lowest = std::min(lowest, insert_sorted(beam, cap, fresh_scores[j], fresh[j]));
       }
-      cur = lowest <= cur ? lowest : cur + 1;
-    }
+      return lowest;
+    });
     return n_scored;
   }
 
