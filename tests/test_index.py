@@ -162,9 +162,10 @@ def test_keys_added_after_build_are_found(upper_size):
     assert flat.size == 20
 
 
-@pytest.mark.parametrize("make", [lambda d: GraphIndex(d), lambda d: IVFIndex(d), lambda d: FlatIndex(d),
+@pytest.mark.parametrize("make", [lambda d: GraphIndex(d), lambda d: GraphIndex(d, upper_size=256),
+                                  lambda d: IVFIndex(d), lambda d: FlatIndex(d),
                                   lambda d: ClusterIndex(d, segment=512)],
-                         ids=["graph", "ivf", "flat", "cluster"])
+                         ids=["graph", "graph-upper", "ivf", "flat", "cluster"])
 def test_concurrent_search_while_adding(make):
     keys, build_q, decode_q = shifted_data(6000, 500, 64, 16, fresh_seed())
     index = make(16).build(keys[:3000], build_q)
