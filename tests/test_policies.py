@@ -319,6 +319,12 @@ def test_selection_policy_configs_are_validated():
         get_policy("retrieval", index="annoy")
     with pytest.raises(PolicyConfigError, match="not settings of 'graph'"):
         get_policy("retrieval", index="graph", index_params={"M": 16})
+    with pytest.raises(PolicyConfigError, match=r"\['upper_eff'\] are not search parameters of 'graph'"):
+        get_policy("retrieval", index="graph", search_params={"upper_eff": 64})
+    with pytest.raises(PolicyConfigError, match="not search parameters of 'faiss_ivf'"):
+        get_policy("retrieval", index="faiss_ivf", search_params={"ef": 64})
+    get_policy("retrieval", index="graph", index_params={"upper_size": None}, search_params={"ef": 32, "upper_ef": 64})
+    get_policy("retrieval", index="faiss_hnsw", search_params={"ef": 64})
     with pytest.raises(PolicyConfigError, match="page_size must be >= 1"):
         get_policy("quest", page_size=0)
     with pytest.raises(PolicyConfigError, match="pooling must be"):

@@ -142,6 +142,13 @@ class RetrievalPolicy(SelectionPolicy):
             if unknown:
                 raise PolicyConfigError(f"RetrievalPolicy.index_params {unknown} are not settings of {self.index!r}; "
                                         f"settings: {sorted(accepted)}")
+            # Search parameters: the class's (FaissIndex's depend on its kind, so ask an empty one).
+            searchable = set(_index_factory(self.index)(1).search_params if cls is index_module.FaissIndex
+                             else cls.search_params)
+            unknown = sorted(set(self.search_params) - searchable)
+            if unknown:
+                raise PolicyConfigError(f"RetrievalPolicy.search_params {unknown} are not search parameters of "
+                                        f"{self.index!r}; parameters: {sorted(searchable)}")
         if self.group_rank not in ("probability", "logits"):
             raise PolicyConfigError(f"RetrievalPolicy.group_rank must be 'probability' or 'logits', got {self.group_rank!r}")
         if self.build_queries < 0:
