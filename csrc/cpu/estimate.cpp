@@ -8,21 +8,27 @@
 namespace lckv {
 namespace {
 
+// The estimate's cluster state, shared by both entry points: centroids [B, H, C, D], counts
+// [B, H, C] and value_sums [B, H, C, D], float32 on the CPU.
+void check_cluster_state(const torch::Tensor& centroids, const torch::Tensor& counts, const torch::Tensor& value_sums) {
+  check_cpu_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
+  check_cpu_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
+  check_cpu_f32(value_sums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
+  TORCH_CHECK_VALUE(counts.sizes() == centroids.sizes().slice(0, 3), "counts must have shape ",
+                    centroids.sizes().slice(0, 3), ", got ", counts.sizes());
+  TORCH_CHECK_VALUE(value_sums.sizes() == centroids.sizes(), "value_sums must have shape ", centroids.sizes(),
+                    ", got ", value_sums.sizes());
+}
+
 std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
     const torch::Tensor& q, const torch::Tensor& centroids, const torch::Tensor& counts,
     const torch::Tensor& value_sums, const torch::Tensor& assign, const torch::Tensor& values,
     const torch::Tensor& indices, double scale, bool lse_only) {
   check_cpu_f32(q, "q", 3, "[batch, q_heads, head_dim]");
-  check_cpu_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
-  check_cpu_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
-  check_cpu_f32(value_sums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
+  check_cluster_state(centroids, counts, value_sums);
   check_cpu_f32(values, "values", 4, "[batch, kv_heads, rows, head_dim]");
   const int64_t B = centroids.size(0), H = centroids.size(1), C = centroids.size(2), D = centroids.size(3);
   check_group_query(q, B, H, D);
-  TORCH_CHECK_VALUE(counts.sizes() == centroids.sizes().slice(0, 3), "counts must have shape ",
-                    centroids.sizes().slice(0, 3), ", got ", counts.sizes());
-  TORCH_CHECK_VALUE(value_sums.sizes() == centroids.sizes(), "value_sums must have shape ", centroids.sizes(),
-                    ", got ", value_sums.sizes());
   TORCH_CHECK_VALUE(values.size(0) == B && values.size(1) == H && values.size(3) == D && values.stride(3) == 1,
                     "values must have shape [", B, ", ", H, ", rows, ", D, "] with a contiguous last dim, got ",
                     values.sizes(), " strides ", values.strides());
@@ -84,21 +90,16 @@ torch::Tensor estimate_add_cpu(const torch::Tensor& keys, const torch::Tensor& v
                                const torch::Tensor& half_norms, torch::Tensor& counts, torch::Tensor& value_sums) {
   check_cpu_f32(keys, "keys", 4, "[batch, kv_heads, n, head_dim]");
   check_cpu_f32(values, "values", 4, "[batch, kv_heads, n, head_dim]");
-  check_cpu_f32(centroids, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
+  check_cluster_state(centroids, counts, value_sums);
   check_cpu_f32(half_norms, "half_norms", 3, "[batch, kv_heads, clusters]");
-  check_cpu_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
-  check_cpu_f32(value_sums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
   const int64_t B = centroids.size(0), H = centroids.size(1), C = centroids.size(2), D = centroids.size(3);
   TORCH_CHECK_VALUE(C > 0, "centroids must hold at least one cluster, got shape ", centroids.sizes());
   TORCH_CHECK_VALUE(keys.size(0) == B && keys.size(1) == H && keys.size(3) == D, "keys must have shape [", B, ", ", H,
                     ", n, ", D, "], got ", keys.sizes());
   TORCH_CHECK_VALUE(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(), ", got ",
                     values.sizes());
-  TORCH_CHECK_VALUE(half_norms.sizes() == centroids.sizes().slice(0, 3) && counts.sizes() == half_norms.sizes(),
-                    "half_norms and counts must have shape ", centroids.sizes().slice(0, 3), ", got ",
-                    half_norms.sizes(), " and ", counts.sizes());
-  TORCH_CHECK_VALUE(value_sums.sizes() == centroids.sizes(), "value_sums must have shape ", centroids.sizes(),
-                    ", got ", value_sums.sizes());
+  TORCH_CHECK_VALUE(half_norms.sizes() == counts.sizes(), "half_norms must have shape ", counts.sizes(), ", got ",
+                    half_norms.sizes());
   TORCH_CHECK_VALUE(counts.is_contiguous() && value_sums.is_contiguous(),
                     "counts and value_sums must be contiguous (they are updated in place)");
   const int64_t n = keys.size(2);

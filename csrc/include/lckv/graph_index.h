@@ -192,6 +192,16 @@ class GraphIndex : public VectorIndex {
     return pos;
   }
 
+  // Keeps the `count` first of v in the order `better` (a strict weak order), sorted.
+  template <typename T, typename Better>
+  static void keep_best(std::vector<T>& v, std::size_t count, Better better) {
+    if (v.size() > count) {
+      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(count), v.end(), better);
+      v.resize(count);
+    }
+    std::sort(v.begin(), v.end(), better);
+  }
+
   // Best-first expansion (as in NSG): expands the best unexpanded candidate of `pool` with
   // expand(cur), which inserts what it finds and returns the lowest position it inserted at (or
   // more than cur); continues from the best unexpanded candidate until every one is expanded.
@@ -284,12 +294,9 @@ class GraphIndex : public VectorIndex {
     if (!upper_ids_.empty())
       n_scored += walk_upper(query, local.entry_scores.data(), exclude, upper_ef > 0 ? upper_ef : params_.upper_ef,
                              local.upper, local.upper_seen, visited, fresh, fresh_scores, es);
-    const auto keep = static_cast<std::ptrdiff_t>(std::min(es.size(), cap));
-    if (keep < static_cast<std::ptrdiff_t>(es.size()))
-      std::nth_element(es.begin(), es.begin() + keep, es.end(), std::greater<Scored>());
-    std::sort(es.begin(), es.begin() + keep, std::greater<Scored>());
-    for (std::ptrdiff_t j = 0; j < keep; ++j) pool.push_back(Candidate{es[j].first, static_cast<uint32_t>(es[j].second), false});
     if (wide) scored.insert(scored.end(), es.begin(), es.end());
+    keep_best(es, cap, std::greater<Scored>());
+    for (const Scored& e : es) pool.push_back(Candidate{e.first, static_cast<uint32_t>(e.second), false});
     expand_best_first(pool, [&](std::size_t cur) {
       const uint32_t node = pool[cur].id;
       // The next key to expand is usually the next unexpanded one: fetch its row early.
@@ -315,14 +322,8 @@ class GraphIndex : public VectorIndex {
     });
     found.clear();
     if (wide) {
-      auto better = [](const Scored& a, const Scored& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      };
-      const auto keep = static_cast<std::ptrdiff_t>(std::min(scored.size(), static_cast<std::size_t>(n_results)));
-      if (keep < static_cast<std::ptrdiff_t>(scored.size()))
-        std::nth_element(scored.begin(), scored.begin() + keep, scored.end(), better);
-      std::sort(scored.begin(), scored.begin() + keep, better);
-      found.assign(scored.begin(), scored.begin() + keep);
+      keep_heaviest(scored, n_results);
+      found.assign(scored.begin(), scored.end());
     } else {
       found.reserve(pool.size());
       for (const Candidate& c : pool) found.emplace_back(c.score, static_cast<int64_t>(c.id));
@@ -350,12 +351,7 @@ class GraphIndex : public VectorIndex {
       seen.test_and_set(static_cast<std::size_t>(entry_slot_[i]));
       if (entries_[i] != exclude) beam.push_back(Candidate{entry_scores[i], static_cast<uint32_t>(entry_slot_[i]), false});
     }
-    auto higher = [](const Candidate& a, const Candidate& b) { return a.score > b.score; };
-    if (beam.size() > cap) {
-      std::nth_element(beam.begin(), beam.begin() + static_cast<std::ptrdiff_t>(cap), beam.end(), higher);
-      beam.resize(cap);
-    }
-    std::sort(beam.begin(), beam.end(), higher);
+    keep_best(beam, cap, [](const Candidate& a, const Candidate& b) { return a.score > b.score; });
     expand_best_first(beam, [&](std::size_t cur) {
       const uint32_t slot = beam[cur].id;
       const uint32_t* nbrs = upper_adjacency_.data() + static_cast<std::size_t>(slot) * ud;
@@ -686,15 +682,9 @@ class GraphIndex : public VectorIndex {
 
   // Sorts by descending weight (ties: smaller id) and keeps the first `count`.
   static void keep_heaviest(std::vector<Scored>& v, int64_t count) {
-    auto heavier = [](const Scored& a, const Scored& b) {
+    keep_best(v, static_cast<std::size_t>(count), [](const Scored& a, const Scored& b) {
       return a.first > b.first || (a.first == b.first && a.second < b.second);
-    };
-    if (static_cast<int64_t>(v.size()) > count) {
-      std::partial_sort(v.begin(), v.begin() + count, v.end(), heavier);
-      v.resize(static_cast<std::size_t>(count));
-    } else {
-      std::sort(v.begin(), v.end(), heavier);
-    }
+    });
   }
 
   // Step 4: links each key x of `ids` (in order) to the best keys of two beam searches: one with
