@@ -50,6 +50,22 @@ def test_flat_equals_torch_topk(dim, n, k):
     assert bool((n_scored == n).all())
 
 
+@pytest.mark.parametrize("n", [0, 1, 63, 64, 500, 1066, 3000])
+@pytest.mark.parametrize("count", [0, 1, 48, 100, 5000])
+def test_select_top_equals_a_stable_sort(n, count):
+    """The graph search's top-k selection (select_top.h) against torch's stable descending sort, on
+    fresh scores with many ties (rounded) and a wide range (a few large outliers)."""
+    from lckv._extension import compiled
+
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(n, generator=g) * 4).round() / 4
+    scores[: n // 50] *= 100  # outliers stretch the buckets
+    want = torch.sort(scores, descending=True, stable=True).indices[:count]
+    got = compiled("_select_top")._select_top(scores, count)
+    assert torch.equal(got, want), f"seed {seed}"
+
+
 @pytest.mark.parametrize("make", [lambda d: FlatIndex(d), lambda d: IVFIndex(d), lambda d: GraphIndex(d),
                                   lambda d: ClusterIndex(d, cluster_size=1), lambda d: FaissIndex(d, "flat"),
                                   lambda d: FaissIndex(d, "hnsw"), lambda d: FaissIndex(d, "ivf")],

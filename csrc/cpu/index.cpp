@@ -14,6 +14,7 @@
 #include "lckv/cluster_index.h"
 #include "lckv/flat_index.h"
 #include "lckv/graph_index.h"
+#include "lckv/select_top.h"
 #include "lckv/ivf_index.h"
 #pragma GCC visibility pop
 
@@ -275,6 +276,27 @@ void bind_index(py::module_& m) {
         "ClusterIndex.search_group for heads[h] with queries[h] ([heads, group, dim]) in parallel, GIL "
         "released: a GQA group's top-k keys by summed softmax probability (cluster_index.h): "
         "(probs [heads, k] descending (any order unless sorted), ids [heads, k] padded with 0 / -1, n_scored [heads]).");
+  m.def(
+      "_select_top",
+      [](const torch::Tensor& scores, int64_t count) {
+        check_cpu_f32(scores, "scores", 1, "[n]");
+        TORCH_CHECK_VALUE(count >= 0, "count must be >= 0, got ", count);
+        TORCH_CHECK_VALUE(torch::isfinite(scores).all().item<bool>(), "scores must be finite");
+        const auto s = scores.contiguous();
+        const float* p = s.data_ptr<float>();
+        std::vector<std::pair<float, int64_t>> v;
+        for (int64_t i = 0; i < s.size(0); ++i) v.emplace_back(p[i], i);
+        select_top(v, static_cast<std::size_t>(count), [](const std::pair<float, int64_t>& x) { return x.first; },
+                   [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
+                     return a.first > b.first || (a.first == b.first && a.second < b.second);
+                   });
+        auto out = torch::empty({static_cast<int64_t>(v.size())}, torch::kInt64);
+        for (std::size_t i = 0; i < v.size(); ++i) out[static_cast<int64_t>(i)] = v[i].second;
+        return out;
+      },
+      py::arg("scores"), py::arg("count"),
+      "Test hook for select_top (select_top.h): positions of the min(count, n) largest scores, by "
+      "descending score then ascending position.");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "

@@ -125,6 +125,51 @@ struct VisitedList {
   }
 };
 
+// Marks "visited" for one graph search, one bit per key (32 KB for 262K keys, so it stays in L1
+// or L2 where one uint16 mark per key would not), cleared at the next reset() by zeroing only the
+// words this search set. mark_new() filters a neighbour list without data-dependent branches.
+struct VisitedBits {
+  std::vector<uint64_t> words;  // bit id % 64 of words[id / 64]
+  std::vector<uint32_t> dirty;  // words set since the last reset (each once; one spare slot, as
+                                // every mark writes its word's index before knowing if it is new)
+  std::size_t n_dirty = 0;
+
+  void reset(std::size_t n) {
+    for (std::size_t i = 0; i < n_dirty; ++i) words[dirty[i]] = 0;
+    n_dirty = 0;
+    const std::size_t n_words = (n + 63) / 64;
+    if (words.size() < n_words) {
+      words.resize(n_words, 0);
+      dirty.resize(n_words + 1);
+    }
+  }
+  bool test_and_set(std::size_t id) {
+    uint64_t& w = words[id >> 6];
+    const uint64_t bit = uint64_t(1) << (id & 63);
+    const bool seen = (w & bit) != 0;
+    dirty[n_dirty] = static_cast<uint32_t>(id >> 6);
+    n_dirty += w == 0;
+    w |= bit;
+    return seen;
+  }
+  // Appends the ids of list[0, n) not visited yet to out (which must have room for n more) and
+  // marks them; returns how many it appended.
+  std::size_t mark_new(const uint32_t* list, std::size_t n, uint32_t* out) {
+    std::size_t n_new = 0;
+    for (std::size_t j = 0; j < n; ++j) {
+      const uint32_t id = list[j];
+      uint64_t& w = words[id >> 6];
+      const uint64_t bit = uint64_t(1) << (id & 63);
+      out[n_new] = id;
+      n_new += (w & bit) == 0;
+      dirty[n_dirty] = id >> 6;
+      n_dirty += w == 0;
+      w |= bit;
+    }
+    return n_new;
+  }
+};
+
 // Exact top-k by inner product of m queries against n keys, blocked so that a block of keys stays
 // in cache while a block of queries scans it. Writes [m, k] scores/ids (padding (-inf, -1) when
 // k > n). Parallel over query blocks with OpenMP.
