@@ -173,7 +173,8 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
     std::vector<int64_t> distinct;
     distinct.reserve(static_cast<std::size_t>(p.n_selected));
     if (p.rows > 0) {  // first occurrences, marked in a per-thread bitmap that is cleared after
-      thread_local std::vector<uint64_t> seen;
+      thread_local std::vector<uint64_t> seen_words;
+      std::vector<uint64_t>& seen = seen_words;  // one TLS lookup, not one per row
       if (seen.size() < static_cast<std::size_t>(p.rows / 64 + 1)) seen.assign(static_cast<std::size_t>(p.rows / 64 + 1), 0);
       for (int64_t j = 0; j < p.n_selected; ++j) {
         const int64_t r = rows[j];

@@ -104,8 +104,7 @@ class ClusterIndex : public VectorIndex {
       std::vector<uint8_t> taken;
       std::vector<uint32_t> rows;
     };
-    thread_local Scratch scratch;
-    Scratch& local = scratch;
+    Scratch& local = per_thread<Scratch, Scratch>();
     const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
     const int64_t n_blocks = (std::max<int64_t>(n_clusters, 0) + 7) / 8, stride = n_blocks * 8;
     const auto dim = static_cast<std::size_t>(dim_);
@@ -233,8 +232,7 @@ class ClusterIndex : public VectorIndex {
       std::vector<uint64_t> found;  // every key scanned, as sort_key(score, id): the top k of them
                                     // is selected once at the end (a k-heap would pay log k per key)
     };
-    thread_local Scratch scratch;
-    Scratch& local = scratch;
+    Scratch& local = per_thread<Scratch, Scratch>();
     const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
     auto& found = local.found;
     found.clear();

@@ -148,7 +148,8 @@ class GraphIndex : public VectorIndex {
       TopK(k).write_sorted(scores, ids);
       return 0;
     }
-    thread_local std::vector<Scored> found;
+    struct FoundTag;
+    std::vector<Scored>& found = per_thread<std::vector<Scored>, FoundTag>();
     const int64_t n_scored = beam_search(query, params.ef, -1, found, k, params.upper_ef);
     write_results(found, k, scores, ids);
     return n_scored;
@@ -380,8 +381,8 @@ class GraphIndex : public VectorIndex {
   // One search (see Beam); returns n_scored.
   int64_t beam_search(const float* query, int64_t ef, int64_t exclude, std::vector<Scored>& found,
                       int64_t n_results = 0, int64_t upper_ef = 0) const {
-    thread_local Beam beam;  // buffers reused across searches
-    Beam& b = beam;          // one TLS lookup
+    struct BeamTag;
+    Beam& b = per_thread<Beam, BeamTag>();  // buffers reused across searches
     beam_start(b, query, ef, exclude, n_results, upper_ef);
     while (!b.done()) {
       beam_gather(b);

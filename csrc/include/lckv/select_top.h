@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "lckv/vector_index.h"
+
 namespace lckv {
 
 // Keeps the `count` best elements of v, sorted by `better`, which must order by descending
@@ -39,7 +41,7 @@ void select_top(std::vector<T>& v, std::size_t count, ScoreOf score_of, Better b
     std::vector<uint16_t> bucket;
     std::vector<T> out, boundary;
   };
-  thread_local Scratch s;
+  Scratch& s = per_thread<Scratch, Scratch>();
   s.bucket.resize(n);
   s.out.resize(n);
   s.boundary.resize(n);
