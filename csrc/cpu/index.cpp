@@ -283,15 +283,15 @@ void bind_index(py::module_& m) {
         TORCH_CHECK_VALUE(count >= 0, "count must be >= 0, got ", count);
         TORCH_CHECK_VALUE(torch::isfinite(scores).all().item<bool>(), "scores must be finite");
         const auto s = scores.contiguous();
-        const float* p = s.data_ptr<float>();
-        std::vector<std::pair<float, int64_t>> v;
-        for (int64_t i = 0; i < s.size(0); ++i) v.emplace_back(p[i], i);
-        select_top(v, static_cast<std::size_t>(count), [](const std::pair<float, int64_t>& x) { return x.first; },
-                   [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-                     return a.first > b.first || (a.first == b.first && a.second < b.second);
-                   });
-        auto out = torch::empty({static_cast<int64_t>(v.size())}, torch::kInt64);
-        for (std::size_t i = 0; i < v.size(); ++i) out[static_cast<int64_t>(i)] = v[i].second;
+        const auto n = static_cast<std::size_t>(s.size(0));
+        std::vector<uint32_t> positions(n);
+        for (std::size_t i = 0; i < n; ++i) positions[i] = static_cast<uint32_t>(i);
+        std::vector<float> best_s(std::min(n, static_cast<std::size_t>(count)));
+        std::vector<uint32_t> best_id(best_s.size());
+        const std::size_t m = select_top(s.data_ptr<float>(), positions.data(), n, static_cast<std::size_t>(count),
+                                         best_s.data(), best_id.data());
+        auto out = torch::empty({static_cast<int64_t>(m)}, torch::kInt64);
+        for (std::size_t i = 0; i < m; ++i) out[static_cast<int64_t>(i)] = static_cast<int64_t>(best_id[i]);
         return out;
       },
       py::arg("scores"), py::arg("count"),

@@ -160,7 +160,7 @@ class GraphIndex : public VectorIndex {
     return static_cast<int64_t>(adjacency_.capacity() * sizeof(uint32_t) +
                                 degree_.capacity() * sizeof(uint16_t) +
                                 entries_.capacity() * sizeof(int64_t) + entry_keys_.capacity() * sizeof(float) +
-                                entry_slot_.capacity() * sizeof(int32_t) + probes_.capacity() * sizeof(float) +
+                                entry_slot_.capacity() * sizeof(int32_t) + entry_ids_.capacity() * sizeof(uint32_t) + probes_.capacity() * sizeof(float) +
                                 upper_ids_.capacity() * sizeof(int64_t) + upper_keys_.capacity() * sizeof(float) +
                                 upper_adjacency_.capacity() * sizeof(uint32_t) +
                                 upper_deg_.capacity() * sizeof(uint16_t) +
@@ -272,10 +272,14 @@ class GraphIndex : public VectorIndex {
     VisitedBits visited;          // keys already scored
     std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded
     std::vector<float> fresh_scores;
-    std::vector<Scored> scored;   // when wide: every key scored at or above `floor`
+    std::vector<float> scored_s;  // when wide: every key scored at or above `floor` (scores, ids)
+    std::vector<uint32_t> scored_id;
     float floor = 0.0f;           // when wide: the n_results-th best entry score (or -inf)
-    std::vector<float> entry_scores;
-    std::vector<Scored> entry_scored;
+    std::vector<float> entry_scores;  // parallel to entries_
+    std::vector<float> start_s;   // the entries and upper keys scored before the beam (scores, ids)
+    std::vector<uint32_t> start_id;
+    std::vector<float> best_s;    // select_top output
+    std::vector<uint32_t> best_id;
 
     bool done() const { return cur >= pool.size(); }
     // Moves cur to the best unexpanded pool position at or after it.
@@ -293,33 +297,44 @@ class GraphIndex : public VectorIndex {
     b.n_scored = 0;
     b.visited.reset(static_cast<std::size_t>(size_));
     b.pool.clear();
-    b.scored.clear();
+    b.scored_s.clear();
+    b.scored_id.clear();
     if (exclude >= 0) b.visited.test_and_set(static_cast<std::size_t>(exclude));
-    // The entries: their keys are kept contiguous (entry_keys_), scored in one pass; only the best
-    // cap of them can enter the pool, so they are selected before the pool is filled.
-    const auto n_entries = static_cast<int64_t>(entries_.size());
-    auto& es = b.entry_scored;
-    b.entry_scores.resize(static_cast<std::size_t>(n_entries));
-    ip_rows_(query, entry_keys_.data(), static_cast<std::size_t>(n_entries), static_cast<std::size_t>(dim_),
-             b.entry_scores.data());
-    b.n_scored += n_entries;
-    es.clear();
-    for (int64_t i = 0; i < n_entries; ++i) {
-      b.visited.test_and_set(static_cast<std::size_t>(entries_[i]));
-      if (entries_[i] != exclude) es.emplace_back(b.entry_scores[i], entries_[i]);
+    // The entries: their keys are kept contiguous (entry_keys_), scored in one pass.
+    const std::size_t n_entries = entries_.size();
+    b.entry_scores.resize(n_entries);
+    ip_rows_(query, entry_keys_.data(), n_entries, static_cast<std::size_t>(dim_), b.entry_scores.data());
+    b.n_scored += static_cast<int64_t>(n_entries);
+    for (const uint32_t e : entry_ids_) b.visited.test_and_set(e);
+    b.start_s.assign(b.entry_scores.begin(), b.entry_scores.end());
+    b.start_id.assign(entry_ids_.begin(), entry_ids_.end());
+    if (exclude >= 0) {  // drop it (only build searches exclude a key)
+      std::size_t w = 0;
+      for (std::size_t i = 0; i < n_entries; ++i) {
+        b.start_s[w] = b.start_s[i];
+        b.start_id[w] = b.start_id[i];
+        w += entries_[i] != exclude;
+      }
+      b.start_s.resize(w);
+      b.start_id.resize(w);
     }
     if (!upper_ids_.empty())
       b.n_scored += walk_upper(query, b.entry_scores.data(), exclude, upper_ef > 0 ? upper_ef : params_.upper_ef,
-                               b.upper, b.upper_seen, b.visited, b.fresh, b.fresh_scores, es);
-    // Only the best max(ef, n_results) entries can matter: the pool takes the best ef, and an
-    // entry below the n_results-th best entry has n_results better keys already, so it cannot be
-    // a result; neither can any key scored later below that `floor`.
+                               b.upper, b.upper_seen, b.visited, b.fresh, b.fresh_scores, b.start_s, b.start_id);
+    // Only the best max(ef, n_results) of these can matter: the pool takes the best ef, and a key
+    // below the n_results-th best of them has n_results better keys already, so it cannot be a
+    // result; neither can any key scored later below that `floor`.
     const std::size_t wanted = std::max(b.cap, static_cast<std::size_t>(std::max<int64_t>(n_results, 0)));
-    select_top(es, wanted, [](const Scored& x) { return x.first; }, Heavier());
-    b.floor = b.wide && es.size() >= wanted ? es.back().first : -std::numeric_limits<float>::infinity();
-    if (b.wide) b.scored.assign(es.begin(), es.end());
-    for (std::size_t i = 0; i < std::min(b.cap, es.size()); ++i)
-      b.pool.push_back(Candidate{es[i].first, static_cast<uint32_t>(es[i].second), false});
+    b.best_s.resize(std::min(wanted, b.start_s.size()));
+    b.best_id.resize(b.best_s.size());
+    const std::size_t m = select_top(b.start_s.data(), b.start_id.data(), b.start_s.size(), wanted,
+                                     b.best_s.data(), b.best_id.data());
+    b.floor = b.wide && m >= wanted ? b.best_s[m - 1] : -std::numeric_limits<float>::infinity();
+    if (b.wide) {
+      b.scored_s.assign(b.best_s.begin(), b.best_s.end());
+      b.scored_id.assign(b.best_id.begin(), b.best_id.end());
+    }
+    for (std::size_t i = 0; i < std::min(b.cap, m); ++i) b.pool.push_back(Candidate{b.best_s[i], b.best_id[i], false});
     b.cur = 0;
     if (!b.done()) prefetch_neighbors(b.pool[0].id);
   }
@@ -350,13 +365,16 @@ class GraphIndex : public VectorIndex {
     b.n_scored += static_cast<int64_t>(b.fresh.size());
     std::size_t lowest = b.cap;
     if (b.wide) {  // the keys at or above the floor (branch-free)
-      std::size_t w = b.scored.size();
-      b.scored.resize(w + b.fresh.size());
+      std::size_t w = b.scored_s.size();
+      b.scored_s.resize(w + b.fresh.size());
+      b.scored_id.resize(w + b.fresh.size());
       for (std::size_t j = 0; j < b.fresh.size(); ++j) {
-        b.scored[w] = Scored(b.fresh_scores[j], b.fresh[j]);
+        b.scored_s[w] = b.fresh_scores[j];
+        b.scored_id[w] = b.fresh[j];
         w += b.fresh_scores[j] >= b.floor;
       }
-      b.scored.resize(w);
+      b.scored_s.resize(w);
+      b.scored_id.resize(w);
     }
     for (std::size_t j = 0; j < b.fresh.size(); ++j) {
       lowest = std::min(lowest, insert_sorted(b.pool, b.cap, b.fresh_scores[j], b.fresh[j]));
@@ -370,8 +388,12 @@ class GraphIndex : public VectorIndex {
   void beam_finish(Beam& b, int64_t n_results, std::vector<Scored>& found) const {
     found.clear();
     if (b.wide) {
-      select_top(b.scored, static_cast<std::size_t>(n_results), [](const Scored& x) { return x.first; }, Heavier());
-      found.assign(b.scored.begin(), b.scored.end());
+      b.best_s.resize(std::min(b.scored_s.size(), static_cast<std::size_t>(n_results)));
+      b.best_id.resize(b.best_s.size());
+      const std::size_t m = select_top(b.scored_s.data(), b.scored_id.data(), b.scored_s.size(),
+                                       static_cast<std::size_t>(n_results), b.best_s.data(), b.best_id.data());
+      found.reserve(m);
+      for (std::size_t i = 0; i < m; ++i) found.emplace_back(b.best_s[i], static_cast<int64_t>(b.best_id[i]));
     } else {
       found.reserve(b.pool.size());
       for (const Candidate& c : b.pool) found.emplace_back(c.score, static_cast<int64_t>(c.id));
@@ -394,14 +416,14 @@ class GraphIndex : public VectorIndex {
 
   // The walk over the upper level (step 7): a beam of `width` upper keys, seeded with the entries
   // that are upper keys (entry_scores parallel to entries_), expanded best first over upper edges.
-  // Every upper key scored is marked visited and appended to `candidates` as (score, key id).
+  // Every upper key scored is marked visited and appended to (cand_s, cand_id) as (score, key id).
   // Returns how many keys it scored.
   // Slots are checked against `seen` (one mark per upper slot) before the per-key marks, which are
   // random reads over all keys.
   int64_t walk_upper(const float* query, const float* entry_scores, int64_t exclude, int64_t width,
                      std::vector<Candidate>& beam, VisitedList& seen, VisitedBits& visited,
                      std::vector<uint32_t>& fresh, std::vector<float>& fresh_scores,
-                     std::vector<Scored>& candidates) const {
+                     std::vector<float>& cand_s, std::vector<uint32_t>& cand_id) const {
     const std::size_t cap = static_cast<std::size_t>(width);
     const int64_t ud = params_.upper_degree;
     int64_t n_scored = 0;
@@ -425,7 +447,8 @@ class GraphIndex : public VectorIndex {
       n_scored += static_cast<int64_t>(fresh.size());
       std::size_t lowest = cap;
       for (std::size_t j = 0; j < fresh.size(); ++j) {
-        candidates.emplace_back(fresh_scores[j], upper_ids_[fresh[j]]);
+        cand_s.push_back(fresh_scores[j]);
+        cand_id.push_back(static_cast<uint32_t>(upper_ids_[fresh[j]]));
         lowest = std::min(lowest, insert_sorted(beam, cap, fresh_scores[j], fresh[j]));
       }
       return lowest;
@@ -842,6 +865,7 @@ class GraphIndex : public VectorIndex {
   void pack_entry_keys() {
     entry_keys_.resize(entries_.size() * static_cast<std::size_t>(dim_));
     entry_slot_.assign(entries_.size(), -1);
+    entry_ids_.assign(entries_.begin(), entries_.end());
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       std::copy(key(entries_[i]), key(entries_[i]) + dim_, entry_keys_.begin() + static_cast<std::ptrdiff_t>(i) * dim_);
       const auto it = upper_slot_.find(entries_[i]);
@@ -895,6 +919,7 @@ class GraphIndex : public VectorIndex {
   std::vector<int64_t> entries_;         // entry keys of every search
   std::vector<float> entry_keys_;        // [entries, dim] their keys, contiguous
   std::vector<int32_t> entry_slot_;      // [entries] their upper slots, -1 if none
+  std::vector<uint32_t> entry_ids_;      // entries_ as uint32 (the beam's id type)
   std::vector<int64_t> upper_ids_;       // [upper] key of each upper slot (step 7)
   std::unordered_map<int64_t, std::size_t> upper_slot_;  // key -> upper slot
   std::vector<float> upper_keys_;        // [upper, dim] their keys, contiguous
