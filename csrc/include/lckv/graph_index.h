@@ -270,10 +270,12 @@ class GraphIndex : public VectorIndex {
     std::vector<Candidate> upper; // the upper-level beam (ids are upper slots)
     VisitedList upper_seen;       // upper slots already met (small: stays in L1)
     VisitedBits visited;          // keys already scored
-    std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded
+    std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded: n_fresh
     std::vector<float> fresh_scores;
-    std::vector<float> scored_s;  // when wide: every key scored at or above `floor` (scores, ids)
+    std::size_t n_fresh = 0;
+    std::vector<float> scored_s;  // when wide: every key scored at or above `floor` (scores, ids): n_kept
     std::vector<uint32_t> scored_id;
+    std::size_t n_kept = 0;
     float floor = 0.0f;           // when wide: the n_results-th best entry score (or -inf)
     std::vector<float> entry_scores;  // parallel to entries_
     std::vector<float> start_s;   // the entries and upper keys scored before the beam (scores, ids)
@@ -297,8 +299,7 @@ class GraphIndex : public VectorIndex {
     b.n_scored = 0;
     b.visited.reset(static_cast<std::size_t>(size_));
     b.pool.clear();
-    b.scored_s.clear();
-    b.scored_id.clear();
+    b.n_kept = 0;
     if (exclude >= 0) b.visited.test_and_set(static_cast<std::size_t>(exclude));
     // The entries: their keys are kept contiguous (entry_keys_), scored in one pass.
     const std::size_t n_entries = entries_.size();
@@ -333,7 +334,12 @@ class GraphIndex : public VectorIndex {
     if (b.wide) {
       b.scored_s.assign(b.best_s.begin(), b.best_s.end());
       b.scored_id.assign(b.best_id.begin(), b.best_id.end());
+      b.n_kept = m;
     }
+    // Buffers sized once per search (resizing them per expansion zero-filled them every time).
+    const auto max_degree = static_cast<std::size_t>(params_.max_degree);
+    if (b.fresh.size() < max_degree) b.fresh.resize(max_degree);
+    if (b.fresh_scores.size() < max_degree) b.fresh_scores.resize(max_degree);
     for (std::size_t i = 0; i < std::min(b.cap, m); ++i) b.pool.push_back(Candidate{b.best_s[i], b.best_id[i], false});
     b.cur = 0;
     if (!b.done()) prefetch_neighbors(b.pool[0].id);
@@ -352,31 +358,30 @@ class GraphIndex : public VectorIndex {
     }
     const uint32_t* nbrs = neighbors(node);
     const int64_t deg = degree_[node];
-    b.fresh.resize(static_cast<std::size_t>(deg));
-    b.fresh.resize(b.visited.mark_new(nbrs, static_cast<std::size_t>(deg), b.fresh.data()));
-    for (const uint32_t id : b.fresh) prefetch_key(id);
+    b.n_fresh = b.visited.mark_new(nbrs, static_cast<std::size_t>(deg), b.fresh.data());
+    for (std::size_t j = 0; j < b.n_fresh; ++j) prefetch_key(b.fresh[j]);
   }
 
   // Second half: score and insert the fresh neighbours, move to the next node to expand.
   void beam_settle(Beam& b) const {
-    b.fresh_scores.resize(b.fresh.size());
-    ip_batch_(b.query, keys_.data(), b.fresh.data(), b.fresh.size(), static_cast<std::size_t>(dim_),
-              b.fresh_scores.data());
-    b.n_scored += static_cast<int64_t>(b.fresh.size());
+    const std::size_t n_fresh = b.n_fresh;
+    ip_batch_(b.query, keys_.data(), b.fresh.data(), n_fresh, static_cast<std::size_t>(dim_), b.fresh_scores.data());
+    b.n_scored += static_cast<int64_t>(n_fresh);
     std::size_t lowest = b.cap;
     if (b.wide) {  // the keys at or above the floor (branch-free)
-      std::size_t w = b.scored_s.size();
-      b.scored_s.resize(w + b.fresh.size());
-      b.scored_id.resize(w + b.fresh.size());
-      for (std::size_t j = 0; j < b.fresh.size(); ++j) {
+      std::size_t w = b.n_kept;
+      if (b.scored_s.size() < w + n_fresh) {
+        b.scored_s.resize(2 * (w + n_fresh));
+        b.scored_id.resize(2 * (w + n_fresh));
+      }
+      for (std::size_t j = 0; j < n_fresh; ++j) {
         b.scored_s[w] = b.fresh_scores[j];
         b.scored_id[w] = b.fresh[j];
         w += b.fresh_scores[j] >= b.floor;
       }
-      b.scored_s.resize(w);
-      b.scored_id.resize(w);
+      b.n_kept = w;
     }
-    for (std::size_t j = 0; j < b.fresh.size(); ++j) {
+    for (std::size_t j = 0; j < n_fresh; ++j) {
       lowest = std::min(lowest, insert_sorted(b.pool, b.cap, b.fresh_scores[j], b.fresh[j]));
     }
     b.cur = lowest <= b.cur ? lowest : b.cur + 1;
@@ -388,9 +393,9 @@ class GraphIndex : public VectorIndex {
   void beam_finish(Beam& b, int64_t n_results, std::vector<Scored>& found) const {
     found.clear();
     if (b.wide) {
-      b.best_s.resize(std::min(b.scored_s.size(), static_cast<std::size_t>(n_results)));
+      b.best_s.resize(std::min(b.n_kept, static_cast<std::size_t>(n_results)));
       b.best_id.resize(b.best_s.size());
-      const std::size_t m = select_top(b.scored_s.data(), b.scored_id.data(), b.scored_s.size(),
+      const std::size_t m = select_top(b.scored_s.data(), b.scored_id.data(), b.n_kept,
                                        static_cast<std::size_t>(n_results), b.best_s.data(), b.best_id.data());
       found.reserve(m);
       for (std::size_t i = 0; i < m; ++i) found.emplace_back(b.best_s[i], static_cast<int64_t>(b.best_id[i]));
