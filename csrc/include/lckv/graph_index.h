@@ -196,8 +196,9 @@ class GraphIndex : public VectorIndex {
     if (pool.size() >= cap && s <= pool.back().score) return cap;
     std::size_t pos = pool.size();
     while (pos > 0 && pool[pos - 1].score < s) --pos;
-    if (pool.size() >= cap) pool.pop_back();
-    pool.insert(pool.begin() + static_cast<std::ptrdiff_t>(pos), Candidate{s, id, false});
+    if (pool.size() < cap) pool.emplace_back();  // else the last one drops out
+    std::copy_backward(pool.begin() + static_cast<std::ptrdiff_t>(pos), pool.end() - 1, pool.end());
+    pool[pos] = Candidate{s, id, false};
     return pos;
   }
 
@@ -395,8 +396,13 @@ class GraphIndex : public VectorIndex {
     if (b.wide) {
       b.best_s.resize(std::min(b.n_kept, static_cast<std::size_t>(n_results)));
       b.best_id.resize(b.best_s.size());
+      // Every kept score is >= floor (when finite) and <= the pool's best (the best scored).
+      const float lo = b.floor, hi = b.pool.empty() ? lo : b.pool[0].score;
+      const bool bounded = lo > -std::numeric_limits<float>::infinity() && lo <= hi;
       const std::size_t m = select_top(b.scored_s.data(), b.scored_id.data(), b.n_kept,
-                                       static_cast<std::size_t>(n_results), b.best_s.data(), b.best_id.data());
+                                       static_cast<std::size_t>(n_results), b.best_s.data(), b.best_id.data(),
+                                       bounded ? lo : std::numeric_limits<float>::infinity(),
+                                       bounded ? hi : -std::numeric_limits<float>::infinity());
       found.reserve(m);
       for (std::size_t i = 0; i < m; ++i) found.emplace_back(b.best_s[i], static_cast<int64_t>(b.best_id[i]));
     } else {

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "lckv/vector_index.h"  // per_thread
@@ -21,8 +22,12 @@ namespace lckv {
 
 // Writes the min(count, n) best of (scores[i], ids[i]), i < n, sorted best first, to
 // out_scores / out_ids (which must not overlap the inputs); returns how many. Scores must be finite.
+// A caller that knows bounds lo <= every score <= hi may pass them (saves a pass); by default they
+// are computed.
 inline std::size_t select_top(const float* scores, const uint32_t* ids, std::size_t n, std::size_t count,
-                              float* out_scores, uint32_t* out_ids) {
+                              float* out_scores, uint32_t* out_ids,
+                              float lo = std::numeric_limits<float>::infinity(),
+                              float hi = -std::numeric_limits<float>::infinity()) {
   auto better = [&](uint32_t a, uint32_t b) {  // positions, best first
     return scores[a] > scores[b] || (scores[a] == scores[b] && ids[a] < ids[b]);
   };
@@ -42,29 +47,33 @@ inline std::size_t select_top(const float* scores, const uint32_t* ids, std::siz
     s.bucket.resize(n);
     s.winners.resize(n);
     s.boundary.resize(n);
-    // min and max in 8 independent lanes (one running pair would chain every step on the last)
-    float lo8[8], hi8[8];
-    for (int u = 0; u < 8; ++u) lo8[u] = hi8[u] = scores[u];
-    std::size_t i = 8;
-    for (; i + 8 <= n; i += 8)
-      for (int u = 0; u < 8; ++u) {
-        lo8[u] = scores[i + u] < lo8[u] ? scores[i + u] : lo8[u];
-        hi8[u] = scores[i + u] > hi8[u] ? scores[i + u] : hi8[u];
+    std::size_t i = 0;
+    if (!(lo <= hi)) {  // no bounds given: min and max in 8 independent lanes (one running pair
+                        // would chain every step on the last)
+      float lo8[8], hi8[8];
+      for (int u = 0; u < 8; ++u) lo8[u] = hi8[u] = scores[u];
+      for (i = 8; i + 8 <= n; i += 8)
+        for (int u = 0; u < 8; ++u) {
+          lo8[u] = scores[i + u] < lo8[u] ? scores[i + u] : lo8[u];
+          hi8[u] = scores[i + u] > hi8[u] ? scores[i + u] : hi8[u];
+        }
+      for (; i < n; ++i) {
+        lo8[0] = scores[i] < lo8[0] ? scores[i] : lo8[0];
+        hi8[0] = scores[i] > hi8[0] ? scores[i] : hi8[0];
       }
-    for (; i < n; ++i) {
-      lo8[0] = scores[i] < lo8[0] ? scores[i] : lo8[0];
-      hi8[0] = scores[i] > hi8[0] ? scores[i] : hi8[0];
-    }
-    float lo = lo8[0], hi = hi8[0];
-    for (int u = 1; u < 8; ++u) {
-      lo = lo8[u] < lo ? lo8[u] : lo;
-      hi = hi8[u] > hi ? hi8[u] : hi;
+      lo = lo8[0];
+      hi = hi8[0];
+      for (int u = 1; u < 8; ++u) {
+        lo = lo8[u] < lo ? lo8[u] : lo;
+        hi = hi8[u] > hi ? hi8[u] : hi;
+      }
     }
     // (x - lo) * scale is non-decreasing in x (rounding is monotonic): bucket order is score order.
     const float scale = hi > lo ? (kBuckets - 0.5f) / (hi - lo) : 0.0f;
     const float top = kBuckets - 1;
     for (i = 0; i < n; ++i) {
-      const float x = (scores[i] - lo) * scale;
+      float x = (scores[i] - lo) * scale;
+      x = x > 0.0f ? x : 0.0f;  // only if a caller's lo bound was not a bound
       s.bucket[i] = static_cast<uint16_t>(static_cast<int>(x < top ? x : top));
     }
     uint32_t hist[kBuckets] = {};
