@@ -62,8 +62,12 @@ def test_select_top_equals_a_stable_sort(n, count):
     scores = (torch.randn(n, generator=g) * 4).round() / 4
     scores[: n // 50] *= 100  # outliers stretch the buckets
     want = torch.sort(scores, descending=True, stable=True).indices[:count]
-    got = compiled("_select_top")._select_top(scores, count)
-    assert torch.equal(got, want), f"seed {seed}"
+    select = compiled("_select_top")._select_top
+    assert torch.equal(select(scores, count), want), f"seed {seed}"
+    if n > 0:  # with bounds given (exact ones, and loose ones) instead of computed
+        lo, hi = float(scores.min()), float(scores.max())
+        assert torch.equal(select(scores, count, lo, hi), want), f"seed {seed}"
+        assert torch.equal(select(scores, count, lo - 50.0, hi + 3.0), want), f"seed {seed}"
 
 
 @pytest.mark.parametrize("make", [lambda d: FlatIndex(d), lambda d: IVFIndex(d), lambda d: GraphIndex(d),

@@ -278,7 +278,7 @@ void bind_index(py::module_& m) {
         "(probs [heads, k] descending (any order unless sorted), ids [heads, k] padded with 0 / -1, n_scored [heads]).");
   m.def(
       "_select_top",
-      [](const torch::Tensor& scores, int64_t count) {
+      [](const torch::Tensor& scores, int64_t count, double lo, double hi) {
         check_cpu_f32(scores, "scores", 1, "[n]");
         TORCH_CHECK_VALUE(count >= 0, "count must be >= 0, got ", count);
         TORCH_CHECK_VALUE(torch::isfinite(scores).all().item<bool>(), "scores must be finite");
@@ -288,15 +288,19 @@ void bind_index(py::module_& m) {
         for (std::size_t i = 0; i < n; ++i) positions[i] = static_cast<uint32_t>(i);
         std::vector<float> best_s(std::min(n, static_cast<std::size_t>(count)));
         std::vector<uint32_t> best_id(best_s.size());
+        if (lo <= hi)
+          TORCH_CHECK_VALUE(n == 0 || (s.min().item<double>() >= lo && s.max().item<double>() <= hi),
+                            "lo and hi must bound the scores");
         const std::size_t m = select_top(s.data_ptr<float>(), positions.data(), n, static_cast<std::size_t>(count),
-                                         best_s.data(), best_id.data());
+                                         best_s.data(), best_id.data(), static_cast<float>(lo), static_cast<float>(hi));
         auto out = torch::empty({static_cast<int64_t>(m)}, torch::kInt64);
         for (std::size_t i = 0; i < m; ++i) out[static_cast<int64_t>(i)] = static_cast<int64_t>(best_id[i]);
         return out;
       },
-      py::arg("scores"), py::arg("count"),
+      py::arg("scores"), py::arg("count"), py::arg("lo") = std::numeric_limits<double>::infinity(),
+      py::arg("hi") = -std::numeric_limits<double>::infinity(),
       "Test hook for select_top (select_top.h): positions of the min(count, n) largest scores, by "
-      "descending score then ascending position.");
+      "descending score then ascending position; lo <= hi are bounds of the scores (default: computed).");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
