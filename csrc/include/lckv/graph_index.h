@@ -253,7 +253,8 @@ class GraphIndex : public VectorIndex {
   // the pool's worst, continue from the best unexpanded key; stop when every pool key is
   // expanded. The pool starts with the best of the entries and of the upper keys the walk over
   // the upper level scored (width upper_ef, 0: the build setting). When n_results > ef, a
-  // separate list keeps everything scored, for the top-n_results at the end (the beam stays ef
+  // separate list keeps every key scored that can still be a result (at or above the n_results-th
+  // best of the keys scored before the beam), for the top-n_results at the end (the beam stays ef
   // wide). Skips `exclude`.
   // An expansion is two steps: gather() reads the node's neighbour list, keeps the unvisited ones
   // and requests their key rows; settle() scores and inserts them and requests the next node's
@@ -277,7 +278,7 @@ class GraphIndex : public VectorIndex {
     std::vector<float> scored_s;  // when wide: every key scored at or above `floor` (scores, ids): n_kept
     std::vector<uint32_t> scored_id;
     std::size_t n_kept = 0;
-    float floor = 0.0f;           // when wide: the n_results-th best entry score (or -inf)
+    float floor = 0.0f;           // when wide: the n_results-th best score before the beam (or -inf)
     std::vector<float> entry_scores;  // parallel to entries_
     std::vector<float> start_s;   // the entries and upper keys scored before the beam (scores, ids)
     std::vector<uint32_t> start_id;
