@@ -98,7 +98,9 @@ def test_graph_and_ivf_recall_on_synthetic_set():
     es = synthetic_set(n_keys=8192, n_build=4096, n_decode=128, seed=seed)
     _, truth = exact_topk(es.keys, es.decode_queries, 100)
     graph = GraphIndex(128).build(es.keys, es.build_queries)
-    _, ids, n_scored = graph.search(es.decode_queries, 100, ef=100)
+    # ef 150: at ef 100 recall@100 over 61 generator seeds ranged 0.842-0.945 (below the bound on
+    # 1-2 in 40: a flaky test), at ef 150 0.877-0.95, scoring at most 10% of the keys.
+    _, ids, n_scored = graph.search(es.decode_queries, 100, ef=150)
     r100 = recall_at(ids, truth, 100)
     assert r100 >= 0.85, f"graph recall@100 {r100:.3f} (seed {seed})"
     assert recall_at(ids, truth, 10) >= 0.9, f"seed {seed}"
