@@ -222,8 +222,11 @@ def main(argv=None):
               f"{'not reached' if frac is None else f'{100 * frac:.2f}%'};  QPS vs HNSW at 0.9: {fmt(ratio[0])}, at 0.95: {fmt(ratio[1])}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from common import machine  # benchmarks/common.py, next to this script
+
     meta = dict(build_threads=ALL_THREADS, search_threads=SEARCH_THREADS, k=K, quick=args.quick, n_keys=n_keys,
-                note="QPS: one batched call over all decode queries, best of 3; machine shared with other jobs")
+                note="QPS: one batched call over all decode queries, best of 3; machine shared with other jobs",
+                machine=machine())
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows, targets=summary), indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")

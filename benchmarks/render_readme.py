@@ -151,7 +151,9 @@ def index() -> str:
         "### Vector index (`bench_index.py`)", "",
         f"Decode queries not used for building; ground truth = exact top-{meta['k']}; {meta['search_threads']} search "
         f"thread(s), faiss in the same run ({meta['note']}). Targets: GraphIndex recall@100 >= 0.95 while scoring "
-        "<= 1% of keys, and >= 4x faiss HNSW (M=32) queries/s at recall 0.9 and 0.95.", "",
+        "<= 1% of keys, and >= 4x faiss HNSW (M=32) queries/s at recall 0.9 and 0.95."
+        + (f" Measured {_machine(meta['machine'])} (builds on all threads, searches as stated)." if "machine" in meta
+           else " (This run's JSON predates recording the date and machine.)"), "",
         _table(["set", "keys/head", "graph: % keys scored at recall@100 0.95", "graph / HNSW QPS at 0.9",
                 "at 0.95"], table), "",
         "Full sweep: `benchmarks/results/bench_index.json` and `.png` (recall vs fraction scanned, recall vs QPS).", ""])
