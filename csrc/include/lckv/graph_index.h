@@ -155,7 +155,6 @@ class GraphIndex : public VectorIndex {
     return n_scored;
   }
 
- protected:
   int64_t extra_memory_bytes_locked() const override {
     return static_cast<int64_t>(adjacency_.capacity() * sizeof(uint32_t) +
                                 degree_.capacity() * sizeof(uint16_t) +
@@ -182,7 +181,6 @@ class GraphIndex : public VectorIndex {
       ids[j] = -1;
     }
   }
-
 
   struct Candidate {  // a beam entry
     float score;
@@ -256,25 +254,20 @@ class GraphIndex : public VectorIndex {
   // separate list keeps every key scored that can still be a result (at or above the n_results-th
   // best of the keys scored before the beam), for the top-n_results at the end (the beam stays ef
   // wide). Skips `exclude`.
-  // An expansion is two steps: gather() reads the node's neighbour list, keeps the unvisited ones
-  // and requests their key rows; settle() scores and inserts them and requests the next node's
-  // neighbour list. (Letting several queries' searches take turns between the two steps, to
-  // overlap their memory reads, measured no faster on stories260K heads: the search is not
-  // bound by memory latency there.)
+  // (Letting several queries' searches take turns between expansion steps, to overlap their
+  // memory reads, measured no faster on stories260K heads and on a synthetic head_dim-128 set: the
+  // search is not bound by memory latency there.)
   struct Beam {
     const float* query = nullptr;
-    int64_t exclude = -1;
     std::size_t cap = 0;          // ef
     bool wide = false;            // n_results > ef: keep everything scored
     int64_t n_scored = 0;
-    std::size_t cur = 0;          // pool position of the node being (or next to be) expanded
     std::vector<Candidate> pool;  // the beam, sorted by descending score
     std::vector<Candidate> upper; // the upper-level beam (ids are upper slots)
-    VisitedList upper_seen;       // upper slots already met (small: stays in L1)
+    VisitedBits upper_seen;       // upper slots already met (small: stays in L1)
     VisitedBits visited;          // keys already scored
-    std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded: n_fresh
+    std::vector<uint32_t> fresh;  // unvisited neighbours of the node being expanded
     std::vector<float> fresh_scores;
-    std::size_t n_fresh = 0;
     std::vector<float> scored_s;  // when wide: every key scored at or above `floor` (scores, ids): n_kept
     std::vector<uint32_t> scored_id;
     std::size_t n_kept = 0;
@@ -284,18 +277,11 @@ class GraphIndex : public VectorIndex {
     std::vector<uint32_t> start_id;
     std::vector<float> best_s;    // select_top output
     std::vector<uint32_t> best_id;
-
-    bool done() const { return cur >= pool.size(); }
-    // Moves cur to the best unexpanded pool position at or after it.
-    void skip_expanded() {
-      while (cur < pool.size() && pool[cur].expanded) ++cur;
-    }
   };
 
   void beam_start(Beam& b, const float* query, int64_t ef, int64_t exclude, int64_t n_results,
                   int64_t upper_ef) const {
     b.query = query;
-    b.exclude = exclude;
     b.cap = static_cast<std::size_t>(ef);
     b.wide = n_results > ef;
     b.n_scored = 0;
@@ -343,16 +329,15 @@ class GraphIndex : public VectorIndex {
     if (b.fresh.size() < max_degree) b.fresh.resize(max_degree);
     if (b.fresh_scores.size() < max_degree) b.fresh_scores.resize(max_degree);
     for (std::size_t i = 0; i < std::min(b.cap, m); ++i) b.pool.push_back(Candidate{b.best_s[i], b.best_id[i], false});
-    b.cur = 0;
-    if (!b.done()) prefetch_neighbors(b.pool[0].id);
+    if (!b.pool.empty()) prefetch_neighbors(b.pool[0].id);
   }
 
-  // First half of expanding pool[cur]: its unvisited neighbours into `fresh`, their rows requested.
-  void beam_gather(Beam& b) const {
-    b.pool[b.cur].expanded = true;
-    const uint32_t node = b.pool[b.cur].id;
-    // The next node to expand is usually the next unexpanded one: request its list early too.
-    for (std::size_t next = b.cur + 1; next < b.pool.size(); ++next) {
+  // Expands pool[cur] (for expand_best_first): scores its unvisited neighbours and inserts them;
+  // returns the lowest position one entered at, or cap.
+  std::size_t beam_expand(Beam& b, std::size_t cur) const {
+    const uint32_t node = b.pool[cur].id;
+    // The next node to expand is usually the next unexpanded one: request its list early.
+    for (std::size_t next = cur + 1; next < b.pool.size(); ++next) {
       if (!b.pool[next].expanded) {
         prefetch_neighbors(b.pool[next].id);
         break;
@@ -360,13 +345,8 @@ class GraphIndex : public VectorIndex {
     }
     const uint32_t* nbrs = neighbors(node);
     const int64_t deg = degree_[node];
-    b.n_fresh = b.visited.mark_new(nbrs, static_cast<std::size_t>(deg), b.fresh.data());
-    for (std::size_t j = 0; j < b.n_fresh; ++j) prefetch_key(b.fresh[j]);
-  }
-
-  // Second half: score and insert the fresh neighbours, move to the next node to expand.
-  void beam_settle(Beam& b) const {
-    const std::size_t n_fresh = b.n_fresh;
+    const std::size_t n_fresh = b.visited.mark_new(nbrs, static_cast<std::size_t>(deg), b.fresh.data());
+    for (std::size_t j = 0; j < n_fresh; ++j) prefetch_key(b.fresh[j]);
     ip_batch_(b.query, keys_.data(), b.fresh.data(), n_fresh, static_cast<std::size_t>(dim_), b.fresh_scores.data());
     b.n_scored += static_cast<int64_t>(n_fresh);
     std::size_t lowest = b.cap;
@@ -386,9 +366,7 @@ class GraphIndex : public VectorIndex {
     for (std::size_t j = 0; j < n_fresh; ++j) {
       lowest = std::min(lowest, insert_sorted(b.pool, b.cap, b.fresh_scores[j], b.fresh[j]));
     }
-    b.cur = lowest <= b.cur ? lowest : b.cur + 1;
-    b.skip_expanded();
-    if (!b.done()) prefetch_neighbors(b.pool[b.cur].id);
+    return lowest;
   }
 
   // `found` gets the best max(ef, n_results) keys scored, as (score, id), best first.
@@ -418,10 +396,7 @@ class GraphIndex : public VectorIndex {
     struct BeamTag;
     Beam& b = per_thread<Beam, BeamTag>();  // buffers reused across searches
     beam_start(b, query, ef, exclude, n_results, upper_ef);
-    while (!b.done()) {
-      beam_gather(b);
-      beam_settle(b);
-    }
+    expand_best_first(b.pool, [&](std::size_t cur) { return beam_expand(b, cur); });
     beam_finish(b, n_results, found);
     return b.n_scored;
   }
@@ -433,7 +408,7 @@ class GraphIndex : public VectorIndex {
   // Slots are checked against `seen` (one mark per upper slot) before the per-key marks, which are
   // random reads over all keys.
   int64_t walk_upper(const float* query, const float* entry_scores, int64_t exclude, int64_t width,
-                     std::vector<Candidate>& beam, VisitedList& seen, VisitedBits& visited,
+                     std::vector<Candidate>& beam, VisitedBits& seen, VisitedBits& visited,
                      std::vector<uint32_t>& fresh, std::vector<float>& fresh_scores,
                      std::vector<float>& cand_s, std::vector<uint32_t>& cand_id) const {
     const std::size_t cap = static_cast<std::size_t>(width);

@@ -116,25 +116,6 @@ __attribute__((noinline)) T& per_thread() {
   return value;
 }
 
-// Marks "visited" for one graph search in O(1) reset: a mark equals the current epoch.
-struct VisitedList {
-  std::vector<uint16_t> marks;  // one per key
-  uint16_t epoch = 0;           // current search's mark
-
-  void reset(std::size_t n) {
-    if (marks.size() < n) marks.resize(n, 0);
-    if (++epoch == 0) {  // wrapped: clear once every 65535 searches
-      std::fill(marks.begin(), marks.end(), 0);
-      epoch = 1;
-    }
-  }
-  bool test_and_set(std::size_t id) {
-    if (marks[id] == epoch) return true;
-    marks[id] = epoch;
-    return false;
-  }
-};
-
 // Marks "visited" for one graph search, one bit per key (32 KB for 262K keys, so it stays in L1
 // or L2 where one uint16 mark per key would not), cleared at the next reset() by zeroing only the
 // words this search set. mark_new() filters a neighbour list without data-dependent branches.
