@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "lckv/per_thread.h"
 #include "lckv/simd_ip.h"
 #include "lckv/sparse_attention.h"  // exp_nonpositive
 
@@ -173,8 +174,8 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
     std::vector<int64_t> distinct;
     distinct.reserve(static_cast<std::size_t>(p.n_selected));
     if (p.rows > 0) {  // first occurrences, marked in a per-thread bitmap that is cleared after
-      thread_local std::vector<uint64_t> seen_words;
-      std::vector<uint64_t>& seen = seen_words;  // one TLS lookup, not one per row
+      struct SeenTag;
+      std::vector<uint64_t>& seen = per_thread<std::vector<uint64_t>, SeenTag>();
       if (seen.size() < static_cast<std::size_t>(p.rows / 64 + 1)) seen.assign(static_cast<std::size_t>(p.rows / 64 + 1), 0);
       for (int64_t j = 0; j < p.n_selected; ++j) {
         const int64_t r = rows[j];

@@ -16,7 +16,7 @@
 #include <limits>
 #include <vector>
 
-#include "lckv/vector_index.h"  // per_thread
+#include "lckv/per_thread.h"
 
 namespace lckv {
 

@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "lckv/per_thread.h"
 #include "lckv/simd_ip.h"
 
 namespace lckv {
@@ -105,16 +106,6 @@ class TopK {
   int64_t k_;                 // capacity
   std::vector<Entry> heap_;   // min-heap on score
 };
-
-// The calling thread's instance of T (one per Tag, so two call sites never share one), reached
-// through one opaque call: in a shared library every thread_local access is a __tls_get_addr
-// call, and GCC re-derives the address at uses inside loops rather than keep it in a register
-// (perf: 6% of a graph search was __tls_get_addr before this).
-template <typename T, typename Tag>
-__attribute__((noinline)) T& per_thread() {
-  thread_local T value;
-  return value;
-}
 
 // Marks "visited" for one graph search, one bit per key (32 KB for 262K keys, so it stays in L1
 // or L2 where one uint16 mark per key would not), cleared at the next reset() by zeroing only the
