@@ -49,7 +49,7 @@ def set_threads(n):
 
 
 def sweeps(quick: bool):
-    graph_ef = [16, 32, 48, 64, 100] if quick else [16, 24, 32, 40, 48, 56, 64, 100, 125, 150, 175, 200, 300]
+    graph_ef = [16, 32, 48, 64, 100] if quick else [16, 20, 24, 28, 32, 40, 48, 56, 64, 100, 125, 150, 175, 200, 300]
     hnsw_ef = [100, 200, 400] if quick else [100, 150, 200, 300, 400, 600, 800, 1200]
     nprobe = [4, 16, 64] if quick else [4, 8, 16, 32, 64, 128]
     return [
