@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <map>
 #include <unordered_map>
 #include <vector>
 
@@ -159,7 +160,8 @@ class GraphIndex : public VectorIndex {
     return static_cast<int64_t>(adjacency_.capacity() * sizeof(uint32_t) +
                                 degree_.capacity() * sizeof(uint16_t) +
                                 entries_.capacity() * sizeof(int64_t) + entry_keys_.capacity() * sizeof(float) +
-                                entry_slot_.capacity() * sizeof(int32_t) + entry_ids_.capacity() * sizeof(uint32_t) + probes_.capacity() * sizeof(float) +
+                                entry_slot_.capacity() * sizeof(int32_t) + entry_ids_.capacity() * sizeof(uint32_t) +
+                                entry_marks_.capacity() * sizeof(entry_marks_[0]) + probes_.capacity() * sizeof(float) +
                                 upper_ids_.capacity() * sizeof(int64_t) + upper_keys_.capacity() * sizeof(float) +
                                 upper_adjacency_.capacity() * sizeof(uint32_t) +
                                 upper_deg_.capacity() * sizeof(uint16_t) +
@@ -287,48 +289,57 @@ class GraphIndex : public VectorIndex {
     b.n_scored = 0;
     b.visited.reset(static_cast<std::size_t>(size_));
     b.pool.clear();
-    b.n_kept = 0;
     if (exclude >= 0) b.visited.test_and_set(static_cast<std::size_t>(exclude));
     // The entries: their keys are kept contiguous (entry_keys_), scored in one pass.
     const std::size_t n_entries = entries_.size();
     b.entry_scores.resize(n_entries);
     ip_rows_(query, entry_keys_.data(), n_entries, static_cast<std::size_t>(dim_), b.entry_scores.data());
     b.n_scored += static_cast<int64_t>(n_entries);
-    for (const uint32_t e : entry_ids_) b.visited.test_and_set(e);
-    b.start_s.assign(b.entry_scores.begin(), b.entry_scores.end());
-    b.start_id.assign(entry_ids_.begin(), entry_ids_.end());
-    if (exclude >= 0) {  // drop it (only build searches exclude a key)
-      std::size_t w = 0;
-      for (std::size_t i = 0; i < n_entries; ++i) {
-        b.start_s[w] = b.start_s[i];
-        b.start_id[w] = b.start_id[i];
-        w += entries_[i] != exclude;
+    b.visited.mark_words(entry_marks_);
+    // The keys scored before the beam: the entries (read in place unless one is dropped or the
+    // upper walk adds keys).
+    const float* start_s = b.entry_scores.data();
+    const uint32_t* start_id = entry_ids_.data();
+    std::size_t n_start = n_entries;
+    if (exclude >= 0 || !upper_ids_.empty()) {
+      b.start_s.assign(b.entry_scores.begin(), b.entry_scores.end());
+      b.start_id.assign(entry_ids_.begin(), entry_ids_.end());
+      if (exclude >= 0) {  // drop it (only build searches exclude a key)
+        std::size_t w = 0;
+        for (std::size_t i = 0; i < n_entries; ++i) {
+          b.start_s[w] = b.start_s[i];
+          b.start_id[w] = b.start_id[i];
+          w += entries_[i] != exclude;
+        }
+        b.start_s.resize(w);
+        b.start_id.resize(w);
       }
-      b.start_s.resize(w);
-      b.start_id.resize(w);
+      if (!upper_ids_.empty())
+        b.n_scored += walk_upper(query, b.entry_scores.data(), exclude, upper_ef > 0 ? upper_ef : params_.upper_ef,
+                                 b.upper, b.upper_seen, b.visited, b.fresh, b.fresh_scores, b.start_s, b.start_id);
+      start_s = b.start_s.data();
+      start_id = b.start_id.data();
+      n_start = b.start_s.size();
     }
-    if (!upper_ids_.empty())
-      b.n_scored += walk_upper(query, b.entry_scores.data(), exclude, upper_ef > 0 ? upper_ef : params_.upper_ef,
-                               b.upper, b.upper_seen, b.visited, b.fresh, b.fresh_scores, b.start_s, b.start_id);
     // Only the best max(ef, n_results) of these can matter: the pool takes the best ef, and a key
     // below the n_results-th best of them has n_results better keys already, so it cannot be a
-    // result; neither can any key scored later below that `floor`.
+    // result; neither can any key scored later below that `floor`. When wide, they start the list
+    // of kept keys.
     const std::size_t wanted = std::max(b.cap, static_cast<std::size_t>(std::max<int64_t>(n_results, 0)));
-    b.best_s.resize(std::min(wanted, b.start_s.size()));
-    b.best_id.resize(b.best_s.size());
-    const std::size_t m = select_top(b.start_s.data(), b.start_id.data(), b.start_s.size(), wanted,
-                                     b.best_s.data(), b.best_id.data());
-    b.floor = b.wide && m >= wanted ? b.best_s[m - 1] : -std::numeric_limits<float>::infinity();
-    if (b.wide) {
-      b.scored_s.assign(b.best_s.begin(), b.best_s.end());
-      b.scored_id.assign(b.best_id.begin(), b.best_id.end());
-      b.n_kept = m;
+    std::vector<float>& best_s = b.wide ? b.scored_s : b.best_s;
+    std::vector<uint32_t>& best_id = b.wide ? b.scored_id : b.best_id;
+    if (best_s.size() < wanted) {
+      best_s.resize(wanted);
+      best_id.resize(wanted);
     }
+    const std::size_t m = select_top(start_s, start_id, n_start, wanted, best_s.data(), best_id.data());
+    b.floor = b.wide && m >= wanted ? best_s[m - 1] : -std::numeric_limits<float>::infinity();
+    b.n_kept = b.wide ? m : 0;
     // Buffers sized once per search (resizing them per expansion zero-filled them every time).
     const auto max_degree = static_cast<std::size_t>(params_.max_degree);
     if (b.fresh.size() < max_degree) b.fresh.resize(max_degree);
     if (b.fresh_scores.size() < max_degree) b.fresh_scores.resize(max_degree);
-    for (std::size_t i = 0; i < std::min(b.cap, m); ++i) b.pool.push_back(Candidate{b.best_s[i], b.best_id[i], false});
+    for (std::size_t i = 0; i < std::min(b.cap, m); ++i) b.pool.push_back(Candidate{best_s[i], best_id[i], false});
     if (!b.pool.empty()) prefetch_neighbors(b.pool[0].id);
   }
 
@@ -853,6 +864,9 @@ class GraphIndex : public VectorIndex {
     entry_keys_.resize(entries_.size() * static_cast<std::size_t>(dim_));
     entry_slot_.assign(entries_.size(), -1);
     entry_ids_.assign(entries_.begin(), entries_.end());
+    std::map<uint32_t, uint64_t> marks;
+    for (const int64_t e : entries_) marks[static_cast<uint32_t>(e >> 6)] |= uint64_t(1) << (e & 63);
+    entry_marks_.assign(marks.begin(), marks.end());
     for (std::size_t i = 0; i < entries_.size(); ++i) {
       std::copy(key(entries_[i]), key(entries_[i]) + dim_, entry_keys_.begin() + static_cast<std::ptrdiff_t>(i) * dim_);
       const auto it = upper_slot_.find(entries_[i]);
@@ -907,6 +921,7 @@ class GraphIndex : public VectorIndex {
   std::vector<float> entry_keys_;        // [entries, dim] their keys, contiguous
   std::vector<int32_t> entry_slot_;      // [entries] their upper slots, -1 if none
   std::vector<uint32_t> entry_ids_;      // entries_ as uint32 (the beam's id type)
+  std::vector<std::pair<uint32_t, uint64_t>> entry_marks_;  // their visited bits, by word
   std::vector<int64_t> upper_ids_;       // [upper] key of each upper slot (step 7)
   std::unordered_map<int64_t, std::size_t> upper_slot_;  // key -> upper slot
   std::vector<float> upper_keys_;        // [upper, dim] their keys, contiguous

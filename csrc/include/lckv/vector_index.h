@@ -134,6 +134,15 @@ struct VisitedBits {
     w |= bit;
     return seen;
   }
+  // Sets the bits of a fixed id set given as (word index, bits) pairs, one per distinct word
+  // (precomputed: no read-modify-write chain per id).
+  void mark_words(const std::vector<std::pair<uint32_t, uint64_t>>& marks) {
+    for (const auto& [i, bits] : marks) {
+      dirty[n_dirty] = i;
+      n_dirty += words[i] == 0;
+      words[i] |= bits;
+    }
+  }
   // Appends the ids of list[0, n) not visited yet to out (which must have room for n more) and
   // marks them; returns how many it appended.
   std::size_t mark_new(const uint32_t* list, std::size_t n, uint32_t* out) {
