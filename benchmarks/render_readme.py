@@ -16,7 +16,8 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _load(pattern: str) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RESULTS.glob(pattern))]
+    """The result files matching ``pattern``, by name; each dict gets ``_file`` (the file's stem)."""
+    return [{**json.loads(p.read_text()), "_file": p.stem} for p in sorted(RESULTS.glob(pattern))]
 
 
 def _machine(m: dict) -> str:
@@ -75,6 +76,7 @@ def decode() -> str:
         for r in run_["rows"]:
             r.setdefault("threads", run_["machine"].get("torch_threads"))
             r["date"] = run_["machine"].get("date", "?")
+            r["file"] = run_["_file"]
     rows = sorted((r for run_ in runs for r in run_["rows"]), key=lambda r: (r["tokens"], r["threads"], r["policy"] != "full"))
     for r in rows:  # older files name the policy "retrieval" and the index in a field
         if r["policy"] == "retrieval" and r.get("index"):
@@ -84,7 +86,7 @@ def decode() -> str:
             r["policy"] += "-logits"
     table = [[str(r["tokens"]), str(r["threads"]), r["policy"], f"{r['attention_ms']:.2f}", f"{r['attention_speedup']:.1f}x",
               f"{r['step_ms']:.2f}", f"{r['step_over_floor']:.2f}", f"{r['first_step_s']:.1f}", f"{r['resident_mib']:.2f}",
-              f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}", r["date"]] for r in rows]
+              f"{r['host_mib']:.0f}", f"{r['index_mib']:.0f}", f"{r['date']} ({r['file']})"] for r in rows]
     return "\n".join([
         "### Decode latency (`bench_decode.py`)", "",
         f"stories260K, batch 1, CPU; caches filled by a {run['prefill']}; measured on "
@@ -100,7 +102,7 @@ def decode() -> str:
         "Each run measures exact and retrieval with the same thread count; runs on this shared 2-core machine "
         "vary by up to ~1.5x between runs.", "",
         _table(["cached tokens", "threads", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",
-                "first step s", "resident MiB", "host KV MiB", "index MiB", "measured"], table), ""])
+                "first step s", "resident MiB", "host KV MiB", "index MiB", "measured (results file)"], table), ""])
 
 
 def kernels() -> str:
