@@ -61,9 +61,9 @@ void test_kernels(std::mt19937_64& rng) {
 }
 
 void test_row_kernels(std::mt19937_64& rng) {
-  // n not a multiple of the 8-row block; 133 rows = 17 blocks: the AVX2 block kernels' several-
-  // blocks-per-step loops (8 and 4 blocks) and their remainders
-  for (int64_t n : {21, 133})
+  // n not a multiple of the 8-row block; 3, 13 and 17 blocks: every step size of the AVX2 block
+  // kernels (8 / 4 / 2 / 1 blocks for one query, 4 / 2 / 1 for a pair)
+  for (int64_t n : {21, 101, 133})
   for (int64_t dim : {1, 7, 8, 15, 16, 33, 59, 128}) {
     auto q = gaussian(rng, 1, dim, 0.0f, 1.0f);
     auto rows = gaussian(rng, n, dim, 0.0f, 1.0f);

@@ -178,30 +178,34 @@ inline void inner_product_blocks_scalar(const float* query, const float* blocks,
 #ifdef LCKV_X86_DISPATCH
 // Several blocks per step, dim outermost: one block's sum over dim is a chain of dependent FMAs
 // (latency ~4 cycles each), so a block at a time ran at a fraction of the FMA throughput; kB blocks
-// give kB independent chains. Each output is summed in the same order as one block at a time
-// (bitwise the same results).
+// give kB independent chains. Short inputs (a cluster's 1-3 blocks) take steps of 2 and 1. Each
+// output is summed in the same order whatever the step (bitwise the same results).
+template <std::size_t kB>
+__attribute__((target("avx2,fma"))) inline void inner_product_blocks_step_avx2(const float* query, const float* blk,
+                                                                              std::size_t dim, float* out) {
+  const std::size_t stride = dim * 8;
+  __m256 acc[kB];
+  for (std::size_t k = 0; k < kB; ++k) acc[k] = _mm256_setzero_ps();
+  for (std::size_t d = 0; d < dim; ++d) {
+    const __m256 x = _mm256_set1_ps(query[d]);
+    for (std::size_t k = 0; k < kB; ++k) acc[k] = _mm256_fmadd_ps(x, _mm256_loadu_ps(blk + k * stride + d * 8), acc[k]);
+  }
+  for (std::size_t k = 0; k < kB; ++k) _mm256_storeu_ps(out + k * 8, acc[k]);
+}
+
 __attribute__((target("avx2,fma"))) inline void inner_product_blocks_avx2(
     const float* query, const float* blocks, std::size_t n_blocks, std::size_t dim, float* out) {
-  constexpr std::size_t kB = 8;
-  const std::size_t stride = dim * 8;
   std::size_t b = 0;
-  for (; b + kB <= n_blocks; b += kB) {
-    const float* blk = blocks + b * stride;
-    __m256 acc[kB];
-    for (std::size_t k = 0; k < kB; ++k) acc[k] = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; ++d) {
-      const __m256 x = _mm256_set1_ps(query[d]);
-      for (std::size_t k = 0; k < kB; ++k) acc[k] = _mm256_fmadd_ps(x, _mm256_loadu_ps(blk + k * stride + d * 8), acc[k]);
-    }
-    for (std::size_t k = 0; k < kB; ++k) _mm256_storeu_ps(out + (b + k) * 8, acc[k]);
+  for (; b + 8 <= n_blocks; b += 8) inner_product_blocks_step_avx2<8>(query, blocks + b * dim * 8, dim, out + b * 8);
+  if (b + 4 <= n_blocks) {
+    inner_product_blocks_step_avx2<4>(query, blocks + b * dim * 8, dim, out + b * 8);
+    b += 4;
   }
-  for (; b < n_blocks; ++b) {
-    const float* blk = blocks + b * dim * 8;
-    __m256 acc = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; ++d)
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(query[d]), _mm256_loadu_ps(blk + d * 8), acc);
-    _mm256_storeu_ps(out + b * 8, acc);
+  if (b + 2 <= n_blocks) {
+    inner_product_blocks_step_avx2<2>(query, blocks + b * dim * 8, dim, out + b * 8);
+    b += 2;
   }
+  if (b < n_blocks) inner_product_blocks_step_avx2<1>(query, blocks + b * dim * 8, dim, out + b * 8);
 }
 #endif  // LCKV_X86_DISPATCH
 
@@ -218,40 +222,37 @@ inline void inner_product_blocks_pair_scalar(const float* q0, const float* q1, c
 
 #ifdef LCKV_X86_DISPATCH
 // (kB blocks per step as in inner_product_blocks_avx2: 2 * kB independent chains.)
+template <std::size_t kB>
+__attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_step_avx2(
+    const float* q0, const float* q1, const float* blk, std::size_t dim, float* out0, float* out1) {
+  const std::size_t stride = dim * 8;
+  __m256 acc0[kB], acc1[kB];
+  for (std::size_t k = 0; k < kB; ++k) acc0[k] = acc1[k] = _mm256_setzero_ps();
+  for (std::size_t d = 0; d < dim; ++d) {
+    const __m256 x0 = _mm256_set1_ps(q0[d]), x1 = _mm256_set1_ps(q1[d]);
+    for (std::size_t k = 0; k < kB; ++k) {
+      const __m256 x = _mm256_loadu_ps(blk + k * stride + d * 8);
+      acc0[k] = _mm256_fmadd_ps(x0, x, acc0[k]);
+      acc1[k] = _mm256_fmadd_ps(x1, x, acc1[k]);
+    }
+  }
+  for (std::size_t k = 0; k < kB; ++k) {
+    _mm256_storeu_ps(out0 + k * 8, acc0[k]);
+    _mm256_storeu_ps(out1 + k * 8, acc1[k]);
+  }
+}
+
 __attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_avx2(
     const float* q0, const float* q1, const float* blocks, std::size_t n_blocks, std::size_t dim, float* out0,
     float* out1) {
-  constexpr std::size_t kB = 4;
-  const std::size_t stride = dim * 8;
   std::size_t b = 0;
-  for (; b + kB <= n_blocks; b += kB) {
-    const float* blk = blocks + b * stride;
-    __m256 acc0[kB], acc1[kB];
-    for (std::size_t k = 0; k < kB; ++k) acc0[k] = acc1[k] = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; ++d) {
-      const __m256 x0 = _mm256_set1_ps(q0[d]), x1 = _mm256_set1_ps(q1[d]);
-      for (std::size_t k = 0; k < kB; ++k) {
-        const __m256 x = _mm256_loadu_ps(blk + k * stride + d * 8);
-        acc0[k] = _mm256_fmadd_ps(x0, x, acc0[k]);
-        acc1[k] = _mm256_fmadd_ps(x1, x, acc1[k]);
-      }
-    }
-    for (std::size_t k = 0; k < kB; ++k) {
-      _mm256_storeu_ps(out0 + (b + k) * 8, acc0[k]);
-      _mm256_storeu_ps(out1 + (b + k) * 8, acc1[k]);
-    }
+  for (; b + 4 <= n_blocks; b += 4)
+    inner_product_blocks_pair_step_avx2<4>(q0, q1, blocks + b * dim * 8, dim, out0 + b * 8, out1 + b * 8);
+  if (b + 2 <= n_blocks) {
+    inner_product_blocks_pair_step_avx2<2>(q0, q1, blocks + b * dim * 8, dim, out0 + b * 8, out1 + b * 8);
+    b += 2;
   }
-  for (; b < n_blocks; ++b) {
-    const float* blk = blocks + b * dim * 8;
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    for (std::size_t d = 0; d < dim; ++d) {
-      const __m256 x = _mm256_loadu_ps(blk + d * 8);
-      acc0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[d]), x, acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_set1_ps(q1[d]), x, acc1);
-    }
-    _mm256_storeu_ps(out0 + b * 8, acc0);
-    _mm256_storeu_ps(out1 + b * 8, acc1);
-  }
+  if (b < n_blocks) inner_product_blocks_pair_step_avx2<1>(q0, q1, blocks + b * dim * 8, dim, out0 + b * 8, out1 + b * 8);
 }
 #endif  // LCKV_X86_DISPATCH
 
