@@ -144,5 +144,4 @@ inline std::size_t select_top(const float* scores, const uint32_t* ids, std::siz
   return count;
 }
 
-
 }  // namespace lckv
