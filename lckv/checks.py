@@ -55,8 +55,10 @@ def check_attention_inputs(q, k, v, mask=None, scan_kv: bool = True):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to {target}") from None
 
 
-def check_sparse_inputs(q, k, v, indices, scan_kv: bool = True):
-    """Sparse-attention arguments; ``scan_kv`` as in :func:`check_attention_inputs`."""
+def check_sparse_inputs(q, k, v, indices, scan_kv: bool = True, values: bool = True):
+    """Sparse-attention arguments; ``scan_kv`` as in :func:`check_attention_inputs`. ``values=False``
+    checks types, shapes and devices only, for a kernel that itself checks the index range and
+    q's finiteness with the same errors (the C++ op does, in one pass over the data)."""
     check_tensor(q, "q", 3, "[batch, q_heads, head_dim]")
     check_tensor(k, "k", 4, "[batch, kv_heads, seq, head_dim]")
     check_tensor(v, "v", 4, "[batch, kv_heads, seq, head_dim]")
@@ -68,6 +70,8 @@ def check_sparse_inputs(q, k, v, indices, scan_kv: bool = True):
     if indices.shape[:2] != k.shape[:2]:
         raise ValueError(
             f"indices must have shape [batch={batch}, kv_heads={k.shape[1]}, n_selected], got {tuple(indices.shape)}")
+    if not values:
+        return
     if indices.numel():
         lo, hi = int(indices.min()), int(indices.max())
         if lo < -1 or hi >= k.shape[2]:

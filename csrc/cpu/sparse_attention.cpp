@@ -1,5 +1,6 @@
 // Glue for lckv::SparseAttention: argument checks, dtype dispatch (K/V read in place as
 // fp32/fp16/bf16, any batch/head/row strides), fp32 outputs cast to q's dtype, GIL released.
+#include <algorithm>
 #include <cmath>
 
 #include "bind.h"
@@ -26,7 +27,7 @@ void run_typed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tens
                         out.data_ptr<float>(), lse.data_ptr<float>());
 }
 
-// Checks k, v [B, Hkv, S, D] and indices [B, Hkv, n] (int64 in [-1, S)); makes k/v unit-stride
+// Checks k, v [B, Hkv, S, D] and indices [B, Hkv, n] (contiguous int64 in [-1, S)); makes k/v unit-stride
 // along head_dim if needed; returns the problem with q_heads = kv_heads and the default scale.
 SparseAttentionProblem describe_kv(torch::Tensor& k, torch::Tensor& v, const torch::Tensor& idx) {
   check_cpu_float(k, "k");
@@ -43,8 +44,13 @@ SparseAttentionProblem describe_kv(torch::Tensor& k, torch::Tensor& v, const tor
   const int64_t batch = k.size(0), kv_heads = k.size(1), seq = k.size(2), head_dim = k.size(3);
   TORCH_CHECK_VALUE(idx.size(0) == batch && idx.size(1) == kv_heads, "indices must have shape [batch=", batch,
                     ", kv_heads=", kv_heads, ", n_selected], got ", idx.sizes());
-  if (idx.numel() > 0) {
-    const int64_t lo = idx.min().item<int64_t>(), hi = idx.max().item<int64_t>();
+  if (idx.numel() > 0) {  // one pass over the (contiguous) indices instead of two torch reductions
+    const int64_t* values = idx.data_ptr<int64_t>();
+    int64_t lo = values[0], hi = values[0];
+    for (int64_t i = 1; i < idx.numel(); ++i) {
+      lo = std::min(lo, values[i]);
+      hi = std::max(hi, values[i]);
+    }
     TORCH_CHECK_VALUE(lo >= -1 && hi < seq, "indices must lie in [-1, seq=", seq,
                       ") (-1 = no key), got values in [", lo, ", ", hi, "]");
   }
@@ -68,10 +74,18 @@ SparseAttentionProblem describe_kv(torch::Tensor& k, torch::Tensor& v, const tor
   return p;
 }
 
+bool all_finite(const float* x, int64_t n) {
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) finite &= std::isfinite(x[i]);
+  return finite;
+}
+
+// check_values: also reject a non-finite q, and a result that is not finite (out) or NaN/+inf (lse,
+// where -inf means "nothing selected"), which is how NaN/inf in the K/V rows read shows up.
 std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tensor& q,
                                                               torch::Tensor k, torch::Tensor v,
                                                               const torch::Tensor& indices,
-                                                              std::optional<double> scale) {
+                                                              std::optional<double> scale, bool check_values) {
   check_cpu_float(q, "q");
   check_dim(q, "q", 3, "[batch, q_heads, head_dim]");
   check_dim(k, "k", 4, "[batch, kv_heads, seq, head_dim]");
@@ -86,6 +100,7 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tenso
   p.q_heads = q_heads;
   if (scale.has_value()) p.scale = static_cast<float>(*scale);
   const auto qf = q.to(torch::kFloat32).contiguous();
+  TORCH_CHECK_VALUE(!check_values || all_finite(qf.data_ptr<float>(), qf.numel()), "q contains NaN or inf");
 
   auto out = torch::empty({batch, q_heads, head_dim}, q.options().dtype(torch::kFloat32));
   auto lse = torch::empty({batch, q_heads}, q.options().dtype(torch::kFloat32));
@@ -99,6 +114,13 @@ std::tuple<torch::Tensor, torch::Tensor> sparse_attention_cpu(const torch::Tenso
     default:
       run_typed<at::BFloat16, bfloat16_bits>(qf, k, v, idx, p, out, lse);
       break;
+  }
+  if (check_values) {
+    const float* l = lse.data_ptr<float>();
+    bool lse_ok = true;
+    for (int64_t i = 0; i < lse.numel(); ++i) lse_ok &= !(std::isnan(l[i]) || l[i] == INFINITY);
+    TORCH_CHECK_VALUE(lse_ok && all_finite(out.data_ptr<float>(), out.numel()),
+                      "k or v contains NaN or inf in the rows this op read");
   }
   return {out.to(q.scalar_type()), lse};
 }
@@ -125,9 +147,11 @@ uint64_t read_selected_rows_cpu(torch::Tensor k, torch::Tensor v, const torch::T
 void bind_sparse_attention(pybind11::module_& m) {
   m.def("sparse_attention_with_lse", &sparse_attention_cpu, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("indices"), pybind11::arg("scale") = pybind11::none(),
+        pybind11::arg("check_values") = false,
         "Decode sparse attention over per-kv-head gathered rows: q [B, Hq, D], k/v [B, Hkv, S, D] "
         "(fp32/fp16/bf16, any strides with unit head_dim stride), indices [B, Hkv, n] int64 "
-        "(-1 = none) -> (out [B, Hq, D] in q's dtype, lse [B, Hq] float32).");
+        "(-1 = none) -> (out [B, Hq, D] in q's dtype, lse [B, Hq] float32). check_values=True also raises "
+        "ValueError for a non-finite q and for NaN/inf in the rows read (seen in the result).");
   m.def("sparse_attention_read_rows", &read_selected_rows_cpu, pybind11::arg("k"), pybind11::arg("v"),
         pybind11::arg("indices"),
         "Benchmark probe: reads the K/V rows sparse_attention_with_lse(q, k, v, indices) reads, with the "

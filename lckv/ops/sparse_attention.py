@@ -6,6 +6,7 @@ import torch
 from lckv import reference
 from lckv._extension import compiled
 from lckv.backends import resolve_backend
+from lckv.checks import check_sparse_inputs
 from lckv.ops._common import check_result, check_sparse_args, default_scale, next_power_of_2
 
 __all__ = ["sparse_attention_with_lse"]
@@ -39,8 +40,8 @@ def _triton(q, k, v, indices, scale):
     return out.to(q.dtype), lse
 
 
-def _cpu(q, k, v, indices, scale):
-    return compiled("sparse_attention_with_lse").sparse_attention_with_lse(q, k, v, indices, scale)
+def _cpu(q, k, v, indices, scale, check_values: bool = False):
+    return compiled("sparse_attention_with_lse").sparse_attention_with_lse(q, k, v, indices, scale, check_values)
 
 
 _BACKENDS = {"triton": _triton, "cpu": _cpu}
@@ -78,6 +79,9 @@ def sparse_attention_with_lse(q, k, v, indices, scale=None, backend: str = "auto
     name = resolve_backend("sparse_attention_with_lse", q.device if isinstance(q, torch.Tensor) else "cpu", backend)
     if name == "reference":
         return reference.sparse_attention_with_lse(q, k, v, indices, scale=scale)
+    if name == "cpu":  # the C++ op checks the index range, q and its result in its own passes
+        check_sparse_inputs(q, k, v, indices, scan_kv=False, values=False)
+        return _cpu(q, k, v, indices, scale, check_values=True)
     check_sparse_args(q, k, v, indices)
     out, lse = _BACKENDS[name](q, k, v, indices, scale)
     return check_result(out, lse, "k or v")

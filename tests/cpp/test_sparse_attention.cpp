@@ -40,14 +40,14 @@ template <>
 lckv::bfloat16_bits store<lckv::bfloat16_bits>(float x) { return {float_to_bf16_bits(x)}; }
 
 template <typename T>
-void check_random_problem(std::mt19937& rng, bool allow_simd) {
+void check_random_problem(std::mt19937& rng, bool allow_simd, bool allow_wide) {
   std::uniform_int_distribution<int> pick(0, 1 << 20);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   lckv::SparseAttentionProblem p;
   p.batch = 1 + pick(rng) % 3;
   p.kv_heads = 1 + pick(rng) % 3;
-  const int groups[] = {1, 2, 4, 7};
-  p.q_heads = p.kv_heads * groups[pick(rng) % 4];
+  const int groups[] = {1, 2, 4, 7, 8};  // quads of heads, a pair and a lone head, two quads
+  p.q_heads = p.kv_heads * groups[pick(rng) % 5];
   const int dims[] = {1, 8, 24, 59, 64, 111, 128, 256};  // multiples of 8 take the AVX2 intrinsics path
   p.head_dim = dims[pick(rng) % 8];
   p.seq = 1 + pick(rng) % 200;
@@ -72,7 +72,7 @@ void check_random_problem(std::mt19937& rng, bool allow_simd) {
   for (auto& i : idx) i = (all_padding || pick(rng) % 5 == 0) ? -1 : pick(rng) % p.seq;
 
   std::vector<float> out(q.size(), 123.0f), lse(size_t(p.batch * p.q_heads), 123.0f);
-  lckv::SparseAttention<T> kernel(allow_simd);
+  lckv::SparseAttention<T> kernel(allow_simd, allow_wide);
   kernel.run(q.data(), k.data(), v.data(), idx.data(), p, out.data(), lse.data());
 
   const int64_t group = p.q_heads / p.kv_heads;
@@ -82,7 +82,7 @@ void check_random_problem(std::mt19937& rng, bool allow_simd) {
   std::vector<float> head_lse(static_cast<size_t>(group));
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
-      if (!allow_simd) continue;  // sparse_attention_kv_head always uses the process-wide SIMD choice
+      if (!allow_simd || !allow_wide) continue;  // sparse_attention_kv_head uses the process-wide SIMD choice
       const int64_t q_offset = (b * p.q_heads + h * group) * p.head_dim;
       lckv::sparse_attention_kv_head(q.data() + q_offset, group, p.head_dim,
                                      k.data() + b * p.k_stride_b + h * p.k_stride_h, p.k_stride_s,
@@ -197,10 +197,11 @@ int main() {
   check_conversions_and_exp();
   check_vector_exp();
   for (int trial = 0; trial < 60; ++trial) {
-    for (bool simd : {false, true}) {
-      check_random_problem<float>(rng, simd);
-      check_random_problem<lckv::half_bits>(rng, simd);
-      check_random_problem<lckv::bfloat16_bits>(rng, simd);
+    for (int mode = 0; mode < 3; ++mode) {  // portable, AVX2 with 16 registers, the default choice
+      const bool simd = mode > 0, wide = mode == 2;
+      check_random_problem<float>(rng, simd, wide);
+      check_random_problem<lckv::half_bits>(rng, simd, wide);
+      check_random_problem<lckv::bfloat16_bits>(rng, simd, wide);
     }
   }
   std::printf("simd path on this machine: %s\n", lckv::SparseAttention<float>().simd_name());

@@ -12,11 +12,13 @@
 // (random gathers defeat the hardware prefetchers). The portable inner loops are written for the
 // compiler to vectorise (`omp simd` reductions, branch-free fp16 conversion, a polynomial exp); on
 // x86 an AVX2+FMA+F16C path is selected once at start-up (hand-written intrinsics for head_dim a
-// multiple of 8, the portable loops compiled for AVX2 otherwise), with the portable build as the
-// fallback. sparse_attention_kv_head() runs one kv head's query group on its own (no OpenMP) for
+// multiple of 8, the portable loops compiled for AVX2 otherwise; where AVX-512VL exists the same
+// code is compiled again with 32 vector registers and wider register blocks), with the portable
+// build as the fallback. sparse_attention_kv_head() runs one kv head's query group on its own (no OpenMP) for
 // callers that parallelise themselves.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -352,6 +354,8 @@ void attend_group_portable(const float* q, const T* k, const T* v, const int64_t
 
 #ifdef LCKV_HAVE_AVX2_DISPATCH
 #define LCKV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+// The same AVX2 code compiled with AVX-512VL encodings allowed: 32 vector registers instead of 16.
+#define LCKV_TARGET_AVX2_WIDE __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 
 // 8 consecutive row elements as fp32, converted in registers.
 LCKV_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -437,14 +441,50 @@ LCKV_TARGET_AVX2 inline void softmax_in_place8(float* scores, int64_t group, int
   }
 }
 
+// out[h, :] += sum_j probs[h * prob_stride + j] * rows[j][:] for the H heads h < H and the `count`
+// rows j, in row order (one FMA chain per output element). The output is walked in chunks of V
+// vectors; a chunk's H x V sums stay in registers for all the rows (H * V independent FMA chains,
+// no load/store of the sums per row), and each loaded row vector is used by all H heads.
+template <int H, int V, typename T>
+LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void weighted_rows_chunk(const T* const* rows, int64_t count, const float* probs,
+                                                             int64_t prob_stride, float* out, int64_t dim,
+                                                             int64_t c) {
+  __m256 sums[H][V];
+  for (int h = 0; h < H; ++h)
+    for (int v = 0; v < V; ++v) sums[h][v] = _mm256_loadu_ps(out + h * dim + c + 8 * v);
+  for (int64_t j = 0; j < count; ++j) {
+    __m256 x[V];
+    for (int v = 0; v < V; ++v) x[v] = load8(rows[j] + c + 8 * v);
+    for (int h = 0; h < H; ++h) {
+      const __m256 w = _mm256_broadcast_ss(probs + h * prob_stride + j);
+      for (int v = 0; v < V; ++v) sums[h][v] = _mm256_fmadd_ps(w, x[v], sums[h][v]);
+    }
+  }
+  for (int h = 0; h < H; ++h)
+    for (int v = 0; v < V; ++v) _mm256_storeu_ps(out + h * dim + c + 8 * v, sums[h][v]);
+}
+
+template <int H, int V, typename T>
+LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void weighted_rows(const T* const* rows, int64_t count, const float* probs,
+                                                       int64_t prob_stride, float* out, int64_t dim) {
+  int64_t c = 0;
+  for (; c + 8 * V <= dim; c += 8 * V) weighted_rows_chunk<H, V>(rows, count, probs, prob_stride, out, dim, c);
+  for (; c < dim; c += 8) weighted_rows_chunk<H, 1>(rows, count, probs, prob_stride, out, dim, c);
+}
+
 // The AVX2 task for head_dim % 8 == 0 (64, 128, 256, ...): same two passes as attend_group_impl,
-// but rows are converted in registers (no staging buffer), the eight dot products of a
-// (2 heads x 4 rows) block are reduced together (sum8), the softmax runs on 8 lanes, and the tail
-// tile reads a zero row.
-template <typename T>
-LCKV_TARGET_AVX2 void attend_group_avx2_dim8(const float* q_group, const T* k_head, const T* v_head,
-                                             const int64_t* idx, const SparseAttentionProblem& p,
-                                             float* out_group, float* lse_group, GroupScratch& scratch) {
+// but rows are converted in registers (no staging buffer), the dot products of a (heads x 4 rows)
+// block are reduced together (sum8), the softmax runs on 8 lanes, and the tail tile reads a zero
+// row. Both passes are FMA-bound once the rows are in cache, so the blocks are sized to keep the
+// FMA units busy: kWide (32 vector registers, AVX-512VL encodings) scores 4 heads x 4 rows at once
+// (16 independent accumulators, each converted row vector used 4 times), otherwise 2 heads x 4
+// rows; the V pass keeps (heads x chunk of the output) sums in registers across a whole prefetch
+// batch of rows (weighted_rows) instead of loading and storing the output for every 4 rows.
+template <bool kWide, typename T>
+LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_group, const T* k_head,
+                                                                const T* v_head, const int64_t* idx,
+                                                                const SparseAttentionProblem& p, float* out_group,
+                                                                float* lse_group, GroupScratch& scratch) {
   constexpr int64_t kTile = 4;
   static_assert(kPrefetchBatch % kTile == 0, "prefetch batches start on tile boundaries");
   const int64_t group = p.q_heads / p.kv_heads, n = p.n_selected, dim = p.head_dim;
@@ -465,12 +505,32 @@ LCKV_TARGET_AVX2 void attend_group_avx2_dim8(const float* q_group, const T* k_he
     }
   };
 
-  // Pass 1: scores of 4 rows x 2 heads per step (a lone last head reuses the pair code's reduction).
+  // Pass 1: scores of 4 rows x 4 heads (kWide), then 4 rows x 2 heads per step (a lone last head
+  // reuses the pair code's reduction).
   prefetch_rows(k_head, p.k_stride_s, idx, 0, kPrefetchBatch, n, dim);
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
     const T* r[kTile];
     tile(k_head, p.k_stride_s, j0, r);
-    for (int64_t g = 0; g < group; g += 2) {
+    int64_t g = 0;
+    for (; kWide && g + 4 <= group; g += 4) {  // 4 heads x 4 rows: 16 independent accumulators
+      const float* q0 = q_group + g * dim;
+      __m256 acc[4][kTile];
+      for (int h = 0; h < 4; ++h)
+        for (int u = 0; u < kTile; ++u) acc[h][u] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 8) {
+        for (int u = 0; u < kTile; ++u) {
+          const __m256 x = load8(r[u] + d);
+          for (int h = 0; h < 4; ++h) acc[h][u] = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + h * dim + d), x, acc[h][u]);
+        }
+      }
+      const __m256 s01 = sum8(acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1], acc[1][2], acc[1][3]);
+      const __m256 s23 = sum8(acc[2][0], acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1], acc[3][2], acc[3][3]);
+      _mm_storeu_ps(scores + g * stride + j0, _mm256_castps256_ps128(s01));
+      _mm_storeu_ps(scores + (g + 1) * stride + j0, _mm256_extractf128_ps(s01, 1));
+      _mm_storeu_ps(scores + (g + 2) * stride + j0, _mm256_castps256_ps128(s23));
+      _mm_storeu_ps(scores + (g + 3) * stride + j0, _mm256_extractf128_ps(s23, 1));
+    }
+    for (; g < group; g += 2) {
       const bool pair = g + 1 < group;
       const float* qa = q_group + g * dim;
       const float* qb = pair ? qa + dim : qa;
@@ -500,38 +560,23 @@ LCKV_TARGET_AVX2 void attend_group_avx2_dim8(const float* q_group, const T* k_he
   prefetch_rows(v_head, p.v_stride_s, idx, 0, kPrefetchBatch, n, dim);  // overlaps the softmax
   softmax_in_place8(scores, group, stride, lse_group);
 
-  // Pass 2: out += p * v, 4 rows x 2 heads per step; probabilities of padding rows are 0.
-  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
-    const T* r[kTile];
-    tile(v_head, p.v_stride_s, j0, r);
-    for (int64_t g = 0; g < group; g += 2) {
-      const bool pair = g + 1 < group;
-      const float* pa = scores + g * stride + j0;
-      const float* pb = pair ? pa + stride : pa;
-      const __m256 wa0 = _mm256_broadcast_ss(pa), wa1 = _mm256_broadcast_ss(pa + 1),
-                   wa2 = _mm256_broadcast_ss(pa + 2), wa3 = _mm256_broadcast_ss(pa + 3);
-      const __m256 wb0 = _mm256_broadcast_ss(pb), wb1 = _mm256_broadcast_ss(pb + 1),
-                   wb2 = _mm256_broadcast_ss(pb + 2), wb3 = _mm256_broadcast_ss(pb + 3);
-      float* oa = acc + g * dim;
-      float* ob = pair ? oa + dim : nullptr;
-      for (int64_t d = 0; d < dim; d += 8) {
-        const __m256 x0 = load8(r[0] + d), x1 = load8(r[1] + d), x2 = load8(r[2] + d), x3 = load8(r[3] + d);
-        __m256 va = _mm256_loadu_ps(oa + d);
-        va = _mm256_fmadd_ps(wa0, x0, va);
-        va = _mm256_fmadd_ps(wa1, x1, va);
-        va = _mm256_fmadd_ps(wa2, x2, va);
-        va = _mm256_fmadd_ps(wa3, x3, va);
-        _mm256_storeu_ps(oa + d, va);
-        if (pair) {
-          __m256 vb = _mm256_loadu_ps(ob + d);
-          vb = _mm256_fmadd_ps(wb0, x0, vb);
-          vb = _mm256_fmadd_ps(wb1, x1, vb);
-          vb = _mm256_fmadd_ps(wb2, x2, vb);
-          vb = _mm256_fmadd_ps(wb3, x3, vb);
-          _mm256_storeu_ps(ob + d, vb);
-        }
-      }
+  // Pass 2: out += p * v over batches of kPrefetchBatch rows (the next batch prefetched), for 4, 2
+  // or 1 query heads at a time; padding rows read the zero row with probability 0.
+  const T* batch_rows[kPrefetchBatch];
+  for (int64_t j0 = 0; j0 < n; j0 += kPrefetchBatch) {
+    prefetch_rows(v_head, p.v_stride_s, idx, j0 + kPrefetchBatch, j0 + 2 * kPrefetchBatch, n, dim);
+    const int64_t count = std::min(kPrefetchBatch, n - j0);
+    for (int64_t u = 0; u < count; ++u) {
+      batch_rows[u] = idx[j0 + u] >= 0 ? v_head + idx[j0 + u] * p.v_stride_s : zero_row;
     }
+    int64_t g = 0;
+    for (; g + 4 <= group; g += 4) {
+      weighted_rows<4, kWide ? 4 : 2>(batch_rows, count, scores + g * stride + j0, stride, acc + g * dim, dim);
+    }
+    for (; g + 2 <= group; g += 2) {
+      weighted_rows<2, 4>(batch_rows, count, scores + g * stride + j0, stride, acc + g * dim, dim);
+    }
+    if (g < group) weighted_rows<1, 4>(batch_rows, count, scores + g * stride + j0, stride, acc + g * dim, dim);
   }
   std::memcpy(out_group, acc, sizeof(float) * size_t(group * dim));  // zeros for an empty group
 }
@@ -541,7 +586,19 @@ LCKV_TARGET_AVX2 void attend_group_avx2(const float* q, const T* k, const T* v, 
                                         const SparseAttentionProblem& p, float* out, float* lse,
                                         GroupScratch& scratch) {
   if (p.head_dim % 8 == 0) {
-    attend_group_avx2_dim8(q, k, v, idx, p, out, lse, scratch);
+    attend_group_avx2_dim8<false>(q, k, v, idx, p, out, lse, scratch);
+  } else {
+    attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
+  }
+}
+
+// attend_group_avx2 with 32 vector registers (CPUs with AVX-512VL): wider register blocks.
+template <typename T>
+LCKV_TARGET_AVX2_WIDE void attend_group_avx2_wide(const float* q, const T* k, const T* v, const int64_t* idx,
+                                                  const SparseAttentionProblem& p, float* out, float* lse,
+                                                  GroupScratch& scratch) {
+  if (p.head_dim % 8 == 0) {
+    attend_group_avx2_dim8<true>(q, k, v, idx, p, out, lse, scratch);
   } else {
     attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
   }
@@ -554,7 +611,9 @@ LCKV_TARGET_AVX2 void attend_group_avx2(const float* q, const T* k, const T* v, 
 template <typename T>
 class SparseAttention {
  public:
-  explicit SparseAttention(bool allow_simd = true) {
+  // allow_simd = false forces the portable loops; allow_wide = false keeps the AVX2 path to 16
+  // vector registers even where AVX-512VL offers 32 (both for tests and comparisons).
+  explicit SparseAttention(bool allow_simd = true, bool allow_wide = true) {
     attend_ = &detail::attend_group_portable<T>;
     simd_name_ = "portable";
 #ifdef LCKV_HAVE_AVX2_DISPATCH
@@ -562,9 +621,14 @@ class SparseAttention {
         __builtin_cpu_supports("f16c")) {
       attend_ = &detail::attend_group_avx2<T>;
       simd_name_ = "avx2+fma+f16c";
+      if (allow_wide && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+        attend_ = &detail::attend_group_avx2_wide<T>;
+        simd_name_ = "avx2+fma+f16c (32 registers, avx512vl)";
+      }
     }
 #else
     (void)allow_simd;
+    (void)allow_wide;
 #endif
   }
 
