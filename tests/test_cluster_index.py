@@ -1,5 +1,6 @@
 """lckv.index.ClusterIndex: exact when the scan covers every key, recall at large k against exact
 top-k, segment-wise clustering of added keys, and its settings' errors."""
+import math
 import os
 
 import pytest
@@ -43,15 +44,18 @@ def test_scan_covering_every_key_is_exact(dim):
     assert bool((n_scored == 3000 + index.n_clusters).all()), f"seed {seed}"
 
 
+@pytest.mark.parametrize("supers", [False, True])
 @pytest.mark.parametrize("k", [64, 700])
-def test_search_follows_the_documented_rule(k):
+def test_search_follows_the_documented_rule(k, supers):
     """Oracle of the search rule, at a size where the best clusters are picked through a sampled
     score threshold (>= 4096 clusters): clusters in descending centroid score until scan * k keys
-    are scanned, then the exact top-k of those keys and of the unclustered tail."""
+    are scanned, then the exact top-k of those keys and of the unclustered tail. With
+    super-clusters the same clusters are scanned; only fewer centroids are scored."""
     seed = fresh_seed()
     keys, queries = topic_stream(72000, 6, 8, seed)
-    index = ClusterIndex(8, cluster_size=16, segment=8192).build(keys)
-    assert index.n_clusters >= 4096
+    index = ClusterIndex(8, cluster_size=16, segment=8192, super_size=16 if supers else 0, super_span=1024).build(keys)
+    assert index.n_clusters >= 4096 and (index.n_supers > 0) == supers
+    loose = int((index.super_assignments() < 0).sum()) if supers else index.n_clusters
     scan = 2.0
     scores, ids, n_scored = index.search(queries, k, scan=scan)
     centroids, assign = index.centroids().double(), index.assignments()
@@ -69,7 +73,11 @@ def test_search_follows_the_documented_rule(k):
         want = pool_scores.topk(k).values.float()
         torch.testing.assert_close(scores[i], want, atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
         assert bool(torch.isin(ids[i], pool).all()), f"seed {seed}"
-        assert int(n_scored[i]) == index.n_clusters + int(sizes[order[:taken]].sum()) + len(tail), f"seed {seed}"
+        scanned = int(sizes[order[:taken]].sum()) + len(tail)
+        if supers:  # the super means, the loose clusters, some of the others, the keys scanned
+            assert index.n_supers + loose + scanned <= int(n_scored[i]) <= index.n_supers + index.n_clusters + scanned
+        else:
+            assert int(n_scored[i]) == index.n_clusters + scanned, f"seed {seed}"
 
 
 # (k, scan): small k needs a larger scan factor (its top-k spreads over more clusters than k / 32).
@@ -141,6 +149,11 @@ def test_settings_errors():
         ClusterIndex(8, cluster_size=64, segment=32)
     with pytest.raises(ValueError, match="n_iters must be >= 0"):
         ClusterIndex(8, n_iters=-1)
+    with pytest.raises(ValueError, match="super_size must be >= 0"):
+        ClusterIndex(8, super_size=-1)
+    for span in (100, 32):  # not a multiple of 8; below super_size
+        with pytest.raises(ValueError, match="super_span must be a multiple of 8 and >= super_size"):
+            ClusterIndex(8, super_size=64, super_span=span)
     index = ClusterIndex(8).build(torch.randn(100, 8))
     for bad in (0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scan must be a finite number >= 1"):
@@ -170,20 +183,24 @@ def group_rule_oracle(index, keys, queries, k, scan, scale):
     return (logits - lse).exp().sum(0), cand, close
 
 
+@pytest.mark.parametrize("supers", [False, True])
 @pytest.mark.parametrize("group,k", [(1, 40), (2, 300), (4, 700)])
-def test_group_search_follows_the_documented_rule(group, k):
+def test_group_search_follows_the_documented_rule(group, k, supers):
     """search_group against its float64 oracle at a size where clusters are picked through the
-    sampled threshold; keys in topic runs, the group's heads looking at different topics."""
+    sampled threshold; keys in topic runs, the group's heads looking at different topics. With
+    super-clusters and expand = 1 every super is opened: the same rule, exactly."""
     seed = fresh_seed()
     keys, queries = topic_stream(72000 + 777, 3 * group, 8, seed)  # 777 keys stay in the tail
-    index = ClusterIndex(8, cluster_size=16, segment=8192).build(keys[:72000])
+    index = ClusterIndex(8, cluster_size=16, segment=8192, super_size=16 if supers else 0,
+                         super_span=1024).build(keys[:72000])
+    extra = {"expand": 1.0} if supers else {}
     index.add(keys[72000:])
     assert index.n_clusters >= 4096 and index.n_clustered == 72000
     scale, scan = 8 ** -0.5, 2.0
     checked = 0
     for i in range(3):
         q = queries[i * group:(i + 1) * group].contiguous()
-        probs, ids, n_scored = index.search_group(q, k, scale, scan=scan)
+        probs, ids, n_scored = index.search_group(q, k, scale, scan=scan, **extra)
         mass, cand, close = group_rule_oracle(index, keys, q, k, scan, scale)
         if close:
             continue
@@ -194,8 +211,8 @@ def test_group_search_follows_the_documented_rule(group, k):
         # the ids carry the probabilities reported (ties at the boundary may swap equal-mass keys)
         got = mass[torch.searchsorted(cand, ids)]
         torch.testing.assert_close(got, probs.double(), atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
-        assert n_scored == group * (index.n_clusters + cand.numel()), f"seed {seed}"
-        probs_u, ids_u, _ = index.search_group(q, k, scale, scan=scan, sort=False)  # the same top k, unordered
+        assert n_scored == group * (index.n_supers + index.n_clusters + cand.numel()), f"seed {seed}"
+        probs_u, ids_u, _ = index.search_group(q, k, scale, scan=scan, sort=False, **extra)  # unordered
         order = torch.argsort(ids_u)
         assert torch.equal(ids_u[order], ids.sort().values), f"seed {seed}"
         torch.testing.assert_close(probs_u[order], probs[torch.argsort(ids)], msg=f"seed {seed}")
@@ -254,7 +271,126 @@ def test_group_search_errors():
         index.search_group(q, 5, 0.5, ef=3)
     with pytest.raises(ValueError, match="scan must be a finite number >= 1"):
         index.search_group(q, 5, 0.5, scan=0.5)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"expand must be a fraction in \(0, 1\]"):
+            index.search_group(q, 5, 0.5, expand=bad)
+        with pytest.raises(ValueError, match=r"expand must be a fraction in \(0, 1\]"):
+            index.search(q, 5, expand=bad)
     with pytest.raises(EmptyIndexError, match="empty index"):
         ClusterIndex(8).search_group(q, 5, 0.5)
     with pytest.raises(TypeError, match="ClusterIndex"):
         search_groups([GraphIndex(8).build(torch.randn(300, 8))], q[None], 5, 0.5)
+
+
+def super_rule_oracle(index, keys, queries, k, scan, scale, expand):
+    """float64 oracle of search_group with super-clusters (cluster_index.h, choose_clusters_by_supers):
+    bound_g(s) = q_g . mean_s + |q_g| radius_s; open each head's best ceil(expand * S) supers by
+    bound (plus the loose clusters); each head's picks among the opened clusters give its last
+    picked score, and every super whose bound reaches it for some head is opened too; the final
+    picks (clusters in descending score until scan * k keys) and candidates follow; the rest of a
+    head is the opened clusters not chosen (exactly) plus each unopened super as its keys at its
+    mean. Returns (mass of every candidate, candidate ids, boundary-is-close flag)."""
+    centroids, assign = index.centroids().double(), index.assignments()
+    sizes = torch.bincount(assign[assign >= 0], minlength=index.n_clusters).double()
+    sup, means, radii = index.super_assignments(), index.super_means().double(), index.super_radii().double()
+    n_sup, loose = means.shape[0], sup < 0
+    sup_keys = torch.zeros(n_sup, dtype=torch.float64).index_add_(0, sup[~loose], sizes[~loose])
+    q = queries.double()
+    c_scores = q @ centroids.T
+    bound = q @ means.T + q.norm(dim=1, keepdim=True) * radii
+    want, close = scan * k, False
+    first = min(n_sup, max(1, math.ceil(expand * n_sup)))
+    opened = torch.zeros(n_sup, dtype=torch.bool)
+    for g in range(q.shape[0]):
+        order = torch.sort(-bound[g], stable=True).indices
+        opened[order[:first]] = True
+        close |= first < n_sup and float(bound[g, order[first - 1]] - bound[g, order[first]]) < 1e-4
+
+    def picks(g):
+        scored = (loose | opened[sup.clamp(min=0)]).nonzero().flatten()
+        order = scored[torch.sort(-c_scores[g, scored], stable=True).indices]
+        taken = min(int((sizes[order].cumsum(0) < want).sum()) + 1, len(order))
+        gap = len(order) > taken and float(c_scores[g, order[taken - 1]] - c_scores[g, order[taken]]) < 1e-4
+        return order[:taken], bool(sizes[order[:taken]].sum() >= want), gap
+
+    more = torch.zeros(n_sup, dtype=torch.bool)
+    for g in range(q.shape[0]):
+        chosen_g, full, gap = picks(g)
+        close |= gap
+        last = float(c_scores[g, chosen_g[-1]]) if full else -math.inf
+        more |= ~opened & (bound[g] >= last)
+        close |= bool((~opened & ((bound[g] - last).abs() < 1e-4)).any())
+    opened |= more
+    chosen = torch.zeros(index.n_clusters, dtype=torch.bool)
+    for g in range(q.shape[0]):
+        chosen_g, _, gap = picks(g)
+        close |= gap
+        chosen[chosen_g] = True
+    scored = loose | opened[sup.clamp(min=0)]
+    cand = ((assign < 0) | chosen[assign.clamp(min=0)]).nonzero().flatten()
+    logits = scale * (q @ keys[cand].double().T)
+    rest_clusters = scored & ~chosen
+    rest = torch.cat([scale * c_scores[:, rest_clusters] + sizes[rest_clusters].log(),
+                      scale * (q @ means[~opened].T) + sup_keys[~opened].log()], 1)
+    lse = torch.logsumexp(torch.cat([logits, rest], 1), 1, keepdim=True)
+    return (logits - lse).exp().sum(0), cand, close
+
+
+@pytest.mark.parametrize("group,k,expand", [(1, 40, 0.1), (2, 300, 0.1), (4, 700, 0.3)])
+def test_group_search_with_supers_follows_the_documented_rule(group, k, expand):
+    """search_group over super-clusters against its float64 oracle (the rest of each head partly at
+    super-cluster means), and the same candidates as a search over every centroid."""
+    seed = fresh_seed()
+    keys, queries = topic_stream(72000 + 777, 3 * group, 8, seed)
+    index = ClusterIndex(8, cluster_size=16, segment=8192, super_size=16, super_span=1024).build(keys[:72000])
+    index.add(keys[72000:])
+    flat = ClusterIndex(8, cluster_size=16, segment=8192, super_size=0).build(keys[:72000])
+    flat.add(keys[72000:])
+    assert index.n_supers >= 200 and int((index.super_assignments() < 0).sum()) > 0  # loose clusters too
+    scale, scan = 8 ** -0.5, 2.0
+    checked = 0
+    for i in range(3):
+        q = queries[i * group:(i + 1) * group].contiguous()
+        probs, ids, n_scored = index.search_group(q, k, scale, scan=scan, expand=expand)
+        mass, cand, close = super_rule_oracle(index, keys, q, k, scan, scale, expand)
+        if close:
+            continue
+        checked += 1
+        torch.testing.assert_close(probs.double(), mass.topk(k).values, atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
+        got = mass[torch.searchsorted(cand, ids)]
+        torch.testing.assert_close(got, probs.double(), atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
+        assert bool(torch.isin(ids, cand).all()) and ids.unique().numel() == k, f"seed {seed}"
+        _, flat_cand, flat_close = group_rule_oracle(flat, keys, q, k, scan, scale)
+        if not flat_close:  # the same clusters scanned as over every centroid: the same candidates
+            assert torch.equal(flat_cand, cand), f"seed {seed}"
+        _, _, flat_scored = flat.search_group(q, k, scale, scan=scan)
+        assert n_scored < flat_scored, f"seed {seed}"
+    assert checked >= 1, f"seed {seed}: every draw hit a float32/float64 boundary tie"
+
+
+def test_supers_form_as_clusters_arrive():
+    """Super-clusters are made one span of clusters at a time (clusters of a partial span stay
+    loose), as build() and add() cluster the keys; every member centroid lies within its super's
+    radius of the mean; plain searches return what a search over every centroid returns."""
+    seed = fresh_seed()
+    keys, queries = topic_stream(40000, 8, 8, seed)
+    index = ClusterIndex(8, cluster_size=16, segment=2048, super_size=16, super_span=256).build(keys[:10000])
+    flat = ClusterIndex(8, cluster_size=16, segment=2048, super_size=0).build(keys[:10000])
+    seen = []
+    for lo in range(10000, 40000, 6000):
+        for ix in (index, flat):
+            ix.add(keys[lo:lo + 6000])
+        sup = index.super_assignments()
+        spanned = index.n_clusters // 256 * 256
+        assert bool((sup[:spanned] >= 0).all()) and bool((sup[spanned:] < 0).all()), f"seed {seed}"
+        assert index.n_supers == int(sup.max()) + 1 if spanned else index.n_supers == 0
+        seen.append(index.n_supers)
+        centroids, means, radii = index.centroids().double(), index.super_means().double(), index.super_radii().double()
+        dist = (centroids[:spanned] - means[sup[:spanned]]).norm(dim=1)
+        assert bool((dist <= radii[sup[:spanned]]).all()), f"seed {seed}"
+        assert torch.equal(index.centroids(), flat.centroids())  # supers never change the clusters
+        for k in (20, 300):
+            s_sup, i_sup, n_sup = index.search(queries, k)
+            s_flat, i_flat, n_flat = flat.search(queries, k)
+            assert torch.equal(i_sup, i_flat) and torch.equal(s_sup, s_flat), f"seed {seed}"
+    assert seen == sorted(seen) and seen[-1] > seen[0] > 0, f"seed {seed}: {seen}"

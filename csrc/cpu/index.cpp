@@ -40,12 +40,15 @@ void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const ch
 
 void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
 
-SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = 0) {
+SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = 0, double expand = 0.1) {
   TORCH_CHECK_VALUE(ef > 0, "ef must be positive, got ", ef);
   TORCH_CHECK_VALUE(upper_ef >= 0, "upper_ef must be >= 0 (0: the index's build setting), got ", upper_ef);
   TORCH_CHECK_VALUE(nprobe > 0, "nprobe must be positive, got ", nprobe);
   TORCH_CHECK_VALUE(std::isfinite(scan) && scan >= 1.0, "scan must be a finite number >= 1, got ", scan);
+  TORCH_CHECK_VALUE(std::isfinite(expand) && expand > 0.0 && expand <= 1.0,
+                    "expand must be a fraction in (0, 1], got ", expand);
   SearchParams params;
+  params.expand = expand;
   params.ef = ef;
   params.nprobe = nprobe;
   params.scan = scan;
@@ -75,10 +78,10 @@ void build_from_keys(KeyIndex& self, const torch::Tensor& keys) {
 }
 
 Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k, int64_t ef,
-              int64_t nprobe, double scan, int64_t upper_ef) {
+              int64_t nprobe, double scan, int64_t upper_ef, double expand) {
   check_rows(queries, "queries", 2, "[n_queries, head_dim]", index.dim());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe, scan, upper_ef);
+  const SearchParams params = make_params(ef, nprobe, scan, upper_ef, expand);
   TORCH_CHECK_VALUE(index.size() > 0, "search on an empty index: build() or add() keys first");
   const int64_t m = queries.size(0);
   auto scores = torch::empty({m, k}, torch::kFloat32);
@@ -94,14 +97,14 @@ Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k,
 
 Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
                        const torch::Tensor& queries, int64_t k, int64_t ef, int64_t nprobe,
-                       double scan, int64_t upper_ef) {
+                       double scan, int64_t upper_ef, double expand) {
   TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
   const int64_t dim = heads[0]->dim();
   check_rows(queries, "queries", 3, "[heads, n_queries, head_dim]", dim);
   TORCH_CHECK_VALUE(queries.size(0) == static_cast<int64_t>(heads.size()), "queries must have ",
                     heads.size(), " heads (one per index) in dim 0, got shape ", queries.sizes());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe, scan, upper_ef);
+  const SearchParams params = make_params(ef, nprobe, scan, upper_ef, expand);
   std::vector<const VectorIndex*> raw;
   for (std::size_t h = 0; h < heads.size(); ++h) {
     TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
@@ -145,7 +148,7 @@ void add_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads, const 
 
 // ClusterIndex::search_group for every head: heads[h] gets queries[h] ([heads, group, dim]).
 Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads, const torch::Tensor& queries,
-                        int64_t k, double scan, double scale, bool sorted) {
+                        int64_t k, double scan, double expand, double scale, bool sorted) {
   TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
   const int64_t dim = heads[0]->dim();
   check_rows(queries, "queries", 3, "[heads, group, head_dim]", dim);
@@ -155,7 +158,7 @@ Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads,
                     queries.sizes());
   check_k(k);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ", scale);
-  const SearchParams params = make_params(1, 1, scan);
+  const SearchParams params = make_params(1, 1, scan, 0, expand);
   for (std::size_t h = 0; h < heads.size(); ++h) {
     TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
     TORCH_CHECK_VALUE(heads[h]->dim() == dim, "heads[", h, "] has dim ", heads[h]->dim(), ", heads[0] has dim ", dim);
@@ -192,7 +195,7 @@ void bind_index(py::module_& m) {
                              [](const VectorIndex& self) { return simd_level_name(self.simd_level()); })
       .def("add", &add, py::arg("keys"), "Appends keys [n, dim] (float32, contiguous).")
       .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = 64,
-           py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
+           py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0, py::arg("expand") = 0.1,
            "Top-k by inner product of queries [m, dim].");
 
   py::class_<FlatIndex, VectorIndex, std::shared_ptr<FlatIndex>>(m, "FlatIndex")
@@ -205,15 +208,32 @@ void bind_index(py::module_& m) {
       .def("build", &build_from_keys<IVFIndex>, py::arg("keys"), "Trains k-means on keys [n, dim] and adds them.");
 
   py::class_<ClusterIndex, VectorIndex, std::shared_ptr<ClusterIndex>>(m, "ClusterIndex")
-      .def(py::init([](int64_t dim, int64_t cluster_size, int64_t segment, int64_t n_iters) {
+      .def(py::init([](int64_t dim, int64_t cluster_size, int64_t segment, int64_t n_iters, int64_t super_size,
+                       int64_t super_span) {
              ClusterBuildParams p;
              p.cluster_size = cluster_size;
              p.segment = segment;
              p.n_iters = n_iters;
+             p.super_size = super_size;
+             p.super_span = super_span;
              return std::make_shared<ClusterIndex>(dim, p);
            }),
-           py::arg("dim"), py::arg("cluster_size") = 16, py::arg("segment") = 8192, py::arg("n_iters") = 6)
+           py::arg("dim"), py::arg("cluster_size") = 16, py::arg("segment") = 8192, py::arg("n_iters") = 6,
+           py::arg("super_size") = 64, py::arg("super_span") = 4096)
       .def_property_readonly("n_clusters", &ClusterIndex::n_clusters)
+      .def_property_readonly("n_supers", &ClusterIndex::n_supers)
+      .def("super_assignments", [](const ClusterIndex& self) {
+        const std::vector<int64_t> a = self.super_assignments();
+        return torch::tensor(c10::ArrayRef<int64_t>(a), torch::kInt64);
+      }, "Super-cluster of every cluster, [n_clusters] int64 (-1: loose, in a partial span).")
+      .def("super_means", [](const ClusterIndex& self) {
+        const std::vector<float> c = self.super_means();
+        return torch::tensor(c10::ArrayRef<float>(c), torch::kFloat32).reshape({-1, self.dim()});
+      }, "Super-cluster means [n_supers, dim] float32.")
+      .def("super_radii", [](const ClusterIndex& self) {
+        const std::vector<float> r = self.super_radii();
+        return torch::tensor(c10::ArrayRef<float>(r), torch::kFloat32);
+      }, "Super-cluster radii [n_supers] float32 (largest member-centroid distance from the mean, rounded up).")
       .def_property_readonly("n_clustered", &ClusterIndex::n_clustered)
       .def("assignments", [](const ClusterIndex& self) {
         const std::vector<int64_t> a = self.assignments();
@@ -272,7 +292,7 @@ void bind_index(py::module_& m) {
         "Appends keys[h] ([heads, n, dim], float32, contiguous) to heads[h] for every head; one check, "
         "GIL released, heads in parallel for large n.");
   m.def("search_groups", &search_groups_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
-        py::arg("scan") = 2.0, py::arg("scale") = 1.0, py::arg("sorted") = true,
+        py::arg("scan") = 2.0, py::arg("expand") = 0.1, py::arg("scale") = 1.0, py::arg("sorted") = true,
         "ClusterIndex.search_group for heads[h] with queries[h] ([heads, group, dim]) in parallel, GIL "
         "released: a GQA group's top-k keys by summed softmax probability (cluster_index.h): "
         "(probs [heads, k] descending (any order unless sorted), ids [heads, k] padded with 0 / -1, n_scored [heads]).");
@@ -303,6 +323,7 @@ void bind_index(py::module_& m) {
       "descending score then ascending position; lo <= hi are bounds of the scores (default: computed).");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
+        py::arg("expand") = 0.1,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
         "(scores [heads, m, k], ids [heads, m, k], n_scored [heads, m]).");
 }

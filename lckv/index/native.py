@@ -172,16 +172,30 @@ class ClusterIndex(NativeIndex):
     re-cluster old keys). ``build`` also clusters a last partial segment of >= 4 * cluster_size keys.
     Build queries are ignored (the clusters are over keys).
 
-    Search parameter: ``scan`` (default 2.0, >= 1): keys scanned per result wanted.
+    Super-clusters keep the centroid work sub-linear at long contexts: every ``super_span``
+    consecutive clusters (default 4096, i.e. 64K keys) are grouped by k-means over their centroids
+    into super-clusters of about ``super_size`` (64) clusters, each with its mean and radius (the
+    largest member-centroid distance from the mean), so ``q . mean + |q| * radius`` bounds every
+    member's score. A search scores the super means, then the member centroids of the supers whose
+    bound could reach the clusters it scans (``expand``: at least that share of the supers, best
+    bound first); the clusters scanned are exactly those of a search over every centroid (up to
+    ties). :meth:`search_group` also takes the rest's mass from the supers it did not open (their
+    keys at the mean), its one approximation; ``expand=1`` makes it exact. Clusters of a partial
+    span (the newest) are scored one by one. ``super_size=0`` turns super-clusters off.
+
+    Search parameters: ``scan`` (default 2.0, >= 1): keys scanned per result wanted; ``expand``
+    (default 0.1, in (0, 1]): share of the super-clusters opened at least.
 
     >>> index = ClusterIndex(16).build(torch.randn(5000, 16))
     >>> scores, ids, n_scored = index.search(torch.randn(4, 16), k=500, scan=3.0)
     """
 
-    search_params = {"scan": 2.0}
+    search_params = {"scan": 2.0, "expand": 0.1}
 
-    def __init__(self, dim: int, cluster_size: int = 16, segment: int = 8192, n_iters: int = 6):
-        self.config = dict(cluster_size=cluster_size, segment=segment, n_iters=n_iters)
+    def __init__(self, dim: int, cluster_size: int = 16, segment: int = 8192, n_iters: int = 6,
+                 super_size: int = 64, super_span: int = 4096):
+        self.config = dict(cluster_size=cluster_size, segment=segment, n_iters=n_iters, super_size=super_size,
+                           super_span=super_span)
         super().__init__(dim)
         self._new_core(0)  # validates the settings now (ValueError naming the bad one)
 
@@ -191,6 +205,23 @@ class ClusterIndex(NativeIndex):
     @property
     def n_clusters(self) -> int:
         return 0 if self._core is None else self._core.n_clusters
+
+    @property
+    def n_supers(self) -> int:
+        return 0 if self._core is None else self._core.n_supers
+
+    def super_assignments(self) -> torch.Tensor:
+        """Super-cluster of every cluster, ``[n_clusters]`` int64 (-1: loose, in a partial span)."""
+        return torch.empty(0, dtype=torch.int64) if self._core is None else self._core.super_assignments()
+
+    def super_means(self) -> torch.Tensor:
+        """``[n_supers, dim]`` float32."""
+        return torch.empty(0, self.dim) if self._core is None else self._core.super_means()
+
+    def super_radii(self) -> torch.Tensor:
+        """``[n_supers]`` float32: each super-cluster's largest member-centroid distance from its mean
+        (rounded up ~1e-5 relative, so ``q . mean + |q| * radius`` bounds every member's float score)."""
+        return torch.empty(0) if self._core is None else self._core.super_radii()
 
     @property
     def n_clustered(self) -> int:

@@ -35,7 +35,10 @@ namespace lckv {
 struct ClusterBuildParams {
   int64_t cluster_size = 16;  // mean keys per cluster
   int64_t segment = 8192;     // keys clustered together (the last, partial one waits in the tail)
-  int64_t n_iters = 6;        // Lloyd iterations per segment
+  int64_t n_iters = 6;        // Lloyd iterations per segment (and per span of super-clusters)
+  int64_t super_size = 64;    // mean clusters per super-cluster (0: no super-clusters)
+  int64_t super_span = 4096;  // consecutive clusters grouped into super-clusters together (a
+                              // multiple of 8; clusters of a last partial span stay loose)
 };
 
 class ClusterIndex : public VectorIndex {
@@ -51,6 +54,9 @@ class ClusterIndex : public VectorIndex {
     if (params.segment < params.cluster_size)
       throw std::invalid_argument("segment must be >= cluster_size");
     if (params.n_iters < 0) throw std::invalid_argument("n_iters must be >= 0");
+    if (params.super_size < 0) throw std::invalid_argument("super_size must be >= 0 (0: no super-clusters)");
+    if (params.super_size > 0 && (params.super_span < params.super_size || params.super_span % 8 != 0))
+      throw std::invalid_argument("super_span must be a multiple of 8 and >= super_size");
   }
 
   const ClusterBuildParams& build_params() const { return params_; }
@@ -81,6 +87,34 @@ class ClusterIndex : public VectorIndex {
     return centroids_;
   }
 
+  int64_t n_supers() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return static_cast<int64_t>(sup_radius_.size());
+  }
+
+  // Super-cluster means [n_supers, dim] and radii [n_supers] (rounded up by ~1e-5 relative, so
+  // that q . mean + |q| * radius bounds every member centroid's float score).
+  std::vector<float> super_means() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    std::vector<float> out(sup_radius_.size() * static_cast<std::size_t>(dim_));
+    for (std::size_t r = 0; r < sup_radius_.size(); ++r)
+      for (int64_t d = 0; d < dim_; ++d) out[r * dim_ + d] = sup_mean_blocks_[(r / 8) * 8 * dim_ + d * 8 + r % 8];
+    return out;
+  }
+  std::vector<float> super_radii() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    return sup_radius_;
+  }
+
+  // Super-cluster of every cluster (-1 for the loose clusters of a partial span), [n_clusters].
+  std::vector<int64_t> super_assignments() const {
+    std::shared_lock<RwLock> lock(mutex_);
+    std::vector<int64_t> out(starts_.empty() ? 0 : starts_.size() - 1, -1);
+    for (std::size_t s = 0; s + 1 < sup_starts_.size(); ++s)
+      for (int64_t j = sup_starts_[s]; j < sup_starts_[s + 1]; ++j) out[sup_members_[j]] = static_cast<int64_t>(s);
+    return out;
+  }
+
   // The top k keys of a GQA group by summed attention probability, in one pass (the
   // RetrievalPolicy rule group_rank="probability" for this index). queries [group, dim]; with
   // s_g(x) = scale * q_g . x:
@@ -96,51 +130,20 @@ class ClusterIndex : public VectorIndex {
   int64_t search_group(const float* queries, int64_t group, int64_t k, const SearchParams& params, float scale,
                        float* probs, int64_t* ids, bool sorted = true) const {
     std::shared_lock<RwLock> lock(mutex_);
-    struct Scratch {
-      std::vector<float> centroid_scores, row_scores, sample, logits, rest, rest_max, ones;
-      std::vector<double> mass;
-      std::vector<uint64_t> candidates, ranked, winners, boundary;
-      std::vector<int64_t> picked, chosen;
-      std::vector<uint8_t> taken;
-      std::vector<uint32_t> rows;
-    };
-    Scratch& local = per_thread<Scratch, Scratch>();
+    GroupScratch& local = per_thread<GroupScratch, GroupScratch>();
     const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
-    const int64_t n_blocks = (std::max<int64_t>(n_clusters, 0) + 7) / 8, stride = n_blocks * 8;
     const auto dim = static_cast<std::size_t>(dim_);
     int64_t n_scored = 0;
-    // 1. clusters: each head's best ones, their union in `chosen`
+    // 1-2. the clusters the group scans (`chosen`) and each head's mass of the other clusters
     auto& chosen = local.chosen;
     chosen.clear();
     auto& rest_max = local.rest_max;
     local.rest.assign(static_cast<std::size_t>(group), 0.0f);  // per head: the rest's mass, times e^{-m_g}
     rest_max.assign(static_cast<std::size_t>(group), 0.0f);
     if (n_clusters > 0) {
-      auto& cs = local.centroid_scores;
-      cs.resize(static_cast<std::size_t>(group * stride));
-      local.taken.assign(static_cast<std::size_t>(n_clusters), 0);
       const double want = std::max(1.0, params.scan) * static_cast<double>(k);
-      score_blocks(queries, group, blocks_.data(), n_blocks, cs.data(), stride);
-      n_scored += group * n_clusters;
-      for (int64_t g = 0; g < group; ++g) {
-        clusters_to_scan(cs.data() + g * stride, want, local.candidates, local.sample, local.picked);
-        for (int64_t c : local.picked) {
-          if (!local.taken[c]) {
-            local.taken[c] = 1;
-            chosen.push_back(c);
-          }
-        }
-      }
-      // 2. (rest) each head's mass of the clusters nobody picked, relative to its best centroid
-      for (int64_t g = 0; g < group; ++g) {
-        float* w = cs.data() + g * stride;
-        float m = 0.0f;
-        double rest = cluster_weights_(w, sizes_.data(), n_clusters, scale, &m);
-        for (int64_t c : chosen) rest -= static_cast<double>(w[c]) * sizes_[c];
-        // the subtraction rounds at 1e-7 of the total, which the candidates' exact mass dominates
-        local.rest[g] = static_cast<float>(std::max(rest, 0.0));
-        rest_max[g] = m;
-      }
+      n_scored += sup_radius_.empty() ? choose_clusters(queries, group, want, scale, local)
+                                      : choose_clusters_by_supers(queries, group, want, params.expand, scale, local);
     }
     // 1b. the candidates: the tail, then the chosen clusters' keys, scored for every head
     const int64_t n_tail = size_ - clustered_;
@@ -248,15 +251,23 @@ class ClusterIndex : public VectorIndex {
       n_scored += n;
     }
     if (n_clusters > 0) {
-      auto& cs = local.centroid_scores;
-      const int64_t n_blocks = (n_clusters + 7) / 8;
-      cs.resize(static_cast<std::size_t>(n_blocks * 8));
-      ip_blocks_(query, blocks_.data(), static_cast<std::size_t>(n_blocks), static_cast<std::size_t>(dim_),
-                 cs.data());
-      n_scored += n_clusters;
       auto& picked = local.picked;
-      clusters_to_scan(cs.data(), std::max(1.0, params.scan) * static_cast<double>(k), local.candidates, local.sample,
-                       picked);
+      const double want = std::max(1.0, params.scan) * static_cast<double>(k);
+      if (!sup_radius_.empty()) {  // the same clusters, from the super-clusters that can hold them
+        GroupScratch& group_local = per_thread<GroupScratch, GroupScratch>();
+        n_scored += choose_clusters_by_supers(query, 1, want, params.expand, 1.0f, group_local, false);
+        picked.clear();
+        for (int64_t i : group_local.head_picked[0]) picked.push_back(group_local.positions[i]);
+      } else {
+        auto& cs = local.centroid_scores;
+        const int64_t n_blocks = (n_clusters + 7) / 8;
+        cs.resize(static_cast<std::size_t>(n_blocks * 8));
+        ip_blocks_(query, blocks_.data(), static_cast<std::size_t>(n_blocks), static_cast<std::size_t>(dim_),
+                   cs.data());
+        n_scored += n_clusters;
+        clusters_to_scan(cs.data(), sizes_.data(), n_clusters, static_cast<double>(clustered_), want, local.candidates,
+                         local.sample, picked);
+      }
       for (std::size_t i = 0; i < picked.size(); ++i) {
         if (i + kPrefetchAhead < picked.size()) prefetch_cluster(picked[i + kPrefetchAhead]);
         const int64_t c = picked[i];
@@ -289,10 +300,190 @@ class ClusterIndex : public VectorIndex {
     return static_cast<int64_t>((centroids_.capacity() + blocks_.capacity()) * sizeof(float) +
                                 (starts_.capacity() + block_starts_.capacity()) * sizeof(int64_t) +
                                 sizes_.capacity() * sizeof(float) +
-                                members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float));
+                                members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float) +
+                                (sup_mean_blocks_.capacity() + sup_radius_.capacity() + sup_keys_.capacity() +
+                                 sup_blocks_.capacity() + sup_member_sizes_.capacity()) * sizeof(float) +
+                                (sup_starts_.capacity() + sup_members_.capacity() + sup_block_starts_.capacity()) *
+                                    sizeof(int64_t));
   }
 
  private:
+  // Per-thread scratch of search_group.
+  struct GroupScratch {
+    std::vector<float> centroid_scores, row_scores, sample, logits, rest, rest_max, ones;
+    std::vector<float> super_scores, bounds, sizes, sample_last;  // super-cluster path
+    std::vector<double> mass;
+    std::vector<uint64_t> candidates, ranked, winners, boundary;
+    std::vector<int64_t> picked, chosen, chosen_at, positions, loose;
+    std::vector<std::vector<int64_t>> head_picked;
+    std::vector<uint8_t> taken, expanded;
+    std::vector<uint32_t> rows;
+  };
+
+  // search_group steps 1-2 over every centroid: each head's best clusters until `want` keys, their
+  // union in local.chosen; each head's mass of the clusters nobody chose (local.rest, relative to
+  // e^{local.rest_max}). Returns the centroid inner products computed.
+  int64_t choose_clusters(const float* queries, int64_t group, double want, float scale, GroupScratch& local) const {
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_blocks = (n_clusters + 7) / 8, stride = n_blocks * 8;
+    auto& cs = local.centroid_scores;
+    cs.resize(static_cast<std::size_t>(group * stride));
+    local.taken.assign(static_cast<std::size_t>(n_clusters), 0);
+    score_blocks(queries, group, blocks_.data(), n_blocks, cs.data(), stride);
+    for (int64_t g = 0; g < group; ++g) {
+      clusters_to_scan(cs.data() + g * stride, sizes_.data(), n_clusters, static_cast<double>(clustered_), want,
+                       local.candidates, local.sample, local.picked);
+      for (int64_t c : local.picked) {
+        if (!local.taken[c]) {
+          local.taken[c] = 1;
+          local.chosen.push_back(c);
+        }
+      }
+    }
+    for (int64_t g = 0; g < group; ++g) {  // the rest, relative to each head's best centroid
+      float* w = cs.data() + g * stride;
+      float m = 0.0f;
+      double rest = cluster_weights_(w, sizes_.data(), n_clusters, scale, &m);
+      for (int64_t c : local.chosen) rest -= static_cast<double>(w[c]) * sizes_[c];
+      // the subtraction rounds at 1e-7 of the total, which the candidates' exact mass dominates
+      local.rest[g] = static_cast<float>(std::max(rest, 0.0));
+      local.rest_max[g] = m;
+    }
+    return group * n_clusters;
+  }
+
+  // choose_clusters with super-clusters: the centroids are scored per super-cluster, only for the
+  // super-clusters that matter. For head g and super-cluster s (mean u_s, radius r_s = the largest
+  // distance of a member centroid from u_s), every member c has q_g . c <= q_g . u_s + |q_g| r_s.
+  //   1. score every super mean (and the loose clusters of a partial span, exactly);
+  //   2. expand (score the member centroids of) each head's best ceil(expand * n_supers) supers by
+  //      that bound: the rest's mass below needs the supers that hold most of it;
+  //   3. each head picks its clusters among the scored ones as choose_clusters does; a super whose
+  //      bound reaches the head's last picked score could hold a better cluster: expand it and
+  //      pick again, until none can. The chosen clusters are then exactly choose_clusters' (up to
+  //      ties), whatever `expand` is;
+  //   4. the rest: scored clusters not chosen exactly, each unexpanded super as size_s keys at its
+  //      mean (the estimate's only approximation; expand = 1 makes it exact).
+  // With with_rest = false (a plain search) step 4 is skipped and `scale` unused; head_picked[g] and
+  // positions then give each head's clusters, best first.
+  int64_t choose_clusters_by_supers(const float* queries, int64_t group, double want, double expand, float scale,
+                                    GroupScratch& local, bool with_rest = true) const {
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const auto n_sup = static_cast<int64_t>(sup_radius_.size());
+    const int64_t cap = n_clusters + n_sup;  // a head's row: scored clusters, then unexpanded supers
+    auto& cs = local.centroid_scores;
+    cs.resize(static_cast<std::size_t>(group * cap));
+    auto& at_cluster = local.positions;  // cluster id at each scored position
+    auto& sizes = local.sizes;           // keys at each position
+    // 1. super means, bounds
+    const int64_t sup_blocks = (n_sup + 7) / 8, sup_stride = sup_blocks * 8;
+    auto& ss = local.super_scores;
+    ss.resize(static_cast<std::size_t>(group * sup_stride));
+    score_blocks(queries, group, sup_mean_blocks_.data(), sup_blocks, ss.data(), sup_stride);
+    auto& bound = local.bounds;
+    bound.resize(static_cast<std::size_t>(group * n_sup));
+    for (int64_t g = 0; g < group; ++g) {
+      const float norm = std::sqrt(ip_(queries + g * dim_, queries + g * dim_, static_cast<std::size_t>(dim_)));
+      for (int64_t j = 0; j < n_sup; ++j) bound[g * n_sup + j] = ss[g * sup_stride + j] + norm * sup_radius_[j];
+    }
+    int64_t n_scored = group * n_sup;
+    at_cluster.resize(static_cast<std::size_t>(cap));
+    sizes.resize(static_cast<std::size_t>(cap));
+    int64_t n_pos = 0;        // clusters scored so far (positions [0, n_pos) of every row)
+    double pos_keys = 0.0;    // their keys
+    // scores `len` centroids stored as `n_blocks` blocks from `blocks` into the next positions
+    auto score_run = [&](const float* blocks, int64_t n_blocks, const int64_t* ids, const float* id_sizes,
+                         int64_t len) {
+      local.row_scores.resize(static_cast<std::size_t>(group * n_blocks * 8));
+      score_blocks(queries, group, blocks, n_blocks, local.row_scores.data(), n_blocks * 8);
+      for (int64_t g = 0; g < group; ++g)
+        std::copy(local.row_scores.begin() + g * n_blocks * 8, local.row_scores.begin() + g * n_blocks * 8 + len,
+                  cs.begin() + g * cap + n_pos);
+      std::copy(ids, ids + len, at_cluster.begin() + n_pos);
+      std::copy(id_sizes, id_sizes + len, sizes.begin() + n_pos);
+      for (int64_t j = 0; j < len; ++j) pos_keys += id_sizes[j];
+      n_pos += len;
+      n_scored += group * len;
+    };
+    const int64_t n_loose = n_clusters - spanned_;  // spanned_ is a multiple of 8: whole blocks
+    if (n_loose > 0) {
+      local.loose.resize(static_cast<std::size_t>(n_loose));
+      std::iota(local.loose.begin(), local.loose.end(), spanned_);
+      score_run(blocks_.data() + spanned_ * dim_, (n_loose + 7) / 8, local.loose.data(), sizes_.data() + spanned_,
+                n_loose);
+    }
+    auto& expanded = local.expanded;
+    expanded.assign(static_cast<std::size_t>(n_sup), 0);
+    auto expand_super = [&](int64_t j) {
+      expanded[j] = 1;
+      const int64_t first_block = sup_block_starts_[j];
+      score_run(sup_blocks_.data() + first_block * 8 * dim_, sup_block_starts_[j + 1] - first_block,
+                sup_members_.data() + sup_starts_[j], sup_member_sizes_.data() + sup_starts_[j],
+                sup_starts_[j + 1] - sup_starts_[j]);
+    };
+    // 2. each head's best supers by bound
+    const int64_t first = std::min<int64_t>(
+        n_sup, std::max<int64_t>(1, static_cast<int64_t>(std::ceil(expand * static_cast<double>(n_sup)))));
+    for (int64_t g = 0; g < group; ++g) {
+      best_clusters(bound.data() + g * n_sup, n_sup, first, local.candidates, local.sample, local.picked);
+      for (int64_t j : local.picked)
+        if (!expanded[j]) expand_super(j);
+    }
+    // 3. each head's picks among the scored clusters; the score of its last pick only rises as
+    //    clusters are added, so one expansion of every super whose bound reaches it suffices
+    //    (a head that cannot fill `want` keys yet expands everything)
+    local.head_picked.resize(static_cast<std::size_t>(group));
+    std::vector<float>& last = local.sample_last;
+    last.resize(static_cast<std::size_t>(group));
+    for (int64_t g = 0; g < group; ++g) {
+      auto& picked = local.head_picked[g];
+      clusters_to_scan(cs.data() + g * cap, sizes.data(), n_pos, pos_keys, want, local.candidates, local.sample,
+                       picked);
+      double covered = 0.0;
+      for (int64_t i : picked) covered += sizes[i];
+      last[g] = covered >= want && !picked.empty() ? cs[g * cap + picked.back()]
+                                                   : -std::numeric_limits<float>::infinity();
+    }
+    const int64_t before = n_pos;
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t j = 0; j < n_sup; ++j)
+        if (!expanded[j] && bound[g * n_sup + j] >= last[g]) expand_super(j);
+    if (n_pos > before) {  // the new picks score at least last[g]: only those compete
+      for (int64_t g = 0; g < group; ++g)
+        clusters_to_scan(cs.data() + g * cap, sizes.data(), n_pos, pos_keys, want, local.candidates, local.sample,
+                         local.head_picked[g], last[g]);
+    }
+    if (!with_rest) return n_scored;
+    local.taken.assign(static_cast<std::size_t>(n_pos), 0);
+    local.chosen_at.clear();
+    for (int64_t g = 0; g < group; ++g) {
+      for (int64_t i : local.head_picked[g]) {
+        if (!local.taken[i]) {
+          local.taken[i] = 1;
+          local.chosen_at.push_back(i);
+          local.chosen.push_back(at_cluster[i]);
+        }
+      }
+    }
+    // 4. the rest: unexpanded supers after the scored clusters in each head's row
+    int64_t n_row = n_pos;
+    for (int64_t j = 0; j < n_sup; ++j) {
+      if (expanded[j]) continue;
+      sizes[n_row] = sup_keys_[j];
+      for (int64_t g = 0; g < group; ++g) cs[g * cap + n_row] = ss[g * sup_stride + j];
+      ++n_row;
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      float* w = cs.data() + g * cap;
+      float m = 0.0f;
+      double rest = cluster_weights_(w, sizes.data(), n_row, scale, &m);
+      for (int64_t i : local.chosen_at) rest -= static_cast<double>(w[i]) * sizes[i];
+      local.rest[g] = static_cast<float>(std::max(rest, 0.0));
+      local.rest_max[g] = m;
+    }
+    return n_scored;
+  }
+
   // 64-bit key ordering (score descending, id ascending) as unsigned integers: the upper half is
   // the score's bits mapped to an order-preserving unsigned value, inverted; the lower half the id
   // (ids fit in 32 bits: the glue caps the index below 2^32 keys).
@@ -347,26 +538,40 @@ class ClusterIndex : public VectorIndex {
               keys.begin() + static_cast<std::ptrdiff_t>(w));
   }
 
-  // The clusters a search scans, best centroid score first, until they hold `want` keys (the last
-  // one may overshoot), into `out`. The best p are selected, p sized for `want` keys with a
-  // margin, and doubled in the rare case their keys fall short.
-  void clusters_to_scan(const float* scores, double want, std::vector<uint64_t>& candidates, std::vector<float>& sample,
-                        std::vector<int64_t>& out) const {
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
-    const double mean_size = static_cast<double>(clustered_) / static_cast<double>(n_clusters);
-    int64_t p = want >= static_cast<double>(clustered_)
-                    ? n_clusters
-                    : std::min<int64_t>(n_clusters, static_cast<int64_t>(2.0 * want / mean_size) + 8);
+  // Of n clusters (scores, sizes in keys, `total` keys in all), the ones a search scans, best score
+  // first, until they hold `want` keys (the last one may overshoot), into `out` (positions in
+  // 0..n). The best p are selected, p sized for `want` keys with a margin, and doubled in the rare
+  // case their keys fall short.
+  // A finite `floor` (a score every cluster to scan is known to reach) replaces the selection: the
+  // clusters at or above it are sorted, best first, and taken until `want` keys.
+  static void clusters_to_scan(const float* scores, const float* sizes, int64_t n, double total, double want,
+                               std::vector<uint64_t>& candidates, std::vector<float>& sample,
+                               std::vector<int64_t>& out,
+                               float floor = -std::numeric_limits<float>::infinity()) {
+    out.clear();
+    if (n <= 0) return;
+    if (floor > -std::numeric_limits<float>::infinity()) {
+      candidates.clear();
+      collect_at_least(scores, n, floor, candidates);
+      std::sort(candidates.begin(), candidates.end());
+      double scanned = 0.0;
+      for (std::size_t i = 0; i < candidates.size() && scanned < want; ++i) {
+        out.push_back(static_cast<int64_t>(candidates[i] & 0xffffffffu));
+        scanned += sizes[out.back()];
+      }
+      return;
+    }
+    const double mean_size = total / static_cast<double>(n);
+    int64_t p = want >= total ? n : std::min<int64_t>(n, static_cast<int64_t>(2.0 * want / mean_size) + 8);
     for (;;) {
-      best_clusters(scores, n_clusters, p, candidates, sample, out);  // best first
-      int64_t total = 0;
-      for (int64_t c : out) total += starts_[c + 1] - starts_[c];
-      if (total >= want || p >= n_clusters) break;
-      p = std::min(n_clusters, 2 * p);
+      best_clusters(scores, n, p, candidates, sample, out);  // best first
+      double held = 0.0;
+      for (int64_t c : out) held += sizes[c];
+      if (held >= want || p >= n) break;
+      p = std::min(n, 2 * p);
     }
     std::size_t taken = 0;
-    for (double scanned = 0.0; taken < out.size() && scanned < want; ++taken)
-      scanned += static_cast<double>(starts_[out[taken] + 1] - starts_[out[taken]]);
+    for (double scanned = 0.0; taken < out.size() && scanned < want; ++taken) scanned += sizes[out[taken]];
     out.resize(taken);
   }
 
@@ -389,8 +594,7 @@ class ClusterIndex : public VectorIndex {
       threshold = sample[rank];
     }
     candidates.clear();
-    static const CollectFn collect = collect_for_cpu();
-    collect(scores, n, threshold, candidates);
+    collect_at_least(scores, n, threshold, candidates);
     if (static_cast<int64_t>(candidates.size()) < p) {
       candidates.clear();
       for (int64_t c = 0; c < n; ++c) candidates.push_back(sort_key(scores[c], c));
@@ -431,6 +635,10 @@ class ClusterIndex : public VectorIndex {
     if (__builtin_cpu_supports("avx2")) return collect_avx2;
 #endif
     return collect_portable;
+  }
+  static void collect_at_least(const float* scores, int64_t n, float threshold, std::vector<uint64_t>& out) {
+    static const CollectFn collect = collect_for_cpu();
+    collect(scores, n, threshold, out);
   }
 
   // The score back from a sort_key (exact: the mapping is a bijection).
@@ -502,6 +710,7 @@ class ClusterIndex : public VectorIndex {
     clustered_ = lo;
     // clustered keys live on in packed_ (searches read only packed_ and the tail): keep one copy
     drop_keys_before(clustered_);
+    form_supers();
   }
 
   // Room for `extra` more elements, with 1/8 slack (a doubling vector would hold up to twice the
@@ -521,47 +730,57 @@ class ClusterIndex : public VectorIndex {
     for (int64_t d = 0; d < dim_; ++d) block[d * 8 + row % 8] = x[d];
   }
 
-  // k-means of keys [lo, hi) into about (hi - lo) / cluster_size clusters.
-  Segment cluster_range(int64_t lo, int64_t hi) const {
-    const int64_t n = hi - lo;
-    const int64_t c_count = std::max<int64_t>(
-        1, std::min<int64_t>(n, (n + params_.cluster_size / 2) / params_.cluster_size));
-    std::vector<float> cent(static_cast<std::size_t>(c_count * dim_));
-    for (int64_t c = 0; c < c_count; ++c) {  // evenly spaced keys: topics are contiguous in position
-      const int64_t id = lo + (2 * c + 1) * n / (2 * c_count);
-      std::copy(key(id), key(id) + dim_, cent.begin() + c * dim_);
+  // Lloyd's k-means (L2) of n points [n, dim] into c_count centroids, initialised at evenly spaced
+  // points (keys and clusters are ordered by position, and topics are contiguous in position);
+  // an empty cluster keeps its centroid. Fills centroids [c_count, dim], assign [n], counts [c_count].
+  void lloyd(const float* points, int64_t n, int64_t c_count, std::vector<float>& cent, std::vector<int64_t>& assign,
+             std::vector<int64_t>& counts) const {
+    const auto d = static_cast<std::size_t>(dim_);
+    cent.resize(static_cast<std::size_t>(c_count) * d);
+    for (int64_t c = 0; c < c_count; ++c) {
+      const int64_t id = (2 * c + 1) * n / (2 * c_count);
+      std::copy(points + id * dim_, points + (id + 1) * dim_, cent.begin() + c * dim_);
     }
     std::vector<float> half_norms(static_cast<std::size_t>(c_count));
     std::vector<float> row(static_cast<std::size_t>(c_count));
-    std::vector<int64_t> assign(static_cast<std::size_t>(n));
-    std::vector<double> sums(static_cast<std::size_t>(c_count * dim_));
-    std::vector<int64_t> counts(static_cast<std::size_t>(c_count));
+    std::vector<double> sums(static_cast<std::size_t>(c_count) * d);
+    assign.resize(static_cast<std::size_t>(n));
+    counts.assign(static_cast<std::size_t>(c_count), 0);
     for (int64_t it = 0;; ++it) {
       for (int64_t c = 0; c < c_count; ++c) {
         const float* cv = cent.data() + c * dim_;
-        half_norms[c] = 0.5f * ip_(cv, cv, static_cast<std::size_t>(dim_));
+        half_norms[c] = 0.5f * ip_(cv, cv, d);
       }
       // nearest centroid in L2: argmax_c (x . c - |c|^2 / 2)
       for (int64_t i = 0; i < n; ++i) {
-        ip_rows_(key(lo + i), cent.data(), static_cast<std::size_t>(c_count), static_cast<std::size_t>(dim_),
-                 row.data());
+        ip_rows_(points + i * dim_, cent.data(), static_cast<std::size_t>(c_count), d, row.data());
         assign[i] = nearest_from_scores(row.data(), half_norms.data(), c_count);
       }
       std::fill(counts.begin(), counts.end(), 0);
       if (it == params_.n_iters) break;
       std::fill(sums.begin(), sums.end(), 0.0);
       for (int64_t i = 0; i < n; ++i) {
-        const float* x = key(lo + i);
-        double* s = sums.data() + assign[i] * dim_;
-        for (int64_t d = 0; d < dim_; ++d) s[d] += x[d];
+        const float* x = points + i * dim_;
+        double* sum = sums.data() + assign[i] * dim_;
+        for (int64_t j = 0; j < dim_; ++j) sum[j] += x[j];
         ++counts[assign[i]];
       }
-      for (int64_t c = 0; c < c_count; ++c)  // an empty cluster keeps its centroid
+      for (int64_t c = 0; c < c_count; ++c)
         if (counts[c] > 0)
-          for (int64_t d = 0; d < dim_; ++d)
-            cent[c * dim_ + d] = static_cast<float>(sums[c * dim_ + d] / static_cast<double>(counts[c]));
+          for (int64_t j = 0; j < dim_; ++j)
+            cent[c * dim_ + j] = static_cast<float>(sums[c * dim_ + j] / static_cast<double>(counts[c]));
     }
     for (int64_t i = 0; i < n; ++i) ++counts[assign[i]];
+  }
+
+  // k-means of keys [lo, hi) into about (hi - lo) / cluster_size clusters.
+  Segment cluster_range(int64_t lo, int64_t hi) const {
+    const int64_t n = hi - lo;
+    const int64_t c_count = std::max<int64_t>(
+        1, std::min<int64_t>(n, (n + params_.cluster_size / 2) / params_.cluster_size));
+    std::vector<float> cent;
+    std::vector<int64_t> assign, counts;
+    lloyd(key(lo), n, c_count, cent, assign, counts);
     // Keep the non-empty clusters; group members by cluster (counting sort, ids ascending).
     Segment seg;
     std::vector<int64_t> remap(static_cast<std::size_t>(c_count), -1), offset;
@@ -575,6 +794,86 @@ class ClusterIndex : public VectorIndex {
     seg.members.resize(static_cast<std::size_t>(n));
     for (int64_t i = 0; i < n; ++i) seg.members[offset[remap[assign[i]]]++] = static_cast<uint32_t>(lo + i);
     return seg;
+  }
+
+  // Super-clusters of one span of clusters, before they are appended to the global arrays.
+  struct SuperSpan {
+    std::vector<float> means;       // [s, dim]
+    std::vector<float> radius;      // [s] (rounded up)
+    std::vector<float> keys;        // [s] keys in the member clusters
+    std::vector<int64_t> starts;    // [s + 1] offsets into members
+    std::vector<int64_t> members;   // cluster ids grouped by super-cluster
+  };
+
+  // k-means of the centroids of clusters [lo, lo + super_span) into about super_span / super_size
+  // super-clusters (the empty ones dropped), each with its radius.
+  SuperSpan group_span(int64_t lo) const {
+    const int64_t n = params_.super_span;
+    const int64_t c_count = std::max<int64_t>(1, (n + params_.super_size / 2) / params_.super_size);
+    std::vector<float> cent;
+    std::vector<int64_t> assign, counts;
+    lloyd(centroids_.data() + lo * dim_, n, c_count, cent, assign, counts);
+    SuperSpan out;
+    std::vector<int64_t> remap(static_cast<std::size_t>(c_count), -1);
+    out.starts.push_back(0);
+    for (int64_t c = 0; c < c_count; ++c) {
+      if (counts[c] == 0) continue;
+      remap[c] = static_cast<int64_t>(out.radius.size());
+      out.means.insert(out.means.end(), cent.begin() + c * dim_, cent.begin() + (c + 1) * dim_);
+      out.radius.push_back(0.0f);
+      out.keys.push_back(0.0f);
+      out.starts.push_back(out.starts.back() + counts[c]);
+    }
+    std::vector<int64_t> fill(out.starts.begin(), out.starts.end() - 1);
+    out.members.resize(static_cast<std::size_t>(n));
+    std::vector<double> radius(out.radius.size(), 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = remap[assign[i]], cluster = lo + i;
+      out.members[fill[j]++] = cluster;
+      out.keys[j] += sizes_[cluster];
+      double dist = 0.0;
+      for (int64_t e = 0; e < dim_; ++e) {
+        const double diff = static_cast<double>(centroids_[cluster * dim_ + e]) - out.means[j * dim_ + e];
+        dist += diff * diff;
+      }
+      radius[j] = std::max(radius[j], std::sqrt(dist));
+    }
+    // rounded up so that the float inner products of a search stay under the bound
+    for (std::size_t j = 0; j < radius.size(); ++j)
+      out.radius[j] = static_cast<float>(radius[j] * (1.0 + 1e-5) + 1e-6);
+    return out;
+  }
+
+  // Groups every full span of clusters not yet in super-clusters (spans in parallel).
+  void form_supers() {
+    if (params_.super_size <= 0) return;
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    std::vector<int64_t> spans;
+    for (int64_t lo = spanned_; n_clusters - lo >= params_.super_span; lo += params_.super_span) spans.push_back(lo);
+    if (spans.empty()) return;
+    std::vector<SuperSpan> parts(spans.size());
+    const auto n_spans = static_cast<int64_t>(spans.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n_spans > 1)
+    for (int64_t r = 0; r < n_spans; ++r) parts[r] = group_span(spans[r]);
+    if (sup_starts_.empty()) sup_starts_.push_back(0);
+    if (sup_block_starts_.empty()) sup_block_starts_.push_back(0);
+    for (const SuperSpan& part : parts) {
+      for (std::size_t j = 0; j < part.radius.size(); ++j) {
+        put_blocked_row(sup_mean_blocks_, static_cast<int64_t>(sup_radius_.size()), part.means.data() + j * dim_);
+        sup_radius_.push_back(part.radius[j]);
+        sup_keys_.push_back(part.keys[j]);
+        const int64_t first_block = sup_block_starts_.back(), len = part.starts[j + 1] - part.starts[j];
+        sup_block_starts_.push_back(first_block + (len + 7) / 8);
+        sup_starts_.push_back(sup_starts_.back() + len);
+        for (int64_t m = 0; m < len; ++m) {
+          const int64_t cluster = part.members[part.starts[j] + m];
+          sup_members_.push_back(cluster);
+          sup_member_sizes_.push_back(sizes_[cluster]);
+          put_blocked_row(sup_blocks_, first_block * 8 + m, centroids_.data() + cluster * dim_);
+        }
+      }
+    }
+    spanned_ += n_spans * params_.super_span;
   }
 
   const ClusterBuildParams params_;      // build knobs
@@ -592,6 +891,16 @@ class ClusterIndex : public VectorIndex {
   std::vector<int64_t> block_starts_;    // [n_clusters + 1] offsets into packed_, in 8-row blocks
   std::vector<float> packed_;            // each cluster's keys (members_ order) as blocks of 8
                                          // transposed rows, [dim][8] floats, zero-padded
+  // Super-clusters (search_group): clusters [0, spanned_) are in them, the rest are loose.
+  int64_t spanned_ = 0;
+  std::vector<float> sup_mean_blocks_;     // super means as blocks of 8 transposed rows
+  std::vector<float> sup_radius_;          // [n_supers] largest member-centroid distance from the mean
+  std::vector<float> sup_keys_;            // [n_supers] keys in the member clusters
+  std::vector<int64_t> sup_starts_;        // [n_supers + 1] offsets into sup_members_
+  std::vector<int64_t> sup_members_;       // cluster ids grouped by super-cluster
+  std::vector<float> sup_member_sizes_;    // their keys (sizes_ in sup_members_ order)
+  std::vector<int64_t> sup_block_starts_;  // [n_supers + 1] offsets into sup_blocks_, in 8-row blocks
+  std::vector<float> sup_blocks_;          // each super's member centroids as blocks of 8 (zero-padded)
 };
 
 }  // namespace lckv

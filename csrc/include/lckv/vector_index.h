@@ -56,6 +56,9 @@ struct SearchParams {
   int64_t ef = 64;      // GraphIndex: beam width (may be below k: all keys scored compete for k)
   int64_t nprobe = 8;   // IVFIndex: number of lists scanned
   double scan = 2.0;    // ClusterIndex: keys scanned per result wanted (clusters taken best first)
+  double expand = 0.1;  // ClusterIndex with super-clusters: share of them whose clusters are scored
+                        // at least (the group search's estimate of the rest; never changes which
+                        // clusters are scanned)
   int64_t upper_ef = 0;  // GraphIndex: beam width over the upper level (0: the build setting)
 };
 
