@@ -370,7 +370,9 @@ class ClusterIndex : public VectorIndex {
                                     GroupScratch& local, bool with_rest = true) const {
     const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
     const auto n_sup = static_cast<int64_t>(sup_radius_.size());
-    const int64_t cap = n_clusters + n_sup;  // a head's row: scored clusters, then unexpanded supers
+    // a head's row: scored clusters, then unexpanded supers (+ 8: a run's block padding lands past
+    // its last position, where the next run or the supers overwrite it)
+    const int64_t cap = n_clusters + n_sup + 8;
     auto& cs = local.centroid_scores;
     cs.resize(static_cast<std::size_t>(group * cap));
     auto& at_cluster = local.positions;  // cluster id at each scored position
@@ -394,11 +396,7 @@ class ClusterIndex : public VectorIndex {
     // scores `len` centroids stored as `n_blocks` blocks from `blocks` into the next positions
     auto score_run = [&](const float* blocks, int64_t n_blocks, const int64_t* ids, const float* id_sizes,
                          int64_t len) {
-      local.row_scores.resize(static_cast<std::size_t>(group * n_blocks * 8));
-      score_blocks(queries, group, blocks, n_blocks, local.row_scores.data(), n_blocks * 8);
-      for (int64_t g = 0; g < group; ++g)
-        std::copy(local.row_scores.begin() + g * n_blocks * 8, local.row_scores.begin() + g * n_blocks * 8 + len,
-                  cs.begin() + g * cap + n_pos);
+      score_blocks(queries, group, blocks, n_blocks, cs.data() + n_pos, cap);  // straight into the rows
       std::copy(ids, ids + len, at_cluster.begin() + n_pos);
       std::copy(id_sizes, id_sizes + len, sizes.begin() + n_pos);
       for (int64_t j = 0; j < len; ++j) pos_keys += id_sizes[j];
