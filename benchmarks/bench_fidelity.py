@@ -16,7 +16,10 @@ Budgets count every attended key per query head: sink + window + selected. ``ret
 attention-aware graph index with the centroid estimate of the rest (one centroid per ~16 offloaded
 keys); ``retrieval-topk`` is the same
 without the estimate, to show what the estimate does on diffuse heads; ``retrieval-cluster`` swaps
-the graph for the segment-clustered index (scan 4 keys per key wanted), with the estimate.
+the graph for the segment-clustered index (scan 4 keys per key wanted), with the estimate;
+``retrieval-cluster-supers`` is that index with super-clusters formed at these lengths (16 clusters
+per super, spans of 256 clusters; the defaults form them only from 64K keys per head on), to show
+what their estimate of the rest costs.
 
     python benchmarks/bench_fidelity.py            # 2K, 8K, 32K tokens; 1/5/10 % and 256/1024 tokens
     python benchmarks/bench_fidelity.py --quick    # 2K tokens, two budgets, 16 steps
@@ -51,6 +54,11 @@ POLICIES = {
     "retrieval-topk": ("retrieval", {"index": "graph", "estimate_rest": False, "search_params": {"ef": 128}}),
     "retrieval": ("retrieval", {"index": "graph", "estimate_rest": True, "search_params": {"ef": 128}}),
     "retrieval-cluster": ("retrieval", {"index": "cluster", "estimate_rest": True, "search_params": {"scan": 4.0}}),
+    # the cluster index with super-clusters at these lengths (the defaults form them from 64K keys
+    # per head on): what their estimate of the rest costs in fidelity
+    "retrieval-cluster-supers": ("retrieval", {"index": "cluster", "estimate_rest": True,
+                                               "index_params": {"super_size": 16, "super_span": 256},
+                                               "search_params": {"scan": 4.0}}),
 }
 SINK, MAX_WINDOW, REF_WINDOW = 4, 64, 64
 RECORD = (4096, 64)  # prefill queries kept for index building (sample) and observation windows (recent)

@@ -320,6 +320,22 @@ class ClusterIndex : public VectorIndex {
     std::vector<uint32_t> rows;
   };
 
+  // Each head's mass of what the group did not choose (local.rest, relative to e^{local.rest_max}):
+  // head g's row of scores rows[g * stride + i] (i < n, sizes[i] keys each) becomes weights, and
+  // the chosen positions' weights are taken off their sum.
+  void rest_of_heads(float* rows, int64_t stride, const float* sizes, int64_t n, const std::vector<int64_t>& chosen,
+                     int64_t group, float scale, GroupScratch& local) const {
+    for (int64_t g = 0; g < group; ++g) {
+      float* w = rows + g * stride;
+      float m = 0.0f;
+      double rest = cluster_weights_(w, sizes, n, scale, &m);
+      for (int64_t i : chosen) rest -= static_cast<double>(w[i]) * sizes[i];
+      // the subtraction rounds at 1e-7 of the total, which the candidates' exact mass dominates
+      local.rest[g] = static_cast<float>(std::max(rest, 0.0));
+      local.rest_max[g] = m;
+    }
+  }
+
   // search_group steps 1-2 over every centroid: each head's best clusters until `want` keys, their
   // union in local.chosen; each head's mass of the clusters nobody chose (local.rest, relative to
   // e^{local.rest_max}). Returns the centroid inner products computed.
@@ -340,15 +356,7 @@ class ClusterIndex : public VectorIndex {
         }
       }
     }
-    for (int64_t g = 0; g < group; ++g) {  // the rest, relative to each head's best centroid
-      float* w = cs.data() + g * stride;
-      float m = 0.0f;
-      double rest = cluster_weights_(w, sizes_.data(), n_clusters, scale, &m);
-      for (int64_t c : local.chosen) rest -= static_cast<double>(w[c]) * sizes_[c];
-      // the subtraction rounds at 1e-7 of the total, which the candidates' exact mass dominates
-      local.rest[g] = static_cast<float>(std::max(rest, 0.0));
-      local.rest_max[g] = m;
-    }
+    rest_of_heads(cs.data(), stride, sizes_.data(), n_clusters, local.chosen, group, scale, local);
     return group * n_clusters;
   }
 
@@ -471,14 +479,7 @@ class ClusterIndex : public VectorIndex {
       for (int64_t g = 0; g < group; ++g) cs[g * cap + n_row] = ss[g * sup_stride + j];
       ++n_row;
     }
-    for (int64_t g = 0; g < group; ++g) {
-      float* w = cs.data() + g * cap;
-      float m = 0.0f;
-      double rest = cluster_weights_(w, sizes.data(), n_row, scale, &m);
-      for (int64_t i : local.chosen_at) rest -= static_cast<double>(w[i]) * sizes[i];
-      local.rest[g] = static_cast<float>(std::max(rest, 0.0));
-      local.rest_max[g] = m;
-    }
+    rest_of_heads(cs.data(), cap, sizes.data(), n_row, local.chosen_at, group, scale, local);
     return n_scored;
   }
 
