@@ -311,7 +311,7 @@ class ClusterIndex : public VectorIndex {
   // Per-thread scratch of search_group.
   struct GroupScratch {
     std::vector<float> centroid_scores, row_scores, sample, logits, rest, rest_max, ones;
-    std::vector<float> super_scores, bounds, sizes, sample_last;  // super-cluster path
+    std::vector<float> super_scores, bounds, sizes, last_scores;  // super-cluster path
     std::vector<double> mass;
     std::vector<uint64_t> candidates, ranked, winners, boundary;
     std::vector<int64_t> picked, chosen, chosen_at, positions, loose;
@@ -439,7 +439,7 @@ class ClusterIndex : public VectorIndex {
     //    clusters are added, so one expansion of every super whose bound reaches it suffices
     //    (a head that cannot fill `want` keys yet expands everything)
     local.head_picked.resize(static_cast<std::size_t>(group));
-    std::vector<float>& last = local.sample_last;
+    std::vector<float>& last = local.last_scores;
     last.resize(static_cast<std::size_t>(group));
     for (int64_t g = 0; g < group; ++g) {
       auto& picked = local.head_picked[g];
@@ -552,22 +552,18 @@ class ClusterIndex : public VectorIndex {
     if (floor > -std::numeric_limits<float>::infinity()) {
       candidates.clear();
       collect_at_least(scores, n, floor, candidates);
-      std::sort(candidates.begin(), candidates.end());
-      double scanned = 0.0;
-      for (std::size_t i = 0; i < candidates.size() && scanned < want; ++i) {
-        out.push_back(static_cast<int64_t>(candidates[i] & 0xffffffffu));
-        scanned += sizes[out.back()];
+      std::sort(candidates.begin(), candidates.end());  // best first
+      for (const uint64_t key : candidates) out.push_back(static_cast<int64_t>(key & 0xffffffffu));
+    } else {
+      const double mean_size = total / static_cast<double>(n);
+      int64_t p = want >= total ? n : std::min<int64_t>(n, static_cast<int64_t>(2.0 * want / mean_size) + 8);
+      for (;;) {
+        best_clusters(scores, n, p, candidates, sample, out);  // best first
+        double held = 0.0;
+        for (int64_t c : out) held += sizes[c];
+        if (held >= want || p >= n) break;
+        p = std::min(n, 2 * p);
       }
-      return;
-    }
-    const double mean_size = total / static_cast<double>(n);
-    int64_t p = want >= total ? n : std::min<int64_t>(n, static_cast<int64_t>(2.0 * want / mean_size) + 8);
-    for (;;) {
-      best_clusters(scores, n, p, candidates, sample, out);  // best first
-      double held = 0.0;
-      for (int64_t c : out) held += sizes[c];
-      if (held >= want || p >= n) break;
-      p = std::min(n, 2 * p);
     }
     std::size_t taken = 0;
     for (double scanned = 0.0; taken < out.size() && scanned < want; ++taken) scanned += sizes[out[taken]];

@@ -564,11 +564,8 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_g
   // or 1 query heads at a time; padding rows read the zero row with probability 0.
   const T* batch_rows[kPrefetchBatch];
   for (int64_t j0 = 0; j0 < n; j0 += kPrefetchBatch) {
-    prefetch_rows(v_head, p.v_stride_s, idx, j0 + kPrefetchBatch, j0 + 2 * kPrefetchBatch, n, dim);
     const int64_t count = std::min(kPrefetchBatch, n - j0);
-    for (int64_t u = 0; u < count; ++u) {
-      batch_rows[u] = idx[j0 + u] >= 0 ? v_head + idx[j0 + u] * p.v_stride_s : zero_row;
-    }
+    for (int64_t u = 0; u < count; u += kTile) tile(v_head, p.v_stride_s, j0 + u, batch_rows + u);  // + prefetch
     int64_t g = 0;
     for (; g + 4 <= group; g += 4) {
       weighted_rows<4, kWide ? 4 : 2>(batch_rows, count, scores + g * stride + j0, stride, acc + g * dim, dim);
