@@ -342,7 +342,9 @@ def main():
         raise SystemExit("lckv._C is not built: `pip install -e .` first")
     from lckv._extension import compiled
 
-    simd = compiled("sparse_attention_with_lse").sparse_attention_simd_path()
+    simd_path = compiled("sparse_attention_with_lse").sparse_attention_simd_path
+    simd = simd_path("float32")
+    simd_bf16 = simd_path("bfloat16")  # bf16 K/V may add the AVX512_BF16 dot product
     all_threads = torch.get_num_threads()
     args.thread_counts = sorted({1, all_threads})
     bandwidths = {}
@@ -353,7 +355,7 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     thp = thp_mode()
     allocator = "torch.empty" if args.plain_pages else "lckv.memory.empty_host"
-    print(f"threads {args.thread_counts}, simd path {simd}, copy bandwidth {bandwidth / 1e9:.1f} GB/s "
+    print(f"threads {args.thread_counts}, simd path {simd} (bf16: {simd_bf16}), copy bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(read+write), load average {load:.1f}, K/V from {allocator} (THP mode {thp})")
     print("torch reference = gather the selected rows + lckv.reference.attention_with_lse; "
           f"lckv.reference.sparse_attention_with_lse on GQA shapes: {'works' if args.packaged_reference_works else 'RAISES (not timed)'}")
@@ -382,7 +384,7 @@ def main():
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result = dict(
         machine=dict(platform=platform.platform(), processor=platform.processor(), threads=torch.get_num_threads(),
-                     simd_path=simd, load_average=load, load_average_at_end=load_end, torch=torch.__version__,
+                     simd_path=simd, simd_path_bf16=simd_bf16, load_average=load, load_average_at_end=load_end, torch=torch.__version__,
                      thp_mode=thp, kv_allocator=allocator,
                      thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "0")),
         copy_bandwidth_gbps={str(t): b / 1e9 for t, b in bandwidths.items()},

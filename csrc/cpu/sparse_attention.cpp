@@ -157,8 +157,16 @@ void bind_sparse_attention(pybind11::module_& m) {
         "Benchmark probe: reads the K/V rows sparse_attention_with_lse(q, k, v, indices) reads, with the "
         "same prefetch and threads, and no attention math; returns a checksum of the bytes (its time is "
         "the cost of the random-row gather alone).");
-  m.def("sparse_attention_simd_path", []() { return std::string(kernel<float>().simd_name()); },
-        "The SIMD code path the CPU sparse attention kernel selected on this machine.");
+  m.def(
+      "sparse_attention_simd_path",
+      [](const std::string& dtype) {
+        if (dtype == "float32") return std::string(kernel<float>().simd_name());
+        if (dtype == "float16") return std::string(kernel<half_bits>().simd_name());
+        if (dtype == "bfloat16") return std::string(kernel<bfloat16_bits>().simd_name());
+        TORCH_CHECK_VALUE(false, "dtype must be 'float32', 'float16' or 'bfloat16', got '", dtype, "'");
+      },
+      pybind11::arg("dtype") = "float32",
+      "The SIMD code path the CPU sparse attention kernel selected on this machine for K/V of this dtype.");
 }
 
 }  // namespace lckv

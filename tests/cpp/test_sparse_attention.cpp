@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "check.h"
@@ -40,7 +41,7 @@ template <>
 lckv::bfloat16_bits store<lckv::bfloat16_bits>(float x) { return {float_to_bf16_bits(x)}; }
 
 template <typename T>
-void check_random_problem(std::mt19937& rng, bool allow_simd, bool allow_wide) {
+void check_random_problem(std::mt19937& rng, bool allow_simd, bool allow_wide, bool allow_bf16_dot) {
   std::uniform_int_distribution<int> pick(0, 1 << 20);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   lckv::SparseAttentionProblem p;
@@ -63,6 +64,11 @@ void check_random_problem(std::mt19937& rng, bool allow_simd, bool allow_wide) {
 
   std::vector<float> q(size_t(p.batch * p.q_heads * p.head_dim));
   for (auto& x : q) x = normal(rng) * 2.0f;
+  // queries that are bf16 values (as the glue's cast to K's dtype makes them) take the VDPBF16PS
+  // path for bf16 K where the CPU has it; fp32 queries must not
+  if (std::is_same_v<T, lckv::bfloat16_bits> && pick(rng) % 2 == 0) {
+    for (auto& x : q) x = lckv::to_float(lckv::bfloat16_bits{float_to_bf16_bits(x)});
+  }
   std::vector<T> k(size_t(p.batch * p.k_stride_b)), v(size_t(p.batch * p.v_stride_b));
   std::vector<float> kf(k.size()), vf(v.size());  // the values the kernel actually sees
   for (size_t i = 0; i < k.size(); ++i) kf[i] = lckv::to_float(k[i] = store<T>(normal(rng)));
@@ -72,7 +78,7 @@ void check_random_problem(std::mt19937& rng, bool allow_simd, bool allow_wide) {
   for (auto& i : idx) i = (all_padding || pick(rng) % 5 == 0) ? -1 : pick(rng) % p.seq;
 
   std::vector<float> out(q.size(), 123.0f), lse(size_t(p.batch * p.q_heads), 123.0f);
-  lckv::SparseAttention<T> kernel(allow_simd, allow_wide);
+  lckv::SparseAttention<T> kernel(allow_simd, allow_wide, allow_bf16_dot);
   kernel.run(q.data(), k.data(), v.data(), idx.data(), p, out.data(), lse.data());
 
   const int64_t group = p.q_heads / p.kv_heads;
@@ -82,7 +88,7 @@ void check_random_problem(std::mt19937& rng, bool allow_simd, bool allow_wide) {
   std::vector<float> head_lse(static_cast<size_t>(group));
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t h = 0; h < p.kv_heads; ++h) {
-      if (!allow_simd || !allow_wide) continue;  // sparse_attention_kv_head uses the process-wide SIMD choice
+      if (!allow_simd || !allow_wide || !allow_bf16_dot) continue;  // kv_head: the process-wide SIMD choice
       const int64_t q_offset = (b * p.q_heads + h * group) * p.head_dim;
       lckv::sparse_attention_kv_head(q.data() + q_offset, group, p.head_dim,
                                      k.data() + b * p.k_stride_b + h * p.k_stride_h, p.k_stride_s,
@@ -197,13 +203,15 @@ int main() {
   check_conversions_and_exp();
   check_vector_exp();
   for (int trial = 0; trial < 60; ++trial) {
-    for (int mode = 0; mode < 3; ++mode) {  // portable, AVX2 with 16 registers, the default choice
-      const bool simd = mode > 0, wide = mode == 2;
-      check_random_problem<float>(rng, simd, wide);
-      check_random_problem<lckv::half_bits>(rng, simd, wide);
-      check_random_problem<lckv::bfloat16_bits>(rng, simd, wide);
+    // portable, AVX2 with 16 registers, 32 registers without the bf16 dot, the default choice
+    for (int mode = 0; mode < 4; ++mode) {
+      const bool simd = mode > 0, wide = mode >= 2, bf16_dot = mode == 3;
+      check_random_problem<float>(rng, simd, wide, bf16_dot);
+      check_random_problem<lckv::half_bits>(rng, simd, wide, bf16_dot);
+      check_random_problem<lckv::bfloat16_bits>(rng, simd, wide, bf16_dot);
     }
   }
-  std::printf("simd path on this machine: %s\n", lckv::SparseAttention<float>().simd_name());
+  std::printf("simd path on this machine: %s; bf16: %s\n", lckv::SparseAttention<float>().simd_name(),
+              lckv::SparseAttention<lckv::bfloat16_bits>().simd_name());
   return lckv_test::finish("test_sparse_attention");
 }

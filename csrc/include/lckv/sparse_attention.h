@@ -13,8 +13,8 @@
 // compiler to vectorise (`omp simd` reductions, branch-free fp16 conversion, a polynomial exp); on
 // x86 an AVX2+FMA+F16C path is selected once at start-up (hand-written intrinsics for head_dim a
 // multiple of 8, the portable loops compiled for AVX2 otherwise; where AVX-512VL exists the same
-// code is compiled again with 32 vector registers and wider register blocks), with the portable
-// build as the fallback. sparse_attention_kv_head() runs one kv head's query group on its own (no OpenMP) for
+// code is compiled again with 32 vector registers and wider register blocks, and bf16 K with
+// AVX512_BF16 scores rows by VDPBF16PS), with the portable build as the fallback. sparse_attention_kv_head() runs one kv head's query group on its own (no OpenMP) for
 // callers that parallelise themselves.
 #pragma once
 
@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -112,6 +113,8 @@ struct GroupScratch {
   std::vector<float> scores;  // [group, n_selected] scores, then probabilities
   std::vector<float> row;     // [(tile + 1) * head_dim] K or V rows converted to fp32, a zero row
   std::vector<float> acc;     // [group, head_dim] output accumulators
+  std::vector<uint16_t> q_bf16;  // [group, head_dim] the unscaled queries as bf16 (bf16 dot path)
+  const float* query = nullptr;  // the task's unscaled queries [group, head_dim] fp32
 };
 
 LCKV_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
@@ -356,6 +359,8 @@ void attend_group_portable(const float* q, const T* k, const T* v, const int64_t
 #define LCKV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 // The same AVX2 code compiled with AVX-512VL encodings allowed: 32 vector registers instead of 16.
 #define LCKV_TARGET_AVX2_WIDE __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
+// The wide code plus VDPBF16PS (AVX512_BF16): bf16 K rows dotted two elements per lane.
+#define LCKV_TARGET_AVX2_BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bf16")))
 
 // 8 consecutive row elements as fp32, converted in registers.
 LCKV_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -472,6 +477,60 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void weighted_rows(const T* const* rows, int
   for (; c < dim; c += 8) weighted_rows_chunk<H, 1>(rows, count, probs, prob_stride, out, dim, c);
 }
 
+// The task's unscaled queries (scratch.query) as bf16 in scratch.q_bf16, when every one is a bf16
+// value (its low 16 bits zero); false otherwise (then the fp32 code scores the rows).
+inline bool queries_as_bf16(GroupScratch& scratch, int64_t count) {
+  scratch.q_bf16.resize(size_t(count));
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t u = float_to_bits(scratch.query[i]);
+    if ((u & 0xffffu) != 0u) return false;
+    scratch.q_bf16[size_t(i)] = uint16_t(u >> 16);
+  }
+  return true;
+}
+
+// Pass 1 of the bf16 dot path: scores[h * stride + j] = scale * q_h . row j for the first
+// `heads` (a multiple of 4) query heads, q [heads, dim] bf16 (dim % 16 == 0), rows as in the
+// fp32 code (tiles of 4, padding reads zero_row, batches prefetched ahead). Each 4 heads x 4 rows
+// block keeps 16 accumulators; one VDPBF16PS adds the products of 8 bf16 pairs to 8 lanes. Not
+// inlined: the caller's target lacks AVX512_BF16.
+template <typename T>
+LCKV_TARGET_AVX2_BF16 void bf16_dot_scores(const uint16_t* q, int64_t heads, const T* head, int64_t row_stride,
+                                           const int64_t* idx, int64_t n, int64_t dim, float scale, const T* zero_row,
+                                           float* scores, int64_t stride) {
+  constexpr int64_t kTile = 4;
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  prefetch_rows(head, row_stride, idx, 0, kPrefetchBatch, n, dim);
+  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+    if (j0 % kPrefetchBatch == 0) prefetch_rows(head, row_stride, idx, j0 + kPrefetchBatch, j0 + 2 * kPrefetchBatch, n, dim);
+    const T* r[kTile];
+    for (int64_t u = 0; u < kTile; ++u) r[u] = j0 + u < n && idx[j0 + u] >= 0 ? head + idx[j0 + u] * row_stride : zero_row;
+    for (int64_t g = 0; g < heads; g += 4) {
+      const uint16_t* qg = q + g * dim;
+      __m256 acc[4][kTile];
+      for (int h = 0; h < 4; ++h)
+        for (int u = 0; u < kTile; ++u) acc[h][u] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < dim; d += 16) {
+        __m256bh y[4];
+        for (int h = 0; h < 4; ++h) y[h] = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qg + h * dim + d));
+        for (int u = 0; u < kTile; ++u) {
+          const __m256bh x = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r[u] + d));
+          for (int h = 0; h < 4; ++h) acc[h][u] = _mm256_dpbf16_ps(acc[h][u], y[h], x);
+        }
+      }
+      const __m256 s01 = _mm256_mul_ps(sum8(acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1],
+                                            acc[1][2], acc[1][3]), scale8);
+      const __m256 s23 = _mm256_mul_ps(sum8(acc[2][0], acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1],
+                                            acc[3][2], acc[3][3]), scale8);
+      float* out = scores + g * stride + j0;
+      _mm_storeu_ps(out, _mm256_castps256_ps128(s01));
+      _mm_storeu_ps(out + stride, _mm256_extractf128_ps(s01, 1));
+      _mm_storeu_ps(out + 2 * stride, _mm256_castps256_ps128(s23));
+      _mm_storeu_ps(out + 3 * stride, _mm256_extractf128_ps(s23, 1));
+    }
+  }
+}
+
 // The AVX2 task for head_dim % 8 == 0 (64, 128, 256, ...): same two passes as attend_group_impl,
 // but rows are converted in registers (no staging buffer), the dot products of a (heads x 4 rows)
 // block are reduced together (sum8), the softmax runs on 8 lanes, and the tail tile reads a zero
@@ -480,7 +539,7 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void weighted_rows(const T* const* rows, int
 // (16 independent accumulators, each converted row vector used 4 times), otherwise 2 heads x 4
 // rows; the V pass keeps (heads x chunk of the output) sums in registers across a whole prefetch
 // batch of rows (weighted_rows) instead of loading and storing the output for every 4 rows.
-template <bool kWide, typename T>
+template <bool kWide, bool kBf16Dot, typename T>
 LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_group, const T* k_head,
                                                                 const T* v_head, const int64_t* idx,
                                                                 const SparseAttentionProblem& p, float* out_group,
@@ -505,13 +564,25 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_g
     }
   };
 
+  // bf16 K with VDPBF16PS: the products of bf16 values are exact in fp32, so where the unscaled
+  // queries are bf16 values (the glue casts q to K's dtype) the 4 x 4 blocks dot bf16 pairs
+  // directly (no conversion, half the instructions) and the scale multiplies the sums.
+  int64_t first_head = 0;  // heads [0, first_head) already scored
+  if constexpr (kBf16Dot) {
+    if (dim % 16 == 0 && group >= 4 && queries_as_bf16(scratch, group * dim)) {
+      first_head = group / 4 * 4;
+      bf16_dot_scores(scratch.q_bf16.data(), first_head, k_head, p.k_stride_s, idx, n, dim, p.scale, zero_row, scores,
+                      stride);
+    }
+  }
+
   // Pass 1: scores of 4 rows x 4 heads (kWide), then 4 rows x 2 heads per step (a lone last head
   // reuses the pair code's reduction).
-  prefetch_rows(k_head, p.k_stride_s, idx, 0, kPrefetchBatch, n, dim);
-  for (int64_t j0 = 0; j0 < n; j0 += kTile) {
+  if (first_head < group) prefetch_rows(k_head, p.k_stride_s, idx, 0, kPrefetchBatch, n, dim);
+  for (int64_t j0 = 0; j0 < n && first_head < group; j0 += kTile) {
     const T* r[kTile];
     tile(k_head, p.k_stride_s, j0, r);
-    int64_t g = 0;
+    int64_t g = first_head;
     for (; kWide && g + 4 <= group; g += 4) {  // 4 heads x 4 rows: 16 independent accumulators
       const float* q0 = q_group + g * dim;
       __m256 acc[4][kTile];
@@ -583,7 +654,7 @@ LCKV_TARGET_AVX2 void attend_group_avx2(const float* q, const T* k, const T* v, 
                                         const SparseAttentionProblem& p, float* out, float* lse,
                                         GroupScratch& scratch) {
   if (p.head_dim % 8 == 0) {
-    attend_group_avx2_dim8<false>(q, k, v, idx, p, out, lse, scratch);
+    attend_group_avx2_dim8<false, false>(q, k, v, idx, p, out, lse, scratch);
   } else {
     attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
   }
@@ -595,7 +666,19 @@ LCKV_TARGET_AVX2_WIDE void attend_group_avx2_wide(const float* q, const T* k, co
                                                   const SparseAttentionProblem& p, float* out, float* lse,
                                                   GroupScratch& scratch) {
   if (p.head_dim % 8 == 0) {
-    attend_group_avx2_dim8<true>(q, k, v, idx, p, out, lse, scratch);
+    attend_group_avx2_dim8<true, false>(q, k, v, idx, p, out, lse, scratch);
+  } else {
+    attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
+  }
+}
+
+// attend_group_avx2_wide with the bf16 dot path (CPUs with AVX512_BF16; instantiated for bf16 K/V).
+template <typename T>
+LCKV_TARGET_AVX2_BF16 void attend_group_avx2_bf16(const float* q, const T* k, const T* v, const int64_t* idx,
+                                                  const SparseAttentionProblem& p, float* out, float* lse,
+                                                  GroupScratch& scratch) {
+  if (p.head_dim % 8 == 0) {
+    attend_group_avx2_dim8<true, true>(q, k, v, idx, p, out, lse, scratch);
   } else {
     attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
   }
@@ -610,7 +693,8 @@ class SparseAttention {
  public:
   // allow_simd = false forces the portable loops; allow_wide = false keeps the AVX2 path to 16
   // vector registers even where AVX-512VL offers 32 (both for tests and comparisons).
-  explicit SparseAttention(bool allow_simd = true, bool allow_wide = true) {
+  // allow_bf16_dot = false keeps bf16 K rows on the fp32 FMA code where AVX512_BF16 exists.
+  explicit SparseAttention(bool allow_simd = true, bool allow_wide = true, bool allow_bf16_dot = true) {
     attend_ = &detail::attend_group_portable<T>;
     simd_name_ = "portable";
 #ifdef LCKV_HAVE_AVX2_DISPATCH
@@ -621,11 +705,18 @@ class SparseAttention {
       if (allow_wide && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
         attend_ = &detail::attend_group_avx2_wide<T>;
         simd_name_ = "avx2+fma+f16c (32 registers, avx512vl)";
+        if constexpr (std::is_same_v<T, bfloat16_bits>) {
+          if (allow_bf16_dot && __builtin_cpu_supports("avx512bf16")) {
+            attend_ = &detail::attend_group_avx2_bf16<T>;
+            simd_name_ = "avx2+fma+f16c (32 registers, avx512vl) + avx512bf16 dot";
+          }
+        }
       }
     }
 #else
     (void)allow_simd;
     (void)allow_wide;
+    (void)allow_bf16_dot;
 #endif
   }
 
@@ -682,6 +773,7 @@ class SparseAttention {
                      detail::GroupScratch& scratch) const {
     const int64_t count = p.q_heads / p.kv_heads * p.head_dim;
     for (int64_t i = 0; i < count; ++i) q_scaled[i] = q[i] * p.scale;
+    scratch.query = q;
     attend_(q_scaled, k_head, v_head, rows, p, out, lse, scratch);
   }
 
