@@ -23,8 +23,10 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <iterator>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "lckv/centroid_estimate.h"  // cluster_weights_for_cpu, exp_nonpositive
@@ -257,7 +259,7 @@ class ClusterIndex : public VectorIndex {
         GroupScratch& group_local = per_thread<GroupScratch, GroupScratch>();
         n_scored += choose_clusters_by_supers(query, 1, want, params.expand, 1.0f, group_local, false);
         picked.clear();
-        for (int64_t i : group_local.head_picked[0]) picked.push_back(group_local.positions[i]);
+        for (int64_t i : group_local.head_picked[0]) picked.push_back(cluster_at(group_local, i));
       } else {
         auto& cs = local.centroid_scores;
         const int64_t n_blocks = (n_clusters + 7) / 8;
@@ -314,7 +316,8 @@ class ClusterIndex : public VectorIndex {
     std::vector<float> super_scores, bounds, sizes, last_scores;  // super-cluster path
     std::vector<double> mass;
     std::vector<uint64_t> candidates, ranked, winners, boundary;
-    std::vector<int64_t> picked, chosen, chosen_at, positions, loose;
+    std::vector<int64_t> picked, chosen, chosen_at, loose;
+    std::vector<std::pair<int64_t, const int64_t*>> runs;  // super path: (first position, cluster ids) per run
     std::vector<std::vector<int64_t>> head_picked;
     std::vector<uint8_t> taken, expanded;
     std::vector<uint32_t> rows;
@@ -360,6 +363,14 @@ class ClusterIndex : public VectorIndex {
     return group * n_clusters;
   }
 
+  // The cluster id at scored position `pos` of choose_clusters_by_supers: positions are runs of
+  // consecutive clusters of one super-cluster (or the loose ones), found by binary search.
+  static int64_t cluster_at(const GroupScratch& local, int64_t pos) {
+    const auto run = std::upper_bound(local.runs.begin(), local.runs.end(), pos,
+                                      [](int64_t p, const std::pair<int64_t, const int64_t*>& r) { return p < r.first; });
+    return std::prev(run)->second[pos - std::prev(run)->first];
+  }
+
   // choose_clusters with super-clusters: the centroids are scored per super-cluster, only for the
   // super-clusters that matter. For head g and super-cluster s (mean u_s, radius r_s = the largest
   // distance of a member centroid from u_s), every member c has q_g . c <= q_g . u_s + |q_g| r_s.
@@ -373,7 +384,7 @@ class ClusterIndex : public VectorIndex {
   //   4. the rest: scored clusters not chosen exactly, each unexpanded super as size_s keys at its
   //      mean (the estimate's only approximation; expand = 1 makes it exact).
   // With with_rest = false (a plain search) step 4 is skipped and `scale` unused; head_picked[g] and
-  // positions then give each head's clusters, best first.
+  // cluster_at() then give each head's clusters, best first.
   int64_t choose_clusters_by_supers(const float* queries, int64_t group, double want, double expand, float scale,
                                     GroupScratch& local, bool with_rest = true) const {
     const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
@@ -383,7 +394,6 @@ class ClusterIndex : public VectorIndex {
     const int64_t cap = n_clusters + n_sup + 8;
     auto& cs = local.centroid_scores;
     cs.resize(static_cast<std::size_t>(group * cap));
-    auto& at_cluster = local.positions;  // cluster id at each scored position
     auto& sizes = local.sizes;           // keys at each position
     // 1. super means, bounds
     const int64_t sup_blocks = (n_sup + 7) / 8, sup_stride = sup_blocks * 8;
@@ -397,7 +407,7 @@ class ClusterIndex : public VectorIndex {
       for (int64_t j = 0; j < n_sup; ++j) bound[g * n_sup + j] = ss[g * sup_stride + j] + norm * sup_radius_[j];
     }
     int64_t n_scored = group * n_sup;
-    at_cluster.resize(static_cast<std::size_t>(cap));
+    local.runs.clear();
     sizes.resize(static_cast<std::size_t>(cap));
     int64_t n_pos = 0;        // clusters scored so far (positions [0, n_pos) of every row)
     double pos_keys = 0.0;    // their keys
@@ -405,7 +415,7 @@ class ClusterIndex : public VectorIndex {
     auto score_run = [&](const float* blocks, int64_t n_blocks, const int64_t* ids, const float* id_sizes,
                          int64_t len) {
       score_blocks(queries, group, blocks, n_blocks, cs.data() + n_pos, cap);  // straight into the rows
-      std::copy(ids, ids + len, at_cluster.begin() + n_pos);
+      local.runs.emplace_back(n_pos, ids);  // a position's cluster id is looked up only if chosen
       std::copy(id_sizes, id_sizes + len, sizes.begin() + n_pos);
       for (int64_t j = 0; j < len; ++j) pos_keys += id_sizes[j];
       n_pos += len;
@@ -467,7 +477,7 @@ class ClusterIndex : public VectorIndex {
         if (!local.taken[i]) {
           local.taken[i] = 1;
           local.chosen_at.push_back(i);
-          local.chosen.push_back(at_cluster[i]);
+          local.chosen.push_back(cluster_at(local, i));
         }
       }
     }
