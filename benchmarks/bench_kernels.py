@@ -30,6 +30,7 @@ are the stable ones. Writes benchmarks/results/bench_kernels.{json,png}.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -383,7 +384,8 @@ def main():
               f"kernel {t['cpu_over_gather']:.2f}x gather")
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     result = dict(
-        machine=dict(platform=platform.platform(), processor=platform.processor(), threads=torch.get_num_threads(),
+        machine=dict(date=datetime.date.today().isoformat(), platform=platform.platform(), processor=platform.processor(),
+                     threads=torch.get_num_threads(),
                      simd_path=simd, simd_path_bf16=simd_bf16, load_average=load, load_average_at_end=load_end, torch=torch.__version__,
                      thp_mode=thp, kv_allocator=allocator,
                      thp_mem_alloc_enable=os.environ.get("THP_MEM_ALLOC_ENABLE", "0")),

@@ -106,20 +106,36 @@ def decode() -> str:
 
 
 def kernels() -> str:
-    runs = _load("bench_kernels.json")
+    runs = _load("bench_kernels*.json")
     if not runs:
         return "### Kernels\n\nNot run yet (`python benchmarks/bench_kernels.py`).\n"
-    run = runs[0]
-    table = [[str(t["threads"]), str(t["context"]), t["dtype"], f"{t['cpu_over_floor']:.1f}x",
-              "yes" if t["within_2x_floor"] else "no", f"{t['speedup_vs_reference']:.1f}x"]
-             for t in run["targets_at_k2048"]]
+    latest = runs[-1]  # bench_kernels, _b, _c, ...: by name, the newest last
+    keys = [(t["threads"], t["context"], t["dtype"]) for t in latest["targets_at_k2048"]]
+
+    def cell(run, key):
+        for t in run["targets_at_k2048"]:
+            if (t["threads"], t["context"], t["dtype"]) == key:
+                return f"{t['cpu_over_floor']:.2f}x ({t['gather_over_floor']:.2f}x)"
+        return "-"
+
+    table = [[str(k[0]), str(k[1]), k[2]] + [cell(run, k) for run in runs]
+             + [f"{min(t['speedup_vs_reference'] for run in runs for t in run['targets_at_k2048'] if (t['threads'], t['context'], t['dtype']) == k):.0f}x"]
+             for k in keys]
+    bandwidth = "; ".join(f"`{run['_file']}` {run['copy_bandwidth_gbps'][str(max(map(int, run['copy_bandwidth_gbps'])))]:.0f} GB/s"
+                          for run in runs)
     triton = ", ".join(f"{t['kernel']} ({t['max_abs_error_vs_reference']:.1e})" if "max_abs_error_vs_reference" in t
-                       else f"{t['kernel']}: {t.get('status', 'not checked')}" for t in run["triton"])
+                       else f"{t['kernel']}: {t.get('status', 'not checked')}" for t in latest["triton"])
+    machine = latest["machine"]
     return "\n".join([
         "### Kernels (`bench_kernels.py`)", "",
-        f"C++ sparse attention with LSE at k = 2048 (32 query / 8 kv heads, head_dim 128); floor = bytes read / copy "
-        f"bandwidth measured in the same run; measured {_machine(run['machine'])}.", "",
-        _table(["threads", "context", "dtype", "time / floor", "within 2x floor", "vs torch reference"], table), "",
+        "C++ sparse attention with LSE at k = 2048 (32 query / 8 kv heads, head_dim 128): time over the floor "
+        "(bytes read / copy bandwidth measured in the same run; target within 2x), and in brackets the memory-only "
+        "gather of the same rows (same prefetch and threads, no arithmetic) over the same floor. One column per run, "
+        f"oldest first, {machine.get('date', 'date not recorded')} on {machine.get('platform', '?')}, no GPU; SIMD path "
+        f"{machine.get('simd_path', '?')}" + (f" (bf16: {machine['simd_path_bf16']})" if "simd_path_bf16" in machine else "")
+        + f". Copy bandwidth with 2 threads: {bandwidth}.", "",
+        _table(["threads", "context", "dtype"] + [f"`{run['_file']}`" for run in runs] + ["vs torch reference (worst run)"],
+               table), "",
         f"Triton kernels, interpreter only (max abs error vs reference; not timed: no GPU): {triton}.", ""])
 
 

@@ -25,6 +25,16 @@ def test_extension_is_built():
     assert extension_available(), "lckv._C did not import: run `pip install -e .`"
 
 
+def test_sparse_attention_simd_path_per_dtype():
+    path = compiled("sparse_attention_with_lse").sparse_attention_simd_path
+    paths = {dtype: path(dtype) for dtype in ("float32", "float16", "bfloat16")}
+    assert paths["float32"] == path() and paths["float16"] == paths["float32"]
+    # bf16 may add the AVX512_BF16 dot product on top of the same register path, nothing else
+    assert paths["bfloat16"] in (paths["float32"], paths["float32"] + " + avx512bf16 dot")
+    with pytest.raises(ValueError, match="dtype must be"):
+        path("int8")
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 8), (3, 4, 59), (2, 7, 128), (5, 1, 4, 64)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpu_merge_matches_reference(shape, dtype):
