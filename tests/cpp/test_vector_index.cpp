@@ -246,6 +246,30 @@ void test_add_and_concurrency(std::mt19937_64& rng) {
 
 }  // namespace
 
+// nearest_from_scores (the k-means assignment; AVX2 where the CPU has it) equals the scalar rule,
+// argmax_c (scores[c] - half_norms[c]) with ties to the lower c, for every length, with planted
+// ties (a repeated best, in the same lane and across lanes) and scores on a coarse grid.
+void test_nearest(std::mt19937_64& rng) {
+  std::uniform_int_distribution<int> grid(-8, 8);
+  for (int64_t C = 1; C <= 100; ++C) {
+    for (int trial = 0; trial < 50; ++trial) {
+      std::vector<float> scores(static_cast<std::size_t>(C)), half(static_cast<std::size_t>(C));
+      for (int64_t c = 0; c < C; ++c) {
+        scores[c] = 0.25f * static_cast<float>(grid(rng));  // exact, many ties
+        half[c] = 0.125f * static_cast<float>(grid(rng) + 8);
+      }
+      if (trial % 3 == 0 && C > 9) {  // the best value at two places
+        const int64_t a = static_cast<int64_t>(rng() % static_cast<uint64_t>(C));
+        const int64_t b = static_cast<int64_t>(rng() % static_cast<uint64_t>(C));
+        scores[a] = scores[b] = 10.0f;
+        half[a] = half[b] = 0.0f;
+      }
+      EXPECT(lckv::nearest_from_scores(scores.data(), half.data(), C) ==
+             lckv::nearest_from_scores_scalar(scores.data(), half.data(), C));
+    }
+  }
+}
+
 int main() {
   std::setvbuf(stdout, nullptr, _IONBF, 0);
   std::random_device device;
@@ -253,6 +277,7 @@ int main() {
   std::printf("seed %llu\n", static_cast<unsigned long long>(seed));
   std::mt19937_64 rng(seed);
   test_kernels(rng);
+  test_nearest(rng);
   test_row_kernels(rng);
   test_cluster(rng);
   test_flat(rng);

@@ -747,7 +747,10 @@ class ClusterIndex : public VectorIndex {
       std::copy(points + id * dim_, points + (id + 1) * dim_, cent.begin() + c * dim_);
     }
     std::vector<float> half_norms(static_cast<std::size_t>(c_count));
-    std::vector<float> row(static_cast<std::size_t>(c_count));
+    const int64_t n_blocks = (c_count + 7) / 8, stride = n_blocks * 8;
+    constexpr int64_t kChunk = 16;  // points scored together (the block kernel takes them in pairs)
+    std::vector<float> blocks(static_cast<std::size_t>(stride) * d, 0.0f);  // centroids, 8-row blocks
+    std::vector<float> rows(static_cast<std::size_t>(kChunk * stride));
     std::vector<double> sums(static_cast<std::size_t>(c_count) * d);
     assign.resize(static_cast<std::size_t>(n));
     counts.assign(static_cast<std::size_t>(c_count), 0);
@@ -755,11 +758,13 @@ class ClusterIndex : public VectorIndex {
       for (int64_t c = 0; c < c_count; ++c) {
         const float* cv = cent.data() + c * dim_;
         half_norms[c] = 0.5f * ip_(cv, cv, d);
+        put_blocked_row(blocks, c, cv);
       }
-      // nearest centroid in L2: argmax_c (x . c - |c|^2 / 2)
-      for (int64_t i = 0; i < n; ++i) {
-        ip_rows_(points + i * dim_, cent.data(), static_cast<std::size_t>(c_count), d, row.data());
-        assign[i] = nearest_from_scores(row.data(), half_norms.data(), c_count);
+      // nearest centroid in L2: argmax_c (x . c - |c|^2 / 2), kChunk points per pass over the blocks
+      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
+        const int64_t m = std::min(kChunk, n - i0);
+        score_blocks(points + i0 * dim_, m, blocks.data(), n_blocks, rows.data(), stride);
+        for (int64_t j = 0; j < m; ++j) assign[i0 + j] = nearest_from_scores(rows.data() + j * stride, half_norms.data(), c_count);
       }
       std::fill(counts.begin(), counts.end(), 0);
       if (it == params_.n_iters) break;

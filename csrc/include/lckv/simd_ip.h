@@ -340,7 +340,7 @@ inline InnerProductBlocksPairFn inner_product_blocks_pair_for(SimdLevel level) {
 
 // The nearest of C centroids in L2 from inner products: argmax_c (scores[c] - half_norms[c]) with
 // half_norms[c] = |c|^2 / 2 (ties: the lower c).
-inline int64_t nearest_from_scores(const float* scores, const float* half_norms, int64_t C) {
+inline int64_t nearest_from_scores_scalar(const float* scores, const float* half_norms, int64_t C) {
   int64_t best = 0;
   float best_score = scores[0] - half_norms[0];
   for (int64_t c = 1; c < C; ++c) {
@@ -351,6 +351,56 @@ inline int64_t nearest_from_scores(const float* scores, const float* half_norms,
     }
   }
   return best;
+}
+
+#ifdef LCKV_X86_DISPATCH
+// nearest_from_scores on 8 lanes: each lane keeps its best (strictly greater replaces, so the
+// lowest c of a lane's ties), then the best lane value and the lowest c holding it.
+__attribute__((target("avx2,fma"))) inline int64_t nearest_from_scores_avx2(const float* scores,
+                                                                           const float* half_norms, int64_t C) {
+  if (C < 16) return nearest_from_scores_scalar(scores, half_norms, C);
+  __m256 best = _mm256_sub_ps(_mm256_loadu_ps(scores), _mm256_loadu_ps(half_norms));
+  __m256i best_at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i at = best_at;
+  const __m256i eight = _mm256_set1_epi32(8);
+  int64_t c = 8;
+  for (; c + 8 <= C; c += 8) {
+    at = _mm256_add_epi32(at, eight);
+    const __m256 s = _mm256_sub_ps(_mm256_loadu_ps(scores + c), _mm256_loadu_ps(half_norms + c));
+    const __m256 better = _mm256_cmp_ps(s, best, _CMP_GT_OQ);
+    best = _mm256_blendv_ps(best, s, better);
+    best_at = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best_at), _mm256_castsi256_ps(at), better));
+  }
+  alignas(32) float lane_best[8];
+  alignas(32) int32_t lane_at[8];
+  _mm256_store_ps(lane_best, best);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lane_at), best_at);
+  int64_t winner = lane_at[0];
+  float winner_score = lane_best[0];
+  for (int lane = 1; lane < 8; ++lane) {
+    if (lane_best[lane] > winner_score || (lane_best[lane] == winner_score && lane_at[lane] < winner)) {
+      winner_score = lane_best[lane];
+      winner = lane_at[lane];
+    }
+  }
+  for (; c < C; ++c) {  // the last C % 8 scores
+    const float v = scores[c] - half_norms[c];
+    if (v > winner_score) {
+      winner_score = v;
+      winner = c;
+    }
+  }
+  return winner;
+}
+#endif
+
+// nearest_from_scores_scalar on the widest SIMD this CPU has (same result for finite scores).
+inline int64_t nearest_from_scores(const float* scores, const float* half_norms, int64_t C) {
+#ifdef LCKV_X86_DISPATCH
+  static const bool avx2 = detect_simd_level() != SimdLevel::kScalar;
+  if (avx2) return nearest_from_scores_avx2(scores, half_norms, C);
+#endif
+  return nearest_from_scores_scalar(scores, half_norms, C);
 }
 
 }  // namespace lckv
