@@ -649,39 +649,41 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_g
   std::memcpy(out_group, acc, sizeof(float) * size_t(group * dim));  // zeros for an empty group
 }
 
+// The AVX2 task: the intrinsics for head_dim % 8 == 0, the portable loops compiled for AVX2
+// otherwise. Inlined into one function per target below (a target attribute is not a template
+// parameter, so each register set / instruction set needs its own wrapper).
+template <bool kWide, bool kBf16Dot, typename T>
+LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_any(const float* q, const T* k, const T* v,
+                                                              const int64_t* idx, const SparseAttentionProblem& p,
+                                                              float* out, float* lse, GroupScratch& scratch) {
+  if (p.head_dim % 8 == 0) {
+    attend_group_avx2_dim8<kWide, kBf16Dot>(q, k, v, idx, p, out, lse, scratch);
+  } else {
+    attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
+  }
+}
+
 template <typename T>
 LCKV_TARGET_AVX2 void attend_group_avx2(const float* q, const T* k, const T* v, const int64_t* idx,
                                         const SparseAttentionProblem& p, float* out, float* lse,
                                         GroupScratch& scratch) {
-  if (p.head_dim % 8 == 0) {
-    attend_group_avx2_dim8<false, false>(q, k, v, idx, p, out, lse, scratch);
-  } else {
-    attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
-  }
+  attend_group_avx2_any<false, false>(q, k, v, idx, p, out, lse, scratch);
 }
 
-// attend_group_avx2 with 32 vector registers (CPUs with AVX-512VL): wider register blocks.
+// With 32 vector registers (CPUs with AVX-512VL): wider register blocks.
 template <typename T>
 LCKV_TARGET_AVX2_WIDE void attend_group_avx2_wide(const float* q, const T* k, const T* v, const int64_t* idx,
                                                   const SparseAttentionProblem& p, float* out, float* lse,
                                                   GroupScratch& scratch) {
-  if (p.head_dim % 8 == 0) {
-    attend_group_avx2_dim8<true, false>(q, k, v, idx, p, out, lse, scratch);
-  } else {
-    attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
-  }
+  attend_group_avx2_any<true, false>(q, k, v, idx, p, out, lse, scratch);
 }
 
-// attend_group_avx2_wide with the bf16 dot path (CPUs with AVX512_BF16; instantiated for bf16 K/V).
+// The wide task plus the bf16 dot path (CPUs with AVX512_BF16; instantiated for bf16 K/V).
 template <typename T>
 LCKV_TARGET_AVX2_BF16 void attend_group_avx2_bf16(const float* q, const T* k, const T* v, const int64_t* idx,
                                                   const SparseAttentionProblem& p, float* out, float* lse,
                                                   GroupScratch& scratch) {
-  if (p.head_dim % 8 == 0) {
-    attend_group_avx2_dim8<true, true>(q, k, v, idx, p, out, lse, scratch);
-  } else {
-    attend_group_impl<F16cLoad>(q, k, v, idx, p, out, lse, scratch);
-  }
+  attend_group_avx2_any<true, true>(q, k, v, idx, p, out, lse, scratch);
 }
 #endif
 
