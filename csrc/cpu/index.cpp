@@ -38,6 +38,12 @@ void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const ch
                     " contains NaN or inf");
 }
 
+// A copy of an index's std::vector as a 1-D tensor of the element type (int64_t, float).
+template <typename T>
+torch::Tensor to_tensor(const std::vector<T>& v) {
+  return torch::tensor(c10::ArrayRef<T>(v), c10::CppTypeToScalarType<T>::value);
+}
+
 void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
 
 SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = 0, double expand = 0.1) {
@@ -222,27 +228,17 @@ void bind_index(py::module_& m) {
            py::arg("super_size") = 64, py::arg("super_span") = 4096)
       .def_property_readonly("n_clusters", &ClusterIndex::n_clusters)
       .def_property_readonly("n_supers", &ClusterIndex::n_supers)
-      .def("super_assignments", [](const ClusterIndex& self) {
-        const std::vector<int64_t> a = self.super_assignments();
-        return torch::tensor(c10::ArrayRef<int64_t>(a), torch::kInt64);
-      }, "Super-cluster of every cluster, [n_clusters] int64 (-1: loose, in a partial span).")
-      .def("super_means", [](const ClusterIndex& self) {
-        const std::vector<float> c = self.super_means();
-        return torch::tensor(c10::ArrayRef<float>(c), torch::kFloat32).reshape({-1, self.dim()});
-      }, "Super-cluster means [n_supers, dim] float32.")
-      .def("super_radii", [](const ClusterIndex& self) {
-        const std::vector<float> r = self.super_radii();
-        return torch::tensor(c10::ArrayRef<float>(r), torch::kFloat32);
-      }, "Super-cluster radii [n_supers] float32 (largest member-centroid distance from the mean, rounded up).")
+      .def("super_assignments", [](const ClusterIndex& self) { return to_tensor(self.super_assignments()); },
+           "Super-cluster of every cluster, [n_clusters] int64 (-1: loose, in a partial span).")
+      .def("super_means", [](const ClusterIndex& self) { return to_tensor(self.super_means()).reshape({-1, self.dim()}); },
+           "Super-cluster means [n_supers, dim] float32.")
+      .def("super_radii", [](const ClusterIndex& self) { return to_tensor(self.super_radii()); },
+           "Super-cluster radii [n_supers] float32 (largest member-centroid distance from the mean, rounded up).")
       .def_property_readonly("n_clustered", &ClusterIndex::n_clustered)
-      .def("assignments", [](const ClusterIndex& self) {
-        const std::vector<int64_t> a = self.assignments();
-        return torch::tensor(c10::ArrayRef<int64_t>(a), torch::kInt64);
-      }, "Cluster of every key, [size] int64 (-1: the unclustered tail).")
-      .def("centroids", [](const ClusterIndex& self) {
-        const std::vector<float> c = self.centroids();
-        return torch::tensor(c10::ArrayRef<float>(c), torch::kFloat32).reshape({-1, self.dim()});
-      }, "Centroids [n_clusters, dim] float32.")
+      .def("assignments", [](const ClusterIndex& self) { return to_tensor(self.assignments()); },
+           "Cluster of every key, [size] int64 (-1: the unclustered tail).")
+      .def("centroids", [](const ClusterIndex& self) { return to_tensor(self.centroids()).reshape({-1, self.dim()}); },
+           "Centroids [n_clusters, dim] float32.")
       .def("build", &build_from_keys<ClusterIndex>, py::arg("keys"),
            "Adds keys [n, dim] and clusters them segment by segment.");
 

@@ -477,6 +477,28 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void weighted_rows(const T* const* rows, int
   for (; c < dim; c += 8) weighted_rows_chunk<H, 1>(rows, count, probs, prob_stride, out, dim, c);
 }
 
+// Rows j0 .. j0 + 3 of one head's gathered rows (padding and the tail read zero_row); at the start
+// of each prefetch batch, the next batch is prefetched. No target attribute: it is inlined into
+// every SIMD variant's passes.
+template <typename T>
+LCKV_ALWAYS_INLINE void gather_tile(const T* head, int64_t row_stride, const int64_t* idx, int64_t j0, int64_t n,
+                                    int64_t dim, const T* zero_row, const T* rows[4]) {
+  if (j0 % kPrefetchBatch == 0) prefetch_rows(head, row_stride, idx, j0 + kPrefetchBatch, j0 + 2 * kPrefetchBatch, n, dim);
+  for (int64_t u = 0; u < 4; ++u) {
+    const int64_t j = j0 + u;
+    rows[u] = j < n && idx[j] >= 0 ? head + idx[j] * row_stride : zero_row;
+  }
+}
+
+// Scores of a 4 heads x 4 rows block, reduced as sum8 gives them (heads 0-1 in s01, 2-3 in s23),
+// to out[h * stride + u].
+LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void store_scores_4x4(__m256 s01, __m256 s23, float* out, int64_t stride) {
+  _mm_storeu_ps(out, _mm256_castps256_ps128(s01));
+  _mm_storeu_ps(out + stride, _mm256_extractf128_ps(s01, 1));
+  _mm_storeu_ps(out + 2 * stride, _mm256_castps256_ps128(s23));
+  _mm_storeu_ps(out + 3 * stride, _mm256_extractf128_ps(s23, 1));
+}
+
 // The task's unscaled queries (scratch.query) as bf16 in scratch.q_bf16, when every one is a bf16
 // value (its low 16 bits zero); false otherwise (then the fp32 code scores the rows).
 inline bool queries_as_bf16(GroupScratch& scratch, int64_t count) {
@@ -490,10 +512,10 @@ inline bool queries_as_bf16(GroupScratch& scratch, int64_t count) {
 }
 
 // Pass 1 of the bf16 dot path: scores[h * stride + j] = scale * q_h . row j for the first
-// `heads` (a multiple of 4) query heads, q [heads, dim] bf16 (dim % 16 == 0), rows as in the
-// fp32 code (tiles of 4, padding reads zero_row, batches prefetched ahead). Each 4 heads x 4 rows
-// block keeps 16 accumulators; one VDPBF16PS adds the products of 8 bf16 pairs to 8 lanes. Not
-// inlined: the caller's target lacks AVX512_BF16.
+// `heads` (a multiple of 4) query heads, q [heads, dim] bf16 (dim % 16 == 0), rows taken as the
+// fp32 code takes them (gather_tile). Each 4 heads x 4 rows block keeps 16 accumulators; one
+// VDPBF16PS adds the products of 8 bf16 pairs to 8 lanes. Not inlined: the caller's target lacks
+// AVX512_BF16.
 template <typename T>
 LCKV_TARGET_AVX2_BF16 void bf16_dot_scores(const uint16_t* q, int64_t heads, const T* head, int64_t row_stride,
                                            const int64_t* idx, int64_t n, int64_t dim, float scale, const T* zero_row,
@@ -502,9 +524,8 @@ LCKV_TARGET_AVX2_BF16 void bf16_dot_scores(const uint16_t* q, int64_t heads, con
   const __m256 scale8 = _mm256_set1_ps(scale);
   prefetch_rows(head, row_stride, idx, 0, kPrefetchBatch, n, dim);
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
-    if (j0 % kPrefetchBatch == 0) prefetch_rows(head, row_stride, idx, j0 + kPrefetchBatch, j0 + 2 * kPrefetchBatch, n, dim);
     const T* r[kTile];
-    for (int64_t u = 0; u < kTile; ++u) r[u] = j0 + u < n && idx[j0 + u] >= 0 ? head + idx[j0 + u] * row_stride : zero_row;
+    gather_tile(head, row_stride, idx, j0, n, dim, zero_row, r);
     for (int64_t g = 0; g < heads; g += 4) {
       const uint16_t* qg = q + g * dim;
       __m256 acc[4][kTile];
@@ -522,11 +543,7 @@ LCKV_TARGET_AVX2_BF16 void bf16_dot_scores(const uint16_t* q, int64_t heads, con
                                             acc[1][2], acc[1][3]), scale8);
       const __m256 s23 = _mm256_mul_ps(sum8(acc[2][0], acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1],
                                             acc[3][2], acc[3][3]), scale8);
-      float* out = scores + g * stride + j0;
-      _mm_storeu_ps(out, _mm256_castps256_ps128(s01));
-      _mm_storeu_ps(out + stride, _mm256_extractf128_ps(s01, 1));
-      _mm_storeu_ps(out + 2 * stride, _mm256_castps256_ps128(s23));
-      _mm_storeu_ps(out + 3 * stride, _mm256_extractf128_ps(s23, 1));
+      store_scores_4x4(s01, s23, scores + g * stride + j0, stride);
     }
   }
 }
@@ -554,14 +571,9 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_g
   float* scores = scratch.scores.data();
   float* acc = scratch.acc.data();
   const T* zero_row = reinterpret_cast<const T*>(scratch.row.data());
+  static_assert(kTile == 4, "gather_tile and the score blocks take 4 rows");
   auto tile = [&](const T* head, int64_t row_stride, int64_t j0, const T* rows[kTile]) {
-    if (j0 % kPrefetchBatch == 0) {
-      prefetch_rows(head, row_stride, idx, j0 + kPrefetchBatch, j0 + 2 * kPrefetchBatch, n, dim);
-    }
-    for (int64_t u = 0; u < kTile; ++u) {
-      const int64_t j = j0 + u;
-      rows[u] = j < n && idx[j] >= 0 ? head + idx[j] * row_stride : zero_row;
-    }
+    gather_tile(head, row_stride, idx, j0, n, dim, zero_row, rows);
   };
 
   // bf16 K with VDPBF16PS: the products of bf16 values are exact in fp32, so where the unscaled
@@ -596,10 +608,7 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_g
       }
       const __m256 s01 = sum8(acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1], acc[1][2], acc[1][3]);
       const __m256 s23 = sum8(acc[2][0], acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1], acc[3][2], acc[3][3]);
-      _mm_storeu_ps(scores + g * stride + j0, _mm256_castps256_ps128(s01));
-      _mm_storeu_ps(scores + (g + 1) * stride + j0, _mm256_extractf128_ps(s01, 1));
-      _mm_storeu_ps(scores + (g + 2) * stride + j0, _mm256_castps256_ps128(s23));
-      _mm_storeu_ps(scores + (g + 3) * stride + j0, _mm256_extractf128_ps(s23, 1));
+      store_scores_4x4(s01, s23, scores + g * stride + j0, stride);
     }
     for (; g < group; g += 2) {
       const bool pair = g + 1 < group;
