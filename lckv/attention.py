@@ -108,14 +108,21 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     store = layer.store
     n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
     q_start = layer.total - 1
-    if attention_mask is None and type(policy).allowed is Policy.allowed and query.shape[2] == 1:
+    n_select = policy.budget_tokens(layer.total) - n_sink - n_recent
+    unmasked = attention_mask is None and type(policy).allowed is Policy.allowed and query.shape[2] == 1
+    if unmasked and layer.store_padding is None and 0 < n_select < store.length:
+        fused = policy.fused_step(layer.selection_state(), layer, query[:, :, 0], n_select, scale)
+        if fused is not None:  # the whole step in one call (e.g. lckv/decode_step.h)
+            out, lse, indices = fused
+            out, lse = out.to(query.dtype).unsqueeze(2), lse.unsqueeze(2)
+            return (out, lse, indices) if return_indices else (out, lse)
+    if unmasked:
         # no padding and no policy mask: the one decode query attends every resident key
         out, lse = dense_attention_unchecked(query, torch.cat([layer.sink_k, layer.recent_k], 2),
                                              torch.cat([layer.sink_v, layer.recent_v], 2), scale=scale)
     else:
         resident = [seg for seg in layer.segments() if seg.k is layer.sink_k or seg.k is layer.recent_k]
         out, lse = attend_segments(query, resident, q_start, attention_mask, policy, scale)
-    n_select = policy.budget_tokens(layer.total) - n_sink - n_recent
     if n_select <= 0:
         return (out, lse, None) if return_indices else (out, lse)
     if n_select >= store.length:  # the budget covers the whole store: exact

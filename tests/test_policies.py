@@ -50,15 +50,16 @@ def test_budget_at_least_context_reproduces_full(name, settings, budget):
     assert torch.equal(seq, ref_seq)
 
 
-def _filled_cache(policy, batch=2, kv_heads=2, group=2, head_dim=16, total=300):
+def _filled_cache(policy, batch=2, kv_heads=2, group=2, head_dim=16, total=300, dtype=torch.float32):
     """An LckvCache layer filled with random keys by a prefill of `total` tokens."""
     cache = LckvCache(policy, 1)
     layer = cache.layers[0]
-    k = torch.randn(batch, kv_heads, total, head_dim)
-    v = torch.randn(batch, kv_heads, total, head_dim)
+    k = torch.randn(batch, kv_heads, total, head_dim, dtype=dtype)
+    v = torch.randn(batch, kv_heads, total, head_dim, dtype=dtype)
     layer.update(k, v)
-    layer.record_queries(torch.randn(batch, kv_heads * group, total, head_dim) + 0.5)
-    new_k, new_v = torch.randn(batch, kv_heads, 1, head_dim), torch.randn(batch, kv_heads, 1, head_dim)
+    layer.record_queries(torch.randn(batch, kv_heads * group, total, head_dim, dtype=dtype) + 0.5)
+    new_k = torch.randn(batch, kv_heads, 1, head_dim, dtype=dtype)
+    new_v = torch.randn(batch, kv_heads, 1, head_dim, dtype=dtype)
     layer.update(new_k, new_v)  # the decode step's token: spills, enters the window
     all_k = torch.cat([k, new_k], 2)
     all_v = torch.cat([v, new_v], 2)
@@ -159,6 +160,98 @@ def test_cluster_retrieval_ranks_by_group_probability_in_the_index(group):
     n = 40 - 2 - layer.recent_k.shape[2]
     got = policy.select(layer.selection_state(), layer, q, n, 0.3)
     _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-6)  # float32 kernel vs float64 oracle
+
+
+def _fused_policy(estimate, **settings):
+    return RetrievalPolicy(sink=3, window=9, budget=70, index="cluster", estimate_rest=estimate, cluster_size=4,
+                           index_params={"cluster_size": 4, "segment": 64, "super_size": 4, "super_span": 32},
+                           **settings)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,group,head_dim", [(1, 2, 16), (2, 3, 12)])
+def test_fused_cluster_step_attends_resident_plus_selected_rows_exactly(dtype, batch, group, head_dim):
+    """RetrievalPolicy.fused_step (index='cluster', one C++ call per layer) without the estimate:
+    exact attention over sink + window + the rows it selected, which are the rows select() picks;
+    float32 queries on float32/bf16/fp16 stores against the float32 oracle over the stored values.
+    The index has super-clusters (span 32 clusters), so both search paths run."""
+    pytest.importorskip("lckv._C")
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    policy = _fused_policy(False)
+    layer, all_k, all_v = _filled_cache(policy, batch=batch, group=group, head_dim=head_dim, total=700, dtype=dtype)
+    state = layer.selection_state()
+    assert state.indexes[0].heads[0].n_supers > 0
+    n_sink, n_store = layer.sink_k.shape[2], layer.store.length
+    n = 70 - n_sink - layer.recent_k.shape[2]
+    q = torch.randn(batch, 2 * group, head_dim)
+    fused = policy.fused_step(state, layer, q, n, 0.3)
+    assert fused is not None  # the fused path was taken
+    out, lse, indices = fused
+    assert indices.shape == (batch, 2, n) and out.dtype == torch.float32
+    separate = policy.select(state, layer, q, n, 0.3)
+    assert torch.equal(indices.sort(-1).values, separate.sort(-1).values)
+    attended = _attended(indices, n_sink, n_store, all_k.shape[2])
+    ref_out, ref_lse = attention_with_lse(q.unsqueeze(2), all_k.float(), all_v.float(), scale=0.3,
+                                          mask=attended.repeat_interleave(group, dim=1).unsqueeze(2))
+    torch.testing.assert_close(out, ref_out[:, :, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_cluster_step_equals_the_separate_ops():
+    """With the estimate, over several decode steps (tokens spilling into the index and the
+    estimate): attend_with_selection's fused step gives what select + sparse attention + estimate +
+    merges give one by one (fp32 reduction order only), and the same rows."""
+    pytest.importorskip("lckv._C")
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    policy = _fused_policy(True)
+    layer, _, _ = _filled_cache(policy, group=3, head_dim=12, total=900)
+    separate = copy.copy(policy)
+    separate.fused_step = lambda *args, **kwargs: None  # the op-by-op path on the same layer
+    for _ in range(4):
+        query = torch.randn(2, 6, 1, 12)
+        out, lse, rows = attend_with_selection(query, layer, None, policy, None, return_indices=True)
+        ref_out, ref_lse, ref_rows = attend_with_selection(query, layer, None, separate, None, return_indices=True)
+        assert torch.equal(rows.sort(-1).values, ref_rows.sort(-1).values)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+        layer.update(torch.randn(2, 2, 1, 12), torch.randn(2, 2, 1, 12))
+
+
+def test_fused_cluster_step_rejects_bad_arguments():
+    pytest.importorskip("lckv._C")
+    from lckv._extension import compiled
+
+    policy = _fused_policy(True)
+    layer, _, _ = _filled_cache(policy, total=400)
+    state = layer.selection_state()
+    heads = [ix._core for index in state.indexes for ix in index.heads]
+    est = state.estimate
+    q = torch.randn(2, 4, 16)
+    keys, values = layer.store.keys, layer.store.values
+    res_k = torch.cat([layer.sink_k, layer.recent_k], 2)
+    res_v = torch.cat([layer.sink_v, layer.recent_v], 2)
+    step = compiled("decode_cluster_step").decode_cluster_step
+    estimate = (est.centroids, est.counts, est.value_sums, est.assign)
+    out, lse, rows = step(heads, q, keys, values, res_k, res_v, 30, 0.25, estimate=estimate)  # valid call
+    assert out.shape == (2, 4, 16) and lse.shape == (2, 4) and rows.shape == (2, 2, 30)
+    with pytest.raises(ValueError, match="heads must hold batch \\* kv_heads = 4"):
+        step(heads[:3], q, keys, values, res_k, res_v, 30, 0.25)
+    with pytest.raises(ValueError, match="the index must cover exactly the offloaded rows"):
+        step(heads, q, keys[:, :, :-1], values[:, :, :-1], res_k, res_v, 30, 0.25)
+    with pytest.raises(ValueError, match="k must be positive"):
+        step(heads, q, keys, values, res_k, res_v, 0, 0.25)
+    with pytest.raises(ValueError, match="q contains NaN or inf"):
+        step(heads, q.clone().fill_(float("nan")), keys, values, res_k, res_v, 30, 0.25)
+    with pytest.raises(TypeError, match="resident_k must have the dtype of offloaded_k"):
+        step(heads, q, keys, values, res_k.half(), res_v.half(), 30, 0.25)
+    with pytest.raises(ValueError, match="q_heads \\(3\\) must be a multiple"):
+        step(heads, q[:, :3].contiguous(), keys, values, res_k, res_v, 30, 0.25)
+    with pytest.raises(ValueError, match="assign must have shape"):
+        step(heads, q, keys, values, res_k, res_v, 30, 0.25, estimate=estimate[:3] + (est.assign[..., :-1],))
+    bad = est.assign.clone()
+    bad[0, 1] = est.centroids.shape[2]  # every row of (batch 0, kv head 1) out of range
+    with pytest.raises(ValueError, match="assign must hold cluster ids in \\[0, "):
+        step(heads, q, keys, values, res_k, res_v, 30, 0.25, estimate=estimate[:3] + (bad,))
 
 
 @pytest.mark.parametrize("estimate", [False, True], ids=["union-normalised", "estimate-normalised"])

@@ -11,5 +11,6 @@ void bind_index(pybind11::module_& m);
 void bind_memory(pybind11::module_& m);
 void bind_estimate(pybind11::module_& m);
 void bind_group_rank(pybind11::module_& m);
+void bind_decode(pybind11::module_& m);
 
 }  // namespace lckv

@@ -244,6 +244,37 @@ class RetrievalPolicy(SelectionPolicy):
         rest_lse = self._estimate(state, layer, q, pool, scale, lse_only=True)
         return top_by_group_probability(q, keys, n_select, scale, pool, rest_lse)
 
+    def fused_step(self, state, layer, q, n_select, scale=None):
+        """With ``index="cluster"`` and ``group_rank="probability"`` on the CPU: the step in one C++
+        call per layer (``lckv._C.decode_cluster_step``, lckv/decode_step.h): per (batch, kv head),
+        in one parallel region, the group search, sparse attention over the retrieved rows, the
+        estimate of the rest and attention over the resident rows, merged by LSE; what
+        :meth:`select`, sparse attention, :meth:`estimate` and the merges compute one by one. The
+        queries stay float32 throughout (the separate path rounds them to a 16-bit store's dtype
+        for the sparse attention). None where the step has no fused form (another index or rule, a
+        step scored exactly by ``exact_above``, a non-CPU store or query, no extension)."""
+        keys = layer.store.keys
+        if (self.index != "cluster" or self.group_rank != "probability" or not extension_available()
+                or keys.device.type != "cpu" or q.device.type != "cpu" or q.shape[1] == keys.shape[1]
+                or n_select > self.exact_above * layer.store.length):
+            return None
+        heads = [ix._core for index in state.indexes for ix in index.heads]
+        if any(core is None for core in heads):
+            return None
+        est = state.estimate
+        estimate = None if est is None else (est.centroids, est.counts, est.value_sums, est.assign)
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        return compiled("decode_cluster_step").decode_cluster_step(
+            heads, q.float().contiguous(), keys, layer.store.values, torch.cat([layer.sink_k, layer.recent_k], 2),
+            torch.cat([layer.sink_v, layer.recent_v], 2), n_select, scale,
+            estimate=estimate, **{**self._cluster_search_defaults(), **self.search_params})
+
+    @staticmethod
+    def _cluster_search_defaults():
+        from lckv.index import ClusterIndex
+
+        return dict(ClusterIndex.search_params)
+
     # --- the estimate of the rest --------------------------------------------------------------
     def _valid_rows(self, layer, first_row, n_rows):
         batch = layer.store.keys.shape[0]

@@ -71,6 +71,15 @@ class SelectionPolicy(Policy):
         ``scale`` is the attention's softmax scale (None: ``head_dim ** -0.5``)."""
         raise NotImplementedError
 
+    def fused_step(self, state, layer, q: torch.Tensor, n_select: int, scale: float | None):
+        """Optional: the whole decode step of this policy in one call, ``(out [batch, q_heads,
+        head_dim] float32, lse [batch, q_heads], indices [batch, kv_heads, n])`` for ``q`` ``[batch,
+        q_heads, head_dim]`` over the resident rows and the ``n_select`` selected store rows (plus
+        the estimate), equal to what :meth:`select`, sparse attention, :meth:`estimate` and the
+        merges give. Called only without padding or policy masks and with ``0 < n_select < store
+        rows``; None (the default) when the policy or the inputs have no fused form."""
+        return None
+
     def estimate(self, state, layer, q: torch.Tensor, indices: torch.Tensor, scale: float):
         """Optional partial state ``(out, lse)`` ``[batch, q_heads, head_dim]``/``[batch, q_heads]``
         approximating the store rows *not* in ``indices``; None when the policy has no estimate."""

@@ -165,86 +165,119 @@ inline void weighted_value_sums(const float* w, const float* vsums, int64_t C, i
   }
 }
 
+// Per-thread scratch of estimate_pair (reused across calls, so a decode step allocates nothing).
+struct EstimateScratch {
+  std::vector<float> w, maxes;
+  std::vector<double> num, den, totals;
+  std::vector<int64_t> distinct;
+  std::vector<uint64_t> seen;  // bitmap of the rows (p.rows > 0), all zero between calls
+};
+
+// The estimate of one (batch, kv head) pair `bh` for its query group q [group, head_dim] (unscaled),
+// the retrieved rows rows[0..n) (-1 = none; a row listed twice counts once) and value rows read
+// from `values` (row r at values + r * value_stride, element type V: float, half_bits or bfloat16_bits).
+// Writes out [group, head_dim] (skipped when out is nullptr: lse only) and lse [group]. Returns
+// the first retrieved row whose cluster id is outside [0, clusters) (that row is skipped), or -1.
+// Single-threaded; p's q, values, indices, out and lse are not used.
+template <typename V>
+int64_t estimate_pair(const EstimateProblem& p, int64_t bh, const float* q, const V* values, int64_t value_stride,
+                      const int64_t* rows, int64_t n, float* out, float* lse, ClusterWeightsFn weights, InnerProductRowsFn ip_rows) {
+  const int64_t D = p.head_dim, C = p.clusters, G = p.group;
+  const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads;
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  const float* cent = p.centroids + bh * C * D;
+  const float* counts = p.counts + bh * C;
+  const float* vsums = p.value_sums + bh * C * D;
+  const int64_t* assign = p.assign + b * p.as0 + h * p.as1;
+  EstimateScratch& s = per_thread<EstimateScratch, EstimateScratch>();
+  // every query head's cluster weights first, so the retrieved rows (random reads of assign and
+  // values) are visited once for the whole group
+  s.w.resize(static_cast<std::size_t>(G * C));
+  s.num.assign(static_cast<std::size_t>(G * D), 0.0);
+  s.den.resize(static_cast<std::size_t>(G));
+  s.maxes.resize(static_cast<std::size_t>(G));
+  float* w = s.w.data();
+  for (int64_t g = 0; g < G; ++g) {
+    float* wc = w + g * C;
+    ip_rows(q + g * D, cent, static_cast<std::size_t>(C), static_cast<std::size_t>(D), wc);
+    s.den[g] = weights(wc, counts, C, p.scale, &s.maxes[g]);
+    if (out != nullptr) weighted_value_sums(wc, vsums, C, D, s.num.data() + g * D);
+  }
+  s.totals = s.den;
+  // the retrieved rows as a set: a row listed twice (e.g. the union of several heads' searches)
+  // is retrieved once
+  auto& distinct = s.distinct;
+  distinct.clear();
+  distinct.reserve(static_cast<std::size_t>(n));
+  if (p.rows > 0) {  // first occurrences, marked in the bitmap, which is cleared after
+    if (s.seen.size() < static_cast<std::size_t>(p.rows / 64 + 1)) s.seen.assign(static_cast<std::size_t>(p.rows / 64 + 1), 0);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t r = rows[j];
+      if (r < 0) continue;
+      uint64_t& word = s.seen[static_cast<std::size_t>(r >> 6)];
+      const uint64_t bit = uint64_t{1} << (r & 63);
+      if (word & bit) continue;
+      word |= bit;
+      distinct.push_back(r);
+    }
+    for (int64_t r : distinct) s.seen[static_cast<std::size_t>(r >> 6)] = 0;
+  } else {
+    for (int64_t j = 0; j < n; ++j)
+      if (rows[j] >= 0) distinct.push_back(rows[j]);
+    std::sort(distinct.begin(), distinct.end());
+    distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
+  }
+  int64_t bad = -1;
+  const int64_t* set = distinct.data();
+  const int64_t n_set = static_cast<int64_t>(distinct.size());
+  double* num = s.num.data();
+  for (int64_t j = 0; j < n_set; ++j) {
+    if (j + 8 < n_set) {  // the random reads of a later row, early
+      __builtin_prefetch(assign + set[j + 8]);
+      if (out != nullptr) __builtin_prefetch(values + set[j + 8] * value_stride);
+    }
+    const int64_t r = set[j];
+    const int64_t c = assign[r];
+    if (c < 0 || c >= C) {
+      if (bad < 0) bad = r;
+      continue;
+    }
+    for (int64_t g = 0; g < G; ++g) s.den[g] -= w[g * C + c];
+    if (out == nullptr) continue;
+    const V* v = values + r * value_stride;
+    for (int64_t g = 0; g < G; ++g) {
+      const double wr = w[g * C + c];
+      double* nd = num + g * D;
+      for (int64_t d = 0; d < D; ++d) nd[d] -= wr * static_cast<double>(to_float(v[d]));
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const double den = s.den[g];
+    const bool rest = den > 1e-6 * s.totals[g] && den > 0.0;
+    lse[g] = rest ? static_cast<float>(std::log(den)) + s.maxes[g] : neg_inf;
+    if (out == nullptr) continue;
+    for (int64_t d = 0; d < D; ++d) out[g * D + d] = rest ? static_cast<float>(num[g * D + d] / den) : 0.0f;
+  }
+  return bad;
+}
+
+// The weight and inner-product functions estimate_pair takes, chosen once per process.
+inline ClusterWeightsFn estimate_weights_fn(bool allow_simd = true) {
+  static const ClusterWeightsFn best = cluster_weights_for_cpu();
+  return allow_simd ? best : cluster_weights_portable;
+}
+
 inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) {
   const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
-  static const ClusterWeightsFn best = cluster_weights_for_cpu();
-  const ClusterWeightsFn weights = allow_simd ? best : cluster_weights_portable;
-  const int64_t D = p.head_dim, C = p.clusters, G = p.group;
+  const ClusterWeightsFn weights = estimate_weights_fn(allow_simd);
+  const int64_t D = p.head_dim, G = p.group;
   const int64_t pairs = p.batch * p.kv_heads;
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel for schedule(dynamic, 1) if (pairs > 1)
   for (int64_t bh = 0; bh < pairs; ++bh) {
     const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads;
-    const float* cent = p.centroids + bh * C * D;
-    const float* counts = p.counts + bh * C;
-    const float* vsums = p.value_sums + bh * C * D;
-    const int64_t* assign = p.assign + b * p.as0 + h * p.as1;
-    const float* values = p.values + b * p.vs0 + h * p.vs1;
-    const int64_t* rows = p.indices + bh * p.n_selected;  // -1 = none; repeats count once
-    // every query head's cluster weights first, so the retrieved rows (random reads of assign and
-    // values) are visited once for the whole group
-    std::vector<float> w(static_cast<std::size_t>(G * C));
-    std::vector<double> num(static_cast<std::size_t>(G * D)), den(static_cast<std::size_t>(G));
-    std::vector<float> maxes(static_cast<std::size_t>(G));
-    for (int64_t g = 0; g < G; ++g) {
-      const float* q = p.q + (b * p.kv_heads * G + h * G + g) * D;
-      float* wc = w.data() + g * C;
-      ip_rows(q, cent, static_cast<std::size_t>(C), static_cast<std::size_t>(D), wc);
-      den[g] = weights(wc, counts, C, p.scale, &maxes[g]);
-      if (p.out == nullptr) continue;
-      weighted_value_sums(wc, vsums, C, D, num.data() + g * D);
-    }
-    std::vector<double> totals(den);
-    // the retrieved rows as a set: a row listed twice (e.g. the union of several heads' searches)
-    // is retrieved once
-    std::vector<int64_t> distinct;
-    distinct.reserve(static_cast<std::size_t>(p.n_selected));
-    if (p.rows > 0) {  // first occurrences, marked in a per-thread bitmap that is cleared after
-      struct SeenTag;
-      std::vector<uint64_t>& seen = per_thread<std::vector<uint64_t>, SeenTag>();
-      if (seen.size() < static_cast<std::size_t>(p.rows / 64 + 1)) seen.assign(static_cast<std::size_t>(p.rows / 64 + 1), 0);
-      for (int64_t j = 0; j < p.n_selected; ++j) {
-        const int64_t r = rows[j];
-        if (r < 0) continue;
-        uint64_t& word = seen[static_cast<std::size_t>(r >> 6)];
-        const uint64_t bit = uint64_t{1} << (r & 63);
-        if (word & bit) continue;
-        word |= bit;
-        distinct.push_back(r);
-      }
-      for (int64_t r : distinct) seen[static_cast<std::size_t>(r >> 6)] = 0;
-    } else {
-      distinct.assign(rows, rows + p.n_selected);
-      std::sort(distinct.begin(), distinct.end());
-      distinct.erase(std::unique(distinct.begin(), distinct.end()), distinct.end());
-    }
-    rows = distinct.data();
-    const int64_t n_rows = static_cast<int64_t>(distinct.size());
-    for (int64_t j = 0; j < n_rows; ++j) {
-      if (j + 8 < n_rows && rows[j + 8] >= 0) {  // the random reads of a later row, early
-        __builtin_prefetch(assign + rows[j + 8]);
-        if (p.out != nullptr) __builtin_prefetch(values + rows[j + 8] * p.vs2);
-      }
-      const int64_t r = rows[j];
-      if (r < 0) continue;
-      const int64_t c = assign[r];
-      for (int64_t g = 0; g < G; ++g) den[g] -= w[g * C + c];
-      if (p.out == nullptr) continue;
-      const float* v = values + r * p.vs2;
-      for (int64_t g = 0; g < G; ++g) {
-        const double wr = w[g * C + c];
-        double* nd = num.data() + g * D;
-        for (int64_t d = 0; d < D; ++d) nd[d] -= wr * v[d];
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t row = b * p.kv_heads * G + h * G + g;
-      const bool rest = den[g] > 1e-6 * totals[g] && den[g] > 0.0;
-      p.lse[row] = rest ? static_cast<float>(std::log(den[g])) + maxes[g] : neg_inf;
-      if (p.out == nullptr) continue;
-      float* out = p.out + row * D;
-      for (int64_t d = 0; d < D; ++d) out[d] = rest ? static_cast<float>(num[g * D + d] / den[g]) : 0.0f;
-    }
+    const int64_t row = b * p.kv_heads * G + h * G;  // the group's first query head
+    estimate_pair(p, bh, p.q + row * D, p.values + b * p.vs0 + h * p.vs1, p.vs2, p.indices + bh * p.n_selected,
+                  p.n_selected, p.out == nullptr ? nullptr : p.out + row * D, p.lse + row, weights, ip_rows);
   }
 }
 
