@@ -612,6 +612,75 @@ def test_compiled_estimate_equals_the_torch_one():
             q, est.centroids, est.counts, est.value_sums, bad, values, indices, 0.25)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_offload_rows_equals_index_add_plus_estimate_add(dtype, padded):
+    """lckv._C.offload_rows (a decode step's spilled rows, one call) against the two ops it fuses:
+    ClusterIndex add (add_heads) and estimate_add, on strided 16-bit or float32 store views; a bad
+    call raises and changes neither the indexes nor the estimate."""
+    pytest.importorskip("lckv._C")
+    from lckv._extension import compiled
+    from lckv.index import ClusterIndex
+
+    torch.manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    B, H, C, D, n = 2, 3, 29, 12, 7
+    base = torch.randn(B * H, 500, D)
+    ours = [ClusterIndex(D, cluster_size=4, segment=64).build(base[t]) for t in range(B * H)]
+    theirs = [ClusterIndex(D, cluster_size=4, segment=64).build(base[t]) for t in range(B * H)]
+    centroids = torch.randn(B, H, C, D)
+    half = 0.5 * centroids.square().sum(-1)
+    counts, sums = torch.rand(B, H, C) * 10, torch.randn(B, H, C, D)
+    store_k = torch.randn(B, H, n + 5, D).to(dtype)
+    store_v = torch.randn(B, H, n + 5, D).to(dtype)
+    keys, values = store_k[:, :, 3:3 + n], store_v[:, :, 3:3 + n]  # strided views, as the host store's
+    valid = torch.rand(B, n) > 0.3 if padded else None
+    got_counts, got_sums = counts.clone(), sums.clone()
+    assign = compiled("offload_rows").offload_rows([ix._core for ix in ours], keys, values, valid,
+                                                   (centroids, half, got_counts, got_sums))
+    ref_counts, ref_sums = counts.clone(), sums.clone()
+    ref_assign = compiled("estimate_add").estimate_add(keys.float().contiguous(), values.float().contiguous(), valid,
+                                                       centroids, half, ref_counts, ref_sums)
+    compiled("add_heads").add_heads([ix._core for ix in theirs], keys.float().reshape(B * H, n, D).contiguous())
+    assert torch.equal(assign, ref_assign)
+    assert torch.equal(got_counts, ref_counts) and torch.equal(got_sums, ref_sums)
+    q = torch.randn(B * H, 2, D)
+    for a, b, t in zip(ours, theirs, range(B * H)):
+        assert a.size == b.size == 500 + n
+        assert torch.equal(a.search(q[t], 40)[1], b.search(q[t], 40)[1])
+    # without an estimate: the indexes only, None back
+    assert compiled("offload_rows").offload_rows([ix._core for ix in ours], keys, values) is None
+    assert all(ix.size == 500 + 2 * n for ix in ours)
+    bad = keys.float().clone()
+    bad[1, 2, 3, 4] = float("nan")
+    before = got_counts.clone(), got_sums.clone()
+    with pytest.raises(ValueError, match="keys contains NaN or inf"):
+        compiled("offload_rows").offload_rows([ix._core for ix in ours], bad, values.float(), valid,
+                                              (centroids, half, got_counts, got_sums))
+    with pytest.raises(ValueError, match="heads must be empty \\(no index\\) or hold batch \\* kv_heads = 6"):
+        compiled("offload_rows").offload_rows([ix._core for ix in ours[:2]], keys, values)
+    with pytest.raises(TypeError, match="values must have the dtype of keys"):
+        compiled("offload_rows").offload_rows([], keys, values.half() if dtype != torch.float16 else values.float())
+    assert all(ix.size == 500 + 2 * n for ix in ours)
+    assert torch.equal(got_counts, before[0]) and torch.equal(got_sums, before[1])
+
+
+def test_spilled_rows_reach_index_and_estimate_through_the_fused_offload():
+    """A decode step's spilled token goes through RetrievalPolicy.on_offload's one C++ call: the
+    index and the estimate then cover every store row, and the estimate's counts sum to them."""
+    pytest.importorskip("lckv._C")
+    policy = _fused_policy(True)
+    layer, _, _ = _filled_cache(policy, total=300)
+    state = layer.selection_state()
+    for _ in range(5):
+        layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+        assert all(ix.size == layer.store.length for index in state.indexes for ix in index.heads)
+        assert state.estimate.rows == layer.store.length
+        torch.testing.assert_close(state.estimate.counts.sum(-1), torch.full((2, 2), float(layer.store.length)))
+    last = layer.store.keys[:, :, -1:].float()
+    expect = RetrievalPolicy._assign(last, state.estimate.centroids, state.estimate.half_norms)
+    assert torch.equal(state.estimate.assign[:, :, -1:], expect)
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_estimate_add_matches_the_torch_update(padded):
     """lckv._C.estimate_add (the decode-time offload of the estimate) against the torch formulation:

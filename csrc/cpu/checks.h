@@ -4,6 +4,8 @@
 
 #include <torch/extension.h>
 
+#include <cstdint>
+#include <limits>
 #include <string>
 
 namespace lckv {
@@ -31,6 +33,11 @@ inline void check_group_query(const torch::Tensor& q, int64_t batch, int64_t kv_
   TORCH_CHECK_VALUE(q.size(0) == batch && q.size(2) == head_dim && kv_heads > 0 && q.size(1) % kv_heads == 0,
                     "q must have shape [", batch, ", kv_heads * group, ", head_dim, "] with kv_heads = ", kv_heads,
                     ", got ", q.sizes());
+}
+
+// An index holding `size` keys may take `extra` more: ids must fit in 32 bits.
+inline void check_index_growth(int64_t size, int64_t extra) {
+  TORCH_CHECK_VALUE(size + extra < std::numeric_limits<uint32_t>::max(), "keys would grow the index past 2^32 - 1 keys");
 }
 
 }  // namespace lckv

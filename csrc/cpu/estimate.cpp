@@ -1,9 +1,17 @@
 // Glue for lckv::centroid_estimate (the retrieval policy's estimate of the non-retrieved keys):
 // argument checks, zero-copy reads (values and assignments may be strided views of growable
 // buffers), GIL released.
+#include <memory>
+#include <optional>
+#include <vector>
+
 #include "bind.h"
 #include "checks.h"
 #include "lckv/centroid_estimate.h"
+// The index cores get hidden visibility like the pybind11 module that wraps them (as in index.cpp).
+#pragma GCC visibility push(hidden)
+#include "lckv/vector_index.h"
+#pragma GCC visibility pop
 
 namespace lckv {
 namespace {
@@ -135,9 +143,91 @@ torch::Tensor estimate_add_cpu(const torch::Tensor& keys, const torch::Tensor& v
   return assign;
 }
 
+// The rows a decode step offloads, in one call: keys [B, H, n, D] (float32/float16/bfloat16, any
+// strides) join heads[b * H + h] (none when heads is empty) and, with `estimate` = (centroids,
+// half_norms, counts, value_sums), the estimate's clusters (estimate_add_rows; valid [B, n] or
+// None). Returns the rows' clusters [B, H, n] int64, or None without an estimate. Everything is
+// checked before anything changes, so a bad call leaves the indexes and the estimate as they were.
+std::optional<torch::Tensor> offload_rows_cpu(
+    const std::vector<std::shared_ptr<VectorIndex>>& heads, const torch::Tensor& keys, const torch::Tensor& values,
+    const c10::optional<torch::Tensor>& valid,
+    const std::optional<std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor>>& estimate) {
+  check_cpu_float(keys, "keys");
+  check_cpu_float(values, "values");
+  check_dim(keys, "keys", 4, "[batch, kv_heads, n, head_dim]");
+  TORCH_CHECK_VALUE(values.sizes() == keys.sizes(), "values must have the shape of keys ", keys.sizes(), ", got ",
+                    values.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == keys.scalar_type(), "values must have the dtype of keys (",
+                   keys.scalar_type(), "), got ", values.scalar_type());
+  const int64_t B = keys.size(0), H = keys.size(1), n = keys.size(2), D = keys.size(3);
+  TORCH_CHECK_VALUE(heads.empty() || static_cast<int64_t>(heads.size()) == B * H,
+                    "heads must be empty (no index) or hold batch * kv_heads = ", B * H, " indexes, got ", heads.size());
+  for (std::size_t i = 0; i < heads.size(); ++i) {
+    TORCH_CHECK_VALUE(heads[i] != nullptr, "heads[", i, "] is None");
+    TORCH_CHECK_VALUE(heads[i]->dim() == D, "heads[", i, "] has dim ", heads[i]->dim(), ", keys have head_dim ", D);
+    check_index_growth(heads[i]->size(), n);
+  }
+  const auto k32 = keys.to(torch::kFloat32).contiguous();
+  const float* k_ptr = k32.data_ptr<float>();
+  bool finite = true;
+  for (int64_t i = 0; i < k32.numel(); ++i) finite &= std::isfinite(k_ptr[i]);
+  TORCH_CHECK_VALUE(finite, "keys contains NaN or inf");
+  torch::Tensor v32, valid_c, assign;
+  EstimateAddProblem p;
+  if (estimate.has_value()) {
+    const auto& [centroids, half_norms, counts, value_sums] = *estimate;
+    check_cluster_state(centroids, counts, value_sums);
+    check_cpu_f32(half_norms, "half_norms", 3, "[batch, kv_heads, clusters]");
+    TORCH_CHECK_VALUE(centroids.size(0) == B && centroids.size(1) == H && centroids.size(3) == D,
+                      "centroids must have shape [", B, ", ", H, ", clusters, ", D, "], got ", centroids.sizes());
+    TORCH_CHECK_VALUE(centroids.size(2) > 0, "centroids must hold at least one cluster, got shape ", centroids.sizes());
+    TORCH_CHECK_VALUE(half_norms.sizes() == counts.sizes(), "half_norms must have shape ", counts.sizes(), ", got ",
+                      half_norms.sizes());
+    TORCH_CHECK_VALUE(centroids.is_contiguous() && half_norms.is_contiguous() && counts.is_contiguous() &&
+                          value_sums.is_contiguous(),
+                      "centroids, half_norms, counts and value_sums must be contiguous (the last two are updated in place)");
+    if (valid.has_value()) {
+      TORCH_CHECK_TYPE(valid->scalar_type() == torch::kBool, "valid must be bool, got ", valid->scalar_type());
+      TORCH_CHECK_VALUE(valid->dim() == 2 && valid->size(0) == B && valid->size(1) == n, "valid must have shape [", B,
+                        ", ", n, "], got ", valid->sizes());
+      valid_c = valid->contiguous();
+    }
+    v32 = values.to(torch::kFloat32).contiguous();
+    assign = torch::empty({B, H, n}, torch::kInt64);
+    p.batch = B;
+    p.kv_heads = H;
+    p.head_dim = D;
+    p.clusters = centroids.size(2);
+    p.n = n;
+    p.keys = k_ptr;
+    p.values = v32.data_ptr<float>();
+    p.valid = valid.has_value() ? valid_c.data_ptr<bool>() : nullptr;
+    p.centroids = centroids.data_ptr<float>();
+    p.half_norms = half_norms.data_ptr<float>();
+    p.counts = counts.data_ptr<float>();
+    p.value_sums = value_sums.data_ptr<float>();
+    p.assign = assign.data_ptr<int64_t>();
+  }
+  if (n > 0) {
+    pybind11::gil_scoped_release no_gil;
+    const int64_t tasks = static_cast<int64_t>(heads.size());
+#pragma omp parallel for schedule(dynamic, 1) if (tasks > 1 && n >= 256)
+    for (int64_t t = 0; t < tasks; ++t) heads[t]->add(k_ptr + t * n * D, n);
+    if (estimate.has_value()) estimate_add_rows(p);
+  }
+  if (!estimate.has_value()) return std::nullopt;
+  return assign;
+}
+
 }  // namespace
 
 void bind_estimate(pybind11::module_& m) {
+  m.def("offload_rows", &offload_rows_cpu, pybind11::arg("heads"), pybind11::arg("keys"), pybind11::arg("values"),
+        pybind11::arg("valid") = pybind11::none(), pybind11::arg("estimate") = pybind11::none(),
+        "The rows a decode step offloads, in one call: keys [B, H, n, D] (float32/float16/bfloat16, any strides) "
+        "join heads[b * H + h] (heads may be empty) and, with estimate = (centroids, half_norms, counts, value_sums), "
+        "the estimate's clusters (valid [B, n] bool or None). Returns their clusters [B, H, n] int64, or None "
+        "without an estimate; see lckv/centroid_estimate.h.");
   m.def("estimate_add", &estimate_add_cpu, pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("valid"),
         pybind11::arg("centroids"), pybind11::arg("half_norms"), pybind11::arg("counts"), pybind11::arg("value_sums"),
         "New rows join the estimate's clusters (nearest centroid in L2; valid rows add to counts and value sums, "

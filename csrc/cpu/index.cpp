@@ -62,10 +62,7 @@ SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_
   return params;
 }
 
-void check_capacity(const VectorIndex& index, int64_t extra) {
-  TORCH_CHECK_VALUE(index.size() + extra < std::numeric_limits<uint32_t>::max(),
-                    "keys would grow the index past 2^32 - 1 keys");
-}
+void check_capacity(const VectorIndex& index, int64_t extra) { check_index_growth(index.size(), extra); }
 
 void add(VectorIndex& index, const torch::Tensor& keys) {
   check_rows(keys, "keys", 2, "[n, head_dim]", index.dim());

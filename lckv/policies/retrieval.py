@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lckv._extension import compiled, extension_available
+from lckv.index.native import NativeIndex
 from lckv.policies.base import PolicyConfigError, register_policy
 from lckv.policies.selection import SelectionPolicy, distinct_rows, group_sum, top_by_group_probability
 
@@ -198,6 +199,20 @@ class RetrievalPolicy(SelectionPolicy):
 
     def on_offload(self, state, layer, first_row, n_rows):
         new = layer.store.keys[:, :, first_row:first_row + n_rows]
+        cores = [ix._core for index in state.indexes if index is not None for ix in index.heads
+                 if isinstance(ix, NativeIndex)]
+        if (new.device.type == "cpu" and extension_available()
+                and len(cores) == sum(len(index.heads) for index in state.indexes if index is not None)
+                and all(core is not None for core in cores)):
+            # one C++ call: the index heads and the estimate's clusters (lckv._C.offload_rows)
+            est = state.estimate
+            values = layer.store.values[:, :, first_row:first_row + n_rows]
+            valid = None if layer.store_padding is None or est is None else self._valid_rows(layer, first_row, n_rows)
+            estimate = None if est is None else (est.centroids, est.half_norms, est.counts, est.value_sums)
+            assign = compiled("offload_rows").offload_rows(cores, new, values, valid, estimate)
+            if est is not None:
+                est.append(assign)
+            return
         for b, index in enumerate(state.indexes):
             if index is not None:
                 index.add(new[b].float().contiguous())

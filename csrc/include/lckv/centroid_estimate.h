@@ -300,7 +300,7 @@ struct EstimateAddProblem {
 inline void estimate_add_rows(const EstimateAddProblem& p) {
   const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
   const int64_t D = p.head_dim, C = p.clusters, pairs = p.batch * p.kv_heads;
-#pragma omp parallel for schedule(dynamic, 1) if (pairs > 1 && p.n * C >= (1 << 16))
+#pragma omp parallel for schedule(dynamic, 1) if (pairs > 1 && p.n * C >= (1 << 13))
   for (int64_t bh = 0; bh < pairs; ++bh) {
     const int64_t b = bh / p.kv_heads;
     const float* cent = p.centroids + bh * C * D;
