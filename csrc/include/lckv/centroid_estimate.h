@@ -178,10 +178,12 @@ struct EstimateScratch {
 // from `values` (row r at values + r * value_stride, element type V: float, half_bits or bfloat16_bits).
 // Writes out [group, head_dim] (skipped when out is nullptr: lse only) and lse [group]. Returns
 // the first retrieved row whose cluster id is outside [0, clusters) (that row is skipped), or -1.
+// rows_distinct: the caller knows no row repeats (a search's results), so the set pass is skipped.
 // Single-threaded; p's q, values, indices, out and lse are not used.
 template <typename V>
 int64_t estimate_pair(const EstimateProblem& p, int64_t bh, const float* q, const V* values, int64_t value_stride,
-                      const int64_t* rows, int64_t n, float* out, float* lse, ClusterWeightsFn weights, InnerProductRowsFn ip_rows) {
+                      const int64_t* rows, int64_t n, float* out, float* lse, ClusterWeightsFn weights,
+                      InnerProductRowsFn ip_rows, bool rows_distinct = false) {
   const int64_t D = p.head_dim, C = p.clusters, G = p.group;
   const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads;
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
@@ -209,7 +211,10 @@ int64_t estimate_pair(const EstimateProblem& p, int64_t bh, const float* q, cons
   auto& distinct = s.distinct;
   distinct.clear();
   distinct.reserve(static_cast<std::size_t>(n));
-  if (p.rows > 0) {  // first occurrences, marked in the bitmap, which is cleared after
+  if (rows_distinct) {
+    for (int64_t j = 0; j < n; ++j)
+      if (rows[j] >= 0) distinct.push_back(rows[j]);
+  } else if (p.rows > 0) {  // first occurrences, marked in the bitmap, which is cleared after
     if (s.seen.size() < static_cast<std::size_t>(p.rows / 64 + 1)) s.seen.assign(static_cast<std::size_t>(p.rows / 64 + 1), 0);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t r = rows[j];

@@ -152,12 +152,15 @@ class ClusterIndex : public VectorIndex {
     int64_t n_rows = n_tail;
     for (int64_t c : chosen) n_rows += starts_[c + 1] - starts_[c];
     auto& rows = local.rows;
-    auto& logits = local.logits;  // [group, n_rows] scaled scores
+    // [group, ld] scores, ld = n_rows + 8: a cluster's blocks are scored straight into the rows, and
+    // the padding of its last block (< 8 rows) lands where the next cluster (or the slack) goes
+    auto& logits = local.logits;
+    const int64_t ld = n_rows + 8;
     rows.resize(static_cast<std::size_t>(n_rows));
-    logits.resize(static_cast<std::size_t>(group * n_rows));
+    logits.resize(static_cast<std::size_t>(group * ld));
     for (int64_t j = 0; j < n_tail; ++j) rows[j] = static_cast<uint32_t>(clustered_ + j);
     for (int64_t g = 0; g < group && n_tail > 0; ++g)
-      ip_rows_(queries + g * dim_, key(clustered_), static_cast<std::size_t>(n_tail), dim, logits.data() + g * n_rows);
+      ip_rows_(queries + g * dim_, key(clustered_), static_cast<std::size_t>(n_tail), dim, logits.data() + g * ld);
     int64_t at = n_tail;
     for (std::size_t i = 0; i < chosen.size(); ++i) {
       if (i + kPrefetchAhead < chosen.size()) prefetch_cluster(chosen[i + kPrefetchAhead]);
@@ -165,11 +168,7 @@ class ClusterIndex : public VectorIndex {
       const int64_t lo = starts_[c], len = starts_[c + 1] - lo;
       const int64_t first_block = block_starts_[c], blocks = block_starts_[c + 1] - first_block;
       std::copy(members_.begin() + lo, members_.begin() + lo + len, rows.begin() + at);
-      local.row_scores.resize(static_cast<std::size_t>(group * blocks * 8));
-      score_blocks(queries, group, packed_.data() + first_block * 8 * dim_, blocks, local.row_scores.data(), blocks * 8);
-      for (int64_t g = 0; g < group; ++g)
-        std::copy(local.row_scores.begin() + g * blocks * 8, local.row_scores.begin() + g * blocks * 8 + len,
-                  logits.begin() + g * n_rows + at);
+      score_blocks(queries, group, packed_.data() + first_block * 8 * dim_, blocks, logits.data() + at, ld);
       at += len;
     }
     n_scored += group * n_rows;
@@ -178,7 +177,7 @@ class ClusterIndex : public VectorIndex {
     mass.assign(static_cast<std::size_t>(n_rows), 0.0);
     local.ones.resize(static_cast<std::size_t>(n_rows), 1.0f);
     for (int64_t g = 0; g < group; ++g) {
-      float* lg = logits.data() + g * n_rows;
+      float* lg = logits.data() + g * ld;
       float m = 0.0f;  // lg[j] becomes e^{scale * lg[j] - m}, m = the candidates' best scaled score
       const double cand = n_rows > 0 ? cluster_weights_(lg, local.ones.data(), n_rows, scale, &m) : 0.0;
       // den relative to e^m: the candidates plus the rest (relative to e^{rest_max})
@@ -411,13 +410,15 @@ class ClusterIndex : public VectorIndex {
     sizes.resize(static_cast<std::size_t>(cap));
     int64_t n_pos = 0;        // clusters scored so far (positions [0, n_pos) of every row)
     double pos_keys = 0.0;    // their keys
-    // scores `len` centroids stored as `n_blocks` blocks from `blocks` into the next positions
+    // scores `len` centroids stored as `n_blocks` blocks from `blocks` into the next positions;
+    // run_keys = their keys (a super's is stored: summing the sizes here was a serial chain of
+    // double adds, a third of this function's own time in perf)
     auto score_run = [&](const float* blocks, int64_t n_blocks, const int64_t* ids, const float* id_sizes,
-                         int64_t len) {
+                         int64_t len, double run_keys) {
       score_blocks(queries, group, blocks, n_blocks, cs.data() + n_pos, cap);  // straight into the rows
       local.runs.emplace_back(n_pos, ids);  // a position's cluster id is looked up only if chosen
       std::copy(id_sizes, id_sizes + len, sizes.begin() + n_pos);
-      for (int64_t j = 0; j < len; ++j) pos_keys += id_sizes[j];
+      pos_keys += run_keys;
       n_pos += len;
       n_scored += group * len;
     };
@@ -426,7 +427,7 @@ class ClusterIndex : public VectorIndex {
       local.loose.resize(static_cast<std::size_t>(n_loose));
       std::iota(local.loose.begin(), local.loose.end(), spanned_);
       score_run(blocks_.data() + spanned_ * dim_, (n_loose + 7) / 8, local.loose.data(), sizes_.data() + spanned_,
-                n_loose);
+                n_loose, std::accumulate(sizes_.begin() + spanned_, sizes_.end(), 0.0));
     }
     auto& expanded = local.expanded;
     expanded.assign(static_cast<std::size_t>(n_sup), 0);
@@ -435,7 +436,7 @@ class ClusterIndex : public VectorIndex {
       const int64_t first_block = sup_block_starts_[j];
       score_run(sup_blocks_.data() + first_block * 8 * dim_, sup_block_starts_[j + 1] - first_block,
                 sup_members_.data() + sup_starts_[j], sup_member_sizes_.data() + sup_starts_[j],
-                sup_starts_[j + 1] - sup_starts_[j]);
+                sup_starts_[j + 1] - sup_starts_[j], sup_keys_[j]);
     };
     // 2. each head's best supers by bound
     const int64_t first = std::min<int64_t>(
@@ -477,9 +478,16 @@ class ClusterIndex : public VectorIndex {
         if (!local.taken[i]) {
           local.taken[i] = 1;
           local.chosen_at.push_back(i);
-          local.chosen.push_back(cluster_at(local, i));
         }
       }
+    }
+    // the chosen positions' cluster ids in one walk over the runs (the group's candidates form a
+    // set, so their order does not matter; a binary search per position was ~3% of a decode step)
+    std::sort(local.chosen_at.begin(), local.chosen_at.end());
+    std::size_t run = 0;
+    for (int64_t i : local.chosen_at) {
+      while (run + 1 < local.runs.size() && local.runs[run + 1].first <= i) ++run;
+      local.chosen.push_back(local.runs[run].second[i - local.runs[run].first]);
     }
     // 4. the rest: unexpanded supers after the scored clusters in each head's row
     int64_t n_row = n_pos;

@@ -82,8 +82,8 @@ int64_t decode_step(const DecodeStepProblem<T>& p) {
                              off.v_stride_s, ids, p.k, p.scale, out, lse);
     // 3. the estimate of the rest
     if (p.estimate != nullptr) {
-      bad[t] = estimate_pair(*p.estimate, t, q, off_v, off.v_stride_s, ids, p.k, s.part_out.data(), s.part_lse.data(), weights,
-                             ip_rows);
+      bad[t] = estimate_pair(*p.estimate, t, q, off_v, off.v_stride_s, ids, p.k, s.part_out.data(), s.part_lse.data(),
+                             weights, ip_rows, /*rows_distinct=*/true);  // a search returns each row once
       for (int64_t g = 0; g < G; ++g)
         merge_state_row(out + g * D, lse[g], s.part_out.data() + g * D, s.part_lse[g], out + g * D, lse + g, D);
     }
