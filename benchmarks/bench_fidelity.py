@@ -53,12 +53,16 @@ POLICIES = {
     "block": ("block", {"block_size": 16, "representatives": 4}),
     "retrieval-topk": ("retrieval", {"index": "graph", "estimate_rest": False, "search_params": {"ef": 128}}),
     "retrieval": ("retrieval", {"index": "graph", "estimate_rest": True, "search_params": {"ef": 128}}),
-    "retrieval-cluster": ("retrieval", {"index": "cluster", "estimate_rest": True, "search_params": {"scan": 4.0}}),
+    # the cluster index at its default search settings (scan 2.0): the decode benchmark's configuration
+    "retrieval-cluster": ("retrieval", {"index": "cluster", "estimate_rest": True}),
+    "retrieval-cluster-scan4": ("retrieval", {"index": "cluster", "estimate_rest": True, "search_params": {"scan": 4.0}}),
     # the cluster index with super-clusters at these lengths (the defaults form them from 64K keys
     # per head on): what their estimate of the rest costs in fidelity
     "retrieval-cluster-supers": ("retrieval", {"index": "cluster", "estimate_rest": True,
-                                               "index_params": {"super_size": 16, "super_span": 256},
-                                               "search_params": {"scan": 4.0}}),
+                                               "index_params": {"super_size": 16, "super_span": 256}}),
+    "retrieval-cluster-supers-scan4": ("retrieval", {"index": "cluster", "estimate_rest": True,
+                                                     "index_params": {"super_size": 16, "super_span": 256},
+                                                     "search_params": {"scan": 4.0}}),
 }
 SINK, MAX_WINDOW, REF_WINDOW = 4, 64, 64
 RECORD = (4096, 64)  # prefill queries kept for index building (sample) and observation windows (recent)

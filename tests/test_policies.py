@@ -254,6 +254,28 @@ def test_fused_cluster_step_rejects_bad_arguments():
         step(heads, q, keys, values, res_k, res_v, 30, 0.25, estimate=estimate[:3] + (bad,))
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_min_scanned_widens_small_cluster_searches(fused):
+    """min_scanned raises the cluster search's scan for small k: with a floor covering every
+    offloaded key the group search is exhaustive, so the rows are the exact summed-probability
+    top-n, through select() and through the fused step alike; the default scan alone (no floor)
+    scans only scan * k keys."""
+    pytest.importorskip("lckv._C")
+    policy = RetrievalPolicy(sink=2, window=5, budget=40, index="cluster", estimate_rest=False,
+                             index_params={"cluster_size": 4, "segment": 64}, min_scanned=100_000)
+    layer, _, _ = _filled_cache(policy, group=2)
+    state = layer.selection_state()
+    q = 2 * torch.randn(2, 4, 16)
+    n = 40 - 2 - layer.recent_k.shape[2]
+    assert policy._search_params(n)["scan"] == 100_000 / n
+    got = policy.fused_step(state, layer, q, n, 0.3)[2] if fused else policy.select(state, layer, q, n, 0.3)
+    _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-6)
+    no_floor = RetrievalPolicy(sink=2, window=5, budget=40, index="cluster", min_scanned=0)
+    assert no_floor._search_params(n) == {"scan": 2.0}
+    assert RetrievalPolicy(index="cluster", search_params={"scan": 3.0}, min_scanned=0)._search_params(10) == {"scan": 3.0}
+    assert RetrievalPolicy(index="graph")._search_params(10) == {}  # other indexes: untouched
+
+
 @pytest.mark.parametrize("estimate", [False, True], ids=["union-normalised", "estimate-normalised"])
 def test_index_retrieval_ranks_the_union_of_per_head_searches(estimate):
     """Index path of group_rank='probability': each query head searches its own top-n (flat index =
@@ -408,6 +430,9 @@ def test_selection_policy_configs_are_validated():
         get_policy("retrieval", sink=4, window=64, budget=32)
     with pytest.raises(PolicyConfigError, match="group_rank must be 'probability' or 'logits'"):
         RetrievalPolicy(group_rank="max")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(PolicyConfigError, match="min_scanned must be an int"):
+            RetrievalPolicy(index="cluster", min_scanned=bad)
     with pytest.raises(PolicyConfigError, match="index must be one of"):
         get_policy("retrieval", index="annoy")
     with pytest.raises(PolicyConfigError, match="not settings of 'graph'"):
