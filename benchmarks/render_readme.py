@@ -8,6 +8,7 @@ is replaced; nothing is typed by hand. A benchmark without a JSON file is listed
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,9 +16,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
+def _natural(path: Path) -> list:
+    """Sort key of a result file: its name with digit runs as numbers (``_s6`` before ``_s11``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.stem)]
+
+
 def _load(pattern: str) -> list[dict]:
-    """The result files matching ``pattern``, by name; each dict gets ``_file`` (the file's stem)."""
-    return [{**json.loads(p.read_text()), "_file": p.stem} for p in sorted(RESULTS.glob(pattern))]
+    """The result files matching ``pattern``, in natural name order (later files supersede earlier
+    rows of the same case); each dict gets ``_file`` (the file's stem)."""
+    return [{**json.loads(p.read_text()), "_file": p.stem} for p in sorted(RESULTS.glob(pattern), key=_natural)]
 
 
 def _machine(m: dict) -> str:
