@@ -163,9 +163,11 @@ def test_cluster_retrieval_ranks_by_group_probability_in_the_index(group):
 
 
 def _fused_policy(estimate, **settings):
+    """Cluster retrieval whose searches scan a part of the keys (min_scanned=0: scan * k only), with
+    super-clusters (spans of 32 clusters), so the partial-scan and super paths run."""
     return RetrievalPolicy(sink=3, window=9, budget=70, index="cluster", estimate_rest=estimate, cluster_size=4,
                            index_params={"cluster_size": 4, "segment": 64, "super_size": 4, "super_span": 32},
-                           **settings)
+                           min_scanned=0, **settings)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
