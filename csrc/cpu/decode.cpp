@@ -8,6 +8,7 @@
 
 #include "bind.h"
 #include "checks.h"
+#include "cluster_state.h"
 // The cores get hidden visibility like the pybind11 module that wraps them (as in index.cpp).
 #pragma GCC visibility push(hidden)
 #include "lckv/decode_step.h"
@@ -105,39 +106,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
   params.expand = expand;
 
   EstimateProblem est;
-  torch::Tensor cent, counts, vsums, assign;
   if (estimate.has_value()) {
-    std::tie(cent, counts, vsums, assign) = *estimate;
-    check_cpu_f32(cent, "centroids", 4, "[batch, kv_heads, clusters, head_dim]");
-    check_cpu_f32(counts, "counts", 3, "[batch, kv_heads, clusters]");
-    check_cpu_f32(vsums, "value_sums", 4, "[batch, kv_heads, clusters, head_dim]");
-    TORCH_CHECK_VALUE(cent.size(0) == batch && cent.size(1) == kv_heads && cent.size(3) == head_dim,
+    const auto& [cent, counts, vsums, assign] = *estimate;
+    est = describe_cluster_state(cent, counts, vsums, assign, rows, q_heads / kv_heads, scale);
+    TORCH_CHECK_VALUE(est.batch == batch && est.kv_heads == kv_heads && est.head_dim == head_dim,
                       "centroids must have shape [", batch, ", ", kv_heads, ", clusters, ", head_dim, "], got ",
                       cent.sizes());
-    TORCH_CHECK_VALUE(counts.sizes() == cent.sizes().slice(0, 3), "counts must have shape ", cent.sizes().slice(0, 3),
-                      ", got ", counts.sizes());
-    TORCH_CHECK_VALUE(vsums.sizes() == cent.sizes(), "value_sums must have shape ", cent.sizes(), ", got ",
-                      vsums.sizes());
-    TORCH_CHECK_VALUE(cent.is_contiguous() && counts.is_contiguous() && vsums.is_contiguous(),
-                      "centroids, counts and value_sums must be contiguous");
-    TORCH_CHECK_TYPE(assign.scalar_type() == torch::kInt64, "assign must be int64, got ", assign.scalar_type());
-    TORCH_CHECK_VALUE(assign.dim() == 3 && assign.size(0) == batch && assign.size(1) == kv_heads &&
-                          assign.size(2) == rows && assign.stride(2) == 1,
-                      "assign must have shape [", batch, ", ", kv_heads, ", ", rows,
-                      "] (one cluster per offloaded row) with a contiguous last dim, got ", assign.sizes());
-    est.batch = batch;
-    est.kv_heads = kv_heads;
-    est.group = q_heads / kv_heads;
-    est.head_dim = head_dim;
-    est.clusters = cent.size(2);
-    est.centroids = cent.data_ptr<float>();
-    est.counts = counts.data_ptr<float>();
-    est.value_sums = vsums.data_ptr<float>();
-    est.assign = assign.data_ptr<int64_t>();
-    est.as0 = assign.stride(0);
-    est.as1 = assign.stride(1);
-    est.rows = rows;  // the retrieved rows are ids of indexes holding exactly `rows` keys
-    est.scale = static_cast<float>(scale);
   }
 
   auto out = torch::empty({batch, q_heads, head_dim}, torch::kFloat32);
