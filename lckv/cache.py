@@ -107,11 +107,13 @@ class QueryRecorder:
         self.sample = self.recent = None
 
     def add(self, query: torch.Tensor, sample: bool = True) -> None:
+        n = query.shape[2]
+        first, self.seen = self.seen, self.seen + n
+        if not ((self.capacity and sample) or self.recent_capacity):
+            return  # nothing kept (a decode step once the selection state exists): no copy, no ops
         q = query.detach().to("cpu")
-        n = q.shape[2]
-        take = (torch.arange(self.seen, self.seen + n) % self.stride) == 0
-        self.seen += n
         if self.capacity and sample:
+            take = (torch.arange(first, first + n) % self.stride) == 0
             picked = q[:, :, take]
             self.sample = picked if self.sample is None else torch.cat([self.sample, picked], dim=2)
             while self.sample.shape[2] > 2 * self.capacity:
@@ -169,8 +171,9 @@ class LckvCacheLayer(DynamicLayer):
                 self.policy.on_offload(self.selection, self, first_row, overflow)
         else:
             self.evicted += overflow
-        self.recent_k = self.recent_k[:, :, overflow:].contiguous()
-        self.recent_v = self.recent_v[:, :, overflow:].contiguous()
+        # views: update() concatenates the new tokens onto them, which makes the copy anyway
+        self.recent_k = self.recent_k[:, :, overflow:]
+        self.recent_v = self.recent_v[:, :, overflow:]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Appends the new tokens and returns the resident K/V ``[batch, kv_heads, n, head_dim]``
