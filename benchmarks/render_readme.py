@@ -105,7 +105,10 @@ def decode() -> str:
         "returns fewer than k keys at this k, so it also reads fewer rows; see the large-k index table); "
         "without a suffix the GQA group is ranked by summed attention probability (`group_rank='probability'`, "
         "the default: with `graph` one search per query head, then a ranking call; with `cluster` one "
-        "in-index pass per kv head, `ClusterIndex.search_group`), `-logits` by summed logits (one search per kv head). "
+        "in-index pass per kv head, `ClusterIndex.search_group`; since 2026-12-01 (`bench_decode_1m_k` on) "
+        "the whole layer step in one C++ call, `lckv._C.decode_cluster_step`), `-logits` by summed logits "
+        "(one search per kv head). Attention ms/token sums, over layers, the median of the same call repeated "
+        "(warm caches); step ms/token times whole model forwards, where the layers take turns. "
         "Each run measures exact and retrieval with the same thread count; runs on this shared 2-core machine "
         "vary by up to ~1.5x between runs.", "",
         _table(["cached tokens", "threads", "policy", "attention ms/token", "vs exact", "step ms/token", "step / floor",
