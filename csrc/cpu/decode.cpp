@@ -9,6 +9,7 @@
 #include "bind.h"
 #include "checks.h"
 #include "cluster_state.h"
+#include "search_params.h"
 // The cores get hidden visibility like the pybind11 module that wraps them (as in index.cpp).
 #pragma GCC visibility push(hidden)
 #include "lckv/decode_step.h"
@@ -82,7 +83,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
   check_kv(resident_k, resident_v, "resident_k", "resident_v", batch, kv_heads, head_dim);
   TORCH_CHECK_TYPE(resident_k.scalar_type() == offloaded_k.scalar_type(), "resident_k must have the dtype of "
                    "offloaded_k (", offloaded_k.scalar_type(), "), got ", resident_k.scalar_type());
-  TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k);
+  check_k(k);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ", scale);
   TORCH_CHECK_VALUE(static_cast<int64_t>(heads.size()) == batch * kv_heads, "heads must hold batch * kv_heads = ",
                     batch * kv_heads, " indexes (batch-major), got ", heads.size());
@@ -98,12 +99,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
   }
   TORCH_CHECK_VALUE(rows > 0, "search on an empty index: the offloaded K/V hold no rows");
   TORCH_CHECK_VALUE(torch::isfinite(q).all().item<bool>(), "q contains NaN or inf");
-  SearchParams params;
-  TORCH_CHECK_VALUE(std::isfinite(scan) && scan >= 1.0, "scan must be a finite number >= 1, got ", scan);
-  TORCH_CHECK_VALUE(std::isfinite(expand) && expand > 0.0 && expand <= 1.0, "expand must be a fraction in (0, 1], got ",
-                    expand);
-  params.scan = scan;
-  params.expand = expand;
+  const SearchParams params = make_params(1, 1, scan, 0, expand);  // ClusterIndex reads scan and expand
 
   EstimateProblem est;
   if (estimate.has_value()) {

@@ -9,6 +9,7 @@
 
 #include "bind.h"
 #include "checks.h"
+#include "search_params.h"
 // The cores get hidden visibility like the pybind11 module that wraps them.
 #pragma GCC visibility push(hidden)
 #include "lckv/cluster_index.h"
@@ -42,24 +43,6 @@ void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const ch
 template <typename T>
 torch::Tensor to_tensor(const std::vector<T>& v) {
   return torch::tensor(c10::ArrayRef<T>(v), c10::CppTypeToScalarType<T>::value);
-}
-
-void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
-
-SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = 0, double expand = 0.1) {
-  TORCH_CHECK_VALUE(ef > 0, "ef must be positive, got ", ef);
-  TORCH_CHECK_VALUE(upper_ef >= 0, "upper_ef must be >= 0 (0: the index's build setting), got ", upper_ef);
-  TORCH_CHECK_VALUE(nprobe > 0, "nprobe must be positive, got ", nprobe);
-  TORCH_CHECK_VALUE(std::isfinite(scan) && scan >= 1.0, "scan must be a finite number >= 1, got ", scan);
-  TORCH_CHECK_VALUE(std::isfinite(expand) && expand > 0.0 && expand <= 1.0,
-                    "expand must be a fraction in (0, 1], got ", expand);
-  SearchParams params;
-  params.expand = expand;
-  params.ef = ef;
-  params.nprobe = nprobe;
-  params.scan = scan;
-  params.upper_ef = upper_ef;
-  return params;
 }
 
 void check_capacity(const VectorIndex& index, int64_t extra) { check_index_growth(index.size(), extra); }

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lckv._extension import compiled, extension_available
-from lckv.index.native import NativeIndex
+from lckv.index.native import ClusterIndex, NativeIndex
 from lckv.policies.base import PolicyConfigError, register_policy
 from lckv.policies.selection import SelectionPolicy, distinct_rows, group_sum, top_by_group_probability
 
@@ -210,11 +210,8 @@ class RetrievalPolicy(SelectionPolicy):
 
     def on_offload(self, state, layer, first_row, n_rows):
         new = layer.store.keys[:, :, first_row:first_row + n_rows]
-        cores = [ix._core for index in state.indexes if index is not None for ix in index.heads
-                 if isinstance(ix, NativeIndex)]
-        if (new.device.type == "cpu" and extension_available()
-                and len(cores) == sum(len(index.heads) for index in state.indexes if index is not None)
-                and all(core is not None for core in cores)):
+        cores = self._native_cores(state)
+        if new.device.type == "cpu" and extension_available() and cores is not None:
             # one C++ call: the index heads and the estimate's clusters (lckv._C.offload_rows)
             est = state.estimate
             values = layer.store.values[:, :, first_row:first_row + n_rows]
@@ -287,8 +284,8 @@ class RetrievalPolicy(SelectionPolicy):
                 or keys.device.type != "cpu" or q.device.type != "cpu" or q.shape[1] == keys.shape[1]
                 or n_select > self.exact_above * layer.store.length):
             return None
-        heads = [ix._core for index in state.indexes for ix in index.heads]
-        if any(core is None for core in heads):
+        heads = self._native_cores(state)
+        if not heads:
             return None
         est = state.estimate
         estimate = None if est is None else (est.centroids, est.counts, est.value_sums, est.assign)
@@ -298,14 +295,20 @@ class RetrievalPolicy(SelectionPolicy):
             torch.cat([layer.sink_v, layer.recent_v], 2), n_select, scale,
             estimate=estimate, **self._search_params(n_select, with_defaults=True))
 
+    @staticmethod
+    def _native_cores(state):
+        """The C++ cores of every index head (batch-major; [] when no batch row has an index), or
+        None when a head is not one of lckv's own built indexes (faiss): the one-call paths need them."""
+        cores = [getattr(ix, "_core", None) if isinstance(ix, NativeIndex) else None
+                 for index in state.indexes if index is not None for ix in index.heads]
+        return None if any(core is None for core in cores) else cores
+
     def _search_params(self, n_select: int, with_defaults: bool = False) -> dict:
         """``search_params`` for a search of ``n_select`` keys: with index ``cluster``, ``scan``
         raised so that at least ``min_scanned`` keys are scanned; ``with_defaults`` adds the
         index's defaults for the settings not given."""
         params = dict(self.search_params)
         if self.index == "cluster":
-            from lckv.index import ClusterIndex
-
             scan = params.get("scan", ClusterIndex.search_params["scan"])
             params["scan"] = max(scan, self.min_scanned / n_select)
             if with_defaults:
@@ -342,8 +345,6 @@ class RetrievalPolicy(SelectionPolicy):
         """Segment-wise clusters of every (batch row, kv head): ``(centroids [B, Hkv, C, D],
         assign [B, Hkv, rows])``, heads padded to the largest C with far-away centroids that no key
         is assigned to (their count stays 0, so the estimate gives them no weight)."""
-        from lckv.index import ClusterIndex
-
         batch, kv_heads, rows, head_dim = keys.shape
         # at most max_clusters per head: a step's estimate costs O(clusters * head_dim)
         cluster_size = max(self.cluster_size, -(-rows // self.max_clusters))
