@@ -1,5 +1,5 @@
-"""Fidelity of every selection policy against exact attention, on the real stories260K model with
-real HotpotQA text, at equal budgets.
+"""Fidelity of every selection policy against exact attention, on a real model (default
+Qwen2.5-Coder-0.5B-Instruct, head_dim 64, GQA 7:1) with real HotpotQA text, at equal budgets.
 
 For each context length the prompt is prefilled once, exactly (policy ``full``), and the exact
 model then decodes ``--steps`` tokens greedily (the reference). Every policy x budget is measured
@@ -12,22 +12,25 @@ two ways from that same prefill:
 * end to end: the policy's own model, teacher-forced on the reference tokens: mean next-token
   KL(full || policy) and greedy agreement (argmax equals the reference token).
 
-Budgets count every attended key per query head: sink + window + selected. ``retrieval`` runs the
-attention-aware graph index with the centroid estimate of the rest (one centroid per ~16 offloaded
-keys); ``retrieval-topk`` is the same
-without the estimate, to show what the estimate does on diffuse heads; ``retrieval-cluster`` swaps
-the graph for the segment-clustered index (scan 4 keys per key wanted), with the estimate;
-``retrieval-cluster-supers`` is that index with super-clusters formed at these lengths (16 clusters
-per super, spans of 256 clusters; the defaults form them only from 64K keys per head on), to show
-what their estimate of the rest costs.
+Budgets count every attended key per query head: sink + window + selected. Every policy runs
+with its default settings (sink 4, window 64, the budget rule of ``lckv.policies.selection``):
+``retrieval`` is the default (segment-clustered index, centroid estimate of the rest);
+``retrieval-graph`` swaps in the attention-aware graph index (ef 128); ``streaming`` keeps
+sink 4 + the last ``budget - 4`` tokens.
 
-    python benchmarks/bench_fidelity.py            # 2K, 8K, 32K tokens; 1/5/10 % and 256/1024 tokens
-    python benchmarks/bench_fidelity.py --quick    # 2K tokens, two budgets, 16 steps
+Per-row results stream to ``results/<name>.jsonl``: an interrupted run resumes where it stopped
+(rows already there are skipped; a length with rows left is prefilled again).
+
+    python benchmarks/bench_fidelity.py                                   # Qwen, 4K and 8K
+    python benchmarks/bench_fidelity.py --lengths 32768 --budgets 2% 5%   # the 32K targets
+    python benchmarks/bench_fidelity.py --model smollm2-135m-instruct --lengths 4096 8192
+    python benchmarks/bench_fidelity.py --model stories260K --quick
     python benchmarks/bench_fidelity.py --check    # harness check: budget >= context must be exact
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -36,35 +39,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, machine, write_json  # noqa: E402
+from common import RESULTS, Table, load_model, machine, progress, write_json  # noqa: E402
 
 import lckv  # noqa: E402
 from lckv.attention import attend_segments, attend_with_selection  # noqa: E402
 from lckv.cache import LckvCache, QueryRecorder  # noqa: E402
 from lckv.capture import hotpotqa_token_ids  # noqa: E402
-from lckv.data import stories260k_paths  # noqa: E402
-from lckv.models.llama2c import load  # noqa: E402
 from lckv.policies import FullPolicy, SelectionPolicy, get_policy  # noqa: E402
 
 POLICIES = {
     "streaming": ("streaming", {}),
-    "snapkv": ("snapkv", {"observation": 32, "pooling": "max", "kernel": 7}),
-    "quest": ("quest", {"page_size": 16}),
-    "block": ("block", {"block_size": 16, "representatives": 4}),
-    "retrieval-topk": ("retrieval", {"index": "graph", "estimate_rest": False, "search_params": {"ef": 128}}),
-    "retrieval": ("retrieval", {"index": "graph", "estimate_rest": True, "search_params": {"ef": 128}}),
-    # the cluster index at its default search settings (scan 2.0): the decode benchmark's configuration
-    "retrieval-cluster": ("retrieval", {"index": "cluster", "estimate_rest": True}),
-    "retrieval-cluster-scan4": ("retrieval", {"index": "cluster", "estimate_rest": True, "search_params": {"scan": 4.0}}),
-    # the cluster index with super-clusters at these lengths (the defaults form them from 64K keys
-    # per head on): what their estimate of the rest costs in fidelity
-    "retrieval-cluster-supers": ("retrieval", {"index": "cluster", "estimate_rest": True,
-                                               "index_params": {"super_size": 16, "super_span": 256}}),
-    "retrieval-cluster-supers-scan4": ("retrieval", {"index": "cluster", "estimate_rest": True,
-                                                     "index_params": {"super_size": 16, "super_span": 256},
-                                                     "search_params": {"scan": 4.0}}),
+    "snapkv": ("snapkv", {}),
+    "quest": ("quest", {}),
+    "block": ("block", {}),
+    "retrieval": ("retrieval", {}),
+    "retrieval-graph": ("retrieval", {"index": "graph", "search_params": {"ef": 128}}),
 }
-SINK, MAX_WINDOW, REF_WINDOW = 4, 64, 64
+SINK, REF_WINDOW = 4, 64
 RECORD = (4096, 64)  # prefill queries kept for index building (sample) and observation windows (recent)
 
 
@@ -73,12 +64,12 @@ def budget_tokens(label: str, length: int) -> int:
 
 
 def make_policy(kind: str, budget: int):
+    """The policy at its defaults with this budget (streaming: sink + the rest as window)."""
     name, settings = POLICIES[kind]
-    sink = min(SINK, max(0, budget - 1))
     if name == "streaming":
+        sink = min(SINK, max(0, budget - 1))
         return get_policy(name, sink=sink, window=budget - sink)
-    window = max(1, min(MAX_WINDOW, budget // 4))
-    return get_policy(name, sink=sink, window=window, budget=budget, **settings)
+    return get_policy(name, budget=budget, **settings)
 
 
 def prefill(model, ids: torch.Tensor, chunk: int) -> tuple[LckvCache, torch.Tensor]:
@@ -175,45 +166,71 @@ def end_to_end(model, policy, prefill_cache, ref_tokens, ref_logits):
     return sum(kls) / len(kls), sum(agree) / len(agree)
 
 
+def _done_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by an interruption: measured again
+            break
+    return rows
+
+
 def run(args) -> list[dict]:
-    ckpt, tok_path = stories260k_paths()
-    model, tok = load(ckpt, tok_path, max_position_embeddings=max(args.lengths) + args.steps + 1)
-    scale = model.config.head_dim ** -0.5
-    rows, table = [], None
-    for length in args.lengths:
-        ids = hotpotqa_token_ids(tok, length, seed=length)[None]
-        start = time.perf_counter()
-        prefill_cache, first_logits = prefill(model, ids, args.chunk)
-        ref_tokens, ref_logits, trace, ref_cache = reference_decode(model, prefill_cache, first_logits, args.steps)
-        print(f"# {length} tokens: exact prefill + {args.steps}-step reference decode in {time.perf_counter() - start:.0f} s",
-              flush=True)
-        table = table or Table(COLUMNS)
-        for label in args.budgets:
-            budget = budget_tokens(label, length)
-            for kind in args.policies:
+    model, tok = load_model(args.model, max(args.lengths) + args.steps + 1)
+    scale = model.model.layers[0].self_attn.scaling
+    stream = RESULTS / f"{args.name}.jsonl"
+    rows = [r for r in _done_rows(stream) if r["length"] in args.lengths] if not args.fresh else []
+    done = {(r["length"], r["budget"], r["policy"]) for r in rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = Table(COLUMNS)
+    for row in rows:
+        table.row(row)
+    with stream.open("w" if args.fresh else "a") as sink:
+        for length in args.lengths:
+            todo = [(label, kind) for label in args.budgets for kind in args.policies if (length, label, kind) not in done]
+            if not todo:
+                continue
+            ids = hotpotqa_token_ids(tok, length, seed=length)[None]
+            start = time.perf_counter()
+            prefill_cache, first_logits = prefill(model, ids, args.chunk)
+            ref_tokens, ref_logits, trace, ref_cache = reference_decode(model, prefill_cache, first_logits, args.steps)
+            print(f"# {length} tokens: exact prefill + {args.steps}-step reference decode in "
+                  f"{time.perf_counter() - start:.0f} s", flush=True)
+            for label, kind in progress(todo, f"{length} tokens"):
+                budget = budget_tokens(label, length)
                 policy = make_policy(kind, budget)
                 t0 = time.perf_counter()
                 err, recall, mass = attention_metrics(policy, prefill_cache, ref_cache, trace, length, budget, scale)
                 kl, agree = end_to_end(model, policy, prefill_cache, ref_tokens, ref_logits)
-                row = dict(length=length, budget=label, budget_tokens=budget, policy=kind, sink=policy.sink,
-                           window=policy.window, attn_rel_err=err, recall=recall, mass=mass, kl=kl,
+                n_sink, n_window, n_selected = (policy.split_budget(length) if isinstance(policy, SelectionPolicy)
+                                                else (policy.sink, policy.window, 0))
+                row = dict(length=length, budget=label, budget_tokens=budget, policy=kind, sink=n_sink,
+                           window=n_window, selected=n_selected, attn_rel_err=err, recall=recall, mass=mass, kl=kl,
                            greedy_agreement=agree, seconds=time.perf_counter() - t0)
                 rows.append(row)
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
                 table.row(row)
+            del prefill_cache, ref_cache, trace
     return rows
 
 
 COLUMNS = [("length", "tokens", "d", 6), ("budget", "budget", "s", 6), ("budget_tokens", "keys", "d", 5),
-           ("policy", "policy", "s", 14), ("attn_rel_err", "attn rel err", ".4f", 0), ("recall", "top-k recall", ".3f", 0),
+           ("policy", "policy", "s", 15), ("window", "win", "d", 4), ("selected", "sel", "d", 5), ("attn_rel_err", "attn rel err", ".4f", 0), ("recall", "top-k recall", ".3f", 0),
            ("mass", "mass", ".3f", 5), ("kl", "KL", ".5f", 8), ("greedy_agreement", "greedy agree", ".3f", 0),
            ("seconds", "s", ".1f", 6)]
 
 
 def check(args) -> None:
     """Budget >= context must reproduce exact attention: zero error, full mass, KL ~ 0."""
-    args.lengths, args.steps = [300], 4
+    args.lengths, args.steps, args.fresh = [300], 4, True
     args.budgets = ["400"]
+    args.name = f"{args.name}_check"
     rows = run(args)
+    (RESULTS / f"{args.name}.jsonl").unlink()
     for row in rows:
         ok = row["attn_rel_err"] < 1e-4 and row["mass"] > 0.9999 and row["kl"] < 1e-6 and row["greedy_agreement"] == 1.0
         if not ok:
@@ -221,7 +238,7 @@ def check(args) -> None:
     print(f"--check: {len(rows)} policies reproduce exact attention at budget >= context")
 
 
-def plot(rows, path: Path) -> None:
+def plot(rows, path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,35 +258,36 @@ def plot(rows, path: Path) -> None:
         axes[1][col].set(xscale="log", xlabel="budget (% of context)", ylabel="greedy agreement", ylim=(0, 1.02))
         axes[0][col].axhline(0.01, color="gray", lw=0.8, ls="--")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("stories260K on HotpotQA text: fidelity of each policy at equal budgets (CPU)")
+    fig.suptitle(f"{model} on HotpotQA text: fidelity of each policy at equal budgets (CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
-    parser.add_argument("--budgets", nargs="+", default=["1%", "5%", "10%", "256", "1024"])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
+                        help="a lckv.models registry name or stories260K")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--budgets", nargs="+", default=["1%", "2%", "5%", "10%", "256", "1024"])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
-    parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--quick", action="store_true", help="2K tokens, budgets 5%% and 256, 16 steps")
+    parser.add_argument("--fresh", action="store_true", help="ignore rows of an earlier run instead of resuming")
     parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context is exact) and exit")
-    parser.add_argument("--name", default="bench_fidelity")
-    parser.add_argument("--note", default=None, help="a note rendered under the README's fidelity tables")
+    parser.add_argument("--name", default=None, help="result file name (default: bench_fidelity_<model>)")
     args = parser.parse_args(argv)
+    args.name = args.name or f"bench_fidelity_{args.model.split('-')[0].lower()}"
     if args.check:
         return check(args)
     if args.quick:
         args.lengths, args.budgets, args.steps = [2048], ["5%", "256"], 16
     rows = run(args)
-    payload = {"benchmark": "fidelity", "machine": machine(), "model": "stories260K (llama2.c, head_dim 8, GQA 2)",
+    payload = {"benchmark": "fidelity", "machine": machine(), "model": args.model,
                "text": "HotpotQA contexts (../shared/data)", "prefill": "exact (chunked, full attention)",
                "steps": args.steps, "rows": rows}
-    if args.note:
-        payload["note"] = args.note
     write_json(args.name, payload)
-    plot(rows, RESULTS / f"{args.name}.png")
+    plot(rows, RESULTS / f"{args.name}.png", args.model)
     print(f"wrote {RESULTS / (args.name + '.json')} and .png")
 
 

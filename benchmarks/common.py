@@ -44,3 +44,22 @@ class Table:
     def row(self, row: dict) -> None:
         cells = [format(row[k], spec) if row.get(k) is not None else "-" for k, _, spec, _ in self.columns]
         print("  ".join(c.rjust(max(w, len(h))) for c, (_, h, _, w) in zip(cells, self.columns)), flush=True)
+
+
+def load_model(name: str, max_positions: int | None = None):
+    """``(model, tokenizer)`` for a registry model name (``lckv.models``) or ``stories260K``."""
+    if name.lower() == "stories260k":
+        from lckv.data import stories260k_paths
+        from lckv.models.llama2c import load
+
+        return load(*stories260k_paths(), max_position_embeddings=max_positions or 512)
+    from lckv.models import load
+
+    return load(name)
+
+
+def progress(items, desc: str):
+    """A tqdm bar over ``items`` (stderr), so long runs show where they are."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lckv.cache import Segment
+from lckv.ops.dense_attention import attention_with_lse_unchecked
 from lckv.policies import Policy
 from lckv.policies.selection import SelectionPolicy
 from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked
@@ -64,6 +65,10 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, 
     are absolute positions. Queries that can attend to nothing get zero output and ``lse = -inf``.
     """
     batch, q_heads, q_len, head_dim = query.shape
+    if type(policy).allowed is Policy.allowed and (attention_mask is None or isinstance(attention_mask, KeyPaddingMask)):
+        fused = _attend_segments_fused(query, segments, q_start, attention_mask, scale)
+        if fused is not None:
+            return fused
     n_keys = max(1, sum(s.length for s in segments))
     chunk = max(1, SCORE_BLOCK_ELEMENTS // (batch * q_heads * n_keys))
     outs, lses = [], []
@@ -90,6 +95,39 @@ def attend_segments(query: torch.Tensor, segments: list[Segment], q_start: int, 
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _attend_segments_fused(query, segments: list[Segment], q_start: int, attention_mask, scale):
+    """:func:`attend_segments` for causal attention with at most key padding, one fused kernel call
+    per part (:func:`lckv.ops.dense_attention.attention_with_lse_unchecked`, no score blocks); None
+    when a part is neither wholly before the queries nor ending with them (the masked path serves it)."""
+    q_len = query.shape[2]
+    q_end = q_start + q_len  # one past the last query position
+    parts = []
+    for seg in segments:
+        seg_end = seg.start + seg.length
+        if seg.start >= q_end or seg.length == 0:
+            continue  # wholly in the future, or empty
+        if seg_end - 1 <= q_start:
+            parts.append((seg, False))  # every query sees every key of this part
+        elif seg_end == q_end:
+            parts.append((seg, True))  # bottom-right aligned: the part ends with the queries
+        else:
+            return None
+    if not parts:
+        batch, q_heads, _, _ = query.shape
+        return torch.zeros_like(query), torch.full((batch, q_heads, q_len), float("-inf"), device=query.device)
+    # several parts of a 16-bit model merge in fp32 and round once, as one softmax would
+    dtype = torch.float32 if len(parts) > 1 else query.dtype
+    q = query.to(dtype)
+    out = lse = None
+    for seg, causal in parts:
+        seg_end = seg.start + seg.length
+        padding = None if attention_mask is None else attention_mask.padding[:, seg.start:seg_end].to(query.device)
+        k, v = seg.k.to(query.device, dtype, non_blocking=True), seg.v.to(query.device, dtype, non_blocking=True)
+        part = attention_with_lse_unchecked(q, k, v, causal, padding, scale)
+        out, lse = part if out is None else merge_states_unchecked(out, lse, *part)
+    return out.to(query.dtype), lse
 
 
 def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: SelectionPolicy, scale: float,

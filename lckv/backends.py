@@ -8,6 +8,8 @@ Backends
 ``cuda``      hand-written CUDA kernels bound into ``lckv._C`` (column reserved: the CUDA sources
               are compile-checked here but no op is bound yet).
 ``cpu``       the C++ extension ``lckv._C`` on CPU tensors (OpenMP, SIMD, GIL released).
+``torch``     torch's own fused kernels where they already do the job (dense attention with LSE:
+              ``aten._scaled_dot_product_flash_attention_for_cpu``); always usable.
 ``reference`` the pure PyTorch oracles in :mod:`lckv.reference`, on any device.
 
 ``auto`` walks the op's row in :data:`PREFERENCE` order and takes the first backend that serves the
@@ -35,8 +37,8 @@ __all__ = [
     "describe_table",
 ]
 
-BACKENDS = ("triton", "cuda", "cpu", "reference")
-PREFERENCE = ("cuda", "triton", "cpu", "reference")
+BACKENDS = ("triton", "cuda", "cpu", "torch", "reference")
+PREFERENCE = ("cuda", "triton", "cpu", "torch", "reference")
 ANY_DEVICE = "*"
 
 # op -> backend -> device types it serves. "cuda" entries are reserved (empty) until bound.
@@ -47,7 +49,7 @@ TABLE: dict[str, dict[str, tuple[str, ...]]] = {
     "quest_page_scores": {"triton": ("cuda",), "cuda": (), "reference": (ANY_DEVICE,)},
     "flat_topk_scores": {"triton": ("cuda",), "cuda": (), "reference": (ANY_DEVICE,)},
     "page_key_bounds": {"reference": (ANY_DEVICE,)},
-    "attention_with_lse": {"reference": (ANY_DEVICE,)},
+    "attention_with_lse": {"torch": ("cpu",), "reference": (ANY_DEVICE,)},
 }
 
 # The compiled symbol each `cpu` entry needs in lckv._C.

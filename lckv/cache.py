@@ -158,9 +158,12 @@ class LckvCacheLayer(DynamicLayer):
         self.is_initialized = True
 
     # --- the update path -------------------------------------------------------------------
-    def _spill(self) -> None:
-        """Moves all but the last ``window - 1`` recent tokens out of the resident part."""
-        keep = self.policy.window - 1
+    def _spill(self, n_new: int) -> None:
+        """Before ``n_new`` tokens arrive: moves all but the last ``resident_window - 1`` recent
+        tokens out of the resident part (the policy's window at the coming context length)."""
+        if self.recent_k.shape[2] == 0:
+            return
+        keep = self.policy.resident_window(self.total + n_new) - 1
         overflow = self.recent_k.shape[2] - keep
         if overflow <= 0:
             return
@@ -185,8 +188,8 @@ class LckvCacheLayer(DynamicLayer):
             raise ValueError(
                 f"layer {self.layer_idx}: new keys of shape {tuple(key_states.shape)} do not match the cached "
                 f"[batch={self.sink_k.shape[0]}, kv_heads={self.sink_k.shape[1]}, *, head_dim={self.sink_k.shape[3]}]")
-        self._spill()
         n_new = key_states.shape[2]
+        self._spill(n_new)
         room = max(0, self.policy.sink - self.sink_k.shape[2])
         to_sink = min(room, n_new)
         if to_sink:
@@ -214,6 +217,10 @@ class LckvCacheLayer(DynamicLayer):
         if n_recent:
             parts.append(Segment(self.recent_k, self.recent_v, self.total - n_recent))
         return parts
+
+    def resident_is_contiguous(self) -> bool:
+        """True while the resident tokens (sink then recent) are every slot so far, in order."""
+        return self.evicted == 0 and (self.store is None or self.store.length == 0)
 
     def set_padding(self, padding: torch.Tensor | None) -> None:
         """Key padding of all slots so far (``[batch, total]`` bool, None when there is none);
@@ -294,11 +301,17 @@ class LckvCache(Cache):
     ``lckv.new_cache(model)`` to keep it across calls or to read its :meth:`memory_report`.
     """
 
-    def __init__(self, policy: Policy, num_layers: int):
+    def __init__(self, policy: Policy, num_layers: int, layer_policies: dict[int, Policy] | None = None):
+        """``layer_policies`` overrides ``policy`` for some layers (e.g. the sliding-window layers of
+        a model that mixes them with global ones: those keep only their window)."""
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layer_policies = layer_policies or {}
+        bad = sorted(i for i in layer_policies if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(f"layer_policies names layers {bad} outside 0..{num_layers - 1}")
         self.policy = policy
-        super().__init__(layers=[LckvCacheLayer(policy, i) for i in range(num_layers)])
+        super().__init__(layers=[LckvCacheLayer(layer_policies.get(i, policy), i) for i in range(num_layers)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):
@@ -312,7 +325,7 @@ class LckvCache(Cache):
 
         The source must have kept every token (no evictions). The result is what prefilling the
         same tokens under ``policy`` with an exact prefill would give: first ``sink`` tokens
-        resident, last ``window - 1`` resident, the rest offloaded (or evicted), and the source's
+        resident, last ``resident_window - 1`` resident (the next decode step's), the rest offloaded (or evicted), and the source's
         recorded prefill queries. Used to compare policies on one exact prefill.
         """
         out = cls(policy, len(cache.layers))
@@ -327,7 +340,7 @@ class LckvCache(Cache):
             dst.lazy_initialization(keys, values)
             total = keys.shape[2]
             n_sink = min(policy.sink, total)
-            n_recent = min(policy.window - 1, total - n_sink)
+            n_recent = min(policy.resident_window(total + 1) - 1, total - n_sink)
             dst.sink_k, dst.sink_v = keys[:, :, :n_sink].clone(), values[:, :, :n_sink].clone()
             dst.recent_k = keys[:, :, total - n_recent:].clone()
             dst.recent_v = values[:, :, total - n_recent:].clone()

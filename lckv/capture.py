@@ -8,14 +8,13 @@ tokens and the last ``window`` tokens only, linear cost); :attr:`CapturedQK.pref
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lckv.data import hotpotqa_path
+from lckv.data import hotpotqa_paragraphs
 from lckv.integrations.hf import disable, enable
 from lckv.policies import FullPolicy, StreamingPolicy
 
@@ -89,17 +88,16 @@ def capture_qk(model, input_ids: torch.Tensor, layers=None, window: int | None =
 
 
 def hotpotqa_token_ids(tokenizer, num_tokens: int, path: str | Path | None = None, seed: int = 0) -> torch.Tensor:
-    """``num_tokens`` token ids of real HotpotQA context text (BOS first).
+    """``num_tokens`` token ids of real HotpotQA context text (BOS first when the tokenizer has one).
 
     Paragraphs ("title: sentences") of the rows are joined in a seeded random order; when the
     rows run out, another shuffled pass over the same paragraphs continues the text.
     """
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
-    rows = json.loads(Path(path or hotpotqa_path()).read_text())
-    paragraphs = [f"{title}: {' '.join(sentences)}" for row in rows for title, sentences in row["context"]]
+    paragraphs = hotpotqa_paragraphs(path)
     rng = random.Random(seed)
-    ids = [tokenizer.bos_token_id]
+    ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []  # Qwen has no BOS
     while len(ids) < num_tokens:
         rng.shuffle(paragraphs)
         for paragraph in paragraphs:

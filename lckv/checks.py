@@ -55,6 +55,18 @@ def check_attention_inputs(q, k, v, mask=None, scan_kv: bool = True):
             raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to {target}") from None
 
 
+def check_key_padding(key_padding, q, k):
+    """``key_padding`` bool ``[batch, kv_len]`` on q's device."""
+    if not isinstance(key_padding, torch.Tensor) or key_padding.dtype != torch.bool:
+        raise TypeError(f"key_padding must be a bool tensor [batch, kv_len], got "
+                        f"{getattr(key_padding, 'dtype', type(key_padding).__name__)}")
+    if tuple(key_padding.shape) != (q.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding must have shape [batch={q.shape[0]}, kv_len={k.shape[2]}], "
+                         f"got {tuple(key_padding.shape)}")
+    if key_padding.device != q.device:
+        raise ValueError(f"key_padding must be on q's device ({q.device}), got {key_padding.device}")
+
+
 def check_sparse_inputs(q, k, v, indices, scan_kv: bool = True, values: bool = True):
     """Sparse-attention arguments; ``scan_kv`` as in :func:`check_attention_inputs`. ``values=False``
     checks types, shapes and devices only, for a kernel that itself checks the index range and

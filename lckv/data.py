@@ -5,6 +5,7 @@ llama2.c model with its tokenizer, and HotpotQA rows. Set ``LCKV_DATA`` to point
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,3 +41,9 @@ def stories260k_paths() -> tuple[Path, Path]:
 def hotpotqa_path() -> Path:
     """The 100 HotpotQA train rows (original layout)."""
     return shared_data_file("hotpotqa", "hotpotqa_train_100.json")
+
+
+def hotpotqa_paragraphs(path: str | Path | None = None) -> list[str]:
+    """Every context paragraph of the HotpotQA rows as ``"title: sentences"``, in file order."""
+    rows = json.loads(Path(path or hotpotqa_path()).read_text())
+    return [f"{title}: {' '.join(sentences)}" for row in rows for title, sentences in row["context"]]

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.usefixtures("stories260k_files")
 def test_fidelity_harness_check():
     """At budget >= context every policy must reproduce exact attention in the harness."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fidelity.py"), "--check"],
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_fidelity.py"), "--check",
+                           "--model", "stories260K"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # one table row per policy of the harness, and the check counted every one of them

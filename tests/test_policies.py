@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lckv
 from lckv.attention import attend_with_selection
 from lckv.cache import LckvCache
-from lckv.policies import (BlockPolicy, PolicyConfigError, QuestPolicy, RetrievalPolicy, SnapKVPolicy, get_policy)
+from lckv.policies import (BlockPolicy, BudgetTooSmallError, PolicyConfigError, QuestPolicy, RetrievalPolicy, SnapKVPolicy, get_policy)
 from lckv.reference import attention_with_lse
 
 SELECTION = [("snapkv", {}), ("quest", {"page_size": 4}), ("block", {"block_size": 5, "representatives": 2}),
@@ -428,8 +428,8 @@ def test_selection_policy_configs_are_validated():
         get_policy("snapkv", budget=1.5)
     with pytest.raises(PolicyConfigError, match="fraction must be in"):
         get_policy("snapkv", budget=-0.1)
-    with pytest.raises(PolicyConfigError, match="exceed the budget"):
-        get_policy("retrieval", sink=4, window=64, budget=32)
+    with pytest.raises(BudgetTooSmallError, match=r"budget of 5 keys cannot hold the sink \(4\)"):
+        get_policy("retrieval", sink=4, window=64, budget=5)
     with pytest.raises(PolicyConfigError, match="group_rank must be 'probability' or 'logits'"):
         RetrievalPolicy(group_rank="max")
     for bad in (-1, 2.5, True):

@@ -34,7 +34,7 @@ from lckv.policies import FullPolicy, Policy, StreamingPolicy, resolve_policy
 from lckv.policies.selection import SelectionPolicy
 
 __all__ = ["ATTENTION_NAME", "register", "enable", "disable", "new_cache", "LckvBinding", "ModelNotSupportedError",
-           "lckv_attention_forward", "lckv_mask"]
+           "lckv_attention_forward", "lckv_mask", "sliding_window_policy"]
 
 ATTENTION_NAME = "lckv"
 
@@ -52,13 +52,45 @@ class LckvBinding:
     num_kv_heads: int
     head_dim: int
     previous_attn_implementation: str | None = None
+    #: layer index -> the policy of a sliding-window layer (exact attention over its window, which
+    #: is all it keeps); every other layer follows ``policy``.
+    sliding_layers: dict = field(default_factory=dict)
     #: callables ``fn(module, query, new_keys, new_values)`` invoked by the attention function with
     #: the post-RoPE queries ``[B, Hq, q_len, D]`` and the keys and values of the same tokens
     #: ``[B, Hkv, q_len, D]``.
     observers: list = field(default_factory=list)
 
     def new_cache(self) -> LckvCache:
-        return LckvCache(self.policy, self.num_layers)
+        return LckvCache(self.policy, self.num_layers, self.sliding_layers)
+
+    def policy_for(self, layer_idx: int) -> Policy:
+        return self.sliding_layers.get(layer_idx, self.policy)
+
+
+def sliding_window_policy(window: int) -> StreamingPolicy:
+    """The policy of a sliding-window layer: each query attends its last ``window`` tokens
+    (transformers' pattern ``kv > q - window``), nothing older is kept."""
+    return StreamingPolicy(sink=0, window=window)
+
+
+def _sliding_layers(config, num_layers: int) -> dict:
+    """Layer index -> window policy for the config's sliding-window layers (``layer_types``, or a
+    ``sliding_window`` that applies to every layer as in Mistral)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        unknown = sorted({t for t in types} - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ModelNotSupportedError(f"layer types {unknown} are not supported (full_attention and "
+                                         "sliding_attention are)")
+        sliding = [i for i, t in enumerate(types[:num_layers]) if t == "sliding_attention"]
+    elif window is not None and getattr(config, "use_sliding_window", True):
+        sliding = list(range(num_layers))
+    else:
+        sliding = []
+    if sliding and not (isinstance(window, int) and window >= 1):
+        raise ModelNotSupportedError(f"sliding-window layers {sliding} need config.sliding_window >= 1, got {window!r}")
+    return {i: sliding_window_policy(window) for i in sliding}
 
 
 _lock = threading.Lock()
@@ -84,7 +116,10 @@ def register(default_policy: Policy | str | None = None, **settings) -> None:
 def lckv_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
               mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs):
     """Mask function of the ``"lckv"`` backend (see the module docstring)."""
-    if mask_function is causal_mask_function and kv_offset == 0:
+    # causal, or transformers' plain sliding-window pattern (it passes the window as local_size;
+    # the layer's window policy applies it): only the key padding is needed
+    plain_sliding = kwargs.get("local_size") is not None and not kwargs.get("use_vmap", False)
+    if (mask_function is causal_mask_function or plain_sliding) and kv_offset == 0:
         padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)
         if padding is None:
             return None
@@ -102,16 +137,21 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     ``[B, Hkv, kv_len, D]``; returns ``(out [B, q_len, Hq, D], None)``."""
     if dropout:
         raise NotImplementedError(f"lckv attention does not implement attention dropout (got dropout={dropout})")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("lckv attention does not support sliding-window layers "
-                                  f"(layer {getattr(module, 'layer_idx', '?')} has sliding_window={kwargs['sliding_window']})")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(f"lckv attention does not implement logit soft-capping (softcap={kwargs['softcap']})")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise NotImplementedError("lckv attention serves causal decoder attention only")
     binding: LckvBinding | None = getattr(module, "lckv_binding", None)
-    policy = binding.policy if binding is not None else _default_policy
+    policy = binding.policy_for(module.layer_idx) if binding is not None else _default_policy
+    window = kwargs.get("sliding_window")
+    if window is not None and binding is None:
+        policy = sliding_window_policy(window)
+    elif window is not None and not (isinstance(policy, StreamingPolicy) and policy.sink == 0 and policy.window == window):
+        raise ValueError(f"layer {module.layer_idx} attends a sliding window of {window} tokens but lckv.enable bound "
+                         f"it to {policy}; the model's config.layer_types/sliding_window disagree with its modules")
     layer: LckvCacheLayer | None = getattr(key, "lckv_layer", None)
     q_len = query.shape[2]
-    if layer is not None and (binding is None or layer.policy is not binding.policy):
+    if layer is not None and (binding is None or layer.policy is not policy):
         raise ValueError(
             f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
             "cache with lckv.new_cache(model) for this model")
@@ -140,7 +180,9 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if isinstance(policy, SelectionPolicy) and q_len == 1 and layer.store is not None and layer.store.length:
         out, _ = attend_with_selection(query, layer, attention_mask, policy, scaling)
     else:
-        out, _ = attend_segments(query, layer.segments(), layer.total - q_len, attention_mask, policy, scaling)
+        # nothing offloaded or evicted yet: the resident keys (sink then recent) are slots 0.. in order
+        parts = [Segment(key, value, 0)] if layer.resident_is_contiguous() else layer.segments()
+        out, _ = attend_segments(query, parts, layer.total - q_len, attention_mask, policy, scaling)
     layer.record_queries(query)
     return out.transpose(1, 2).contiguous(), None
 
@@ -176,7 +218,9 @@ def _binding_for(model, policy: Policy) -> tuple[LckvBinding, list[torch.nn.Modu
             f"{type(model).__name__}: expected {config.num_hidden_layers} attention modules with layer_idx 0.. and "
             f"q_proj/num_key_value_groups (Llama/Qwen2-style), found {len(modules)}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return LckvBinding(policy, config.num_hidden_layers, config.num_key_value_heads, head_dim), modules
+    binding = LckvBinding(policy, config.num_hidden_layers, config.num_key_value_heads, head_dim,
+                          sliding_layers=_sliding_layers(config, config.num_hidden_layers))
+    return binding, modules
 
 
 def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
@@ -207,10 +251,11 @@ def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
 
 
 def disable(model) -> None:
-    """Undoes :func:`enable`: restores the previous attention implementation and default cache."""
+    """Undoes :func:`enable`: restores the previous attention implementation and default cache.
+    On a model that was never enabled (or already disabled) it does nothing."""
     binding = getattr(model, "lckv_binding", None)
     if binding is None:
-        raise ValueError(f"{type(model).__name__} was not enabled with lckv.enable")
+        return
     for m in _attention_modules(model):
         del m.lckv_binding
     del model.lckv_binding

@@ -25,11 +25,11 @@ from lckv.policies.basic import FullPolicy, StreamingPolicy
 from lckv.policies.block import BlockPolicy
 from lckv.policies.quest import QuestPolicy
 from lckv.policies.retrieval import INDEX_KINDS, RetrievalPolicy
-from lckv.policies.selection import SelectionPolicy
+from lckv.policies.selection import BudgetTooSmallError, SelectionPolicy
 from lckv.policies.snapkv import SnapKVPolicy
 
 __all__ = [
     "Policy", "PolicyConfigError", "available_policies", "get_policy", "register_policy", "resolve_policy",
     "FullPolicy", "StreamingPolicy", "SelectionPolicy", "SnapKVPolicy", "QuestPolicy", "BlockPolicy",
-    "RetrievalPolicy", "INDEX_KINDS",
+    "RetrievalPolicy", "INDEX_KINDS", "BudgetTooSmallError",
 ]

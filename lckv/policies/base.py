@@ -54,6 +54,10 @@ class Policy:
             raise PolicyConfigError(
                 f"{type(self).__name__}.window must be >= 1 (the current token is always attended), got {self.window}")
 
+    def resident_window(self, context_len: int) -> int:
+        """Recent tokens (the current one included) kept resident at ``context_len`` tokens."""
+        return self.window
+
     def recorded_queries(self) -> tuple[int, int] | None:
         """``(sample_capacity, recent_capacity)`` of prefill queries the cache should keep for
         this policy (see :class:`lckv.cache.QueryRecorder`), or None."""

@@ -92,7 +92,9 @@ class RetrievalPolicy(SelectionPolicy):
     logits gives next-token KL 0.0053, by summed probability 0.0002). With one query head per kv
     head both rules are the same.
 
-    ``index`` is one of :data:`INDEX_KINDS`; ``index_params`` go to its constructor (e.g.
+    ``index`` is one of :data:`INDEX_KINDS` (default ``cluster``: the segment-clustered index whose
+    whole decode step runs in one C++ call, and the most faithful on real models; see
+    ``docs/results.md``); ``index_params`` go to its constructor (e.g.
     ``{"max_degree": 32}`` for ``graph``) and ``search_params`` to its search (``{"ef": 128}``).
     The index is built at the first decode step from the offloaded keys and up to
     ``build_queries`` prefill queries (a uniform sample over the prompt, group-summed like the
@@ -123,7 +125,7 @@ class RetrievalPolicy(SelectionPolicy):
     iterations). Keys offloaded later join their nearest centroid.
     """
 
-    index: str = "graph"
+    index: str = "cluster"
     index_params: dict = field(default_factory=dict)
     search_params: dict = field(default_factory=dict)
     build_queries: int = 4096

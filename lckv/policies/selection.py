@@ -9,8 +9,16 @@ selection structures are built from the offloaded store at the first decode step
 
 Budget: ``budget`` is the number of keys each query attends in total — sink + window + selected —
 either a token count (int >= 1) or a fraction of the context (float in (0, 1]). A budget at least
-the context length attends everything and reproduces ``full`` exactly. When the budget is smaller
-than the resident part, only the resident part is attended.
+the context length attends everything and reproduces ``full`` exactly.
+
+The budget rule (:meth:`SelectionPolicy.split_budget`): at context length ``n`` the budget is
+``B = budget`` (a count) or ``ceil(budget * n)`` (a fraction). The resident part takes at most half
+of it: the window attended is ``w = min(window, max(1, B // 2 - sink))`` tokens, so at least
+``B - sink - w >= B / 2 - 1`` keys are always selected and the budget is never overspent. Tokens
+outside the shrunken window are offloaded like any other and can be selected; as ``n`` grows the
+window grows back to ``window``. A budget below ``sink + 2`` (no room for the current token and
+one selected key) raises :class:`BudgetTooSmallError` naming both numbers: at configuration time
+for a count, at the first decode step that meets it for a fraction.
 
 GQA: the query heads of a group share one selection per kv head. ``snapkv``, ``quest`` and
 ``block`` rank keys by the group's summed logits ``sum_h q_h . k``; ``retrieval`` by default ranks
@@ -26,13 +34,21 @@ import torch
 
 from lckv.policies.base import Policy, PolicyConfigError
 
-__all__ = ["SelectionPolicy"]
+__all__ = ["SelectionPolicy", "BudgetTooSmallError"]
+
+
+class BudgetTooSmallError(PolicyConfigError):
+    """The budget cannot hold the sink, the current token and one selected key."""
 
 
 @dataclass
 class SelectionPolicy(Policy):
-    """Abstract: subclasses implement :meth:`build`, :meth:`on_offload` and :meth:`select`."""
+    """Abstract: subclasses implement :meth:`build`, :meth:`on_offload` and :meth:`select`.
 
+    Defaults follow RetroInfer's resident part (4 sink + 64 recent tokens) and a 5% budget.
+    """
+
+    window: int = 64
     budget: float = 0.05
     keeps_offloaded: ClassVar[bool] = True
 
@@ -45,16 +61,33 @@ class SelectionPolicy(Policy):
             raise PolicyConfigError(f"{type(self).__name__}.budget must be >= 1 token, got {b}")
         if isinstance(b, float) and not 0.0 < b <= 1.0:
             raise PolicyConfigError(f"{type(self).__name__}.budget as a fraction must be in (0, 1], got {b}")
-        if isinstance(b, int) and self.sink + self.window > b:
-            raise PolicyConfigError(
-                f"{type(self).__name__}: sink ({self.sink}) + window ({self.window}) exceed the budget ({b}); "
-                "the resident part alone would overspend it")
+        if isinstance(b, int):
+            self.split_budget(b)  # a count too small for sink + 2 fails now, not at decode time
 
     def budget_tokens(self, context_len: int) -> int:
         """Total keys a query may attend when the context holds ``context_len`` tokens."""
         if isinstance(self.budget, float):
             return max(1, math.ceil(self.budget * context_len))
         return self.budget
+
+    def split_budget(self, context_len: int) -> tuple[int, int, int]:
+        """``(sink, window, selected)`` keys per query at ``context_len`` tokens (the budget rule of
+        the module docstring); raises :class:`BudgetTooSmallError` when ``budget < sink + 2``."""
+        total = self.budget_tokens(context_len)
+        if total < self.sink + 2:
+            what = f"{self.budget}" if isinstance(self.budget, int) else f"{self.budget} of {context_len} tokens = {total}"
+            raise BudgetTooSmallError(
+                f"{type(self).__name__}: a budget of {what} keys cannot hold the sink ({self.sink}), the current "
+                f"token and one selected key (at least {self.sink + 2}); raise the budget or lower the sink")
+        window = min(self.window, max(1, total // 2 - self.sink))
+        return self.sink, window, total - self.sink - window
+
+    def resident_window(self, context_len: int) -> int:
+        """The window the cache keeps resident at ``context_len`` tokens (see :meth:`split_budget`).
+        A context no longer than the budget keeps the configured window (nothing to select yet)."""
+        if self.budget_tokens(context_len) >= context_len:
+            return self.window
+        return self.split_budget(context_len)[1]
 
     # --- hooks --------------------------------------------------------------------------------
     def build(self, layer):

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from lckv.checks import check_attention_inputs, check_sparse_inputs, check_states
+from lckv.checks import check_attention_inputs, check_key_padding, check_sparse_inputs, check_states
 
 __all__ = ["attention_with_lse", "sparse_attention_with_lse", "merge_attention_states"]
 
@@ -35,7 +35,7 @@ def _softmax_with_lse(scores: torch.Tensor, v: torch.Tensor):
     return out.masked_fill(empty, 0.0), lse
 
 
-def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None):
+def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None, key_padding=None):
     """Dense attention returning the output and its log-sum-exp.
 
     Parameters
@@ -47,6 +47,8 @@ def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None):
     mask : optional, broadcastable to ``[batch, q_heads, q_len, kv_len]``; bool (True = attend)
         or float (added to the scores; ``-inf`` masks). Combined with ``causal`` if both are set.
     scale : defaults to ``1/sqrt(head_dim)``.
+    key_padding : optional bool ``[batch, kv_len]``, True for real keys; padded keys are masked
+        (the same as ``mask=key_padding[:, None, None, :]``, combined with ``mask``).
 
     Returns
     -------
@@ -62,6 +64,11 @@ def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None):
     (torch.Size([1, 4, 3, 16]), torch.Size([1, 4, 3]))
     """
     check_attention_inputs(q, k, v, mask)
+    if key_padding is not None:
+        check_key_padding(key_padding, q, k)
+        pad = key_padding[:, None, None, :]
+        mask = pad if mask is None else (mask & pad if mask.dtype == torch.bool
+                                         else mask.float().masked_fill(~pad, float("-inf")))
     return dense_attention_unchecked(q, k, v, causal, mask, scale)
 
 
