@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lckv.index import FaissIndex, FlatIndex, GraphIndex, IVFIndex  # noqa: E402
+from lckv.index import ClusterIndex, FaissIndex, FlatIndex, GraphIndex, IVFIndex  # noqa: E402
 from lckv.index.eval_data import exact_topk, real_sets, recall_at, synthetic_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,6 +57,8 @@ def sweeps(quick: bool):
         ("lckv Graph", lambda d: GraphIndex(d), [{"ef": e} for e in graph_ef]),
         ("lckv Graph+upper", lambda d: GraphIndex(d, upper_size=None), [{"ef": e} for e in graph_ef]),
         ("lckv IVF", lambda d: IVFIndex(d), [{"nprobe": p} for p in nprobe]),
+        ("lckv Cluster", lambda d: ClusterIndex(d), [{"scan": s} for s in ([1.0, 2.0, 4.0, 8.0] if quick
+                                                                          else [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])]),
         ("faiss Flat", lambda d: FaissIndex(d, "flat"), [{}]),
         ("faiss HNSW32", lambda d: FaissIndex(d, "hnsw", M=32), [{"ef": e} for e in hnsw_ef]),
         ("faiss IVF", lambda d: FaissIndex(d, "ivf"), [{"nprobe": p} for p in nprobe]),
@@ -149,6 +151,11 @@ def targets(rows):
             entry[f"qps_ratio_graph_over_hnsw_at_{recall}"] = (g["qps"] / h["qps"]) if g and h else None
             entry[f"graph_qps_at_{recall}"], entry[f"hnsw_qps_at_{recall}"] = g and g["qps"], h and h["qps"]
             entry[f"graph_config_at_{recall}"] = g and config_name(g)
+        # every lckv index family: the fewest keys scored at recall@100 >= 0.95
+        for family in ("lckv Graph", "lckv Cluster", "lckv IVF", "faiss HNSW32", "faiss IVF"):
+            hit = [r for r in rows if r["set"] == set_name and r["index"].startswith(family) and r["recall_at_100"] >= 0.95]
+            best = min(hit, key=lambda r: r["fraction_scored"]) if hit else None
+            entry[f"min_fraction_at_recall100_095[{family}]"] = best and best["fraction_scored"]
         out.append(entry)
     return out
 
@@ -190,7 +197,9 @@ def main(argv=None):
     parser.add_argument("--check", action="store_true", help="verify every index's outputs before timing")
     parser.add_argument("--n-keys", type=int, default=None, help="keys per head (default 262144, quick 32768)")
     parser.add_argument("--real-heads", default=None, help="layer:kv_head list, e.g. 1:0,3:2")
-    parser.add_argument("--no-real", action="store_true", help="skip the real stories260K sets")
+    parser.add_argument("--no-real", action="store_true", help="skip the real sets")
+    parser.add_argument("--model", default="stories260K", help="model whose Q/K are captured (a lckv.models name)")
+    parser.add_argument("--no-synthetic", action="store_true", help="skip the synthetic head_dim-128 set")
     parser.add_argument("--cache-dir", default=os.environ.get("LCKV_QK_CACHE", str(Path.home() / ".cache" / "lckv")),
                         help="where captured real Q/K are cached (default ~/.cache/lckv or $LCKV_QK_CACHE)")
     parser.add_argument("--search-threads", type=int, default=1,
@@ -203,10 +212,10 @@ def main(argv=None):
     heads = args.real_heads or ("2:1" if args.quick else "1:0,3:2")
     heads = [tuple(int(x) for x in h.split(":")) for h in heads.split(",")]
     print(f"build threads: {ALL_THREADS}  search threads: {SEARCH_THREADS}  keys per head: {n_keys}  k: {K}")
-    sets = [synthetic_set(n_keys=n_keys, n_build=min(65536, n_keys // 2))]
+    sets = [] if args.no_synthetic else [synthetic_set(n_keys=n_keys, n_build=min(65536, n_keys // 2))]
     if not args.no_real:
         try:
-            sets = real_sets(n_keys, heads=heads, cache_dir=args.cache_dir) + sets
+            sets = real_sets(n_keys, heads=heads, cache_dir=args.cache_dir, model=args.model) + sets
         except FileNotFoundError as exc:
             print(f"real data not available, skipping real sets: {exc}")
     rows = []
@@ -220,6 +229,9 @@ def main(argv=None):
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
         print(f"  {t['set']:<22} ({'synthetic' if t['synthetic'] else 'real'}): min scored at r100>=0.95: "
               f"{'not reached' if frac is None else f'{100 * frac:.2f}%'};  QPS vs HNSW at 0.9: {fmt(ratio[0])}, at 0.95: {fmt(ratio[1])}")
+        fams = [(k.split("[")[1][:-1], v) for k, v in t.items() if k.startswith("min_fraction_at_recall100_095[")]
+        print("    fewest keys scored at recall@100 >= 0.95: " + ", ".join(
+            f"{f} {'not reached' if v is None else f'{100 * v:.2f}%'}" for f, v in fams))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from common import machine  # benchmarks/common.py, next to this script

@@ -135,35 +135,44 @@ def synthetic_set(n_keys: int = 262144, dim: int = 128, n_build: int = 65536, n_
                    f"synthetic generator (seed {seed}): topic segments, different Q/K offsets and maps, RoPE")
 
 
-def _capture(n_tokens: int, window: int, cache_dir: Path | None, text_seed: int):
+def _capture(n_tokens: int, window: int, cache_dir: Path | None, text_seed: int, model_name: str = "stories260K"):
     from lckv.capture import capture_qk, hotpotqa_token_ids
-    from lckv.data import stories260k_paths
-    from lckv.models.llama2c import load
 
     path = None
     if cache_dir is not None:
-        path = Path(cache_dir) / f"stories260K_hotpotqa_T{n_tokens}_w{window}_s{text_seed}.pt"
+        path = Path(cache_dir) / f"{model_name}_hotpotqa_T{n_tokens}_w{window}_s{text_seed}.pt"
         if path.is_file():
             return torch.load(path)
-    model, tok = load(*stories260k_paths())
+    if model_name == "stories260K":
+        from lckv.data import stories260k_paths
+        from lckv.models.llama2c import load
+
+        model, tok = load(*stories260k_paths())
+    else:
+        from lckv.models import load
+
+        model, tok = load(model_name)
     ids = hotpotqa_token_ids(tok, n_tokens, seed=text_seed)
     cap = capture_qk(model, ids, window=window)
     data = {"q": cap.q, "k": cap.k, "prefill": cap.prefill}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(data, path)
+        tmp = path.with_suffix(".tmp")
+        torch.save(data, tmp)
+        tmp.replace(path)  # a cut run leaves no half-written capture behind
     return data
 
 
 def real_sets(n_keys: int, heads=((1, 0), (2, 1), (3, 2), (4, 3)), n_decode_positions: int = 256,
               max_build_queries: int = 65536, window: int = 512, cache_dir=None,
-              text_seed: int = 0) -> list[EvalSet]:
-    """Real stories260K sets, one per ``(layer, kv_head)`` of ``heads`` (see the module docstring).
+              text_seed: int = 0, model: str = "stories260K") -> list[EvalSet]:
+    """Real sets of ``model`` (stories260K or a :mod:`lckv.models` name), one per ``(layer,
+    kv_head)`` of ``heads`` (see the module docstring).
 
     Captures ``n_keys + n_decode_positions`` tokens of HotpotQA text once (several minutes for
-    256K tokens on 2 cores; cached under ``cache_dir`` when given).
+    256K tokens of stories260K or 32K of Qwen2.5-0.5B on 2 cores; cached under ``cache_dir``).
     """
-    data = _capture(n_keys + n_decode_positions, window, cache_dir, text_seed)
+    data = _capture(n_keys + n_decode_positions, window, cache_dir, text_seed, model)
     sets = []
     for layer, kv_head in heads:
         q, k = data["q"][layer], data["k"][layer]
@@ -175,7 +184,7 @@ def real_sets(n_keys: int, heads=((1, 0), (2, 1), (3, 2), (4, 3)), n_decode_posi
             pick = (torch.arange(max_build_queries, dtype=torch.float64) * (prefill_q.shape[0] / max_build_queries)).long()
             prefill_q = prefill_q[pick]
         decode_q = qh[:, n_keys:].reshape(-1, q.shape[-1])
-        sets.append(EvalSet(f"stories260K-L{layer}H{kv_head}", keys, prefill_q.contiguous(),
+        sets.append(EvalSet(f"{model.split('-')[0]}-L{layer}H{kv_head}", keys, prefill_q.contiguous(),
                             decode_q.contiguous(), False,
-                            f"real stories260K Q/K on HotpotQA text, {data['prefill']}"))
+                            f"real {model} Q/K on HotpotQA text, {data['prefill']}"))
     return sets
