@@ -49,3 +49,16 @@ def stories260k_files():
 def hotpotqa_file():
     """Path of the 100 real HotpotQA rows; skips when absent."""
     return _shared("hotpotqa", "hotpotqa_train_100.json")
+
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the lckv.models registry (fetched once per
+    machine into $LCKV_CACHE); skips with the registry's message when it cannot be fetched."""
+    from lckv.models import ModelRegistryError, load
+
+    try:
+        return load("smollm2-135m-instruct")
+    except ModelRegistryError as exc:
+        pytest.skip(f"real model not available: {exc}")
