@@ -8,7 +8,8 @@ two ways from that same prefill:
 * attention level: fed the reference run's queries, keys and values at every decode step (the
   exact history), each layer's policy attention is compared with exact attention over all keys:
   relative output error, recall of the exact top-k keys (k = the budget, per query head), and the
-  exact attention mass on the keys the policy attended (mean over steps, layers, heads);
+  exact attention mass on the keys the policy attended (mean over steps, layers, heads; the JSON
+  also keeps recall and mass per layer and query head, mean over steps);
 * end to end: the policy's own model, teacher-forced on the reference tokens: mean next-token
   KL(full || policy) and greedy agreement (argmax equals the reference token).
 
@@ -19,7 +20,8 @@ with its default settings (sink 4, window 64, the budget rule of ``lckv.policies
 sink 4 + the last ``budget - 4`` tokens.
 
 Per-row results stream to ``results/<name>.jsonl``: an interrupted run resumes where it stopped
-(rows already there are skipped; a length with rows left is prefilled again).
+(rows already there are skipped; a length with rows left is prefilled again), and runs at other
+lengths add to the same JSON.
 
     python benchmarks/bench_fidelity.py                                   # Qwen, 4K and 8K
     python benchmarks/bench_fidelity.py --lengths 32768 --budgets 2% 5%   # the 32K targets
@@ -112,6 +114,7 @@ def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budge
     all_keys = [torch.cat([s.k for s in layer.segments()], dim=2)[0].float() for layer in ref_cache.layers]
     all_values = [torch.cat([s.v for s in layer.segments()], dim=2)[0].float() for layer in ref_cache.layers]
     errs, recalls, masses = [], [], []
+    per_layer = {}  # layer -> ([recall per query head], [mass per query head]) over steps
     for t, layers in enumerate(trace):
         pos = prompt_len + t
         for i, (q, k, v) in sorted(layers.items()):
@@ -148,7 +151,11 @@ def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budge
             masses.append((probs * att).sum(-1))
             top = probs.topk(min(budget, pos + 1), dim=-1).indices
             recalls.append(torch.gather(att, 1, top).float().mean(-1))
-    return (torch.cat(errs).mean().item(), torch.cat(recalls).mean().item(), torch.cat(masses).mean().item())
+            per_layer.setdefault(i, ([], []))
+            per_layer[i][0].append(recalls[-1])
+            per_layer[i][1].append(masses[-1])
+    by_layer = {i: (torch.stack(r).mean(0).tolist(), torch.stack(m).mean(0).tolist()) for i, (r, m) in sorted(per_layer.items())}
+    return (torch.cat(errs).mean().item(), torch.cat(recalls).mean().item(), torch.cat(masses).mean().item(), by_layer)
 
 
 def end_to_end(model, policy, prefill_cache, ref_tokens, ref_logits):
@@ -182,12 +189,13 @@ def run(args) -> list[dict]:
     model, tok = load_model(args.model, max(args.lengths) + args.steps + 1)
     scale = model.model.layers[0].self_attn.scaling
     stream = RESULTS / f"{args.name}.jsonl"
-    rows = [r for r in _done_rows(stream) if r["length"] in args.lengths] if not args.fresh else []
+    rows = [] if args.fresh else _done_rows(stream)  # every length's rows go to the JSON
     done = {(r["length"], r["budget"], r["policy"]) for r in rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = Table(COLUMNS)
     for row in rows:
-        table.row(row)
+        if row["length"] in args.lengths:
+            table.row(row)
     with stream.open("w" if args.fresh else "a") as sink:
         for length in args.lengths:
             todo = [(label, kind) for label in args.budgets for kind in args.policies if (length, label, kind) not in done]
@@ -203,13 +211,17 @@ def run(args) -> list[dict]:
                 budget = budget_tokens(label, length)
                 policy = make_policy(kind, budget)
                 t0 = time.perf_counter()
-                err, recall, mass = attention_metrics(policy, prefill_cache, ref_cache, trace, length, budget, scale)
+                err, recall, mass, by_layer = attention_metrics(policy, prefill_cache, ref_cache, trace, length, budget,
+                                                                scale)
                 kl, agree = end_to_end(model, policy, prefill_cache, ref_tokens, ref_logits)
                 n_sink, n_window, n_selected = (policy.split_budget(length) if isinstance(policy, SelectionPolicy)
                                                 else (policy.sink, policy.window, 0))
                 row = dict(length=length, budget=label, budget_tokens=budget, policy=kind, sink=n_sink,
                            window=n_window, selected=n_selected, attn_rel_err=err, recall=recall, mass=mass, kl=kl,
-                           greedy_agreement=agree, seconds=time.perf_counter() - t0)
+                           greedy_agreement=agree, seconds=time.perf_counter() - t0,
+                           # per layer, per query head: top-k recall and attention mass (mean over steps)
+                           recall_by_layer_head=[by_layer[i][0] for i in sorted(by_layer)],
+                           mass_by_layer_head=[by_layer[i][1] for i in sorted(by_layer)])
                 rows.append(row)
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
