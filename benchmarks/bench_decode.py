@@ -57,7 +57,7 @@ def fill_cache(model, ids, sink, window, chunk, build_queries):
     binding = lckv.enable(model, LocalPrefill(sink=sink, window=window))
     cache = binding.new_cache()
     for layer in cache.layers:
-        layer.queries = QueryRecorder(build_queries, 0)
+        layer.queries = QueryRecorder(build_queries, 64)  # a sample for index builds, the last 64 for SnapKV
     with torch.no_grad():
         for lo in progress(range(0, ids.shape[1], chunk), "fill"):
             model.model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True)
