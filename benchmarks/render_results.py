@@ -196,6 +196,9 @@ def index() -> str:
         measured = _machine(meta["machine"]) if "machine" in meta else "date not recorded"
         out += [f"### `{run['_file']}`", "", f"{meta['search_threads']} search thread(s); measured {measured}.", "",
                 _table(header, table), ""]
+        if meta.get("wide_sweep"):
+            out += ["Wider settings on the same sets (recall@100 at % of keys scored):", ""]
+            out += [f"- {line}" for line in meta["wide_sweep"]] + [""]
     return "\n".join(out)
 
 
