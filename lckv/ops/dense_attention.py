@@ -22,9 +22,8 @@ from __future__ import annotations
 import torch
 
 from lckv.backends import resolve_backend
-from lckv import reference
 from lckv.checks import check_attention_inputs, check_key_padding
-from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked
+from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked, with_key_padding
 
 __all__ = ["attention_with_lse", "attention_with_lse_unchecked", "fused_attention_serves"]
 
@@ -59,15 +58,14 @@ def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None, key
     if chosen == "torch" and backend == "torch":
         raise ValueError(f"backend 'torch' needs q, k, v of one dtype in {_FUSED_DTYPES} on the CPU and no autograd, "
                          f"got {q.dtype}/{k.dtype}/{v.dtype}")
-    return reference.attention_with_lse(q, k, v, causal, mask, scale, key_padding)
+    return dense_attention_unchecked(q, k, v, causal, with_key_padding(mask, key_padding), scale)
 
 
 def attention_with_lse_unchecked(q, k, v, causal: bool = False, key_padding=None, scale=None):
     """:func:`attention_with_lse` for validated inputs, best backend (the engine's exact path)."""
     if fused_attention_serves(q, k, v):
         return _fused(q, k, v, causal, key_padding, scale)
-    mask = None if key_padding is None else key_padding[:, None, None, :]
-    return dense_attention_unchecked(q, k, v, causal, mask, scale)
+    return dense_attention_unchecked(q, k, v, causal, with_key_padding(None, key_padding), scale)
 
 
 def fused_attention_serves(q, k, v) -> bool:

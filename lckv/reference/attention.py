@@ -66,10 +66,17 @@ def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None, key
     check_attention_inputs(q, k, v, mask)
     if key_padding is not None:
         check_key_padding(key_padding, q, k)
-        pad = key_padding[:, None, None, :]
-        mask = pad if mask is None else (mask & pad if mask.dtype == torch.bool
-                                         else mask.float().masked_fill(~pad, float("-inf")))
-    return dense_attention_unchecked(q, k, v, causal, mask, scale)
+    return dense_attention_unchecked(q, k, v, causal, with_key_padding(mask, key_padding), scale)
+
+
+def with_key_padding(mask, key_padding):
+    """``mask`` (None, bool or additive float) combined with a ``[batch, kv_len]`` key padding."""
+    if key_padding is None:
+        return mask
+    pad = key_padding[:, None, None, :]
+    if mask is None:
+        return pad
+    return mask & pad if mask.dtype == torch.bool else mask.float().masked_fill(~pad, float("-inf"))
 
 
 def dense_attention_unchecked(q, k, v, causal: bool = False, mask=None, scale=None):
