@@ -70,8 +70,7 @@ def tiled_cache(source: LckvCache, length: int, sink: int) -> LckvCache:
     policy = FullPolicy(sink=sink, window=64)
     out = LckvCache(policy, len(source.layers))
     for src, dst in zip(source.layers, out.layers):
-        keys = torch.cat([p.k for p in src.segments()], dim=2)
-        values = torch.cat([p.v for p in src.segments()], dim=2)
+        keys, values = src.kept_keys_values()
         reps = -(-length // keys.shape[2])
         keys, values = keys.repeat(1, 1, reps, 1)[:, :, :length], values.repeat(1, 1, reps, 1)[:, :, :length]
         dst.lazy_initialization(keys, values)
@@ -94,7 +93,7 @@ def sdpa_step(model, source: LckvCache, token, steps) -> float:
     for _ in range(steps):  # a fresh cache each step: sdpa's cache grows by one token per call
         cache = DynamicCache()
         for i, layer in enumerate(source.layers):
-            cache.update(torch.cat([p.k for p in layer.segments()], 2), torch.cat([p.v for p in layer.segments()], 2), i)
+            cache.update(*layer.kept_keys_values(), i)
         with torch.no_grad():
             t0 = time.perf_counter()
             model(token, past_key_values=cache, use_cache=True)

@@ -111,8 +111,9 @@ def reference_decode(model, prefill_cache, first_logits, steps):
 def attention_metrics(policy, prefill_cache, ref_cache, trace, prompt_len, budget, scale):
     """Policy attention vs exact attention on the exact history (see the module docstring)."""
     probe = LckvCache.from_cache(prefill_cache, policy)
-    all_keys = [torch.cat([s.k for s in layer.segments()], dim=2)[0].float() for layer in ref_cache.layers]
-    all_values = [torch.cat([s.v for s in layer.segments()], dim=2)[0].float() for layer in ref_cache.layers]
+    kept = [layer.kept_keys_values() for layer in ref_cache.layers]
+    all_keys = [k[0].float() for k, _ in kept]
+    all_values = [v[0].float() for _, v in kept]
     errs, recalls, masses = [], [], []
     per_layer = {}  # layer -> ([recall per query head], [mass per query head]) over steps
     for t, layers in enumerate(trace):

@@ -218,6 +218,13 @@ class LckvCacheLayer(DynamicLayer):
             parts.append(Segment(self.recent_k, self.recent_v, self.total - n_recent))
         return parts
 
+    def kept_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every kept token's keys and values ``[batch, kv_heads, n, head_dim]`` in slot order, on the
+        compute device (a copy: sink, offloaded and recent parts concatenated)."""
+        parts = self.segments()
+        return (torch.cat([p.k.to(self.device) for p in parts], dim=2),
+                torch.cat([p.v.to(self.device) for p in parts], dim=2))
+
     def resident_is_contiguous(self) -> bool:
         """True while the resident tokens (sink then recent) are every slot so far, in order."""
         return self.evicted == 0 and (self.store is None or self.store.length == 0)
@@ -334,9 +341,7 @@ class LckvCache(Cache):
                 continue
             if src.evicted:
                 raise ValueError("from_cache needs a source cache that evicted nothing (e.g. policy 'full')")
-            parts = src.segments()
-            keys = torch.cat([p.k.to(src.device) for p in parts], dim=2)
-            values = torch.cat([p.v.to(src.device) for p in parts], dim=2)
+            keys, values = src.kept_keys_values()
             dst.lazy_initialization(keys, values)
             total = keys.shape[2]
             n_sink = min(policy.sink, total)

@@ -79,7 +79,7 @@ def _sliding_layers(config, num_layers: int) -> dict:
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if types is not None:
-        unknown = sorted({t for t in types} - {"full_attention", "sliding_attention"})
+        unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
         if unknown:
             raise ModelNotSupportedError(f"layer types {unknown} are not supported (full_attention and "
                                          "sliding_attention are)")
