@@ -40,7 +40,7 @@ from common import RESULTS, Table, load_model, machine, progress, write_json  # 
 import lckv  # noqa: E402
 from lckv.attention import attend_segments, attend_with_selection  # noqa: E402
 from lckv.cache import LckvCache, QueryRecorder  # noqa: E402
-from lckv.capture import hotpotqa_token_ids  # noqa: E402
+from lckv.research.capture import hotpotqa_token_ids  # noqa: E402
 from lckv.policies import FullPolicy, SelectionPolicy, StreamingPolicy, get_policy  # noqa: E402
 
 

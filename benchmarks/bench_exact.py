@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Table, load_model, machine, write_json  # noqa: E402
 
 import lckv  # noqa: E402
-from lckv.capture import hotpotqa_token_ids  # noqa: E402
+from lckv.research.capture import hotpotqa_token_ids  # noqa: E402
 
 
 def run_once(model, ids, steps, use_lckv: bool):

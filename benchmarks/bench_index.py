@@ -1,7 +1,7 @@
 """Vector-index benchmark: lckv's Flat / IVF / attention-aware Graph indexes against faiss
 (Flat, HNSW M=32, IVF; inner product) on the same data in the same run.
 
-Data (lckv.index.eval_data): REAL post-RoPE Q/K of stories260K (head_dim 8) on HotpotQA text, one
+Data (lckv.research.eval_data): REAL post-RoPE Q/K of stories260K (head_dim 8) on HotpotQA text, one
 set per (layer, kv head), and a SYNTHETIC head_dim-128 set whose queries and keys come from
 different distributions. Every index is searched with decode queries that were not used to build
 it; ground truth is the exact inner-product top-100.
@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lckv.index import ClusterIndex, FaissIndex, FlatIndex, GraphIndex, IVFIndex  # noqa: E402
-from lckv.index.eval_data import exact_topk, real_sets, recall_at, synthetic_set  # noqa: E402
+from lckv.research.eval_data import exact_topk, real_sets, recall_at, synthetic_set  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 100

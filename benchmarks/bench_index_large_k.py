@@ -2,7 +2,7 @@
 
 A retrieval policy at budget b of an n-token context needs the top ~b keys per kv head, hundreds to
 thousands, not the top 100 of ANN benchmarks. This measures, on REAL stories260K post-RoPE Q/K
-(HotpotQA text, the 32K-token capture of lckv.index.eval_data, two (layer, kv head) sets), for
+(HotpotQA text, the 32K-token capture of lckv.research.eval_data, two (layer, kv head) sets), for
 k in {512, 2048}: recall@k of lckv's attention-aware GraphIndex (ef sweep), lckv's ClusterIndex
 (scan sweep) and faiss HNSW32 / IVF (inner product) against the exact top-k, with the fraction of
 keys scored and queries/s (one batched call, 1 thread, best of 3), all in the same run.
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Table, machine, write_json  # noqa: E402
 
 from lckv.index import ClusterIndex, FaissIndex, GraphIndex  # noqa: E402
-from lckv.index.eval_data import exact_topk, real_sets, recall_at  # noqa: E402
+from lckv.research.eval_data import exact_topk, real_sets, recall_at  # noqa: E402
 
 
 def sweeps(quick: bool):

@@ -49,8 +49,8 @@ class Table:
 def load_model(name: str, max_positions: int | None = None):
     """``(model, tokenizer)`` for a registry model name (``lckv.models``) or ``stories260K``."""
     if name.lower() == "stories260k":
-        from lckv.data import stories260k_paths
-        from lckv.models.llama2c import load
+        from lckv.research.data import stories260k_paths
+        from lckv.research.llama2c import load
 
         return load(*stories260k_paths(), max_position_embeddings=max_positions or 512)
     from lckv.models import load

@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList
 
 import lckv
 from lckv import models
-from lckv.data import SharedDataNotFoundError, hotpotqa_paragraphs, stories260k_paths
+from lckv.research.data import SharedDataNotFoundError, hotpotqa_paragraphs, stories260k_paths
 from lckv.policies import SelectionPolicy
 
 STORIES = "stories260K"
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     try:
         lckv.get_policy(args.policy, **compressed)  # settings errors before the model loads
         if story:
-            from lckv.models import llama2c
+            from lckv.research import llama2c
 
             model, tokenizer = llama2c.load(*stories260k_paths())
             ids = torch.tensor([tokenizer.encode(STORY_PROMPT)])

@@ -14,9 +14,11 @@ import torch
 
 from lckv.cache import Segment
 from lckv.ops.dense_attention import attention_with_lse_unchecked
+from lckv.ops.merge_states import merge_states_unchecked
+from lckv.ops.sparse_attention import sparse_attention_unchecked
 from lckv.policies import Policy
 from lckv.policies.selection import SelectionPolicy
-from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked
+from lckv.reference.attention import dense_attention_unchecked
 
 __all__ = ["KeyPaddingMask", "attend_segments", "attend_with_selection", "SCORE_BLOCK_ELEMENTS"]
 
@@ -140,16 +142,14 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     and with ``return_indices`` also the attended store rows ``[batch, kv_heads, n]`` (-1 = none;
     None when the whole store or none of it was attended).
     """
-    from lckv.ops.merge_states import merge_states_unchecked as merge
-    from lckv.ops.sparse_attention import sparse_attention_unchecked
-
     store = layer.store
     n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
     q_start = layer.total - 1
     n_select = policy.budget_tokens(layer.total) - n_sink - n_recent
     unmasked = attention_mask is None and type(policy).allowed is Policy.allowed and query.shape[2] == 1
     if unmasked and layer.store_padding is None and 0 < n_select < store.length:
-        fused = policy.fused_step(layer.selection_state(), layer, query[:, :, 0], n_select, scale)
+        view = layer.view()
+        fused = policy.fused_step(layer.selection_state(), view, query[:, :, 0], n_select, scale)
         if fused is not None:  # the whole step in one call (e.g. lckv/decode_step.h)
             out, lse, indices = fused
             out, lse = out.to(query.dtype).unsqueeze(2), lse.unsqueeze(2)
@@ -159,25 +159,25 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
         out, lse = dense_attention_unchecked(query, torch.cat([layer.sink_k, layer.recent_k], 2),
                                              torch.cat([layer.sink_v, layer.recent_v], 2), scale=scale)
     else:
-        resident = [seg for seg in layer.segments() if seg.k is layer.sink_k or seg.k is layer.recent_k]
-        out, lse = attend_segments(query, resident, q_start, attention_mask, policy, scale)
+        out, lse = attend_segments(query, layer.resident_segments(), q_start, attention_mask, policy, scale)
     if n_select <= 0:
         return (out, lse, None) if return_indices else (out, lse)
     if n_select >= store.length:  # the budget covers the whole store: exact
         part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
-        merged = merge(out, lse, *part)
+        merged = merge_states_unchecked(out, lse, *part)
         return (*merged, None) if return_indices else merged
     state = layer.selection_state()
+    view = layer.view()
     q = query[:, :, 0].to(store.keys.device)
-    indices = policy.select(state, layer, q, n_select, scale)
-    if layer.store_padding is not None:  # never select pad slots
-        valid = layer.store_padding.to(indices.device)
+    indices = policy.select(state, view, q, n_select, scale)
+    if view.padding is not None:  # never select pad slots
+        valid = view.padding.to(indices.device)
         gathered = torch.gather(valid.unsqueeze(1).expand(-1, indices.shape[1], -1), 2, indices.clamp(min=0))
         indices = indices.masked_fill(~gathered, -1)
     sel_out, sel_lse = sparse_attention_unchecked(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
-    extra = policy.estimate(state, layer, q, indices, scale)
+    extra = policy.estimate(state, view, q, indices, scale)
     if extra is not None:
-        sel_out, sel_lse = merge(sel_out, sel_lse, *extra)
+        sel_out, sel_lse = merge_states_unchecked(sel_out, sel_lse, *extra)
     sel_out, sel_lse = sel_out.to(query.device).unsqueeze(2), sel_lse.to(query.device).unsqueeze(2)
-    merged = merge(out, lse, sel_out.to(out.dtype), sel_lse)
+    merged = merge_states_unchecked(out, lse, sel_out.to(out.dtype), sel_lse)
     return (*merged, indices) if return_indices else merged

@@ -5,12 +5,16 @@ Backends
 ``triton``    Triton kernels (``lckv.kernels``) on CUDA tensors. On CPU tensors only when
               ``TRITON_INTERPRET=1`` (the numpy interpreter, for tests) and only when asked for
               explicitly: ``auto`` never picks the interpreter.
-``cuda``      hand-written CUDA kernels bound into ``lckv._C`` (column reserved: the CUDA sources
-              are compile-checked here but no op is bound yet).
 ``cpu``       the C++ extension ``lckv._C`` on CPU tensors (OpenMP, SIMD, GIL released).
 ``torch``     torch's own fused kernels where they already do the job (dense attention with LSE:
               ``aten._scaled_dot_product_flash_attention_for_cpu``); always usable.
-``reference`` the pure PyTorch oracles in :mod:`lckv.reference`, on any device.
+``reference`` the pure PyTorch oracles in :mod:`lckv.reference`, on any device (the index-driven
+              ops, whose indexes live in host memory, on CPU tensors only).
+
+A backend is listed only where it serves an op: hand-written CUDA kernels get a ``cuda`` column
+when they are bound into ``lckv._C`` (the CUDA sources are compile-checked until then). The engine
+and the policies reach every compiled or Triton kernel through an op of :mod:`lckv.ops` and this
+table; only the indexes (:mod:`lckv.index`) wrap their C++ classes directly.
 
 ``auto`` walks the op's row in :data:`PREFERENCE` order and takes the first backend that serves the
 device and is usable here (triton importable, extension built and new enough). An explicit name is
@@ -37,19 +41,24 @@ __all__ = [
     "describe_table",
 ]
 
-BACKENDS = ("triton", "cuda", "cpu", "torch", "reference")
-PREFERENCE = ("cuda", "triton", "cpu", "torch", "reference")
+BACKENDS = ("triton", "cpu", "torch", "reference")
+PREFERENCE = ("triton", "cpu", "torch", "reference")
 ANY_DEVICE = "*"
 
-# op -> backend -> device types it serves. "cuda" entries are reserved (empty) until bound.
+# op -> backend -> device types it serves.
 TABLE: dict[str, dict[str, tuple[str, ...]]] = {
-    "sparse_attention_with_lse": {"triton": ("cuda",), "cuda": (), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
-    "sink_window_attention_with_lse": {"triton": ("cuda",), "cuda": (), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
-    "merge_attention_states": {"triton": ("cuda",), "cuda": (), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
-    "quest_page_scores": {"triton": ("cuda",), "cuda": (), "reference": (ANY_DEVICE,)},
-    "flat_topk_scores": {"triton": ("cuda",), "cuda": (), "reference": (ANY_DEVICE,)},
+    "sparse_attention_with_lse": {"triton": ("cuda",), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
+    "sink_window_attention_with_lse": {"triton": ("cuda",), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
+    "merge_attention_states": {"triton": ("cuda",), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
+    "quest_page_scores": {"triton": ("cuda",), "reference": (ANY_DEVICE,)},
+    "flat_topk_scores": {"triton": ("cuda",), "reference": (ANY_DEVICE,)},
     "page_key_bounds": {"reference": (ANY_DEVICE,)},
     "attention_with_lse": {"torch": ("cpu",), "reference": (ANY_DEVICE,)},
+    "centroid_estimate": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
+    "estimate_add_rows": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
+    "rank_by_group_probability": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
+    "decode_cluster_step": {"cpu": ("cpu",), "reference": ("cpu",)},
+    "offload_rows": {"cpu": ("cpu",), "reference": ("cpu",)},
 }
 
 # The compiled symbol each `cpu` entry needs in lckv._C.
@@ -57,6 +66,11 @@ _CPU_SYMBOL = {
     "sparse_attention_with_lse": "sparse_attention_with_lse",
     "sink_window_attention_with_lse": "sparse_attention_with_lse",  # served by the sparse kernel
     "merge_attention_states": "merge_attention_states",
+    "centroid_estimate": "centroid_estimate",
+    "estimate_add_rows": "estimate_add",
+    "rank_by_group_probability": "rank_by_group_probability",
+    "decode_cluster_step": "decode_cluster_step",
+    "offload_rows": "offload_rows",
 }
 
 
@@ -124,7 +138,7 @@ def resolve_backend(op: str, device, backend: str = "auto") -> str:
     device_type = _device_type(device)
     if backend == "auto":
         choices = available_backends(op, device, explicit=False)
-        if not choices:  # cannot happen while `reference` serves every device, kept for safety
+        if not choices:  # the ops on host-memory indexes on another device
             raise BackendUnavailableError(f"op {op!r} has no backend for device {device_type!r}")
         return choices[0]
     if _serves(op, backend, device_type, explicit=True):

@@ -8,9 +8,12 @@ holds the ``i``-th token fed to the model (pad slots included), so each part is 
 of positions and needs no position array.
 
 :class:`LckvCache` is a transformers ``Cache``: pass it to ``generate(past_key_values=...)`` or let
-:func:`lckv.enable` make ``generate`` create one. Its layers hand themselves to the lckv attention
-function by tagging the key tensor they return (``key.lckv_layer``), so the attention function
-reaches the right layer without any global state.
+:func:`lckv.enable` make ``generate`` create one. The attention function reaches a layer through
+the cache the model's attention module was called with (:mod:`lckv.integrations.hf` records it
+with a forward pre-hook) and ``cache.layers[module.layer_idx]``.
+
+The cache depends on its policy only through :class:`lckv.layer_view.CachePolicy`, and shows each
+layer to the policy's hooks as a :class:`lckv.layer_view.LayerView` (:meth:`LckvCacheLayer.view`).
 """
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from lckv.layer_view import CachePolicy, LayerView
 from lckv.memory import empty_host
-from lckv.policies import Policy
 
 __all__ = ["HostKVStore", "LckvCacheLayer", "LckvCache", "Segment"]
 
@@ -131,7 +134,7 @@ class QueryRecorder:
 class LckvCacheLayer(DynamicLayer):
     """One layer of :class:`LckvCache`: sink + recent window resident, older tokens offloaded."""
 
-    def __init__(self, policy: Policy, layer_idx: int):
+    def __init__(self, policy: CachePolicy, layer_idx: int):
         super().__init__()
         self.policy = policy
         self.layer_idx = layer_idx
@@ -171,7 +174,7 @@ class LckvCacheLayer(DynamicLayer):
             first_row = self.store.length
             self.store.append(self.recent_k[:, :, :overflow], self.recent_v[:, :, :overflow])
             if self.selection is not None:
-                self.policy.on_offload(self.selection, self, first_row, overflow)
+                self.policy.on_offload(self.selection, self.view(), first_row, overflow)
         else:
             self.evicted += overflow
         # views: update() concatenates the new tokens onto them, which makes the copy anyway
@@ -180,7 +183,7 @@ class LckvCacheLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Appends the new tokens and returns the resident K/V ``[batch, kv_heads, n, head_dim]``
-        (sink then recent), tagged with ``lckv_layer`` for the attention function."""
+        (sink then recent)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (
@@ -200,10 +203,7 @@ class LckvCacheLayer(DynamicLayer):
             self.recent_v = torch.cat([self.recent_v, value_states[:, :, to_sink:]], dim=2)
         self.total += n_new
         self.keys, self.values = self.recent_k, self.recent_v
-        keys = torch.cat([self.sink_k, self.recent_k], dim=2)
-        values = torch.cat([self.sink_v, self.recent_v], dim=2)
-        keys.lckv_layer = self
-        return keys, values
+        return torch.cat([self.sink_k, self.recent_k], dim=2), torch.cat([self.sink_v, self.recent_v], dim=2)
 
     def segments(self) -> list[Segment]:
         """The cached parts in position order: sink, offloaded (host memory), recent."""
@@ -217,6 +217,28 @@ class LckvCacheLayer(DynamicLayer):
         if n_recent:
             parts.append(Segment(self.recent_k, self.recent_v, self.total - n_recent))
         return parts
+
+    def resident_length(self) -> int:
+        """Tokens resident now (sink + recent): the length of the K/V that :meth:`update` returned."""
+        return self.sink_k.shape[2] + self.recent_k.shape[2] if self.is_initialized else 0
+
+    def resident_segments(self) -> list[Segment]:
+        """The resident parts (sink, recent) in position order, empty parts left out."""
+        return [seg for seg in (Segment(self.sink_k, self.sink_v, 0),
+                                Segment(self.recent_k, self.recent_v, self.total - self.recent_k.shape[2]))
+                if seg.length]
+
+    def view(self) -> LayerView:
+        """What the policy's hooks see of this layer (:class:`lckv.layer_view.LayerView`)."""
+        store = self.store
+        empty = self.sink_k[:, :, :0].cpu()
+        return LayerView(
+            keys=store.keys if store is not None else empty, values=store.values if store is not None else empty,
+            padding=self.store_padding, first_position=self.sink_k.shape[2], context_len=self.total,
+            resident_keys=torch.cat([self.sink_k, self.recent_k], dim=2),
+            resident_values=torch.cat([self.sink_v, self.recent_v], dim=2), n_sink=self.sink_k.shape[2],
+            query_sample=None if self.queries is None else self.queries.sample,
+            recent_queries=None if self.queries is None else self.queries.recent)
 
     def kept_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every kept token's keys and values ``[batch, kv_heads, n, head_dim]`` in slot order, on the
@@ -244,7 +266,7 @@ class LckvCacheLayer(DynamicLayer):
     def selection_state(self):
         """The policy's selection state, built from the offloaded store on first use."""
         if self.selection is None:
-            self.selection = self.policy.build(self)
+            self.selection = self.policy.build(self.view())
         return self.selection
 
     # --- transformers Cache protocol -------------------------------------------------------
@@ -308,7 +330,7 @@ class LckvCache(Cache):
     ``lckv.new_cache(model)`` to keep it across calls or to read its :meth:`memory_report`.
     """
 
-    def __init__(self, policy: Policy, num_layers: int, layer_policies: dict[int, Policy] | None = None):
+    def __init__(self, policy: CachePolicy, num_layers: int, layer_policies: dict[int, CachePolicy] | None = None):
         """``layer_policies`` overrides ``policy`` for some layers (e.g. the sliding-window layers of
         a model that mixes them with global ones: those keep only their window)."""
         if num_layers < 1:
@@ -318,16 +340,23 @@ class LckvCache(Cache):
         if bad:
             raise ValueError(f"layer_policies names layers {bad} outside 0..{num_layers - 1}")
         self.policy = policy
+        #: set when an attention module bound by lckv.enable was called with this cache
+        self.routed = False
         super().__init__(layers=[LckvCacheLayer(layer_policies.get(i, policy), i) for i in range(num_layers)])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers "
                              "(was this cache made for another model?)")
+        layer = self.layers[layer_idx]
+        if not self.routed and (layer.evicted or (layer.store is not None and layer.store.length)):
+            raise RuntimeError(
+                "this LckvCache holds offloaded or evicted tokens but its model's attention never reached lckv (it "
+                "would attend the resident keys only); call lckv.enable(model, ...) before using the cache")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod
-    def from_cache(cls, cache: "LckvCache", policy: Policy) -> "LckvCache":
+    def from_cache(cls, cache: "LckvCache", policy: CachePolicy) -> "LckvCache":
         """A new cache holding the same tokens as ``cache``, laid out for ``policy``.
 
         The source must have kept every token (no evictions). The result is what prefilling the

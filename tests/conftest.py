@@ -31,7 +31,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _shared(*parts):
-    from lckv.data import SharedDataNotFoundError, shared_data_file
+    from lckv.research.data import SharedDataNotFoundError, shared_data_file
 
     try:
         return shared_data_file(*parts)

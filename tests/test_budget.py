@@ -40,9 +40,10 @@ def test_five_percent_at_8k_retrieves_on_a_model():
     seen = []
     select = type(binding.policy).select
 
-    def recording_select(self, state, layer, q, n_select, scale=None):
-        seen.append((layer.total, layer.sink_k.shape[2], layer.recent_k.shape[2], n_select))
-        return select(self, state, layer, q, n_select, scale)
+    def recording_select(self, state, view, q, n_select, scale=None):
+        n_recent = view.resident_keys.shape[2] - view.n_sink
+        seen.append((view.context_len, view.n_sink, n_recent, n_select))
+        return select(self, state, view, q, n_select, scale)
 
     type(binding.policy).select = recording_select
     try:

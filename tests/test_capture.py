@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from lckv.capture import capture_qk, hotpotqa_token_ids
-from lckv.models.llama2c import load
+from lckv.research.capture import capture_qk, hotpotqa_token_ids
+from lckv.research.llama2c import load
 
 
 @pytest.fixture(scope="module")

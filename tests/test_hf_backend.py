@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 import lckv
 from lckv.cache import LckvCache
 from lckv.integrations.hf import ModelNotSupportedError
-from lckv.models.llama2c import load
+from lckv.research.llama2c import load
 from lckv.policies import PolicyConfigError, StreamingPolicy
 
 # fp32 end-to-end logits: both paths accumulate in fp32 but in different orders (merged partial

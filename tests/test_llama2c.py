@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from lckv.models.llama2c import CheckpointFormatError, load, load_model, load_tokenizer, read_tokenizer_file
+from lckv.research.llama2c import CheckpointFormatError, load, load_model, load_tokenizer, read_tokenizer_file
 
 KNOWN = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
          "One day, she saw a big, red ball")

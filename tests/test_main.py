@@ -4,7 +4,7 @@ import re
 import pytest
 
 from lckv.__main__ import FACT, main, planted_document
-from lckv.models.llama2c import load_tokenizer
+from lckv.research.llama2c import load_tokenizer
 
 # greedy llama2.c continuation of the story prompt (see tests/test_llama2c.py)
 STORY_CONTINUATION = "One day, she saw a big, red ball"

@@ -12,6 +12,8 @@ from lckv.attention import attend_with_selection
 from lckv.cache import LckvCache
 from lckv.policies import (BlockPolicy, BudgetTooSmallError, PolicyConfigError, QuestPolicy, RetrievalPolicy, SnapKVPolicy, get_policy)
 from lckv.reference import attention_with_lse
+from lckv.reference.estimate import assign_nearest
+from lckv.reference.estimate import centroid_estimate as reference_estimate
 
 SELECTION = [("snapkv", {}), ("quest", {"page_size": 4}), ("block", {"block_size": 5, "representatives": 2}),
              ("retrieval", {"index": "exact"}), ("retrieval", {"index": "graph"}), ("retrieval", {"index": "ivf"}),
@@ -97,7 +99,7 @@ def test_decode_step_attends_resident_plus_selected_rows_exactly(policy):
     query = torch.randn(2, 4, 1, 16)
     out, lse = attend_with_selection(query, layer, None, policy, None)
     n_sink, n_store = layer.sink_k.shape[2], layer.store.length
-    indices = policy.select(layer.selection, layer, query[:, :, 0], 60 - n_sink - layer.recent_k.shape[2])
+    indices = policy.select(layer.selection, layer.view(), query[:, :, 0], 60 - n_sink - layer.recent_k.shape[2])
     assert indices.shape[-1] <= 60 - n_sink - layer.recent_k.shape[2]
     attended = _attended(indices, n_sink, n_store, all_k.shape[2])
     ref_out, ref_lse = _dense_over(query, all_k, all_v, attended)
@@ -111,7 +113,7 @@ def test_exact_retrieval_selects_top_rows_of_group_summed_logits():
     layer, _, _ = _filled_cache(policy)
     q = torch.randn(2, 4, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
-    got = policy.select(layer.selection_state(), layer, q, n)
+    got = policy.select(layer.selection_state(), layer.view(), q, n)
     q_sum = q.reshape(2, 2, 2, 16).sum(2)
     logits = torch.einsum("bhd,bhnd->bhn", q_sum, layer.store.keys)
     expected = logits.topk(n, dim=-1).indices
@@ -135,7 +137,7 @@ def test_exact_retrieval_selects_top_rows_of_group_summed_probability(group):
     layer, _, _ = _filled_cache(policy, group=group)
     q = 2 * torch.randn(2, 2 * group, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
-    got = policy.select(layer.selection_state(), layer, q, n, 0.3)
+    got = policy.select(layer.selection_state(), layer.view(), q, n, 0.3)
     _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-9)
 
 
@@ -158,7 +160,7 @@ def test_cluster_retrieval_ranks_by_group_probability_in_the_index(group):
     layer, _, _ = _filled_cache(policy, group=group)
     q = 2 * torch.randn(2, 2 * group, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
-    got = policy.select(layer.selection_state(), layer, q, n, 0.3)
+    got = policy.select(layer.selection_state(), layer.view(), q, n, 0.3)
     _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-6)  # float32 kernel vs float64 oracle
 
 
@@ -186,11 +188,11 @@ def test_fused_cluster_step_attends_resident_plus_selected_rows_exactly(dtype, b
     n_sink, n_store = layer.sink_k.shape[2], layer.store.length
     n = 70 - n_sink - layer.recent_k.shape[2]
     q = torch.randn(batch, 2 * group, head_dim)
-    fused = policy.fused_step(state, layer, q, n, 0.3)
+    fused = policy.fused_step(state, layer.view(), q, n, 0.3)
     assert fused is not None  # the fused path was taken
     out, lse, indices = fused
     assert indices.shape == (batch, 2, n) and out.dtype == torch.float32
-    separate = policy.select(state, layer, q, n, 0.3)
+    separate = policy.select(state, layer.view(), q, n, 0.3)
     assert torch.equal(indices.sort(-1).values, separate.sort(-1).values)
     attended = _attended(indices, n_sink, n_store, all_k.shape[2])
     ref_out, ref_lse = attention_with_lse(q.unsqueeze(2), all_k.float(), all_v.float(), scale=0.3,
@@ -269,13 +271,13 @@ def test_min_scanned_widens_small_cluster_searches(fused):
     state = layer.selection_state()
     q = 2 * torch.randn(2, 4, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
-    assert policy._search_params(n)["scan"] == 100_000 / n
-    got = policy.fused_step(state, layer, q, n, 0.3)[2] if fused else policy.select(state, layer, q, n, 0.3)
+    assert policy.search_settings(n)["scan"] == 100_000 / n
+    got = policy.fused_step(state, layer.view(), q, n, 0.3)[2] if fused else policy.select(state, layer.view(), q, n, 0.3)
     _assert_most_probable(got, q, layer.store.keys, n, 0.3, tol=1e-6)
     no_floor = RetrievalPolicy(sink=2, window=5, budget=40, index="cluster", min_scanned=0)
-    assert no_floor._search_params(n) == {"scan": 2.0}
-    assert RetrievalPolicy(index="cluster", search_params={"scan": 3.0}, min_scanned=0)._search_params(10) == {"scan": 3.0}
-    assert RetrievalPolicy(index="graph")._search_params(10) == {}  # other indexes: untouched
+    assert no_floor.search_settings(n) == {"scan": 2.0}
+    assert RetrievalPolicy(index="cluster", search_params={"scan": 3.0}, min_scanned=0).search_settings(10) == {"scan": 3.0}
+    assert RetrievalPolicy(index="graph").search_settings(10) == {}  # other indexes: untouched
 
 
 @pytest.mark.parametrize("estimate", [False, True], ids=["union-normalised", "estimate-normalised"])
@@ -288,7 +290,7 @@ def test_index_retrieval_ranks_the_union_of_per_head_searches(estimate):
     layer, _, _ = _filled_cache(policy, total=400)
     q = 2 * torch.randn(2, 4, 16)
     n = 40 - 2 - layer.recent_k.shape[2]
-    got = policy.select(layer.selection_state(), layer, q, n, 0.25)
+    got = policy.select(layer.selection_state(), layer.view(), q, n, 0.25)
     keys = layer.store.keys
     per_head = torch.einsum("bhgd,bhnd->bhgn", q.reshape(2, 2, 2, 16).double(), keys.double())
     union = torch.zeros(keys.shape[:3], dtype=torch.bool).scatter_(2, per_head.topk(n, -1).indices.flatten(2), True)
@@ -307,7 +309,7 @@ def test_compiled_group_ranking_against_oracle(group, with_rest):
     outside the candidates), best first, and reject bad input."""
     pytest.importorskip("lckv._C")
     from lckv._extension import compiled
-    from lckv.policies.selection import top_by_group_probability_torch
+    from lckv.reference.group_rank import rank_by_group_probability
 
     batch, kv_heads, rows, dim, m, n = 2, 3, 500, 16, 90, 25
     keys = torch.randn(batch, kv_heads, rows + 9, dim)[:, :, :rows]  # a strided view
@@ -325,7 +327,7 @@ def test_compiled_group_ranking_against_oracle(group, with_rest):
         lse = torch.logaddexp(lse, rest.double().reshape(lse.shape))
     prob = torch.exp(logits - lse.unsqueeze(-1)).sum(2).masked_fill(~pool, float("-inf"))
     for got in (compiled("rank_by_group_probability").rank_by_group_probability(q, keys, candidates, rest, 0.3, n),
-                top_by_group_probability_torch(q, keys, n, 0.3, candidates, rest)):
+                rank_by_group_probability(q, keys, candidates, rest, 0.3, n)):
         assert got.shape == (batch, kv_heads, n) and bool((got >= 0).all())
         chosen = torch.gather(prob, 2, got)
         assert bool((chosen[..., :-1] >= chosen[..., 1:] - 1e-6).all())  # best first
@@ -346,9 +348,9 @@ def test_group_rank_logits_and_probability_agree_without_gqa():
                                   group=1)
     q = torch.randn(2, 2, 16)
     n = 40 - 2 - layer_p.recent_k.shape[2]
-    a = RetrievalPolicy(sink=2, window=5, budget=40, index="exact", estimate_rest=False).select(None, layer_p, q, n)
+    a = RetrievalPolicy(sink=2, window=5, budget=40, index="exact", estimate_rest=False).select(None, layer_p.view(), q, n)
     b = RetrievalPolicy(sink=2, window=5, budget=40, index="exact", estimate_rest=False,
-                        group_rank="logits").select(None, layer_p, q, n)
+                        group_rank="logits").select(None, layer_p.view(), q, n)
     assert torch.equal(a.sort(-1).values, b.sort(-1).values)
 
 
@@ -362,12 +364,12 @@ def test_graph_retrieval_recall_against_exact(group_rank):
     exact = RetrievalPolicy(sink=2, window=5, budget=60, index="flat", estimate_rest=False, group_rank=group_rank)
     layer, _, _ = _filled_cache(policy, total=2000)
     n = 60 - 2 - layer.recent_k.shape[2]
-    flat_state = exact.build(layer)
+    flat_state = exact.build(layer.view())
     hits = total = 0
     for _ in range(8):
         q = torch.randn(2, 4, 16) + 0.5
-        got = policy.select(layer.selection_state(), layer, q, n)
-        want = exact.select(flat_state, layer, q, n)
+        got = policy.select(layer.selection_state(), layer.view(), q, n)
+        want = exact.select(flat_state, layer.view(), q, n)
         hits += sum(len(set(g.tolist()) & set(w.tolist())) for g, w in zip(got.flatten(0, 1), want.flatten(0, 1)))
         total += want.numel()
     assert hits / total >= 0.9
@@ -478,7 +480,7 @@ def test_decode_step_never_selects_padding(policy):
     # oracle: the real keys of row 1 only (pads masked), restricted to the policy's budget
     n_sink = layer.sink_k.shape[2]
     n_sel = 70 - n_sink - layer.recent_k.shape[2]
-    raw = policy.select(layer.selection_state(), layer, query[:, :, 0], n_sel)
+    raw = policy.select(layer.selection_state(), layer.view(), query[:, :, 0], n_sel)
     real = raw.clamp(min=0) + n_sink >= 120
     assert not real[1].all(), "the test must offer pad rows to the selection"
     attended = _attended(raw, n_sink, layer.store.length, total) & padding[:, None, :]
@@ -493,8 +495,8 @@ def test_retrieval_scans_exactly_when_k_is_a_large_fraction():
     layer, _, _ = _filled_cache(graph, total=1500)
     q = torch.randn(2, 4, 16)
     n = 1000 - 2 - layer.recent_k.shape[2]  # > 25% of the ~1490 offloaded rows
-    got = graph.select(layer.selection_state(), layer, q, n)
-    assert torch.equal(got.sort(-1).values, exact.select(None, layer, q, n).sort(-1).values)
+    got = graph.select(layer.selection_state(), layer.view(), q, n)
+    assert torch.equal(got.sort(-1).values, exact.select(None, layer.view(), q, n).sort(-1).values)
     with pytest.raises(PolicyConfigError, match="exact_above"):
         get_policy("retrieval", exact_above=1.5)
 
@@ -539,9 +541,9 @@ def test_estimate_matches_per_cluster_oracle(clusters):
     state = layer.selection_state()
     q = torch.randn(2, 4, 16)
     n = 33
-    indices = policy.select(state, layer, q, n)
+    indices = policy.select(state, layer.view(), q, n)
     indices[0, 1, :5] = -1  # some empty slots
-    out, lse = policy.estimate(state, layer, q, indices, None)
+    out, lse = policy.estimate(state, layer.view(), q, indices, None)
     est = state.estimate
     values = layer.store.values.double()
     for b in range(2):
@@ -593,7 +595,7 @@ def test_compiled_estimate_equals_the_torch_one():
         layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
     est = state.estimate
     q = torch.randn(2, 4, 16)
-    indices = policy.select(state, layer, q, 60)
+    indices = policy.select(state, layer.view(), q, 60)
     indices[1, 0, 10:] = -1
     rows = layer.store.length
     buffer = torch.randn(2, 2, rows + 37, 16)  # values as a strided view of a larger buffer
@@ -602,7 +604,7 @@ def test_compiled_estimate_equals_the_torch_one():
     assert not values.is_contiguous() and not est.assign.is_contiguous()
     got_out, got_lse = compiled("centroid_estimate").centroid_estimate(
         q, est.centroids, est.counts, est.value_sums, est.assign, values, indices, 0.25)
-    ref_out, ref_lse = RetrievalPolicy._estimate_torch(est, values, q, indices, 0.25)
+    ref_out, ref_lse = reference_estimate(q, est.centroids, est.counts, est.value_sums, est.assign, values, indices, 0.25)
     torch.testing.assert_close(got_out, ref_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_lse, ref_lse, atol=1e-5, rtol=1e-5)
     # everything retrieved: no rest, lse -inf and zero output (both paths)
@@ -618,7 +620,7 @@ def test_compiled_estimate_equals_the_torch_one():
         q, est.centroids, est.counts, est.value_sums, est.assign, values, repeated, 0.25)
     torch.testing.assert_close(out_r, got_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse_r, got_lse, atol=1e-6, rtol=1e-6)
-    out_t, lse_t = RetrievalPolicy._estimate_torch(est, values, q, repeated, 0.25)  # the torch path too
+    out_t, lse_t = reference_estimate(q, est.centroids, est.counts, est.value_sums, est.assign, values, repeated, 0.25)  # the torch path too
     torch.testing.assert_close(out_t, ref_out, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse_t, ref_lse, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="indices must be row ids"):
@@ -704,7 +706,7 @@ def test_spilled_rows_reach_index_and_estimate_through_the_fused_offload():
         assert state.estimate.rows == layer.store.length
         torch.testing.assert_close(state.estimate.counts.sum(-1), torch.full((2, 2), float(layer.store.length)))
     last = layer.store.keys[:, :, -1:].float()
-    expect = RetrievalPolicy._assign(last, state.estimate.centroids, state.estimate.half_norms)
+    expect = assign_nearest(last, state.estimate.centroids, state.estimate.half_norms)
     assert torch.equal(state.estimate.assign[:, :, -1:], expect)
 
 
@@ -727,12 +729,12 @@ def test_estimate_add_matches_the_torch_update(padded):
     dist = torch.cdist(keys.double(), centroids.double())
     chosen = torch.gather(dist, 3, assign.unsqueeze(-1)).squeeze(-1)
     assert bool((chosen <= dist.amin(-1) + 1e-4).all())
-    assert float((assign == RetrievalPolicy._assign(keys, centroids, half)).float().mean()) >= 0.9
-    est = type("E", (), {})()
-    est.counts, est.value_sums = counts.clone(), sums.clone()
-    RetrievalPolicy._accumulate(est, assign, values, valid if padded else torch.ones(B, n, dtype=torch.bool))
-    torch.testing.assert_close(got_counts, est.counts)
-    torch.testing.assert_close(got_sums, est.value_sums, atol=1e-6, rtol=1e-6)
+    assert float((assign == assign_nearest(keys, centroids, half)).float().mean()) >= 0.9
+    weight = (valid if padded else torch.ones(B, n, dtype=torch.bool))[:, None, :].expand_as(assign).float()
+    ref_counts = counts.clone().scatter_add_(2, assign, weight)
+    ref_sums = sums.clone().scatter_add_(2, assign.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))
+    torch.testing.assert_close(got_counts, ref_counts)
+    torch.testing.assert_close(got_sums, ref_sums, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="keys contains NaN or inf"):
         compiled("estimate_add").estimate_add(torch.full_like(keys, float("nan")), values, valid, centroids, half,
                                               got_counts, got_sums)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lckv
-from lckv.capture import hotpotqa_token_ids
+from lckv.research.capture import hotpotqa_token_ids
 
 # fp32 end-to-end logits: the same rule as test_hf_backend.py (1e-4 relative, rounding-level).
 LOGIT_RTOL = 1e-4

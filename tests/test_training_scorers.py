@@ -1,4 +1,4 @@
-"""Evaluation scorers (SubEM, relative drop, NDCG@k) and lckv.analysis.received_attention against
+"""Evaluation scorers (SubEM, relative drop, NDCG@k) and lckv.research.analysis.received_attention against
 an eager-attention oracle, plus the attention-ranking NDCG@10 smoke run on stories260K."""
 import itertools
 import math
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lckv.analysis import encode_segments, received_attention, span_sums
+from lckv.research.analysis import encode_segments, received_attention, span_sums
 from training.scorers import (attention_ranking_ndcg, mean_subem, ndcg_at_k, prompt_segments, relative_drop,
                               subem_score)
 
@@ -138,7 +138,7 @@ def test_received_attention_bad_input():
 
 
 def test_prompt_segments_and_spans(stories260k_files):
-    from lckv.models.llama2c import load_tokenizer
+    from lckv.research.llama2c import load_tokenizer
 
     tok = load_tokenizer(stories260k_files[1])
     docs = [{"title": f"T{i}", "text": f"Story number {i} about a cat."} for i in range(4)]
@@ -156,7 +156,7 @@ def test_attention_ranking_ndcg_smoke_on_stories260k(stories260k_files, hotpotqa
     plus agreement with the eager oracle on the per-document sums)."""
     import json
 
-    from lckv.models.llama2c import load
+    from lckv.research.llama2c import load
 
     model, tok = load(*stories260k_files)
     row = json.loads(hotpotqa_file.read_text())[0]

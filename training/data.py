@@ -319,7 +319,7 @@ def make_token_counter(spec: str | None) -> Callable[[str], int]:
     if spec is None or spec == "words":
         return lambda text: len(text.split())
     if spec.startswith("llama2c:"):
-        from lckv.models.llama2c import load_tokenizer
+        from lckv.research.llama2c import load_tokenizer
 
         tok = load_tokenizer(spec[len("llama2c:"):])
     else:

@@ -4,7 +4,7 @@
   guards: the first ``The answer is:`` line if present, else the whole prediction).
 * :func:`relative_drop` — percentage lost from a full-context score to a compressed-KV score.
 * :func:`ndcg_at_k` and :func:`attention_ranking_ndcg` — rank the ``[DOC i]`` spans of a prompt
-  by the attention they receive at prefill (:func:`lckv.analysis.received_attention`) and score
+  by the attention they receive at prefill (:func:`lckv.research.analysis.received_attention`) and score
   the ranking with NDCG@k, gold documents having relevance 1.
 """
 from __future__ import annotations
@@ -95,10 +95,10 @@ def attention_ranking_ndcg(model, tokenizer, question: str, documents: Sequence[
     """NDCG@k of the documents ranked by the prefill attention their ``[DOC i]`` spans receive.
 
     The prompt is the user prompt of format ``fmt`` (without chat markup), tokenised segment by
-    segment with :func:`lckv.analysis.encode_segments`. Returns ``{"ndcg": float,
+    segment with :func:`lckv.research.analysis.encode_segments`. Returns ``{"ndcg": float,
     "doc_attention": [float per document], "n_tokens": int}``.
     """
-    from lckv.analysis import encode_segments, received_attention, span_sums
+    from lckv.research.analysis import encode_segments, received_attention, span_sums
 
     if not documents:
         raise ValueError("documents must be non-empty")

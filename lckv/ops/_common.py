@@ -35,3 +35,17 @@ def check_result(out, lse, read: str):
 
 def default_scale(head_dim: int, scale) -> float:
     return 1.0 / head_dim ** 0.5 if scale is None else float(scale)
+
+
+def choose_backend(op: str, device, backend: str, cpu_takes: bool, why: str = "") -> str:
+    """:func:`lckv.backends.resolve_backend`, then a dtype condition of the ``cpu`` kernel:
+    ``cpu_takes`` False turns an ``auto`` choice of ``cpu`` into ``reference`` and refuses an
+    explicit ``backend="cpu"`` (``why`` says what the kernel takes)."""
+    from lckv.backends import BackendUnavailableError, resolve_backend
+
+    name = resolve_backend(op, device, backend)
+    if name == "cpu" and not cpu_takes:
+        if backend == "auto":
+            return "reference"
+        raise BackendUnavailableError(f"op {op!r} cannot run on backend 'cpu' for these inputs: {why}")
+    return name

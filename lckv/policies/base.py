@@ -63,6 +63,14 @@ class Policy:
         this policy (see :class:`lckv.cache.QueryRecorder`), or None."""
         return None
 
+    def build(self, view):
+        """Selection state of a layer (selection policies only: see :class:`~lckv.policies.SelectionPolicy`)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no selection state")
+
+    def on_offload(self, state, view, first_row: int, n_rows: int) -> None:
+        """Offloaded rows arrived after :meth:`build` (selection policies only)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no selection state")
+
     def in_reach(self, k_first: int, k_last: int, q_first: int, q_last: int) -> bool:
         """False when no query in positions ``[q_first, q_last]`` may attend any key in
         ``[k_first, k_last]`` (the engine then skips that part without building its mask)."""

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from lckv.policies.base import PolicyConfigError, register_policy
-from lckv.policies.selection import SelectionPolicy, rows_of_best_units, group_sum
+from lckv.policies.group_rank import group_sum
+from lckv.policies.selection import SelectionPolicy, rows_of_best_units
 
 __all__ = ["BlockPolicy"]
 
@@ -47,15 +48,15 @@ class BlockPolicy(SelectionPolicy):
     def recorded_queries(self):
         return (0, self.observation)
 
-    def _representatives(self, layer, first_block: int):
-        keys = layer.store.keys[:, :, first_block * self.block_size:].float()
+    def _representatives(self, view, first_block: int):
+        keys = view.keys[:, :, first_block * self.block_size:].float()
         batch, kv_heads, rows, head_dim = keys.shape
         blocks = -(-rows // self.block_size)
         pad = blocks * self.block_size - rows
         padded = torch.cat([keys, keys.new_zeros(batch, kv_heads, pad, head_dim)], dim=2)
         padded = padded.reshape(batch, kv_heads, blocks, self.block_size, head_dim)
         valid = torch.arange(blocks * self.block_size).reshape(blocks, self.block_size) < rows
-        recent = layer.queries.recent if layer.queries is not None else None
+        recent = view.recent_queries
         if recent is None:
             raise RuntimeError("BlockPolicy needs the prefill queries: prefill through this LckvCache first")
         q = group_sum(recent.float().sum(dim=2), kv_heads)  # summed over recent positions and the group
@@ -65,17 +66,17 @@ class BlockPolicy(SelectionPolicy):
         rep_valid = torch.gather(valid.expand(batch, kv_heads, -1, -1), 3, top)
         return reps, rep_valid
 
-    def build(self, layer):
-        return _BlockState(*self._representatives(layer, 0))
+    def build(self, view):
+        return _BlockState(*self._representatives(view, 0))
 
-    def on_offload(self, state, layer, first_row, n_rows):
+    def on_offload(self, state, view, first_row, n_rows):
         first_block = first_row // self.block_size
-        reps, valid = self._representatives(layer, first_block)
+        reps, valid = self._representatives(view, first_block)
         state.reps = torch.cat([state.reps[:, :, :first_block], reps], dim=2)
         state.rep_valid = torch.cat([state.rep_valid[:, :, :first_block], valid], dim=2)
 
-    def select(self, state, layer, q, n_select, scale=None):
+    def select(self, state, view, q, n_select, scale=None):
         q_sum = group_sum(q, state.reps.shape[1])
         scores = torch.einsum("bhd,bhnrd->bhnr", q_sum, state.reps.float())
         scores = scores.masked_fill(~state.rep_valid, 0.0).sum(dim=-1)
-        return rows_of_best_units(scores, self.block_size, n_select, layer.store.length)
+        return rows_of_best_units(scores, self.block_size, n_select, view.length)

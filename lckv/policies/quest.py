@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 from lckv.policies.base import PolicyConfigError, register_policy
-from lckv.policies.selection import SelectionPolicy, rows_of_best_units, group_sum
+from lckv.policies.group_rank import group_sum
+from lckv.policies.selection import SelectionPolicy, rows_of_best_units
 
 __all__ = ["QuestPolicy"]
 
@@ -36,25 +37,25 @@ class QuestPolicy(SelectionPolicy):
         if self.page_size < 1:
             raise PolicyConfigError(f"QuestPolicy.page_size must be >= 1, got {self.page_size}")
 
-    def build(self, layer):
+    def build(self, view):
         from lckv.ops import page_key_bounds
 
-        page_min, page_max = page_key_bounds(layer.store.keys, self.page_size)
+        page_min, page_max = page_key_bounds(view.keys, self.page_size)
         return _QuestState(page_min, page_max)
 
-    def on_offload(self, state, layer, first_row, n_rows):
+    def on_offload(self, state, view, first_row, n_rows):
         from lckv.ops import page_key_bounds
 
         first_page = first_row // self.page_size
-        keys = layer.store.keys[:, :, first_page * self.page_size:]
+        keys = view.keys[:, :, first_page * self.page_size:]
         new_min, new_max = page_key_bounds(keys, self.page_size)
         state.page_min = torch.cat([state.page_min[:, :, :first_page], new_min], dim=2)
         state.page_max = torch.cat([state.page_max[:, :, :first_page], new_max], dim=2)
 
-    def select(self, state, layer, q, n_select, scale=None):
+    def select(self, state, view, q, n_select, scale=None):
         from lckv.ops import quest_page_scores
 
         # the bound of the group's summed logit: the page bound of the summed query
         q_sum = group_sum(q, state.page_min.shape[1]).to(state.page_min.dtype)
         scores = quest_page_scores(q_sum, state.page_min, state.page_max)  # [batch, kv_heads, pages]
-        return rows_of_best_units(scores, self.page_size, n_select, layer.store.length)
+        return rows_of_best_units(scores, self.page_size, n_select, view.length)

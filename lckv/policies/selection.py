@@ -22,7 +22,10 @@ for a count, at the first decode step that meets it for a fraction.
 
 GQA: the query heads of a group share one selection per kv head. ``snapkv``, ``quest`` and
 ``block`` rank keys by the group's summed logits ``sum_h q_h . k``; ``retrieval`` by default ranks
-them by the group's summed attention probabilities (see :class:`RetrievalPolicy`).
+them by the group's summed attention probabilities (:mod:`lckv.policies.group_rank`).
+
+The hooks see a layer only through a :class:`lckv.layer_view.LayerView`: the offloaded keys and
+values with their padding, the resident sink + window, the recorded prefill queries, positions.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ from typing import ClassVar
 
 import torch
 
+from lckv.layer_view import LayerView
 from lckv.policies.base import Policy, PolicyConfigError
 
 __all__ = ["SelectionPolicy", "BudgetTooSmallError"]
@@ -89,22 +93,22 @@ class SelectionPolicy(Policy):
             return self.window
         return self.split_budget(context_len)[1]
 
-    # --- hooks --------------------------------------------------------------------------------
-    def build(self, layer):
-        """Selection state for ``layer`` (an :class:`~lckv.cache.LckvCacheLayer`) from its store."""
+    # --- hooks: each sees the layer only through a LayerView (lckv.layer_view) ----------------
+    def build(self, view: LayerView):
+        """Selection state of a layer, from its offloaded rows (and recorded queries)."""
         raise NotImplementedError
 
-    def on_offload(self, state, layer, first_row: int, n_rows: int) -> None:
-        """Store rows ``[first_row, first_row + n_rows)`` were appended after :meth:`build`."""
+    def on_offload(self, state, view: LayerView, first_row: int, n_rows: int) -> None:
+        """Offloaded rows ``[first_row, first_row + n_rows)`` were appended after :meth:`build`."""
         raise NotImplementedError
 
-    def select(self, state, layer, q: torch.Tensor, n_select: int, scale: float | None = None) -> torch.Tensor:
-        """Store rows to attend: ``q`` ``[batch, q_heads, head_dim]`` -> int64
-        ``[batch, kv_heads, <= n_select]`` (-1 = none), with ``0 < n_select < store rows``.
+    def select(self, state, view: LayerView, q: torch.Tensor, n_select: int, scale: float | None = None) -> torch.Tensor:
+        """Offloaded rows to attend: ``q`` ``[batch, q_heads, head_dim]`` -> int64
+        ``[batch, kv_heads, <= n_select]`` (-1 = none), with ``0 < n_select < view.length``.
         ``scale`` is the attention's softmax scale (None: ``head_dim ** -0.5``)."""
         raise NotImplementedError
 
-    def fused_step(self, state, layer, q: torch.Tensor, n_select: int, scale: float | None):
+    def fused_step(self, state, view: LayerView, q: torch.Tensor, n_select: int, scale: float | None):
         """Optional: the whole decode step of this policy in one call, ``(out [batch, q_heads,
         head_dim] float32, lse [batch, q_heads], indices [batch, kv_heads, n])`` for ``q`` ``[batch,
         q_heads, head_dim]`` over the resident rows and the ``n_select`` selected store rows (plus
@@ -113,16 +117,10 @@ class SelectionPolicy(Policy):
         rows``; None (the default) when the policy or the inputs have no fused form."""
         return None
 
-    def estimate(self, state, layer, q: torch.Tensor, indices: torch.Tensor, scale: float):
+    def estimate(self, state, view: LayerView, q: torch.Tensor, indices: torch.Tensor, scale: float):
         """Optional partial state ``(out, lse)`` ``[batch, q_heads, head_dim]``/``[batch, q_heads]``
         approximating the store rows *not* in ``indices``; None when the policy has no estimate."""
         return None
-
-
-def group_sum(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """``[batch, q_heads, D]`` -> ``[batch, kv_heads, D]``: the summed query of each GQA group."""
-    batch, q_heads, head_dim = q.shape
-    return q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim).sum(dim=2)
 
 
 def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: int) -> torch.Tensor:
@@ -139,66 +137,3 @@ def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: i
     rows = torch.gather(rows, -1, order)[..., :n_select]
     keyed = rows.masked_fill(rows < 0, n_rows).sort(dim=-1).values
     return keyed.masked_fill(keyed >= n_rows, -1)
-
-
-def distinct_rows(candidates: torch.Tensor) -> torch.Tensor:
-    """``[..., m]`` row ids sorted, with repeats (and -1) as -1: each row once."""
-    pool = candidates.sort(dim=-1).values
-    repeat = torch.zeros_like(pool, dtype=torch.bool)
-    repeat[..., 1:] = pool[..., 1:] == pool[..., :-1]
-    return pool.masked_fill(repeat, -1)
-
-
-def top_by_group_probability(q: torch.Tensor, keys: torch.Tensor, n_select: int, scale: float | None = None,
-                             candidates: torch.Tensor | None = None,
-                             rest_lse: torch.Tensor | None = None) -> torch.Tensor:
-    """The ``n_select`` keys of each kv head with the largest summed attention probability over its
-    query group, ``sum_h softmax_h(scale * q_h . k)``: the rows that keep the most attention mass
-    for the group as a whole. Ranking by summed logits instead lets one head's large logits
-    decide for every head of the group, and misses what a diffuse head attends.
-
-    ``q`` ``[batch, q_heads, D]``, ``keys`` ``[batch, kv_heads, n, D]``. Without ``candidates``
-    every key competes (softmax over all n); with ``candidates`` ``[batch, kv_heads, m]`` (row ids,
-    -1 = none, repeats allowed) only those do, and each head's probabilities are normalised over
-    the distinct candidates plus ``rest_lse`` ``[batch, q_heads]`` (the log of the attention mass
-    of the keys outside the candidates, e.g. the centroid estimate's; None: the candidates only).
-    Returns int64 ``[batch, kv_heads, min(n_select, pool)]``, -1 where fewer valid rows exist.
-    Float32 CPU keys with candidates go to the C++ kernel (``lckv/group_rank.h``); this function's
-    torch formulation (:func:`top_by_group_probability_torch`) serves everything else.
-    """
-    if (candidates is not None and keys.dtype == torch.float32 and keys.device.type == "cpu"
-            and q.device.type == "cpu"):
-        from lckv._extension import compiled, extension_available
-
-        if extension_available():
-            scale = q.shape[-1] ** -0.5 if scale is None else scale
-            rest = None if rest_lse is None else rest_lse.float().contiguous()
-            return compiled("rank_by_group_probability").rank_by_group_probability(
-                q.float().contiguous(), keys, candidates.contiguous(), rest, float(scale), n_select)
-    return top_by_group_probability_torch(q, keys, n_select, scale, candidates, rest_lse)
-
-
-def top_by_group_probability_torch(q, keys, n_select, scale=None, candidates=None, rest_lse=None):
-    """:func:`top_by_group_probability` in torch ops (any dtype or device; the C++ path's reference)."""
-    batch, q_heads, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    scale = head_dim ** -0.5 if scale is None else scale
-    qh = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
-    if candidates is None:
-        logits = torch.einsum("bhgd,bhnd->bhgn", qh, keys.float())
-        pool = None
-    else:
-        pool = distinct_rows(candidates)
-        b_idx = torch.arange(batch, device=keys.device)[:, None, None]
-        h_idx = torch.arange(kv_heads, device=keys.device)[None, :, None]
-        rows = keys[b_idx, h_idx, pool.clamp(min=0)]  # [batch, kv_heads, m, D]: the candidates' keys
-        logits = torch.einsum("bhgd,bhmd->bhgm", qh, rows.float())
-        logits = logits.masked_fill((pool < 0).unsqueeze(2), float("-inf"))
-    logits = logits * scale
-    lse = torch.logsumexp(logits, dim=-1)  # [batch, kv_heads, group]
-    if rest_lse is not None:
-        lse = torch.logaddexp(lse, rest_lse.float().reshape(lse.shape))
-    probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # a head with nothing to attend: 0
-    top = probs.sum(dim=2).topk(min(n_select, probs.shape[-1]), dim=-1)
-    ids = top.indices if pool is None else torch.gather(pool, -1, top.indices)
-    return ids.masked_fill(top.values <= 0, -1)

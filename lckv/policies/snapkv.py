@@ -47,20 +47,19 @@ class SnapKVPolicy(SelectionPolicy):
     def recorded_queries(self):
         return (0, self.observation)
 
-    def build(self, layer):
-        obs = layer.queries.recent if layer.queries is not None else None
+    def build(self, view):
+        obs = view.recent_queries
         if obs is None:
             raise RuntimeError("SnapKV needs the prefill queries: prefill through this LckvCache first")
-        store = layer.store
         batch, q_heads, n_obs, head_dim = obs.shape
-        kv_heads = store.keys.shape[1]
+        kv_heads = view.keys.shape[1]
         group = q_heads // kv_heads
         scale = head_dim ** -0.5
         q = obs.float().reshape(batch, kv_heads, group * n_obs, head_dim)
         # logits over every key (resident and offloaded) so the softmax is normalised over the prompt
-        parts = [seg.k.to("cpu").float() for seg in layer.segments()]
+        parts = [view.resident_keys.to("cpu").float(), view.keys.float()]
         lse = torch.logsumexp(torch.cat([q @ k.transpose(-1, -2) for k in parts], dim=-1) * scale, dim=-1)
-        weights = torch.exp((q @ store.keys.float().transpose(-1, -2)) * scale - lse.unsqueeze(-1))
+        weights = torch.exp((q @ view.keys.float().transpose(-1, -2)) * scale - lse.unsqueeze(-1))
         vote = weights.sum(dim=2)  # [batch, kv_heads, rows]
         if self.pooling != "none" and vote.shape[-1] > 1:
             pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
@@ -68,11 +67,11 @@ class SnapKVPolicy(SelectionPolicy):
             vote = pool(flat, self.kernel, stride=1, padding=self.kernel // 2).reshape(batch, kv_heads, -1)
         return _SnapState(vote)
 
-    def on_offload(self, state, layer, first_row, n_rows):
+    def on_offload(self, state, view, first_row, n_rows):
         batch, kv_heads, _ = state.score.shape
         new = torch.full((batch, kv_heads, n_rows), float("inf"))
         state.score = torch.cat([state.score, new], dim=-1)
 
-    def select(self, state, layer, q, n_select, scale=None):
+    def select(self, state, view, q, n_select, scale=None):
         k = min(n_select, state.score.shape[-1])
         return state.score.topk(k, dim=-1).indices.sort(dim=-1).values

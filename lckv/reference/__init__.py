@@ -6,3 +6,9 @@ from lckv.reference.scoring import flat_topk_scores, page_key_bounds, quest_page
 from lckv.reference.window import sink_window_attention_with_lse
 
 __all__ += ["sink_window_attention_with_lse", "page_key_bounds", "quest_page_scores", "flat_topk_scores"]
+from lckv.reference.decode_step import decode_cluster_step, offload_rows
+from lckv.reference.estimate import centroid_estimate, estimate_add_rows
+from lckv.reference.group_rank import rank_by_group_probability
+
+__all__ += ["centroid_estimate", "estimate_add_rows", "rank_by_group_probability", "decode_cluster_step",
+            "offload_rows"]

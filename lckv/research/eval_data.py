@@ -4,7 +4,7 @@
 Two sources:
 
 * :func:`real_sets` — REAL post-RoPE Q/K of the stories260K llama2.c model (head_dim 8) run over
-  real HotpotQA context text, captured with :func:`lckv.capture.capture_qk`. The keys are the
+  real HotpotQA context text, captured with :func:`lckv.research.capture.capture_qk`. The keys are the
   first ``n_keys`` positions; build queries are an even sample of the queries at those positions
   (both query heads of the kv head's GQA group); decode queries are the queries of the
   ``n_decode_positions`` positions right after the keys — never used to build an index.
@@ -136,7 +136,7 @@ def synthetic_set(n_keys: int = 262144, dim: int = 128, n_build: int = 65536, n_
 
 
 def _capture(n_tokens: int, window: int, cache_dir: Path | None, text_seed: int, model_name: str = "stories260K"):
-    from lckv.capture import capture_qk, hotpotqa_token_ids
+    from lckv.research.capture import capture_qk, hotpotqa_token_ids
 
     path = None
     if cache_dir is not None:
@@ -144,8 +144,8 @@ def _capture(n_tokens: int, window: int, cache_dir: Path | None, text_seed: int,
         if path.is_file():
             return torch.load(path)
     if model_name == "stories260K":
-        from lckv.data import stories260k_paths
-        from lckv.models.llama2c import load
+        from lckv.research.data import stories260k_paths
+        from lckv.research.llama2c import load
 
         model, tok = load(*stories260k_paths())
     else:

@@ -1,7 +1,7 @@
 """Attention analysis: how much attention each prompt token receives at prefill.
 
 :func:`received_attention` runs one prefill of any transformers decoder (Llama/Qwen2 style, e.g.
-stories260K from :func:`lckv.models.llama2c.load`) with a probe attention backend registered as
+stories260K from :func:`lckv.research.llama2c.load`) with a probe attention backend registered as
 ``"lckv_probe"``. The probe computes exact causal attention (fp32 accumulation), query chunk by
 query chunk, so a prompt of length ``L`` never materialises more than
 ``[batch, q_heads, query_chunk, L]`` scores at once, and accumulates the softmax's column sums:
@@ -71,7 +71,7 @@ def probe_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     """
     acc: _Accumulator | None = getattr(module, "lckv_probe", None)
     if acc is None:
-        raise RuntimeError("lckv_probe attention used outside lckv.analysis.received_attention")
+        raise RuntimeError("lckv_probe attention used outside lckv.research.analysis.received_attention")
     batch, q_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
     groups = q_heads // key.shape[1]
@@ -132,7 +132,7 @@ def received_attention(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         ``[batch, seq]`` float32 (``[seq]`` for 1-D input): per key token, attention summed over
         query positions, averaged over heads and layers.
 
-    >>> from lckv.models.llama2c import load                      # doctest: +SKIP
+    >>> from lckv.research.llama2c import load                      # doctest: +SKIP
     >>> model, tok = load("stories260K.bin", "tok512.bin")        # doctest: +SKIP
     >>> received_attention(model, torch.tensor(tok.encode("Once upon a time"))).shape  # doctest: +SKIP
     torch.Size([5])

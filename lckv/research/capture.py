@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lckv.data import hotpotqa_paragraphs
+from lckv.research.data import hotpotqa_paragraphs
 from lckv.integrations.hf import disable, enable
 from lckv.policies import FullPolicy, StreamingPolicy
 

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class SharedDataNotFoundError(FileNotFoundError):

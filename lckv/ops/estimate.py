@@ -1,0 +1,37 @@
+"""Public ops of the retrieval policy's estimate of the non-retrieved keys (contract and math in
+:mod:`lckv.reference.estimate`): ``centroid_estimate`` and ``estimate_add_rows``, with a backend
+choice (``cpu``: the C++ kernels of lckv/centroid_estimate.h, which check their inputs;
+``reference``: torch ops, any device)."""
+from __future__ import annotations
+
+import torch
+
+from lckv._extension import compiled
+from lckv.ops._common import choose_backend
+from lckv.reference import estimate as ref
+
+__all__ = ["centroid_estimate", "estimate_add_rows"]
+
+
+def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices, scale: float,
+                      lse_only: bool = False, backend: str = "auto"):
+    """``(out [B, Hq, D] in q's dtype, lse [B, Hq])`` of the rows not in ``indices`` (just ``lse``
+    with ``lse_only``); see :func:`lckv.reference.estimate.centroid_estimate`. The ``cpu`` kernel
+    takes float32 ``q`` and ``values`` (any row strides); other dtypes go to ``reference``."""
+    fp32 = q.dtype == torch.float32 and values.dtype == torch.float32
+    name = choose_backend("centroid_estimate", q.device, backend, fp32, "q and values must be float32")
+    if name == "reference":
+        return ref.centroid_estimate(q, centroids, counts, value_sums, assign, values, indices, scale, lse_only)
+    out, lse = compiled("centroid_estimate").centroid_estimate(
+        q.contiguous(), centroids, counts, value_sums, assign, values, indices.contiguous(), float(scale), lse_only)
+    return lse if lse_only else (out, lse)
+
+
+def estimate_add_rows(keys, values, valid, centroids, half_norms, counts, value_sums, backend: str = "auto"):
+    """New offloaded rows join the estimate's clusters (in place); returns their clusters
+    ``[B, H, n]`` int64. See :func:`lckv.reference.estimate.estimate_add_rows`."""
+    name = choose_backend("estimate_add_rows", keys.device, backend, keys.is_floating_point(), "keys must be float")
+    if name == "reference":
+        return ref.estimate_add_rows(keys, values, valid, centroids, half_norms, counts, value_sums)
+    return compiled("estimate_add").estimate_add(keys.float().contiguous(), values.float().contiguous(), valid,
+                                                 centroids, half_norms, counts, value_sums)
