@@ -1,0 +1,139 @@
+"""The retrieval policy's ops (lckv.ops: centroid_estimate, estimate_add_rows,
+rank_by_group_probability, decode_cluster_step, offload_rows): the ``cpu`` kernels against their
+``reference`` implementations on fresh random inputs, and the backend choice by dtype.
+
+Tolerances (STYLE.md): float32 reductions over at most a few thousand terms, atol 1e-5 /
+rtol 1e-4 on outputs, 1e-5 on log-sum-exps; selections compared as sets."""
+import os
+
+import pytest
+import torch
+
+from lckv import ops
+from lckv.backends import BackendUnavailableError
+
+pytest.importorskip("lckv._C")
+
+
+def _seed():
+    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _cluster_state(B, H, C, D, rows):
+    centroids = torch.randn(B, H, C, D)
+    assign = torch.randint(0, C, (B, H, rows))
+    counts = torch.zeros(B, H, C).scatter_add_(2, assign, torch.ones(B, H, rows))
+    values = torch.randn(B, H, rows, D)
+    sums = torch.zeros(B, H, C, D).scatter_add_(2, assign.unsqueeze(-1).expand_as(values), values)
+    return centroids, counts, sums, assign, values
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_centroid_estimate_cpu_equals_reference(group):
+    _seed()
+    B, H, C, D, rows = 2, 2, 37, 16, 400
+    centroids, counts, sums, assign, values = _cluster_state(B, H, C, D, rows)
+    q = torch.randn(B, H * group, D)
+    indices = torch.randint(-1, rows, (B, H, 50))
+    got = ops.centroid_estimate(q, centroids, counts, sums, assign, values, indices, 0.3, backend="cpu")
+    want = ops.centroid_estimate(q, centroids, counts, sums, assign, values, indices, 0.3, backend="reference")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    lse = ops.centroid_estimate(q, centroids, counts, sums, assign, values, indices, 0.3, lse_only=True)
+    torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=1e-5)
+
+
+def test_centroid_estimate_16bit_values_go_to_the_reference_or_are_refused():
+    _seed()
+    centroids, counts, sums, assign, values = _cluster_state(1, 2, 11, 8, 60)
+    q, indices = torch.randn(1, 4, 8), torch.randint(0, 60, (1, 2, 5))
+    half = values.bfloat16()
+    auto = ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5)
+    ref = ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5, backend="reference")
+    torch.testing.assert_close(auto[0], ref[0], atol=0, rtol=0)
+    with pytest.raises(BackendUnavailableError, match="centroid_estimate.*float32"):
+        ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5, backend="cpu")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_estimate_add_rows_cpu_equals_reference(padded):
+    _seed()
+    B, H, C, D, n = 2, 3, 23, 16, 9
+    centroids = torch.randn(B, H, C, D)
+    half = 0.5 * centroids.square().sum(-1)
+    keys, values = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
+    valid = torch.rand(B, n) > 0.3 if padded else None
+    counts, sums = torch.rand(B, H, C), torch.randn(B, H, C, D)
+    states = [(counts.clone(), sums.clone()) for _ in range(2)]
+    got = ops.estimate_add_rows(keys, values, valid, centroids, half, *states[0], backend="cpu")
+    want = ops.estimate_add_rows(keys, values, valid, centroids, half, *states[1], backend="reference")
+    assert torch.equal(got, want)  # random keys: no near-ties between centroids
+    torch.testing.assert_close(states[0][0], states[1][0])
+    torch.testing.assert_close(states[0][1], states[1][1], atol=1e-5, rtol=1e-5)
+
+
+def test_rank_by_group_probability_cpu_equals_reference():
+    _seed()
+    B, H, G, D, rows = 2, 2, 4, 16, 300
+    q, keys = torch.randn(B, H * G, D), torch.randn(B, H, rows, D)
+    candidates = torch.randint(-1, rows, (B, H, 120))
+    rest = torch.randn(B, H * G)
+    got = ops.rank_by_group_probability(q, keys, candidates, rest, 0.25, 20, backend="cpu")
+    want = ops.rank_by_group_probability(q, keys, candidates, rest, 0.25, 20, backend="reference")
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def _cluster_heads(B, H, D, rows):
+    from lckv.index import ClusterIndex
+
+    keys = torch.randn(B, H, rows, D)
+    heads = [ClusterIndex(D, cluster_size=4, segment=64).build(keys[b, h].contiguous())
+             for b in range(B) for h in range(H)]
+    return keys, heads
+
+
+@pytest.mark.parametrize("with_estimate", [False, True])
+def test_decode_cluster_step_cpu_equals_its_composition(with_estimate):
+    """The one-call step against the reference: group search + sparse attention + estimate +
+    resident attention, merged by LSE (same search, so the same rows)."""
+    _seed()
+    B, H, G, D, rows, k = 2, 2, 3, 16, 500, 40
+    keys, heads = _cluster_heads(B, H, D, rows)
+    values = torch.randn(B, H, rows, D)
+    res_k, res_v = torch.randn(B, H, 9, D), torch.randn(B, H, 9, D)
+    q = torch.randn(B, H * G, D)
+    estimate = None
+    if with_estimate:
+        centroids, counts, sums, assign, _ = _cluster_state(B, H, 31, D, rows)
+        estimate = (centroids, counts, sums, assign)
+    search = {"scan": 3.0}
+    out, lse, ids = ops.decode_cluster_step(heads, q, keys, values, res_k, res_v, k, 0.25, estimate, search,
+                                            backend="cpu")
+    r_out, r_lse, r_ids = ops.decode_cluster_step(heads, q, keys, values, res_k, res_v, k, 0.25, estimate, search,
+                                                  backend="reference")
+    assert torch.equal(ids.sort(-1).values, r_ids.sort(-1).values)
+    torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_offload_rows_cpu_equals_reference():
+    _seed()
+    B, H, D, C, n = 1, 2, 8, 13, 6
+    keys, ours = _cluster_heads(B, H, D, 200)
+    _, theirs = _cluster_heads(B, H, D, 200)
+    new_k, new_v = torch.randn(B, H, n, D), torch.randn(B, H, n, D)
+    centroids = torch.randn(B, H, C, D)
+    half = 0.5 * centroids.square().sum(-1)
+    a = (torch.zeros(B, H, C), torch.zeros(B, H, C, D))
+    b = (torch.zeros(B, H, C), torch.zeros(B, H, C, D))
+    got = ops.offload_rows(ours, new_k, new_v, None, (centroids, half, *a), backend="cpu")
+    want = ops.offload_rows(theirs, new_k, new_v, None, (centroids, half, *b), backend="reference")
+    assert torch.equal(got, want)
+    torch.testing.assert_close(a[1], b[1], atol=1e-6, rtol=1e-6)
+    assert all(ix.size == 200 + n for ix in ours + theirs)
+    assert ops.offload_rows(ours, new_k, new_v) is None and ours[0].size == 200 + 2 * n
+
+
+def test_host_index_ops_refuse_other_devices_by_name():
+    with pytest.raises(BackendUnavailableError, match="decode_cluster_step.*'meta'"):
+        ops.decode_cluster_step([], torch.empty(1, 2, 8, device="meta"), None, None, None, None, 1, 1.0)
