@@ -102,7 +102,7 @@ def test_received_attention_matches_eager(heads, kv_heads, head_dim, chunk):
     # each query row sums to one, so the received mass equals the number of queries
     torch.testing.assert_close(got.sum(-1), torch.full((3,), float(length)), rtol=1e-5, atol=1e-4)
     assert model.config._attn_implementation == "sdpa"
-    assert not any(hasattr(m, "lckv_probe") for m in model.modules())
+    assert not hasattr(model, "lckv_binding") and not any(hasattr(m, "lckv_binding") for m in model.modules())
 
 
 def test_received_attention_with_padding_and_model_output_unchanged():
@@ -131,7 +131,7 @@ def test_received_attention_bad_input():
         received_attention(model, torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 5))
     with pytest.raises(ValueError, match="query_chunk"):
         received_attention(model, torch.zeros(1, 4, dtype=torch.long), query_chunk=0)
-    with pytest.raises(ValueError, match="no attention modules"):
+    with pytest.raises(ValueError, match="not a supported model"):  # lckv.enable refuses it
         received_attention(torch.nn.Linear(2, 2), torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="outside"):
         span_sums(torch.ones(4), [(2, 5)])
