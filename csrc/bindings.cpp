@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   lckv::bind_estimate(m);
   lckv::bind_group_rank(m);
   lckv::bind_decode(m);
+  lckv::bind_kmeans(m);
 }

@@ -12,5 +12,6 @@ void bind_memory(pybind11::module_& m);
 void bind_estimate(pybind11::module_& m);
 void bind_group_rank(pybind11::module_& m);
 void bind_decode(pybind11::module_& m);
+void bind_kmeans(pybind11::module_& m);
 
 }  // namespace lckv

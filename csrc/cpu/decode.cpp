@@ -156,7 +156,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
 void bind_decode(py::module_& m) {
   m.def("decode_cluster_step", &decode_cluster_step_py, py::arg("heads"), py::arg("q"), py::arg("offloaded_k"),
         py::arg("offloaded_v"), py::arg("resident_k"), py::arg("resident_v"), py::arg("k"), py::arg("scale"),
-        py::arg("scan") = 2.0, py::arg("expand") = 0.1, py::arg("estimate") = py::none(),
+        py::arg("scan") = SearchParams{}.scan, py::arg("expand") = SearchParams{}.expand, py::arg("estimate") = py::none(),
         "One fused decode step of the retrieval policy over ClusterIndex heads (lckv/decode_step.h): per "
         "(batch, kv head), search_group for the query group's top-k offloaded rows, sparse attention over them, "
         "the centroid estimate of the rest (estimate = (centroids, counts, value_sums, assign) or None) and "

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "bind.h"
@@ -27,7 +28,8 @@ using Result = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
 
 // Rows of `dim` float32 values, CPU, contiguous and finite; `layout` names the expected shape.
 void check_rows(const torch::Tensor& t, const char* name, int64_t ndim, const char* layout, int64_t dim) {
-  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be on the CPU (the index lives in host memory), got device ",
+                    t.device());
   TORCH_CHECK_TYPE(t.scalar_type() == torch::kFloat32, name, " must be float32, got ", t.scalar_type(),
                    " (convert with .float())");
   check_dim(t, name, ndim, layout);
@@ -168,9 +170,40 @@ Result search_groups_py(const std::vector<std::shared_ptr<ClusterIndex>>& heads,
   return {probs, ids, n_scored};
 }
 
+// The build and search settings of index `kind` with their defaults (the params structs' member
+// initialisers), as {"build": {...}, "search": {...}}: what lckv/index/native.py offers.
+py::dict index_defaults(const std::string& kind) {
+  const SearchParams search;
+  py::dict build, searched;
+  auto put = [&](const char* name, auto value) { build[name] = value; };
+  if (kind == "ivf") {
+    visit_settings(IVFBuildParams{}, put);
+    searched["nprobe"] = search.nprobe;
+  } else if (kind == "graph") {
+    visit_settings(GraphBuildParams{}, put);
+    searched["ef"] = search.ef;
+    searched["upper_ef"] = search.upper_ef;
+  } else if (kind == "cluster") {
+    visit_settings(ClusterBuildParams{}, put);
+    searched["scan"] = search.scan;
+    searched["expand"] = search.expand;
+  } else {
+    TORCH_CHECK_VALUE(kind == "flat", "kind must be 'flat', 'ivf', 'graph' or 'cluster', got '", kind, "'");
+  }
+  py::dict out;
+  out["build"] = build;
+  out["search"] = searched;
+  return out;
+}
+
 }  // namespace
 
 void bind_index(py::module_& m) {
+  // the defaults of the bindings below: the params structs' member initialisers
+  const SearchParams kSearch;
+  const IVFBuildParams kIvf;
+  const ClusterBuildParams kCluster;
+  const GraphBuildParams kGraph;
   py::class_<VectorIndex, std::shared_ptr<VectorIndex>>(m, "VectorIndex",
       "Base of the inner-product indexes: ids are insertion order; search returns "
       "(scores [m, k] float32 descending, ids [m, k] int64 padded with -1 / -inf, n_scored [m] int64).")
@@ -180,16 +213,22 @@ void bind_index(py::module_& m) {
       .def_property_readonly("simd_level",
                              [](const VectorIndex& self) { return simd_level_name(self.simd_level()); })
       .def("add", &add, py::arg("keys"), "Appends keys [n, dim] (float32, contiguous).")
-      .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = 64,
-           py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0, py::arg("expand") = 0.1,
+      .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = kSearch.ef,
+           py::arg("nprobe") = kSearch.nprobe, py::arg("scan") = kSearch.scan, py::arg("upper_ef") = kSearch.upper_ef,
+           py::arg("expand") = kSearch.expand,
            "Top-k by inner product of queries [m, dim].");
 
   py::class_<FlatIndex, VectorIndex, std::shared_ptr<FlatIndex>>(m, "FlatIndex")
       .def(py::init<int64_t>(), py::arg("dim"));
 
   py::class_<IVFIndex, VectorIndex, std::shared_ptr<IVFIndex>>(m, "IVFIndex")
-      .def(py::init<int64_t, int64_t, int64_t, uint64_t>(), py::arg("dim"), py::arg("n_lists"),
-           py::arg("n_iters") = 10, py::arg("seed") = 0)
+      .def(py::init([](int64_t dim, int64_t n_lists, int64_t n_iters, uint64_t seed) {
+             IVFBuildParams p;
+             p.n_iters = n_iters;
+             p.seed = seed;
+             return std::make_shared<IVFIndex>(dim, n_lists, p);
+           }),
+           py::arg("dim"), py::arg("n_lists"), py::arg("n_iters") = kIvf.n_iters, py::arg("seed") = kIvf.seed)
       .def_property_readonly("n_lists", &IVFIndex::n_lists)
       .def("build", &build_from_keys<IVFIndex>, py::arg("keys"), "Trains k-means on keys [n, dim] and adds them.");
 
@@ -204,8 +243,9 @@ void bind_index(py::module_& m) {
              p.super_span = super_span;
              return std::make_shared<ClusterIndex>(dim, p);
            }),
-           py::arg("dim"), py::arg("cluster_size") = 16, py::arg("segment") = 8192, py::arg("n_iters") = 6,
-           py::arg("super_size") = 64, py::arg("super_span") = 4096)
+           py::arg("dim"), py::arg("cluster_size") = kCluster.cluster_size, py::arg("segment") = kCluster.segment,
+           py::arg("n_iters") = kCluster.n_iters, py::arg("super_size") = kCluster.super_size,
+           py::arg("super_span") = kCluster.super_span)
       .def_property_readonly("n_clusters", &ClusterIndex::n_clusters)
       .def_property_readonly("n_supers", &ClusterIndex::n_supers)
       .def("super_assignments", [](const ClusterIndex& self) { return to_tensor(self.super_assignments()); },
@@ -242,11 +282,12 @@ void bind_index(py::module_& m) {
              p.upper_ef = upper_ef;
              return std::make_shared<GraphIndex>(dim, p);
            }),
-           py::arg("dim"), py::arg("max_degree") = 32, py::arg("build_knn") = 100,
-           py::arg("rank_window") = 32, py::arg("lists_per_key") = 32, py::arg("n_entry") = 128,
-           py::arg("build_ef") = 64, py::arg("repair_queries") = 8192,
-           py::arg("coarse_stride") = 16, py::arg("coarse_degree") = 4, py::arg("upper_size") = 0,
-           py::arg("upper_degree") = 32, py::arg("upper_ef") = 128)
+           py::arg("dim"), py::arg("max_degree") = kGraph.max_degree, py::arg("build_knn") = kGraph.build_knn,
+           py::arg("rank_window") = kGraph.rank_window, py::arg("lists_per_key") = kGraph.lists_per_key,
+           py::arg("n_entry") = kGraph.n_entry, py::arg("build_ef") = kGraph.build_ef,
+           py::arg("repair_queries") = kGraph.repair_queries, py::arg("coarse_stride") = kGraph.coarse_stride,
+           py::arg("coarse_degree") = kGraph.coarse_degree, py::arg("upper_size") = kGraph.upper_size,
+           py::arg("upper_degree") = kGraph.upper_degree, py::arg("upper_ef") = kGraph.upper_ef)
       .def_property_readonly("mean_degree", &GraphIndex::mean_degree)
       .def_property_readonly("entry_points", &GraphIndex::entry_points)
       .def_property_readonly("upper_keys", &GraphIndex::upper_keys)
@@ -259,6 +300,9 @@ void bind_index(py::module_& m) {
       }, py::arg("keys"), py::arg("queries"),
          "Adds keys [n, dim] and builds the graph from build queries [m, dim] (m may be 0).");
 
+  m.def("index_defaults", &index_defaults, py::arg("kind"),
+        "The settings of index kind 'flat', 'ivf', 'graph' or 'cluster' with their defaults: "
+        "{'build': {setting: default}, 'search': {parameter: default}} (the C++ params structs).");
   m.def("set_index_threads", [](int n) {
     TORCH_CHECK_VALUE(n > 0, "n must be positive, got ", n);
     omp_set_num_threads(n);
@@ -268,7 +312,7 @@ void bind_index(py::module_& m) {
         "Appends keys[h] ([heads, n, dim], float32, contiguous) to heads[h] for every head; one check, "
         "GIL released, heads in parallel for large n.");
   m.def("search_groups", &search_groups_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
-        py::arg("scan") = 2.0, py::arg("expand") = 0.1, py::arg("scale") = 1.0, py::arg("sorted") = true,
+        py::arg("scan") = kSearch.scan, py::arg("expand") = kSearch.expand, py::arg("scale") = 1.0, py::arg("sorted") = true,
         "ClusterIndex.search_group for heads[h] with queries[h] ([heads, group, dim]) in parallel, GIL "
         "released: a GQA group's top-k keys by summed softmax probability (cluster_index.h): "
         "(probs [heads, k] descending (any order unless sorted), ids [heads, k] padded with 0 / -1, n_scored [heads]).");
@@ -298,8 +342,8 @@ void bind_index(py::module_& m) {
       "Test hook for select_top (select_top.h): positions of the min(count, n) largest scores, by "
       "descending score then ascending position; lo <= hi are bounds of the scores (default: computed).");
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
-        py::arg("ef") = 64, py::arg("nprobe") = 8, py::arg("scan") = 2.0, py::arg("upper_ef") = 0,
-        py::arg("expand") = 0.1,
+        py::arg("ef") = kSearch.ef, py::arg("nprobe") = kSearch.nprobe, py::arg("scan") = kSearch.scan,
+        py::arg("upper_ef") = kSearch.upper_ef, py::arg("expand") = kSearch.expand,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
         "(scores [heads, m, k], ids [heads, m, k], n_scored [heads, m]).");
 }

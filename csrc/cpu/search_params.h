@@ -14,7 +14,9 @@ namespace lckv {
 
 inline void check_k(int64_t k) { TORCH_CHECK_VALUE(k > 0, "k must be positive, got ", k); }
 
-inline SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = 0, double expand = 0.1) {
+// The search settings, checked; the defaults of every binding are SearchParams' member initialisers.
+inline SearchParams make_params(int64_t ef, int64_t nprobe, double scan, int64_t upper_ef = SearchParams{}.upper_ef,
+                                double expand = SearchParams{}.expand) {
   TORCH_CHECK_VALUE(ef > 0, "ef must be positive, got ", ef);
   TORCH_CHECK_VALUE(upper_ef >= 0, "upper_ef must be >= 0 (0: the index's build setting), got ", upper_ef);
   TORCH_CHECK_VALUE(nprobe > 0, "nprobe must be positive, got ", nprobe);

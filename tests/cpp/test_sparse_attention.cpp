@@ -164,7 +164,7 @@ void check_conversions_and_exp() {
   EXPECT(std::isnan(lckv::exp_nonpositive(std::numeric_limits<float>::quiet_NaN())));
 }
 
-#ifdef LCKV_HAVE_AVX2_DISPATCH
+#ifdef LCKV_X86_DISPATCH
 __attribute__((target("avx2,fma,f16c"))) void exp8(const float* in, float* out) {
   _mm256_storeu_ps(out, lckv::detail::exp_nonpositive8(_mm256_loadu_ps(in)));
 }

@@ -20,7 +20,8 @@
 
 #include "lckv/per_thread.h"
 #include "lckv/simd_ip.h"
-#include "lckv/sparse_attention.h"  // exp_nonpositive
+#include "lckv/dtypes.h"       // to_float
+#include "lckv/exp_weights.h"  // ClusterWeightsFn
 
 namespace lckv {
 
@@ -44,80 +45,6 @@ struct EstimateProblem {
                                       // value sums or value rows are read)
   float* lse = nullptr;               // [batch, kv_heads * group]
 };
-
-// Cluster weights of one query head: scores w[c] (q . centroid_c) become
-// w[c] = exp(scale * w[c] - m) for clusters with count > 0 and 0 for empty ones, m = the largest
-// scaled score (0 when no cluster has keys). Returns sum_c w[c] * count_c (in double); writes m.
-using ClusterWeightsFn = double (*)(float* w, const float* counts, int64_t C, float scale, float* m_out);
-
-inline double cluster_weights_portable(float* w, const float* counts, int64_t C, float scale, float* m_out) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  float m = neg_inf;
-#pragma omp simd reduction(max : m)
-  for (int64_t c = 0; c < C; ++c) {
-    w[c] = counts[c] > 0.0f ? scale * w[c] : neg_inf;  // empty clusters weigh nothing
-    m = w[c] > m ? w[c] : m;
-  }
-  if (!std::isfinite(m)) m = 0.0f;
-  double total = 0.0;
-#pragma omp simd reduction(+ : total)
-  for (int64_t c = 0; c < C; ++c) {
-    w[c] = exp_nonpositive(w[c] - m);
-    total += static_cast<double>(w[c]) * counts[c];
-  }
-  *m_out = m;
-  return total;
-}
-
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-// The same on 8 lanes (detail::exp_nonpositive8); the last C % 8 clusters by the portable code.
-__attribute__((target("avx2,fma,f16c"))) inline double cluster_weights_avx2(float* w, const float* counts, int64_t C,
-                                                                            float scale, float* m_out) {
-  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
-  const int64_t C8 = C - C % 8;
-  const __m256 ninf = _mm256_set1_ps(neg_inf), zero = _mm256_setzero_ps(), scale8 = _mm256_set1_ps(scale);
-  __m256 max8 = ninf;
-  for (int64_t c = 0; c < C8; c += 8) {
-    const __m256 empty = _mm256_cmp_ps(_mm256_loadu_ps(counts + c), zero, _CMP_LE_OQ);
-    const __m256 s = _mm256_blendv_ps(_mm256_mul_ps(scale8, _mm256_loadu_ps(w + c)), ninf, empty);
-    _mm256_storeu_ps(w + c, s);
-    max8 = _mm256_max_ps(s, max8);  // a NaN score leaves the max alone (as the portable loop)
-  }
-  float m = detail::horizontal_max(max8);
-  for (int64_t c = C8; c < C; ++c) {
-    w[c] = counts[c] > 0.0f ? scale * w[c] : neg_inf;
-    m = w[c] > m ? w[c] : m;
-  }
-  if (!std::isfinite(m)) m = 0.0f;
-  const __m256 m8 = _mm256_set1_ps(m);
-  __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
-  for (int64_t c = 0; c < C8; c += 8) {
-    const __m256 e = detail::exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(w + c), m8));
-    _mm256_storeu_ps(w + c, e);
-    const __m256 ec = _mm256_mul_ps(e, _mm256_loadu_ps(counts + c));  // exact enough: one rounding
-    lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(ec)));
-    hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(ec, 1)));
-  }
-  alignas(32) double lanes[4];
-  _mm256_store_pd(lanes, _mm256_add_pd(lo, hi));
-  double total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
-  for (int64_t c = C8; c < C; ++c) {
-    w[c] = exp_nonpositive(w[c] - m);
-    total += static_cast<double>(w[c]) * counts[c];
-  }
-  *m_out = m;
-  return total;
-}
-#endif
-
-// Picked once per process: AVX2 where the CPU has it.
-inline ClusterWeightsFn cluster_weights_for_cpu() {
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return cluster_weights_avx2;
-#endif
-  return cluster_weights_portable;
-}
 
 // The first retrieved row (as b * kv_heads * n_selected + h * n_selected + j) whose cluster id is
 // outside [0, clusters), or -1 when all are valid. Only the rows a step retrieved are read, so the
@@ -266,15 +193,9 @@ int64_t estimate_pair(const EstimateProblem& p, int64_t bh, const float* q, cons
   return bad;
 }
 
-// The weight and inner-product functions estimate_pair takes, chosen once per process.
-inline ClusterWeightsFn estimate_weights_fn(bool allow_simd = true) {
-  static const ClusterWeightsFn best = cluster_weights_for_cpu();
-  return allow_simd ? best : cluster_weights_portable;
-}
-
 inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) {
   const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
-  const ClusterWeightsFn weights = estimate_weights_fn(allow_simd);
+  const ClusterWeightsFn weights = cluster_weights_for_cpu(allow_simd);
   const int64_t D = p.head_dim, G = p.group;
   const int64_t pairs = p.batch * p.kv_heads;
 #pragma omp parallel for schedule(dynamic, 1) if (pairs > 1)

@@ -29,7 +29,9 @@
 #include <utility>
 #include <vector>
 
-#include "lckv/centroid_estimate.h"  // cluster_weights_for_cpu, exp_nonpositive
+#include "lckv/exp_weights.h"  // cluster_weights_for_cpu
+#include "lckv/kmeans.h"
+#include "lckv/select_top.h"  // sort_key, select_smallest_keys
 #include "lckv/vector_index.h"
 
 namespace lckv {
@@ -42,6 +44,16 @@ struct ClusterBuildParams {
   int64_t super_span = 4096;  // consecutive clusters grouped into super-clusters together (a
                               // multiple of 8; clusters of a last partial span stay loose)
 };
+
+// Calls visit(name, value) for each setting of p, in declaration order (bindings, logs).
+template <typename Visit>
+void visit_settings(const ClusterBuildParams& p, Visit&& visit) {
+  visit("cluster_size", p.cluster_size);
+  visit("segment", p.segment);
+  visit("n_iters", p.n_iters);
+  visit("super_size", p.super_size);
+  visit("super_span", p.super_span);
+}
 
 class ClusterIndex : public VectorIndex {
  public:
@@ -208,12 +220,7 @@ class ClusterIndex : public VectorIndex {
   // two at a time (one pass over the rows per pair).
   void score_blocks(const float* queries, int64_t group, const float* blocks, int64_t n_blocks, float* out,
                     int64_t out_stride) const {
-    const auto dim = static_cast<std::size_t>(dim_);
-    int64_t g = 0;
-    for (; g + 2 <= group; g += 2)
-      ip_blocks_pair_(queries + g * dim_, queries + (g + 1) * dim_, blocks, static_cast<std::size_t>(n_blocks), dim,
-                      out + g * out_stride, out + (g + 1) * out_stride);
-    if (g < group) ip_blocks_(queries + g * dim_, blocks, static_cast<std::size_t>(n_blocks), dim, out + g * out_stride);
+    lckv::score_blocks(ip_blocks_, ip_blocks_pair_, queries, group, dim_, blocks, n_blocks, out, out_stride);
   }
 
   // Adds n keys and clusters them (a last partial segment too, see the file comment).
@@ -283,9 +290,7 @@ class ClusterIndex : public VectorIndex {
     }
     // Ascending keys = descending scores, ties by ascending id: plain integer selection and sort.
     const int64_t n_found = std::min<int64_t>(k, static_cast<int64_t>(found.size()));
-    if (n_found < static_cast<int64_t>(found.size()))
-      std::nth_element(found.begin(), found.begin() + n_found, found.end());
-    std::sort(found.begin(), found.begin() + n_found);
+    sort_smallest_keys(found, static_cast<std::size_t>(n_found));
     for (int64_t j = 0; j < n_found; ++j) {
       ids[j] = static_cast<int64_t>(found[j] & 0xffffffffu);
       scores[j] = key_score(found[j]);
@@ -501,16 +506,6 @@ class ClusterIndex : public VectorIndex {
     return n_scored;
   }
 
-  // 64-bit key ordering (score descending, id ascending) as unsigned integers: the upper half is
-  // the score's bits mapped to an order-preserving unsigned value, inverted; the lower half the id
-  // (ids fit in 32 bits: the glue caps the index below 2^32 keys).
-  static uint64_t sort_key(float score, int64_t id) {
-    uint32_t bits;
-    std::memcpy(&bits, &score, sizeof bits);
-    const uint32_t ordered = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);  // ascending in score
-    return (static_cast<uint64_t>(~ordered) << 32) | static_cast<uint32_t>(id);
-  }
-
   // Chosen clusters sit at random places in packed_, and a cluster's few blocks are scored faster
   // than they arrive from memory (perf: the block kernel waited on its loads), so each scan asks
   // for the blocks (up to 1 KiB; the hardware prefetcher follows longer runs) and the member ids of
@@ -521,38 +516,6 @@ class ClusterIndex : public VectorIndex {
     const char* end = reinterpret_cast<const char*>(packed_.data() + block_starts_[c + 1] * 8 * dim_);
     for (int line = 0; line < 16 && p < end; ++line, p += 64) __builtin_prefetch(p);
     __builtin_prefetch(members_.data() + starts_[c]);
-  }
-
-  // Moves the `count` smallest of `keys` (sort_keys) to its front, in no order (the rest of `keys`
-  // is left unspecified). A histogram of the keys' top 11 bits (the score's sign, exponent and two
-  // mantissa bits: log-spaced buckets, which suit the exponentially skewed probabilities of a group
-  // ranking, where linear buckets put nearly everything in one) finds the bucket of the count-th
-  // key; only that bucket goes through nth_element (over all keys: ~12% of a 1M-key group search).
-  static void select_smallest_keys(std::vector<uint64_t>& keys, std::size_t count, std::vector<uint64_t>& winners,
-                                   std::vector<uint64_t>& boundary) {
-    const std::size_t n = keys.size();
-    if (count >= n) return;
-    constexpr int kBits = 11;
-    uint32_t hist[1 << kBits] = {};
-    for (const uint64_t x : keys) ++hist[x >> (64 - kBits)];
-    uint64_t edge = 0;
-    std::size_t below = 0;  // keys in buckets before the edge bucket
-    while (below + hist[edge] < count) below += hist[edge++];
-    winners.resize(n);
-    boundary.resize(n);
-    std::size_t w = 0, t = 0;
-    for (const uint64_t x : keys) {  // branch-free
-      const uint64_t b = x >> (64 - kBits);
-      winners[w] = x;
-      boundary[t] = x;
-      w += b < edge;
-      t += b == edge;
-    }
-    std::nth_element(boundary.begin(), boundary.begin() + static_cast<std::ptrdiff_t>(count - below),
-                     boundary.begin() + static_cast<std::ptrdiff_t>(t));
-    std::copy(winners.begin(), winners.begin() + static_cast<std::ptrdiff_t>(w), keys.begin());
-    std::copy(boundary.begin(), boundary.begin() + static_cast<std::ptrdiff_t>(count - below),
-              keys.begin() + static_cast<std::ptrdiff_t>(w));
   }
 
   // Of n clusters (scores, sizes in keys, `total` keys in all), the ones a search scans, best score
@@ -612,9 +575,7 @@ class ClusterIndex : public VectorIndex {
       candidates.clear();
       for (int64_t c = 0; c < n; ++c) candidates.push_back(sort_key(scores[c], c));
     }
-    if (p < static_cast<int64_t>(candidates.size()))
-      std::nth_element(candidates.begin(), candidates.begin() + p, candidates.end());
-    std::sort(candidates.begin(), candidates.begin() + p);
+    sort_smallest_keys(candidates, static_cast<std::size_t>(p));
     out.resize(static_cast<std::size_t>(p));
     for (int64_t j = 0; j < p; ++j) out[j] = static_cast<int64_t>(candidates[j] & 0xffffffffu);
   }
@@ -626,8 +587,8 @@ class ClusterIndex : public VectorIndex {
     for (int64_t c = 0; c < n; ++c)
       if (scores[c] >= threshold) out.push_back(sort_key(scores[c], c));
   }
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-  __attribute__((target("avx2"))) static void collect_avx2(const float* scores, int64_t n, float threshold,
+#ifdef LCKV_X86_DISPATCH
+  LCKV_TARGET_AVX2 static void collect_avx2(const float* scores, int64_t n, float threshold,
                                                           std::vector<uint64_t>& out) {
     const __m256 t = _mm256_set1_ps(threshold);
     int64_t c = 0;
@@ -644,23 +605,14 @@ class ClusterIndex : public VectorIndex {
   }
 #endif
   static CollectFn collect_for_cpu() {
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-    if (__builtin_cpu_supports("avx2")) return collect_avx2;
+#ifdef LCKV_X86_DISPATCH
+    if (detect_simd_level() != SimdLevel::kScalar) return collect_avx2;
 #endif
     return collect_portable;
   }
   static void collect_at_least(const float* scores, int64_t n, float threshold, std::vector<uint64_t>& out) {
     static const CollectFn collect = collect_for_cpu();
     collect(scores, n, threshold, out);
-  }
-
-  // The score back from a sort_key (exact: the mapping is a bijection).
-  static float key_score(uint64_t key) {
-    const uint32_t ordered = ~static_cast<uint32_t>(key >> 32);
-    const uint32_t bits = (ordered & 0x80000000u) ? (ordered & 0x7fffffffu) : ~ordered;
-    float score;
-    std::memcpy(&score, &bits, sizeof score);
-    return score;
   }
 
   // One clustered segment, before it is appended to the global arrays.
@@ -707,7 +659,7 @@ class ClusterIndex : public VectorIndex {
       int64_t m = 0;  // position in seg.members
       for (std::size_t c = 0; c < seg.sizes.size(); ++c) {
         const int64_t size = seg.sizes[c];
-        put_blocked_row(blocks_, static_cast<int64_t>(starts_.size()) - 1, seg.centroids.data() + c * dim_);
+        put_blocked_row(blocks_, static_cast<int64_t>(starts_.size()) - 1, seg.centroids.data() + c * dim_, dim_);
         centroids_.insert(centroids_.end(), seg.centroids.begin() + c * dim_, seg.centroids.begin() + (c + 1) * dim_);
         starts_.push_back(starts_.back() + size);
         sizes_.push_back(static_cast<float>(size));
@@ -716,7 +668,7 @@ class ClusterIndex : public VectorIndex {
         block_starts_.push_back(first_block + (size + 7) / 8);
         for (int64_t j = 0; j < size; ++j, ++m) {
           members_.push_back(seg.members[m]);
-          put_blocked_row(packed_, first_block * 8 + j, key(seg.members[m]));
+          put_blocked_row(packed_, first_block * 8 + j, key(seg.members[m]), dim_);
         }
       }
     }
@@ -734,71 +686,16 @@ class ClusterIndex : public VectorIndex {
     if (need > v.capacity()) v.reserve(need + need / 8);
   }
 
-  // Writes x as row `row` of a blocks-of-8 transposed layout ([block][dim][8] floats, as
-  // inner_product_blocks reads it), growing it with zero rows as needed.
-  void put_blocked_row(std::vector<float>& blocks, int64_t row, const float* x) const {
-    const std::size_t need = static_cast<std::size_t>((row / 8 + 1) * 8 * dim_);
-    if (blocks.size() < need) blocks.resize(need, 0.0f);
-    float* block = blocks.data() + (row / 8) * 8 * dim_;
-    for (int64_t d = 0; d < dim_; ++d) block[d * 8 + row % 8] = x[d];
-  }
-
-  // Lloyd's k-means (L2) of n points [n, dim] into c_count centroids, initialised at evenly spaced
-  // points (keys and clusters are ordered by position, and topics are contiguous in position);
-  // an empty cluster keeps its centroid. Fills centroids [c_count, dim], assign [n], counts [c_count].
-  void lloyd(const float* points, int64_t n, int64_t c_count, std::vector<float>& cent, std::vector<int64_t>& assign,
-             std::vector<int64_t>& counts) const {
-    const auto d = static_cast<std::size_t>(dim_);
-    cent.resize(static_cast<std::size_t>(c_count) * d);
-    for (int64_t c = 0; c < c_count; ++c) {
-      const int64_t id = (2 * c + 1) * n / (2 * c_count);
-      std::copy(points + id * dim_, points + (id + 1) * dim_, cent.begin() + c * dim_);
-    }
-    std::vector<float> half_norms(static_cast<std::size_t>(c_count));
-    const int64_t n_blocks = (c_count + 7) / 8, stride = n_blocks * 8;
-    constexpr int64_t kChunk = 16;  // points scored together (the block kernel takes them in pairs)
-    std::vector<float> blocks(static_cast<std::size_t>(stride) * d, 0.0f);  // centroids, 8-row blocks
-    std::vector<float> rows(static_cast<std::size_t>(kChunk * stride));
-    std::vector<double> sums(static_cast<std::size_t>(c_count) * d);
-    assign.resize(static_cast<std::size_t>(n));
-    counts.assign(static_cast<std::size_t>(c_count), 0);
-    for (int64_t it = 0;; ++it) {
-      for (int64_t c = 0; c < c_count; ++c) {
-        const float* cv = cent.data() + c * dim_;
-        half_norms[c] = 0.5f * ip_(cv, cv, d);
-        put_blocked_row(blocks, c, cv);
-      }
-      // nearest centroid in L2: argmax_c (x . c - |c|^2 / 2), kChunk points per pass over the blocks
-      for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
-        const int64_t m = std::min(kChunk, n - i0);
-        score_blocks(points + i0 * dim_, m, blocks.data(), n_blocks, rows.data(), stride);
-        for (int64_t j = 0; j < m; ++j) assign[i0 + j] = nearest_from_scores(rows.data() + j * stride, half_norms.data(), c_count);
-      }
-      std::fill(counts.begin(), counts.end(), 0);
-      if (it == params_.n_iters) break;
-      std::fill(sums.begin(), sums.end(), 0.0);
-      for (int64_t i = 0; i < n; ++i) {
-        const float* x = points + i * dim_;
-        double* sum = sums.data() + assign[i] * dim_;
-        for (int64_t j = 0; j < dim_; ++j) sum[j] += x[j];
-        ++counts[assign[i]];
-      }
-      for (int64_t c = 0; c < c_count; ++c)
-        if (counts[c] > 0)
-          for (int64_t j = 0; j < dim_; ++j)
-            cent[c * dim_ + j] = static_cast<float>(sums[c * dim_ + j] / static_cast<double>(counts[c]));
-    }
-    for (int64_t i = 0; i < n; ++i) ++counts[assign[i]];
-  }
-
   // k-means of keys [lo, hi) into about (hi - lo) / cluster_size clusters.
   Segment cluster_range(int64_t lo, int64_t hi) const {
     const int64_t n = hi - lo;
     const int64_t c_count = std::max<int64_t>(
         1, std::min<int64_t>(n, (n + params_.cluster_size / 2) / params_.cluster_size));
-    std::vector<float> cent;
-    std::vector<int64_t> assign, counts;
-    lloyd(key(lo), n, c_count, cent, assign, counts);
+    KMeansResult km;
+    kmeans(key(lo), nullptr, n, dim_, spaced_points(n, c_count, /*centred=*/true), KMeansParams{params_.n_iters}, km);
+    const std::vector<float>& cent = km.centroids;
+    const std::vector<int64_t>& assign = km.assign;
+    const std::vector<int64_t>& counts = km.counts;
     // Keep the non-empty clusters; group members by cluster (counting sort, ids ascending).
     Segment seg;
     std::vector<int64_t> remap(static_cast<std::size_t>(c_count), -1), offset;
@@ -828,9 +725,12 @@ class ClusterIndex : public VectorIndex {
   SuperSpan group_span(int64_t lo) const {
     const int64_t n = params_.super_span;
     const int64_t c_count = std::max<int64_t>(1, (n + params_.super_size / 2) / params_.super_size);
-    std::vector<float> cent;
-    std::vector<int64_t> assign, counts;
-    lloyd(centroids_.data() + lo * dim_, n, c_count, cent, assign, counts);
+    KMeansResult km;
+    kmeans(centroids_.data() + lo * dim_, nullptr, n, dim_, spaced_points(n, c_count, /*centred=*/true),
+           KMeansParams{params_.n_iters}, km);
+    const std::vector<float>& cent = km.centroids;
+    const std::vector<int64_t>& assign = km.assign;
+    const std::vector<int64_t>& counts = km.counts;
     SuperSpan out;
     std::vector<int64_t> remap(static_cast<std::size_t>(c_count), -1);
     out.starts.push_back(0);
@@ -877,7 +777,7 @@ class ClusterIndex : public VectorIndex {
     if (sup_block_starts_.empty()) sup_block_starts_.push_back(0);
     for (const SuperSpan& part : parts) {
       for (std::size_t j = 0; j < part.radius.size(); ++j) {
-        put_blocked_row(sup_mean_blocks_, static_cast<int64_t>(sup_radius_.size()), part.means.data() + j * dim_);
+        put_blocked_row(sup_mean_blocks_, static_cast<int64_t>(sup_radius_.size()), part.means.data() + j * dim_, dim_);
         sup_radius_.push_back(part.radius[j]);
         sup_keys_.push_back(part.keys[j]);
         const int64_t first_block = sup_block_starts_.back(), len = part.starts[j + 1] - part.starts[j];
@@ -887,7 +787,7 @@ class ClusterIndex : public VectorIndex {
           const int64_t cluster = part.members[part.starts[j] + m];
           sup_members_.push_back(cluster);
           sup_member_sizes_.push_back(sizes_[cluster]);
-          put_blocked_row(sup_blocks_, first_block * 8 + m, centroids_.data() + cluster * dim_);
+          put_blocked_row(sup_blocks_, first_block * 8 + m, centroids_.data() + cluster * dim_, dim_);
         }
       }
     }

@@ -60,7 +60,7 @@ template <typename T>
 int64_t decode_step(const DecodeStepProblem<T>& p) {
   const int64_t tasks = p.batch * p.kv_heads, G = p.group, D = p.head_dim;
   const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(D)));
-  const ClusterWeightsFn weights = estimate_weights_fn();
+  const ClusterWeightsFn weights = cluster_weights_for_cpu();
   std::vector<int64_t> bad(static_cast<std::size_t>(tasks), -1);
 #pragma omp parallel for schedule(dynamic, 1) if (tasks > 1)
   for (int64_t t = 0; t < tasks; ++t) {

@@ -48,6 +48,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "lckv/kmeans.h"
 #include "lckv/select_top.h"
 #include "lckv/vector_index.h"
 
@@ -67,6 +68,23 @@ struct GraphBuildParams {
   int64_t upper_degree = 32;   // edges per upper key, among upper keys only
   int64_t upper_ef = 128;      // beam width of a search's walk over the upper level
 };
+
+// Calls visit(name, value) for each setting of p, in declaration order (bindings, logs).
+template <typename Visit>
+void visit_settings(const GraphBuildParams& p, Visit&& visit) {
+  visit("max_degree", p.max_degree);
+  visit("build_knn", p.build_knn);
+  visit("rank_window", p.rank_window);
+  visit("lists_per_key", p.lists_per_key);
+  visit("n_entry", p.n_entry);
+  visit("build_ef", p.build_ef);
+  visit("repair_queries", p.repair_queries);
+  visit("coarse_stride", p.coarse_stride);
+  visit("coarse_degree", p.coarse_degree);
+  visit("upper_size", p.upper_size);
+  visit("upper_degree", p.upper_degree);
+  visit("upper_ef", p.upper_ef);
+}
 
 class GraphIndex : public VectorIndex {
  public:
@@ -657,59 +675,26 @@ class GraphIndex : public VectorIndex {
     return top1;
   }
 
-  // Up to `count` build queries that cover the query distribution: k-means (L2, kProbeIters Lloyd
-  // iterations from evenly spaced queries) over the build queries, and from each non-empty
+  // Up to `count` build queries that cover the query distribution: k-means (kmeans.h, kProbeIters
+  // Lloyd iterations from evenly spaced queries) over the build queries, and from each non-empty
   // cluster the query nearest its centroid. Evenly spaced queries alone follow the prompt's order,
   // so topics that fill few positions got no probe and their decode queries no nearby entry.
-  // Nearest centroid = argmax over c of [q, 1] . [c, -|c|^2 / 2], an exact top-1 search.
   std::vector<int64_t> cover_queries(const float* queries, int64_t m, int64_t count) const {
     constexpr int64_t kProbeIters = 4;
     std::vector<int64_t> picked;
     if (count <= 0) return picked;
-    const int64_t d1 = dim_ + 1;
-    const InnerProductFn ip1 = inner_product_for(simd_level_for(static_cast<std::size_t>(d1)));
-    std::vector<float> lifted(static_cast<std::size_t>(m * d1), 1.0f);  // [q, 1]
-    for (int64_t q = 0; q < m; ++q) std::copy(queries + q * dim_, queries + (q + 1) * dim_, lifted.begin() + q * d1);
-    std::vector<float> cent(static_cast<std::size_t>(count * d1));  // [c, -|c|^2 / 2]
-    std::vector<double> sums(static_cast<std::size_t>(count * dim_));
-    std::vector<int64_t> sizes(static_cast<std::size_t>(count)), assign(static_cast<std::size_t>(m));
-    std::vector<float> best(static_cast<std::size_t>(m));
-    auto set_centroid = [&](int64_t c, const float* x) {
-      float half = 0.0f;
-      for (int64_t d = 0; d < dim_; ++d) {
-        cent[c * d1 + d] = x[d];
-        half += 0.5f * x[d] * x[d];
-      }
-      cent[c * d1 + dim_] = -half;
-    };
-    for (int64_t c = 0; c < count; ++c) set_centroid(c, queries + (c * m / count) * dim_);
-    std::vector<float> mean(static_cast<std::size_t>(dim_));
-    for (int64_t it = 0;; ++it) {
-      exact_topk(cent.data(), count, lifted.data(), m, d1, 1, ip1, best.data(), assign.data());
-      if (it == kProbeIters) break;
-      std::fill(sums.begin(), sums.end(), 0.0);
-      std::fill(sizes.begin(), sizes.end(), 0);
-      for (int64_t q = 0; q < m; ++q) {
-        double* sc = sums.data() + assign[q] * dim_;
-        for (int64_t d = 0; d < dim_; ++d) sc[d] += queries[q * dim_ + d];
-        ++sizes[assign[q]];
-      }
-      for (int64_t c = 0; c < count; ++c) {  // an empty cluster keeps its centroid
-        if (sizes[c] == 0) continue;
-        for (int64_t d = 0; d < dim_; ++d) mean[d] = static_cast<float>(sums[c * dim_ + d] / static_cast<double>(sizes[c]));
-        set_centroid(c, mean.data());
-      }
-    }
-    // |q - c|^2 = |q|^2 - 2 (q . c - |c|^2 / 2): a cluster's member nearest its centroid has the
-    // largest best[q] - |q|^2 / 2.
+    KMeansResult km;
+    kmeans(queries, nullptr, m, dim_, spaced_points(m, count, /*centred=*/false), KMeansParams{kProbeIters}, km);
     std::vector<int64_t> nearest(static_cast<std::size_t>(count), -1);
-    std::vector<float> nearest_score(static_cast<std::size_t>(count), -std::numeric_limits<float>::infinity());
+    std::vector<float> nearest_dist(static_cast<std::size_t>(count), std::numeric_limits<float>::infinity());
     for (int64_t q = 0; q < m; ++q) {
-      const int64_t c = assign[q];
+      const int64_t c = km.assign[q];
       const float* x = queries + q * dim_;
-      const float s = best[q] - 0.5f * ip_(x, x, dim_);
-      if (s > nearest_score[c]) {
-        nearest_score[c] = s;
+      const float* centroid = km.centroids.data() + c * dim_;
+      float dist = 0.0f;  // |q - c|^2
+      for (int64_t d = 0; d < dim_; ++d) dist += (x[d] - centroid[d]) * (x[d] - centroid[d]);
+      if (dist < nearest_dist[c]) {
+        nearest_dist[c] = dist;
         nearest[c] = q;
       }
     }

@@ -6,20 +6,34 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <vector>
 
+#include "lckv/kmeans.h"
 #include "lckv/vector_index.h"
 
 namespace lckv {
 
+struct IVFBuildParams {
+  int64_t n_iters = 10;  // Lloyd iterations of the k-means that trains the lists
+  uint64_t seed = 0;     // the training sample, initial centroids and restarts of empty lists
+};
+
+// Calls visit(name, value) for each setting of p, in declaration order (bindings, logs).
+template <typename Visit>
+void visit_settings(const IVFBuildParams& p, Visit&& visit) {
+  visit("n_iters", p.n_iters);
+  visit("seed", p.seed);
+}
+
 class IVFIndex : public VectorIndex {
  public:
   // n_lists: number of k-means lists (clamped to the number of training keys).
-  // n_iters: Lloyd iterations. seed: k-means initialisation.
-  IVFIndex(int64_t dim, int64_t n_lists, int64_t n_iters = 10, uint64_t seed = 0)
-      : VectorIndex(dim), n_lists_req_(n_lists), n_iters_(n_iters), seed_(seed) {
+  IVFIndex(int64_t dim, int64_t n_lists, const IVFBuildParams& params = {})
+      : VectorIndex(dim), n_lists_req_(n_lists), params_(params) {
     if (n_lists <= 0) throw std::invalid_argument("n_lists must be positive");
+    if (params.n_iters < 0) throw std::invalid_argument("n_iters must be >= 0");
   }
 
   int64_t n_lists() const {
@@ -106,53 +120,34 @@ class IVFIndex : public VectorIndex {
     return best;
   }
 
+  // k-means over a training sample: the keys shuffled, at most 256 per list; the initial centroids
+  // are the sample's first keys (a random draw) and an empty list restarts at a random sample key.
   void train_locked(const float* keys, int64_t n) {
     if (n <= 0) return;
     const int64_t n_lists = std::min(n_lists_req_, n);
-    std::mt19937_64 rng(seed_);
-    // Training sample: at most 256 keys per list.
+    std::mt19937_64 rng(params_.seed);
     std::vector<int64_t> sample(static_cast<std::size_t>(n));
-    for (int64_t i = 0; i < n; ++i) sample[i] = i;
+    std::iota(sample.begin(), sample.end(), int64_t{0});
     std::shuffle(sample.begin(), sample.end(), rng);
     sample.resize(static_cast<std::size_t>(std::min<int64_t>(n, 256 * n_lists)));
-    const int64_t n_train = static_cast<int64_t>(sample.size());
-    centroids_.assign(static_cast<std::size_t>(n_lists * dim_), 0.0f);
-    for (int64_t c = 0; c < n_lists; ++c)
-      std::copy(keys + sample[c] * dim_, keys + (sample[c] + 1) * dim_, centroids_.begin() + c * dim_);
-    half_norms_.assign(static_cast<std::size_t>(n_lists), 0.0f);
-    std::vector<int64_t> assign(static_cast<std::size_t>(n_train));
-    for (int64_t it = 0; it <= n_iters_; ++it) {
-      for (int64_t c = 0; c < n_lists; ++c) {
-        const float* cv = centroids_.data() + c * dim_;
-        half_norms_[c] = 0.5f * ip_(cv, cv, dim_);
-      }
-      if (it == n_iters_) break;
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n_train; ++i) assign[i] = nearest_centroid(keys + sample[i] * dim_);
-      std::vector<double> sums(static_cast<std::size_t>(n_lists * dim_), 0.0);
-      std::vector<int64_t> counts(static_cast<std::size_t>(n_lists), 0);
-      for (int64_t i = 0; i < n_train; ++i) {
-        const float* x = keys + sample[i] * dim_;
-        double* s = sums.data() + assign[i] * dim_;
-        for (int64_t d = 0; d < dim_; ++d) s[d] += x[d];
-        ++counts[assign[i]];
-      }
-      for (int64_t c = 0; c < n_lists; ++c) {
-        float* cv = centroids_.data() + c * dim_;
-        if (counts[c] == 0) {  // empty list: restart it at a random training key
-          const float* x = keys + sample[rng() % n_train] * dim_;
-          std::copy(x, x + dim_, cv);
-        } else {
-          for (int64_t d = 0; d < dim_; ++d) cv[d] = static_cast<float>(sums[c * dim_ + d] / counts[c]);
-        }
-      }
+    std::vector<int64_t> first(static_cast<std::size_t>(n_lists));
+    std::iota(first.begin(), first.end(), int64_t{0});
+    KMeansParams kp;
+    kp.iterations = params_.n_iters;
+    kp.restart = &rng;
+    KMeansResult km;
+    kmeans(keys, sample.data(), static_cast<int64_t>(sample.size()), dim_, first, kp, km);
+    centroids_ = std::move(km.centroids);
+    half_norms_.resize(static_cast<std::size_t>(n_lists));
+    for (int64_t c = 0; c < n_lists; ++c) {
+      const float* cv = centroids_.data() + c * dim_;
+      half_norms_[c] = 0.5f * ip_(cv, cv, dim_);
     }
     lists_.assign(static_cast<std::size_t>(n_lists), List());
   }
 
   const int64_t n_lists_req_;      // requested number of lists
-  const int64_t n_iters_;          // Lloyd iterations
-  const uint64_t seed_;            // k-means initialisation seed
+  const IVFBuildParams params_;    // build knobs
   std::vector<float> centroids_;   // [n_lists, dim]
   std::vector<float> half_norms_;  // |c|^2 / 2 per centroid
   std::vector<List> lists_;        // one per centroid

@@ -1,18 +1,17 @@
 // Inner product of two float vectors, with the SIMD path picked once at run time.
 //
-// The library is compiled with portable flags, so the AVX2+FMA and AVX-512 kernels are compiled
-// per function with target attributes and chosen by `select_inner_product()` from what the CPU
-// reports (hnswlib's space_ip.h does the same at construction). Every path accumulates in fp32;
-// they differ from each other only by summation order. Torch-free.
+// The AVX2 and AVX-512 kernels are compiled per function with target attributes; `*_for(level)`
+// returns the kernel of a level from cpu_features.h (an index picks its kernels once, at
+// construction, as hnswlib's space_ip.h does). Every path accumulates in fp32; they differ from
+// each other only by summation order. Torch-free.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define LCKV_X86_DISPATCH 1
-#include <immintrin.h>
-#endif
+#include "lckv/cpu_features.h"
 
 namespace lckv {
 
@@ -35,7 +34,7 @@ inline float inner_product_scalar(const float* a, const float* b, std::size_t di
 
 #ifdef LCKV_X86_DISPATCH
 
-__attribute__((target("avx2,fma"))) inline float inner_product_avx2(const float* a, const float* b,
+LCKV_TARGET_AVX2 inline float inner_product_avx2(const float* a, const float* b,
                                                                      std::size_t dim) {
   __m256 acc0 = _mm256_setzero_ps();
   __m256 acc1 = _mm256_setzero_ps();
@@ -57,7 +56,7 @@ __attribute__((target("avx2,fma"))) inline float inner_product_avx2(const float*
   return sum;
 }
 
-__attribute__((target("avx512f"))) inline float inner_product_avx512(const float* a, const float* b,
+LCKV_TARGET_AVX512 inline float inner_product_avx512(const float* a, const float* b,
                                                                       std::size_t dim) {
   __m512 acc0 = _mm512_setzero_ps();
   __m512 acc1 = _mm512_setzero_ps();
@@ -95,7 +94,7 @@ inline void inner_product_batch_scalar(const float* query, const float* base, co
 
 #ifdef LCKV_X86_DISPATCH
 // [sum of a[0], ..., sum of a[7]]: eight horizontal sums in one register.
-__attribute__((target("avx2,fma"))) inline __m256 horizontal_sums8(const __m256 a[8]) {
+LCKV_TARGET_AVX2 inline __m256 horizontal_sums8(const __m256 a[8]) {
   const __m256 lo = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // per 128-bit half
   const __m256 hi = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
@@ -105,7 +104,7 @@ __attribute__((target("avx2,fma"))) inline __m256 horizontal_sums8(const __m256 
 // eight dot products share each query load, and their horizontal sums are one shuffle tree
 // instead of eight (for head_dim 8 that tree was most of the work).
 template <typename Row>
-__attribute__((target("avx2,fma"))) inline void inner_products8_avx2(const float* query, std::size_t n,
+LCKV_TARGET_AVX2 inline void inner_products8_avx2(const float* query, std::size_t n,
                                                                      std::size_t dim, float* out, Row row) {
   std::size_t j = 0;
   if (dim % 8 == 0) {
@@ -126,12 +125,12 @@ __attribute__((target("avx2,fma"))) inline void inner_products8_avx2(const float
   for (; j < n; ++j) out[j] = inner_product_avx2(query, row(j), dim);
 }
 
-__attribute__((target("avx2,fma"))) inline void inner_product_batch_avx2(
+LCKV_TARGET_AVX2 inline void inner_product_batch_avx2(
     const float* query, const float* base, const uint32_t* ids, std::size_t n, std::size_t dim, float* out) {
   inner_products8_avx2(query, n, dim, out, [&](std::size_t j) { return base + ids[j] * dim; });
 }
 
-__attribute__((target("avx512f"))) inline void inner_product_batch_avx512(
+LCKV_TARGET_AVX512 inline void inner_product_batch_avx512(
     const float* query, const float* base, const uint32_t* ids, std::size_t n, std::size_t dim, float* out) {
   for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_avx512(query, base + ids[j] * dim, dim);
 }
@@ -147,12 +146,12 @@ inline void inner_product_rows_scalar(const float* query, const float* rows, std
 }
 
 #ifdef LCKV_X86_DISPATCH
-__attribute__((target("avx2,fma"))) inline void inner_product_rows_avx2(
+LCKV_TARGET_AVX2 inline void inner_product_rows_avx2(
     const float* query, const float* rows, std::size_t n, std::size_t dim, float* out) {
   inner_products8_avx2(query, n, dim, out, [&](std::size_t j) { return rows + j * dim; });
 }
 
-__attribute__((target("avx512f"))) inline void inner_product_rows_avx512(
+LCKV_TARGET_AVX512 inline void inner_product_rows_avx512(
     const float* query, const float* rows, std::size_t n, std::size_t dim, float* out) {
   for (std::size_t j = 0; j < n; ++j) out[j] = inner_product_avx512(query, rows + j * dim, dim);
 }
@@ -181,7 +180,7 @@ inline void inner_product_blocks_scalar(const float* query, const float* blocks,
 // give kB independent chains. Short inputs (a cluster's 1-3 blocks) take steps of 2 and 1. Each
 // output is summed in the same order whatever the step (bitwise the same results).
 template <std::size_t kB>
-__attribute__((target("avx2,fma"))) inline void inner_product_blocks_step_avx2(const float* query, const float* blk,
+LCKV_TARGET_AVX2 inline void inner_product_blocks_step_avx2(const float* query, const float* blk,
                                                                               std::size_t dim, float* out) {
   const std::size_t stride = dim * 8;
   __m256 acc[kB];
@@ -193,7 +192,7 @@ __attribute__((target("avx2,fma"))) inline void inner_product_blocks_step_avx2(c
   for (std::size_t k = 0; k < kB; ++k) _mm256_storeu_ps(out + k * 8, acc[k]);
 }
 
-__attribute__((target("avx2,fma"))) inline void inner_product_blocks_avx2(
+LCKV_TARGET_AVX2 inline void inner_product_blocks_avx2(
     const float* query, const float* blocks, std::size_t n_blocks, std::size_t dim, float* out) {
   std::size_t b = 0;
   for (; b + 8 <= n_blocks; b += 8) inner_product_blocks_step_avx2<8>(query, blocks + b * dim * 8, dim, out + b * 8);
@@ -223,7 +222,7 @@ inline void inner_product_blocks_pair_scalar(const float* q0, const float* q1, c
 #ifdef LCKV_X86_DISPATCH
 // (kB blocks per step as in inner_product_blocks_avx2: 2 * kB independent chains.)
 template <std::size_t kB>
-__attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_step_avx2(
+LCKV_TARGET_AVX2 inline void inner_product_blocks_pair_step_avx2(
     const float* q0, const float* q1, const float* blk, std::size_t dim, float* out0, float* out1) {
   const std::size_t stride = dim * 8;
   __m256 acc0[kB], acc1[kB];
@@ -242,7 +241,7 @@ __attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_step_a
   }
 }
 
-__attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_avx2(
+LCKV_TARGET_AVX2 inline void inner_product_blocks_pair_avx2(
     const float* q0, const float* q1, const float* blocks, std::size_t n_blocks, std::size_t dim, float* out0,
     float* out1) {
   std::size_t b = 0;
@@ -255,33 +254,6 @@ __attribute__((target("avx2,fma"))) inline void inner_product_blocks_pair_avx2(
   if (b < n_blocks) inner_product_blocks_pair_step_avx2<1>(q0, q1, blocks + b * dim * 8, dim, out0 + b * 8, out1 + b * 8);
 }
 #endif  // LCKV_X86_DISPATCH
-
-// Which kernel select_inner_product() picked, for logs and tests.
-enum class SimdLevel { kScalar, kAvx2, kAvx512 };
-
-inline const char* simd_level_name(SimdLevel level) {
-  switch (level) {
-    case SimdLevel::kAvx512: return "avx512";
-    case SimdLevel::kAvx2: return "avx2";
-    default: return "scalar";
-  }
-}
-
-// The best level this CPU supports (evaluated once per process).
-inline SimdLevel detect_simd_level() {
-#ifdef LCKV_X86_DISPATCH
-  static const SimdLevel level = [] {
-    __builtin_cpu_init();
-    // AVX-512 only pays off once a vector fills a 16-lane register.
-    if (__builtin_cpu_supports("avx512f")) return SimdLevel::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return SimdLevel::kAvx2;
-    return SimdLevel::kScalar;
-  }();
-  return level;
-#else
-  return SimdLevel::kScalar;
-#endif
-}
 
 // The kernel for `level` (falls back to scalar when that level is not compiled in).
 inline InnerProductFn inner_product_for(SimdLevel level) {
@@ -338,6 +310,27 @@ inline InnerProductBlocksPairFn inner_product_blocks_pair_for(SimdLevel level) {
   return inner_product_blocks_pair_scalar;
 }
 
+// Writes x [dim] as row `row` of a blocks-of-8 transposed layout ([block][dim][8] floats, as
+// inner_product_blocks reads it), growing `blocks` with zero rows as needed.
+inline void put_blocked_row(std::vector<float>& blocks, int64_t row, const float* x, int64_t dim) {
+  const auto need = static_cast<std::size_t>((row / 8 + 1) * 8 * dim);
+  if (blocks.size() < need) blocks.resize(need, 0.0f);
+  float* block = blocks.data() + (row / 8) * 8 * dim;
+  for (int64_t d = 0; d < dim; ++d) block[d * 8 + row % 8] = x[d];
+}
+
+// out[g * out_stride + r] = queries[g] . row r of n_blocks blocks of 8 transposed rows, for the
+// `group` queries [group, dim], two at a time (one pass over the rows per pair).
+inline void score_blocks(InnerProductBlocksFn one, InnerProductBlocksPairFn pair, const float* queries, int64_t group,
+                         int64_t dim, const float* blocks, int64_t n_blocks, float* out, int64_t out_stride) {
+  const auto d = static_cast<std::size_t>(dim);
+  const auto nb = static_cast<std::size_t>(n_blocks);
+  int64_t g = 0;
+  for (; g + 2 <= group; g += 2)
+    pair(queries + g * dim, queries + (g + 1) * dim, blocks, nb, d, out + g * out_stride, out + (g + 1) * out_stride);
+  if (g < group) one(queries + g * dim, blocks, nb, d, out + g * out_stride);
+}
+
 // The nearest of C centroids in L2 from inner products: argmax_c (scores[c] - half_norms[c]) with
 // half_norms[c] = |c|^2 / 2 (ties: the lower c).
 inline int64_t nearest_from_scores_scalar(const float* scores, const float* half_norms, int64_t C) {
@@ -356,7 +349,7 @@ inline int64_t nearest_from_scores_scalar(const float* scores, const float* half
 #ifdef LCKV_X86_DISPATCH
 // nearest_from_scores on 8 lanes: each lane keeps its best (strictly greater replaces, so the
 // lowest c of a lane's ties), then the best lane value and the lowest c holding it.
-__attribute__((target("avx2,fma"))) inline int64_t nearest_from_scores_avx2(const float* scores,
+LCKV_TARGET_AVX2 inline int64_t nearest_from_scores_avx2(const float* scores,
                                                                            const float* half_norms, int64_t C) {
   if (C < 16) return nearest_from_scores_scalar(scores, half_norms, C);
   __m256 best = _mm256_sub_ps(_mm256_loadu_ps(scores), _mm256_loadu_ps(half_norms));
@@ -397,8 +390,7 @@ __attribute__((target("avx2,fma"))) inline int64_t nearest_from_scores_avx2(cons
 // nearest_from_scores_scalar on the widest SIMD this CPU has (same result for finite scores).
 inline int64_t nearest_from_scores(const float* scores, const float* half_norms, int64_t C) {
 #ifdef LCKV_X86_DISPATCH
-  static const bool avx2 = detect_simd_level() != SimdLevel::kScalar;
-  if (avx2) return nearest_from_scores_avx2(scores, half_norms, C);
+  if (detect_simd_level() != SimdLevel::kScalar) return nearest_from_scores_avx2(scores, half_norms, C);
 #endif
   return nearest_from_scores_scalar(scores, half_norms, C);
 }

@@ -26,72 +26,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__GNUC__) || defined(__clang__)
-#define LCKV_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define LCKV_ALWAYS_INLINE inline
-#endif
-
-#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
-#define LCKV_HAVE_AVX2_DISPATCH 1
-#include <immintrin.h>
-#endif
+#include "lckv/cpu_features.h"
+#include "lckv/dtypes.h"
+#include "lckv/exp_weights.h"  // exp_nonpositive, exp_nonpositive8
 
 namespace lckv {
-
-// Storage types for 16-bit floats: raw bits, layout-compatible with at::Half / at::BFloat16.
-struct half_bits {
-  uint16_t bits;
-};
-struct bfloat16_bits {
-  uint16_t bits;
-};
-
-LCKV_ALWAYS_INLINE float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-LCKV_ALWAYS_INLINE uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-LCKV_ALWAYS_INLINE float to_float(float x) { return x; }
-LCKV_ALWAYS_INLINE float to_float(bfloat16_bits x) { return bits_to_float(uint32_t(x.bits) << 16); }
-// Branch-free IEEE half -> float (normals, subnormals, inf, nan): shift the exponent/mantissa into
-// float position, rescale by 2^112 to fix the exponent bias, then patch inf/nan.
-LCKV_ALWAYS_INLINE float to_float(half_bits x) {
-  const uint32_t h = x.bits;
-  const uint32_t sign = (h & 0x8000u) << 16;
-  float magnitude = bits_to_float((h & 0x7fffu) << 13) * bits_to_float(0x77800000u);  // * 2^112
-  uint32_t u = float_to_bits(magnitude);
-  u |= ((h & 0x7c00u) == 0x7c00u) ? 0x7f800000u : 0u;  // exponent 31: inf or nan
-  return bits_to_float(u | sign);
-}
-
-// exp(x) for x <= 0 (scores minus their max): Cody-Waite range reduction + degree-6 polynomial,
-// about 2 ulp; returns exactly 0 below -87 (and for -inf), NaN for NaN (so a NaN read from K
-// reaches the output instead of vanishing). Branch-free so loops vectorise.
-LCKV_ALWAYS_INLINE float exp_nonpositive(float x) {
-  const float underflow = -87.0f;
-  const bool zero = x < underflow;  // false for NaN
-  x = zero ? underflow : x;
-  const float round_magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds |v| < 2^22 to nearest
-  const float n = (x * 1.44269504088896341f + round_magic) - round_magic;
-  float r = x - n * 0.693359375f;  // ln2 split in a short high part and a correction
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scaled = bits_to_float(float_to_bits(p) + (uint32_t(int32_t(n)) << 23));
-  return zero ? 0.0f : scaled;
-}
 
 // Sizes and strides (in elements) of one sparse attention call.
 struct SparseAttentionProblem {
@@ -141,8 +80,8 @@ struct PortableLoad {
   }
 };
 
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-__attribute__((target("avx2,fma,f16c"))) inline const float* load_row_f16c(const half_bits* src, float* buffer,
+#ifdef LCKV_X86_DISPATCH
+LCKV_TARGET_AVX2 inline const float* load_row_f16c(const half_bits* src, float* buffer,
                                                                            int64_t n) {
   int64_t d = 0;
   for (; d + 8 <= n; d += 8) {
@@ -355,13 +294,7 @@ void attend_group_portable(const float* q, const T* k, const T* v, const int64_t
   attend_group_impl<PortableLoad>(q, k, v, idx, p, out, lse, scratch);
 }
 
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-#define LCKV_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-// The same AVX2 code compiled with AVX-512VL encodings allowed: 32 vector registers instead of 16.
-#define LCKV_TARGET_AVX2_WIDE __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
-// The wide code plus VDPBF16PS (AVX512_BF16): bf16 K rows dotted two elements per lane.
-#define LCKV_TARGET_AVX2_BF16 __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bf16")))
-
+#ifdef LCKV_X86_DISPATCH
 // 8 consecutive row elements as fp32, converted in registers.
 LCKV_TARGET_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 LCKV_TARGET_AVX2 inline __m256 load8(const half_bits* p) {
@@ -378,40 +311,6 @@ LCKV_TARGET_AVX2 inline __m256 sum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, 
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));  // per 128-bit half
   const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
   return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
-}
-
-// exp_nonpositive on 8 lanes, same reduction and polynomial (to rounding of the FMA contractions):
-// 0 below -87 and for -inf, NaN for NaN.
-LCKV_TARGET_AVX2 inline __m256 exp_nonpositive8(__m256 x) {
-  const __m256 underflow = _mm256_set1_ps(-87.0f);
-  const __m256 zero = _mm256_cmp_ps(x, underflow, _CMP_LT_OQ);  // false for NaN
-  x = _mm256_blendv_ps(x, underflow, zero);
-  const __m256 round_magic = _mm256_set1_ps(12582912.0f);
-  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), round_magic), round_magic);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  const __m256i exponent = _mm256_slli_epi32(_mm256_cvttps_epi32(n), 23);
-  const __m256 scaled = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), exponent));
-  return _mm256_andnot_ps(zero, scaled);
-}
-
-LCKV_TARGET_AVX2 inline float horizontal_sum(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-
-LCKV_TARGET_AVX2 inline float horizontal_max(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
 }
 
 // softmax_in_place for rows whose length `stride` is a multiple of 8, on 8 lanes.
@@ -517,7 +416,7 @@ inline bool queries_as_bf16(GroupScratch& scratch, int64_t count) {
 // VDPBF16PS adds the products of 8 bf16 pairs to 8 lanes. Not inlined: the caller's target lacks
 // AVX512_BF16.
 template <typename T>
-LCKV_TARGET_AVX2_BF16 void bf16_dot_scores(const uint16_t* q, int64_t heads, const T* head, int64_t row_stride,
+LCKV_TARGET_AVX512_BF16 void bf16_dot_scores(const uint16_t* q, int64_t heads, const T* head, int64_t row_stride,
                                            const int64_t* idx, int64_t n, int64_t dim, float scale, const T* zero_row,
                                            float* scores, int64_t stride) {
   constexpr int64_t kTile = 4;
@@ -681,7 +580,7 @@ LCKV_TARGET_AVX2 void attend_group_avx2(const float* q, const T* k, const T* v, 
 
 // With 32 vector registers (CPUs with AVX-512VL): wider register blocks.
 template <typename T>
-LCKV_TARGET_AVX2_WIDE void attend_group_avx2_wide(const float* q, const T* k, const T* v, const int64_t* idx,
+LCKV_TARGET_AVX512 void attend_group_avx2_wide(const float* q, const T* k, const T* v, const int64_t* idx,
                                                   const SparseAttentionProblem& p, float* out, float* lse,
                                                   GroupScratch& scratch) {
   attend_group_avx2_any<true, false>(q, k, v, idx, p, out, lse, scratch);
@@ -689,7 +588,7 @@ LCKV_TARGET_AVX2_WIDE void attend_group_avx2_wide(const float* q, const T* k, co
 
 // The wide task plus the bf16 dot path (CPUs with AVX512_BF16; instantiated for bf16 K/V).
 template <typename T>
-LCKV_TARGET_AVX2_BF16 void attend_group_avx2_bf16(const float* q, const T* k, const T* v, const int64_t* idx,
+LCKV_TARGET_AVX512_BF16 void attend_group_avx2_bf16(const float* q, const T* k, const T* v, const int64_t* idx,
                                                   const SparseAttentionProblem& p, float* out, float* lse,
                                                   GroupScratch& scratch) {
   attend_group_avx2_any<true, true>(q, k, v, idx, p, out, lse, scratch);
@@ -708,16 +607,16 @@ class SparseAttention {
   explicit SparseAttention(bool allow_simd = true, bool allow_wide = true, bool allow_bf16_dot = true) {
     attend_ = &detail::attend_group_portable<T>;
     simd_name_ = "portable";
-#ifdef LCKV_HAVE_AVX2_DISPATCH
-    if (allow_simd && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c")) {
+#ifdef LCKV_X86_DISPATCH
+    const CpuFeatures& cpu = cpu_features();
+    if (allow_simd && cpu.level != SimdLevel::kScalar) {
       attend_ = &detail::attend_group_avx2<T>;
       simd_name_ = "avx2+fma+f16c";
-      if (allow_wide && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+      if (allow_wide && cpu.level == SimdLevel::kAvx512) {
         attend_ = &detail::attend_group_avx2_wide<T>;
         simd_name_ = "avx2+fma+f16c (32 registers, avx512vl)";
         if constexpr (std::is_same_v<T, bfloat16_bits>) {
-          if (allow_bf16_dot && __builtin_cpu_supports("avx512bf16")) {
+          if (allow_bf16_dot && cpu.avx512_bf16) {
             attend_ = &detail::attend_group_avx2_bf16<T>;
             simd_name_ = "avx2+fma+f16c (32 registers, avx512vl) + avx512bf16 dot";
           }
