@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lckv.index import ClusterIndex, GraphIndex
-from lckv.index.eval_data import exact_topk, real_sets, recall_at
+from lckv.research.eval_data import exact_topk, real_sets, recall_at
 
 pytest.importorskip("lckv._C")
 
@@ -242,14 +242,14 @@ def test_group_search_follows_the_documented_rule(group, k, supers):
 def test_group_search_covering_every_key_is_exact(dim):
     """With scan * k >= size every key is a candidate: the ranking is exact summed probability,
     the same rows the policy's reference ranking picks."""
-    from lckv.policies.selection import top_by_group_probability_torch
+    from lckv.reference.group_rank import rank_by_group_probability
 
     seed = fresh_seed()
     keys, queries = topic_stream(3000, 4, dim, seed)
     index = ClusterIndex(dim, cluster_size=16, segment=1024).build(keys)
     k, scale = 200, dim ** -0.5
     probs, ids, _ = index.search_group(queries, k, scale, scan=3000 / k)
-    ref = top_by_group_probability_torch(queries[None].double(), keys[None, None].double(), k, scale)[0, 0]
+    ref = rank_by_group_probability(queries[None].double(), keys[None, None].double(), None, None, scale, k)[0, 0]
     p = torch.softmax(scale * (queries.double() @ keys.double().T), -1).sum(0)
     torch.testing.assert_close(probs.double(), p[ref], atol=1e-6, rtol=1e-4, msg=f"seed {seed}")
     differ = ids != ref

@@ -64,9 +64,8 @@ def test_cpu_merge_rejects_bad_input():
         C.merge_attention_states(out.to("meta"), lse, out, lse)
 
 
-def test_import_works_without_extension():
-    """With lckv._C unimportable, `import lckv` and the pure-PyTorch paths still work, and a compiled
-    op fails with a message saying what is missing."""
+def run_without_extension(body: str) -> str:
+    """Runs ``body`` in a fresh interpreter where importing lckv._C fails; returns its stdout."""
     script = textwrap.dedent("""
         import importlib.abc, sys
         class Block(importlib.abc.MetaPathFinder):
@@ -74,6 +73,16 @@ def test_import_works_without_extension():
                 if name == "lckv._C":
                     raise ImportError("blocked for the test")
         sys.meta_path.insert(0, Block())
+    """) + textwrap.dedent(body)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_import_works_without_extension():
+    """With lckv._C unimportable, `import lckv` and the pure-PyTorch paths still work, and a compiled
+    op fails with a message saying what is missing."""
+    out = run_without_extension("""
         import torch, lckv
         from lckv.reference import merge_attention_states
         assert not lckv.extension_available()
@@ -84,7 +93,21 @@ def test_import_works_without_extension():
         except lckv.ExtensionNotAvailableError as e:
             print("ERR", e)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "ERR lckv op 'merge_attention_states' needs the compiled extension lckv._C" in done.stdout
-    assert "pip install -e ." in done.stdout
+    assert "ERR lckv op 'merge_attention_states' needs the compiled extension lckv._C" in out
+    assert "pip install -e ." in out
+
+
+def test_index_defaults_need_the_extension_only_when_read():
+    """lckv.index imports without lckv._C; reading an index's defaults or making a C++ index then
+    raises ExtensionNotAvailableError."""
+    out = run_without_extension("""
+        import lckv
+        from lckv.index import ClusterIndex, GraphIndex
+        for use in (lambda: ClusterIndex.build_defaults, lambda: GraphIndex.search_params, lambda: ClusterIndex(8),
+                    lambda: GraphIndex(8)):
+            try:
+                use()
+            except lckv.ExtensionNotAvailableError as e:
+                print("ERR", str(e).split(" needs")[0])
+    """)
+    assert out.split("\n")[:4] == ["ERR lckv op 'index_defaults'"] * 4

@@ -8,7 +8,7 @@ import torch
 
 from lckv.index import (ClusterIndex, DimensionMismatchError, EmptyIndexError, FaissIndex, FlatIndex,
                         GraphIndex, IVFIndex, LayerIndex, search_heads)
-from lckv.index.eval_data import exact_topk, real_sets, recall_at, synthetic_set
+from lckv.research.eval_data import exact_topk, real_sets, recall_at, synthetic_set
 
 pytest.importorskip("lckv._C")
 
@@ -334,6 +334,44 @@ def test_compiled_glue_checks_its_inputs():
     for bad in (dict(upper_size=-1), dict(upper_degree=1), dict(upper_ef=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             _C.GraphIndex(8, **bad)
+
+
+def test_defaults_come_from_the_cpp_params():
+    """Build settings and search parameters are the C++ params structs' (lckv._C.index_defaults);
+    the classes' dicts keep their keys and values, and constructors start from them."""
+    from lckv import _C
+
+    expected_search = {FlatIndex: {}, IVFIndex: {"nprobe": 8}, GraphIndex: {"ef": 64, "upper_ef": 0},
+                       ClusterIndex: {"scan": 2.0, "expand": 0.1}}
+    for cls, kind in ((FlatIndex, "flat"), (IVFIndex, "ivf"), (GraphIndex, "graph"), (ClusterIndex, "cluster")):
+        assert cls.search_params == _C.index_defaults(kind)["search"] == expected_search[cls]
+        assert cls.build_defaults == _C.index_defaults(kind)["build"]
+    assert ClusterIndex.build_defaults["cluster_size"] == 16
+    assert ClusterIndex(8).config == ClusterIndex.build_defaults
+    assert ClusterIndex(8, segment=512).config == {**ClusterIndex.build_defaults, "segment": 512}
+    assert IVFIndex(8).config == IVFIndex.build_defaults
+    graph = GraphIndex(128).config
+    assert {key: graph[key] for key in GraphIndex.build_defaults if key != "n_entry"} == {
+        key: value for key, value in GraphIndex.build_defaults.items() if key != "n_entry"}
+    assert graph["n_entry"] is None and GraphIndex(8).config["max_degree"] == 48
+    params = ClusterIndex.search_params
+    params["scan"] = 99.0  # a copy: the class's defaults stay
+    assert ClusterIndex.search_params["scan"] == 2.0 and ClusterIndex(8).search_params == ClusterIndex.search_params
+    with pytest.raises(ValueError, match="kind must be"):
+        _C.index_defaults("hnsw")
+
+
+def test_native_handle_is_the_cpp_index():
+    from lckv import _C
+
+    index = ClusterIndex(8)
+    with pytest.raises(EmptyIndexError, match="build\\(\\) or add\\(\\) keys first"):
+        index.native_handle()
+    index.build(torch.randn(300, 8))
+    handle = index.native_handle()
+    assert isinstance(handle, _C.ClusterIndex) and handle.size == 300
+    probs, ids, _ = _C.search_groups([handle], torch.randn(1, 2, 8), 5, scale=0.5)
+    assert ids.shape == (1, 5)
 
 
 def test_search_heads_rejects_mixed_and_empty():

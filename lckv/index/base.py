@@ -19,6 +19,9 @@ Errors (raised before any work): ``TypeError`` for a non-tensor or a dtype other
 ``ValueError`` for a non-CPU device, a wrong number of dimensions, non-contiguous input, NaN/inf,
 or ``k <= 0``; :class:`DimensionMismatchError` (a ``ValueError``) when ``head_dim`` differs from
 the index's; :class:`EmptyIndexError` (a ``ValueError``) for a search before any key was added.
+Each check runs once per call: the C++ indexes' glue checks dtype, device, contiguity and values
+itself (the same exception types, equally specific messages), so their Python side checks only what it
+needs to read the shapes (:func:`check_shape`); other indexes check everything here (:func:`check_rows`).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import abc
 
 import torch
 
-__all__ = ["Index", "EmptyIndexError", "DimensionMismatchError", "check_rows", "check_k"]
+__all__ = ["Index", "EmptyIndexError", "DimensionMismatchError", "check_rows", "check_shape", "check_k"]
 
 
 class EmptyIndexError(ValueError):
@@ -37,19 +40,24 @@ class DimensionMismatchError(ValueError):
     """Input rows do not have the index's head_dim."""
 
 
-def check_rows(x, name: str, dim: int | None = None, ndim: int = 2, layout: str = "[n, head_dim]"):
-    """Checks a float32, CPU, contiguous, finite tensor of ``ndim`` dims whose last is ``dim``."""
+def check_shape(x, name: str, dim: int | None = None, ndim: int = 2, layout: str = "[n, head_dim]"):
+    """Checks a tensor of ``ndim`` dims whose last is ``dim``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
-    if x.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {str(x.dtype).replace('torch.', '')} (convert with .float())")
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} must be on the CPU (the index lives in host memory), got device {x.device}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have shape {layout} ({ndim} dims), got {tuple(x.shape)}")
     if dim is not None and x.shape[-1] != dim:
         raise DimensionMismatchError(
             f"{name} must have head_dim {dim} (the index's) in its last dimension, got shape {tuple(x.shape)}")
+
+
+def check_rows(x, name: str, dim: int | None = None, ndim: int = 2, layout: str = "[n, head_dim]"):
+    """Checks a float32, CPU, contiguous, finite tensor of ``ndim`` dims whose last is ``dim``."""
+    check_shape(x, name, dim, ndim, layout)
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {str(x.dtype).replace('torch.', '')} (convert with .float())")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} must be on the CPU (the index lives in host memory), got device {x.device}")
     if not x.is_contiguous():
         raise ValueError(f"{name} must be contiguous (call .contiguous()), got strides {x.stride()}")
     if x.numel() and not bool(torch.isfinite(x).all()):
@@ -73,6 +81,8 @@ class Index(abc.ABC):
 
     #: search keyword arguments this index understands, with their defaults
     search_params: dict = {}
+    #: the checks of an input tensor; the C++ indexes set check_shape (their glue checks the rest)
+    _check_input = staticmethod(check_rows)
 
     def __init__(self, dim: int):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
@@ -91,9 +101,9 @@ class Index(abc.ABC):
         """Adds keys ``[n, head_dim]``; ``queries`` ``[m, head_dim]`` (optional) are a sample of the
         queries the index will serve (prefill queries), used by query-aware indexes and ignored by
         the others. Returns self."""
-        check_rows(keys, "keys", self.dim)
+        self._check_input(keys, "keys", self.dim)
         if queries is not None:
-            check_rows(queries, "queries", self.dim, layout="[n_queries, head_dim]")
+            self._check_input(queries, "queries", self.dim, layout="[n_queries, head_dim]")
         if self.size:
             raise ValueError(f"build() needs an empty index, this one holds {self.size} keys; use add()")
         self._build(keys, queries)
@@ -102,14 +112,14 @@ class Index(abc.ABC):
     def add(self, keys: torch.Tensor) -> None:
         """Appends keys ``[n, head_dim]``; their ids continue from ``size``. Safe while other threads
         search."""
-        check_rows(keys, "keys", self.dim)
+        self._check_input(keys, "keys", self.dim)
         if keys.shape[0]:
             self._add(keys)
 
     def search(self, queries: torch.Tensor, k: int, **params):
         """Top-k keys by inner product: ``(scores [m, k], ids [m, k], n_scored [m])``; see the module
         docstring for padding when ``k > size``."""
-        check_rows(queries, "queries", self.dim, layout="[n_queries, head_dim]")
+        self._check_input(queries, "queries", self.dim, layout="[n_queries, head_dim]")
         check_k(k)
         unknown = set(params) - set(self.search_params)
         if unknown:

@@ -7,24 +7,32 @@ and runs all (head, query) pairs in parallel with OpenMP (:func:`search_heads`);
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import torch
 
 from lckv._extension import compiled
-from lckv.index.base import Index, check_k, check_rows, EmptyIndexError
+from lckv.index.base import EmptyIndexError, Index, check_k, check_rows, check_shape
 from lckv.index.native import IVFIndex, NativeIndex
 
 __all__ = ["LayerIndex", "search_groups", "search_heads"]
 
 
+def _native_handles(indexes):
+    """The C++ indexes of ``indexes`` when all are built native indexes (one compiled call serves
+    them), else None."""
+    if all(isinstance(ix, NativeIndex) and ix.size for ix in indexes):
+        return [ix.native_handle() for ix in indexes]
+    return None
+
+
 def _check_heads(indexes, queries, k, layout):
-    """Checks shared by the per-head searches: one non-empty index per row of ``queries``."""
+    """Checks shared by the per-head searches: one non-empty index per row of ``queries``. The
+    values of ``queries`` are left to the compiled search (search_heads checks them for the others)."""
     if not indexes:
         raise ValueError("indexes must hold at least one index")
     dim = indexes[0].dim
-    check_rows(queries, "queries", dim, ndim=3, layout=layout)
+    check_shape(queries, "queries", dim, ndim=3, layout=layout)
     check_k(k)
     if queries.shape[0] != len(indexes):
         raise ValueError(f"queries must have {len(indexes)} heads (one per index) in dim 0, got {tuple(queries.shape)}")
@@ -51,8 +59,10 @@ def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **para
     if unknown:
         raise TypeError(f"{type(first).__name__} search got unknown parameters {sorted(unknown)}")
     merged = {**first.search_params, **params}
-    if isinstance(first, NativeIndex) and all(ix._core is not None for ix in indexes):
-        return compiled("search_heads").search_heads([ix._core for ix in indexes], queries, k, **merged)
+    handles = _native_handles(indexes)
+    if handles is not None:
+        return compiled("search_heads").search_heads(handles, queries, k, **merged)
+    check_rows(queries, "queries", first.dim, ndim=3, layout="[heads, n_queries, head_dim]")
     results = [ix._search(queries[h], k, merged) for h, ix in enumerate(indexes)]
     return tuple(torch.stack(parts) for parts in zip(*results))
 
@@ -77,13 +87,13 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
     if indexes and not all(isinstance(ix, ClusterIndex) for ix in indexes):
         raise TypeError(f"search_groups needs ClusterIndex heads, got {sorted({type(ix).__name__ for ix in indexes})}")
     _check_heads(indexes, queries, k, "[heads, group, head_dim]")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):  # its value: checked by the compiled op
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
     unknown = set(params) - set(ClusterIndex.search_params)
     if unknown:
         raise TypeError(f"ClusterIndex search got unknown parameters {sorted(unknown)}")
     merged = {**ClusterIndex.search_params, **params}
-    return compiled("search_groups").search_groups([ix._core for ix in indexes], queries, k, scale=float(scale),
+    return compiled("search_groups").search_groups(_native_handles(indexes), queries, k, scale=float(scale),
                                                    sorted=bool(sort), **merged)
 
 
@@ -111,8 +121,10 @@ class LayerIndex:
     def size(self) -> int:
         return self.heads[0].size
 
-    def _check(self, x, name, layout):
-        check_rows(x, name, self.head_dim, ndim=3, layout=layout)
+    def _check(self, x, name, layout, values=True):
+        """The shape and, with ``values``, dtype, device, contiguity and values: all heads are checked
+        before any changes (the compiled add_heads checks the values itself)."""
+        (check_rows if values else check_shape)(x, name, self.head_dim, ndim=3, layout=layout)
         if x.shape[0] != self.kv_heads:
             raise ValueError(f"{name} must have kv_heads={self.kv_heads} in dim 0, got {tuple(x.shape)}")
 
@@ -125,9 +137,10 @@ class LayerIndex:
         return self
 
     def add(self, keys: torch.Tensor) -> None:
-        self._check(keys, "keys", "[kv_heads, n, head_dim]")
-        if all(isinstance(ix, NativeIndex) and ix._core is not None for ix in self.heads):
-            compiled("add_heads").add_heads([ix._core for ix in self.heads], keys)  # one call, GIL released
+        handles = _native_handles(self.heads)
+        self._check(keys, "keys", "[kv_heads, n, head_dim]", values=handles is None)
+        if handles is not None:
+            compiled("add_heads").add_heads(handles, keys)  # one call, GIL released
             return
         for h, index in enumerate(self.heads):
             index.add(keys[h].contiguous())

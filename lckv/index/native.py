@@ -1,26 +1,83 @@
-"""lckv's own C++ indexes (csrc/include/lckv/*_index.h) behind the :class:`Index` interface."""
+"""lckv's own C++ indexes (csrc/include/lckv/*_index.h) behind the :class:`Index` interface.
+
+The settings and their defaults are defined once, in the C++ params structs
+(``ClusterBuildParams``, ``GraphBuildParams``, ``IVFBuildParams``, ``SearchParams``), and read
+from the extension on first use (``lckv._C.index_defaults``): each class's ``build_defaults``
+(constructor settings) and ``search_params`` (search keywords) are plain dicts of them, and a
+constructor setting left at :data:`BUILD_DEFAULT` takes its ``build_defaults`` value. Importing this
+module never needs the extension; reading the defaults or making an index without it raises
+:class:`~lckv.ExtensionNotAvailableError`.
+"""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch  # noqa: F401  (doctest examples)
 
 from lckv._extension import compiled
-from lckv.index.base import Index
+from lckv.index.base import EmptyIndexError, Index, check_shape
 
-__all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "ClusterIndex", "NativeIndex"]
+__all__ = ["FlatIndex", "IVFIndex", "GraphIndex", "ClusterIndex", "NativeIndex", "BUILD_DEFAULT"]
+
+
+class _BuildDefault:
+    """The default of a constructor setting: its value in the class's ``build_defaults``."""
+
+    def __repr__(self) -> str:
+        return "BUILD_DEFAULT"
+
+
+BUILD_DEFAULT = _BuildDefault()
+
+
+@functools.lru_cache(maxsize=None)
+def _index_defaults(kind: str) -> dict:
+    return compiled("index_defaults").index_defaults(kind)
+
+
+class _CoreDefaults:
+    """A class attribute read from the extension on first use: the ``part`` ("build" or "search")
+    of ``lckv._C.index_defaults(owner._kind)``, as a fresh dict on every access."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __get__(self, obj, owner) -> dict:
+        return dict(_index_defaults(owner._kind)[self.part])
 
 
 class NativeIndex(Index):
     """Common part of the C++-backed indexes: ``self._core`` is an ``lckv._C.VectorIndex``, made
-    by ``_new_core(n)`` when the first keys arrive (some settings depend on n)."""
+    by ``_new_core(n)`` when the first keys arrive (some settings depend on n). The C++ glue checks
+    dtype, device, contiguity and values of every input, so the Python side checks only shapes."""
+
+    _kind: str  # the lckv._C.index_defaults kind, set by each subclass
+    #: constructor settings and their defaults (from the C++ params struct)
+    build_defaults = _CoreDefaults("build")
+    #: search keyword arguments and their defaults (from the C++ SearchParams)
+    search_params = _CoreDefaults("search")
+    _check_input = staticmethod(check_shape)
 
     def __init__(self, dim: int):
         super().__init__(dim)
         self._core = None
 
+    def _settings(self, **settings) -> dict:
+        """``settings`` with every BUILD_DEFAULT replaced by its ``build_defaults`` value."""
+        defaults = self.build_defaults
+        return {name: defaults[name] if value is BUILD_DEFAULT else value for name, value in settings.items()}
+
     def _new_core(self, n: int):
         raise NotImplementedError
+
+    def native_handle(self):
+        """The C++ index this object wraps (an ``lckv._C.VectorIndex``), for the compiled ops that
+        take index handles (``lckv._C.search_groups``, ``offload_rows``, ``decode_cluster_step``).
+        It is made when the first keys arrive: before that, raises :class:`EmptyIndexError`."""
+        if self._core is None:
+            raise EmptyIndexError(f"{type(self).__name__} has no native index yet: build() or add() keys first")
+        return self._core
 
     @property
     def size(self) -> int:
@@ -51,34 +108,41 @@ class FlatIndex(NativeIndex):
     >>> scores, ids, n_scored = index.search(torch.randn(3, 8), k=5)   # n_scored == 100
     """
 
+    _kind = "flat"
+
     def _new_core(self, n: int):
         return compiled("FlatIndex").FlatIndex(self.dim)
 
     def _build(self, keys, queries):
-        self._core = self._new_core(keys.shape[0])
-        self._core.add(keys)
+        core = self._new_core(keys.shape[0])
+        core.add(keys)
+        self._core = core  # only once the keys passed the glue's checks
 
 
 class IVFIndex(NativeIndex):
     """k-means inverted lists: a search scans the ``nprobe`` lists whose centroids have the largest
-    inner product with the query. ``n_lists`` defaults to ``4 * sqrt(n)`` at build time.
+    inner product with the query. ``n_lists`` defaults to ``4 * sqrt(n)`` at build time; the
+    k-means runs ``n_iters`` Lloyd iterations from a sample drawn by ``seed``.
 
-    Search parameter: ``nprobe`` (default 8).
+    Settings and their defaults: ``IVFIndex.build_defaults``; search parameter ``nprobe``
+    (``IVFIndex.search_params``).
     """
 
-    search_params = {"nprobe": 8}
+    _kind = "ivf"
 
-    def __init__(self, dim: int, n_lists: int | None = None, n_iters: int = 10, seed: int = 0):
-        self.n_lists, self.n_iters, self.seed = n_lists, n_iters, seed
+    def __init__(self, dim: int, n_lists: int | None = None, n_iters: int = BUILD_DEFAULT, seed: int = BUILD_DEFAULT):
         super().__init__(dim)
+        self.n_lists = n_lists
+        self.config = self._settings(n_iters=n_iters, seed=seed)
 
     def _new_core(self, n: int):
         n_lists = self.n_lists or max(1, int(4 * math.sqrt(max(n, 1))))
-        return compiled("IVFIndex").IVFIndex(self.dim, n_lists, self.n_iters, self.seed)
+        return compiled("IVFIndex").IVFIndex(self.dim, n_lists, **self.config)
 
     def _build(self, keys, queries):
-        self._core = self._new_core(keys.shape[0])
-        self._core.build(keys)
+        core = self._new_core(keys.shape[0])
+        core.build(keys)
+        self._core = core
 
 
 class GraphIndex(NativeIndex):
@@ -99,48 +163,51 @@ class GraphIndex(NativeIndex):
     ``n_scored`` counts every key scored on the way. Without build queries it degrades to a key-only graph.
 
     Build queries: at most ``max_build_queries`` rows of ``queries`` are used (an even subsample).
-    ``max_degree=None`` picks 48 for head_dim < 64, else 32. Measured (bench_index, 262K keys, one
+    ``max_degree=None`` picks 48 for head_dim < 64, else the build default. Measured (bench_index, 262K keys, one
     search thread): on the real stories260K heads (head_dim 8) degree 48 reaches recall@100 0.9 at
     ef 28-32 instead of 48, about 1.2x the QPS at recall 0.9 for the same keys scored; on the
     synthetic head_dim-128 set (with the upper level) it gives the same QPS at recall 0.9-0.95 but
     scores ~10% more keys for recall 0.95. Other head dims were not measured.
     ``upper_size`` is 0 (no upper level) by default; ``None`` picks ``n // 64`` when that exceeds
-    128. ``n_entry=None`` picks 128 entry keys with an upper level, else ``max(128, n // 512)``. Measured (bench_index, 262K keys): on the synthetic head_dim-128 set the upper
+    128. ``n_entry=None`` picks the build default with an upper level, else at least that many and
+    ``n // 512``. Measured (bench_index, 262K keys): on the synthetic head_dim-128 set the upper
     level takes recall@100 at ~1% scored from 0.80 to 0.95; on the real stories260K heads (head_dim 8),
     where the entries already navigate, it scores fewer keys for the same recall but runs at
     about a third of the QPS at recall 0.9-0.95.
     Keys added after the build are not in the upper level (the key graph reaches them).
-    Search parameters: ``ef`` (default 64); larger is slower and more accurate. ``upper_ef``: the
-    walk's beam over the upper level (default 0: the ``upper_ef`` given at construction).
+    Settings and their defaults: ``GraphIndex.build_defaults``. Search parameters
+    (``GraphIndex.search_params``): ``ef``, larger is slower and more accurate; ``upper_ef``, the
+    walk's beam over the upper level (0: the ``upper_ef`` given at construction).
 
     >>> keys, prefill_q = torch.randn(5000, 16), torch.randn(1000, 16) + 1
     >>> index = GraphIndex(16).build(keys, prefill_q)
     >>> scores, ids, n_scored = index.search(torch.randn(4, 16) + 1, k=10, ef=48)
     """
 
-    search_params = {"ef": 64, "upper_ef": 0}
+    _kind = "graph"
 
-    def __init__(self, dim: int, max_degree: int | None = None, build_knn: int = 100, rank_window: int = 32,
-                 lists_per_key: int = 32, n_entry: int | None = None, build_ef: int = 64,
-                 repair_queries: int = 8192, coarse_stride: int = 16, coarse_degree: int = 4,
-                 upper_size: int | None = 0, upper_degree: int = 32, upper_ef: int = 128,
-                 max_build_queries: int = 65536):
-        if max_degree is None:
-            max_degree = 48 if dim < 64 else 32
-        self.config = dict(max_degree=max_degree, build_knn=build_knn, rank_window=rank_window,
-                           lists_per_key=lists_per_key, n_entry=n_entry, build_ef=build_ef,
-                           repair_queries=repair_queries, coarse_stride=coarse_stride,
-                           coarse_degree=coarse_degree, upper_size=upper_size, upper_degree=upper_degree,
-                           upper_ef=upper_ef)
-        self.max_build_queries = max_build_queries
+    def __init__(self, dim: int, max_degree: int | None = None, build_knn: int = BUILD_DEFAULT,
+                 rank_window: int = BUILD_DEFAULT, lists_per_key: int = BUILD_DEFAULT, n_entry: int | None = None,
+                 build_ef: int = BUILD_DEFAULT, repair_queries: int = BUILD_DEFAULT, coarse_stride: int = BUILD_DEFAULT,
+                 coarse_degree: int = BUILD_DEFAULT, upper_size: int | None = BUILD_DEFAULT,
+                 upper_degree: int = BUILD_DEFAULT, upper_ef: int = BUILD_DEFAULT, max_build_queries: int = 65536):
         super().__init__(dim)
+        if max_degree is None:
+            max_degree = 48 if dim < 64 else BUILD_DEFAULT
+        self.config = self._settings(max_degree=max_degree, build_knn=build_knn, rank_window=rank_window,
+                                     lists_per_key=lists_per_key, n_entry=n_entry, build_ef=build_ef,
+                                     repair_queries=repair_queries, coarse_stride=coarse_stride,
+                                     coarse_degree=coarse_degree, upper_size=upper_size, upper_degree=upper_degree,
+                                     upper_ef=upper_ef)
+        self.max_build_queries = max_build_queries
 
     def _new_core(self, n: int):
         config = dict(self.config)
         if config["upper_size"] is None:
             config["upper_size"] = n // 64 if n // 64 > 128 else 0
         if config["n_entry"] is None:  # with an upper level, the walk navigates: fewer entries
-            config["n_entry"] = 128 if config["upper_size"] > 0 else max(128, n // 512)
+            entries = self.build_defaults["n_entry"]
+            config["n_entry"] = entries if config["upper_size"] > 0 else max(entries, n // 512)
         return compiled("GraphIndex").GraphIndex(self.dim, **config)
 
     @property
@@ -148,15 +215,15 @@ class GraphIndex(NativeIndex):
         return 0.0 if self._core is None else self._core.mean_degree
 
     def _build(self, keys, queries):
-        self._core = self._new_core(keys.shape[0])
+        core = self._new_core(keys.shape[0])
         if queries is None:
             queries = keys.new_empty((0, self.dim))
         elif queries.shape[0] > self.max_build_queries:
             step = queries.shape[0] / self.max_build_queries
             pick = (torch.arange(self.max_build_queries, dtype=torch.float64) * step).long()
             queries = queries[pick].contiguous()
-        self._core.build(keys, queries)
-
+        core.build(keys, queries)
+        self._core = core
 
 
 class ClusterIndex(NativeIndex):
@@ -183,20 +250,21 @@ class ClusterIndex(NativeIndex):
     keys at the mean), its one approximation; ``expand=1`` makes it exact. Clusters of a partial
     span (the newest) are scored one by one. ``super_size=0`` turns super-clusters off.
 
-    Search parameters: ``scan`` (default 2.0, >= 1): keys scanned per result wanted; ``expand``
-    (default 0.1, in (0, 1]): share of the super-clusters opened at least.
+    Settings and their defaults: ``ClusterIndex.build_defaults``. Search parameters
+    (``ClusterIndex.search_params``): ``scan`` (default 2.0, >= 1): keys scanned per
+    result wanted; ``expand`` (default 0.1, in (0, 1]): share of the super-clusters opened at least.
 
     >>> index = ClusterIndex(16).build(torch.randn(5000, 16))
     >>> scores, ids, n_scored = index.search(torch.randn(4, 16), k=500, scan=3.0)
     """
 
-    search_params = {"scan": 2.0, "expand": 0.1}
+    _kind = "cluster"
 
-    def __init__(self, dim: int, cluster_size: int = 16, segment: int = 8192, n_iters: int = 6,
-                 super_size: int = 64, super_span: int = 4096):
-        self.config = dict(cluster_size=cluster_size, segment=segment, n_iters=n_iters, super_size=super_size,
-                           super_span=super_span)
+    def __init__(self, dim: int, cluster_size: int = BUILD_DEFAULT, segment: int = BUILD_DEFAULT,
+                 n_iters: int = BUILD_DEFAULT, super_size: int = BUILD_DEFAULT, super_span: int = BUILD_DEFAULT):
         super().__init__(dim)
+        self.config = self._settings(cluster_size=cluster_size, segment=segment, n_iters=n_iters,
+                                     super_size=super_size, super_span=super_span)
         self._new_core(0)  # validates the settings now (ValueError naming the bad one)
 
     def _new_core(self, n: int):
@@ -248,5 +316,6 @@ class ClusterIndex(NativeIndex):
         return torch.empty(0, self.dim) if self._core is None else self._core.centroids()
 
     def _build(self, keys, queries):
-        self._core = self._new_core(keys.shape[0])
-        self._core.build(keys)
+        core = self._new_core(keys.shape[0])
+        core.build(keys)
+        self._core = core
