@@ -59,6 +59,7 @@ TABLE: dict[str, dict[str, tuple[str, ...]]] = {
     "rank_by_group_probability": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
     "decode_cluster_step": {"cpu": ("cpu",), "reference": ("cpu",)},
     "offload_rows": {"cpu": ("cpu",), "reference": ("cpu",)},
+    "kmeans": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
 }
 
 # The compiled symbol each `cpu` entry needs in lckv._C.
@@ -71,6 +72,7 @@ _CPU_SYMBOL = {
     "rank_by_group_probability": "rank_by_group_probability",
     "decode_cluster_step": "decode_cluster_step",
     "offload_rows": "offload_rows",
+    "kmeans": "kmeans",
 }
 
 

@@ -9,7 +9,9 @@ pytest.importorskip("lckv._C")
 
 
 def kmeans(points, n_clusters, iterations, seed):
-    return compiled("kmeans").kmeans(points, n_clusters, iterations, seed)
+    """The kernel from n_clusters initial points drawn by seed (torch.randperm, as lckv's callers draw them)."""
+    init = torch.randperm(points.shape[1], generator=torch.Generator().manual_seed(seed))[:n_clusters]
+    return compiled("kmeans").kmeans(points, init, iterations)
 
 
 def lloyd_reference(points, init, iterations):
@@ -96,8 +98,18 @@ def test_kmeans_rejects_bad_input():
         kmeans(torch.randn(2, 10, 0), 3, 1, 0)
     with pytest.raises(ValueError, match="points contains NaN or inf"):
         kmeans(torch.cat([points, torch.full((2, 1, 4), float("nan"))], 1), 3, 1, 0)
-    for bad in (0, -1, 11):
-        with pytest.raises(ValueError, match=r"n_clusters must be in \[1, n\] with n = 10"):
-            kmeans(points, bad, 1, 0)
+    raw = compiled("kmeans").kmeans
+    with pytest.raises(ValueError, match="init must hold between 1 and n = 10 point positions, got 0"):
+        raw(points, torch.empty(0, dtype=torch.int64), 1)
+    with pytest.raises(ValueError, match="init must hold between 1 and n = 10 point positions, got 11"):
+        raw(points, torch.arange(11), 1)
+    with pytest.raises(ValueError, match=r"init must hold point positions in \[0, 10\), got 10"):
+        raw(points, torch.tensor([3, 10]), 1)
+    with pytest.raises(ValueError, match="init must hold distinct positions, got 4 twice"):
+        raw(points, torch.tensor([4, 1, 4]), 1)
+    with pytest.raises(TypeError, match="init must be int64"):
+        raw(points, torch.tensor([1.0, 2.0]), 1)
+    with pytest.raises(ValueError, match="init must be a 1-D CPU tensor"):
+        raw(points, torch.tensor([[1, 2]]), 1)
     with pytest.raises(ValueError, match="iterations must be >= 0"):
         kmeans(points, 3, -1, 0)

@@ -137,3 +137,35 @@ def test_offload_rows_cpu_equals_reference():
 def test_host_index_ops_refuse_other_devices_by_name():
     with pytest.raises(BackendUnavailableError, match="decode_cluster_step.*'meta'"):
         ops.decode_cluster_step([], torch.empty(1, 2, 8, device="meta"), None, None, None, None, 1, 1.0)
+
+
+@pytest.mark.parametrize("heads,n,dim,clusters", [(1, 50, 8, 1), (3, 301, 59, 17), (2, 128, 64, 128)])
+def test_kmeans_cpu_equals_reference(heads, n, dim, clusters):
+    """The one C++ k-means against torch Lloyd from the same initial points: the same clusters
+    (random points: no near-ties), centroids to float32 rounding of the means."""
+    _seed()
+    points = torch.randn(heads, n, dim)
+    init = torch.randperm(n)[:clusters]
+    got = ops.kmeans(points, init, 5, backend="cpu")
+    want = ops.kmeans(points, init, 5, backend="reference")
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(ops.kmeans(points, init, 0)[0], points[:, init])  # iterations 0: the initial points
+
+
+def test_estimate_from_kmeans_uses_the_op():
+    """RetrievalPolicy(clusters=<int>) builds its estimate with lckv.ops.kmeans: every row is in its
+    nearest centroid's cluster and the counts add up to the rows."""
+    from lckv.cache import LckvCache
+    from lckv.policies import RetrievalPolicy
+    from lckv.reference.estimate import assign_nearest
+
+    _seed()
+    policy = RetrievalPolicy(sink=2, window=6, budget=40, index="flat", clusters=9)
+    layer = LckvCache(policy, 1).layers[0]
+    layer.update(torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16))
+    layer.update(torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16))
+    est = layer.selection_state().estimate
+    assert est.centroids.shape == (2, 2, 9, 16)
+    assert torch.equal(est.assign, assign_nearest(layer.store.keys, est.centroids))
+    torch.testing.assert_close(est.counts.sum(-1), torch.full((2, 2), float(layer.store.length)))

@@ -228,7 +228,7 @@ def test_fused_cluster_step_rejects_bad_arguments():
     policy = _fused_policy(True)
     layer, _, _ = _filled_cache(policy, total=400)
     state = layer.selection_state()
-    heads = [ix._core for index in state.indexes for ix in index.heads]
+    heads = [ix.native_handle() for index in state.indexes for ix in index.heads]
     est = state.estimate
     q = torch.randn(2, 4, 16)
     keys, values = layer.store.keys, layer.store.values
@@ -664,12 +664,12 @@ def test_offload_rows_equals_index_add_plus_estimate_add(dtype, padded):
     keys, values = store_k[:, :, 3:3 + n], store_v[:, :, 3:3 + n]  # strided views, as the host store's
     valid = torch.rand(B, n) > 0.3 if padded else None
     got_counts, got_sums = counts.clone(), sums.clone()
-    assign = compiled("offload_rows").offload_rows([ix._core for ix in ours], keys, values, valid,
+    assign = compiled("offload_rows").offload_rows([ix.native_handle() for ix in ours], keys, values, valid,
                                                    (centroids, half, got_counts, got_sums))
     ref_counts, ref_sums = counts.clone(), sums.clone()
     ref_assign = compiled("estimate_add").estimate_add(keys.float().contiguous(), values.float().contiguous(), valid,
                                                        centroids, half, ref_counts, ref_sums)
-    compiled("add_heads").add_heads([ix._core for ix in theirs], keys.float().reshape(B * H, n, D).contiguous())
+    compiled("add_heads").add_heads([ix.native_handle() for ix in theirs], keys.float().reshape(B * H, n, D).contiguous())
     assert torch.equal(assign, ref_assign)
     assert torch.equal(got_counts, ref_counts) and torch.equal(got_sums, ref_sums)
     q = torch.randn(B * H, 2, D)
@@ -677,16 +677,16 @@ def test_offload_rows_equals_index_add_plus_estimate_add(dtype, padded):
         assert a.size == b.size == 500 + n
         assert torch.equal(a.search(q[t], 40)[1], b.search(q[t], 40)[1])
     # without an estimate: the indexes only, None back
-    assert compiled("offload_rows").offload_rows([ix._core for ix in ours], keys, values) is None
+    assert compiled("offload_rows").offload_rows([ix.native_handle() for ix in ours], keys, values) is None
     assert all(ix.size == 500 + 2 * n for ix in ours)
     bad = keys.float().clone()
     bad[1, 2, 3, 4] = float("nan")
     before = got_counts.clone(), got_sums.clone()
     with pytest.raises(ValueError, match="keys contains NaN or inf"):
-        compiled("offload_rows").offload_rows([ix._core for ix in ours], bad, values.float(), valid,
+        compiled("offload_rows").offload_rows([ix.native_handle() for ix in ours], bad, values.float(), valid,
                                               (centroids, half, got_counts, got_sums))
     with pytest.raises(ValueError, match="heads must be empty \\(no index\\) or hold batch \\* kv_heads = 6"):
-        compiled("offload_rows").offload_rows([ix._core for ix in ours[:2]], keys, values)
+        compiled("offload_rows").offload_rows([ix.native_handle() for ix in ours[:2]], keys, values)
     with pytest.raises(TypeError, match="values must have the dtype of keys"):
         compiled("offload_rows").offload_rows([], keys, values.half() if dtype != torch.float16 else values.float())
     assert all(ix.size == 500 + 2 * n for ix in ours)

@@ -9,6 +9,7 @@ from lckv.ops.decode_step import decode_cluster_step, offload_rows
 from lckv.ops.dense_attention import attention_with_lse
 from lckv.ops.estimate import centroid_estimate, estimate_add_rows
 from lckv.ops.group_rank import rank_by_group_probability
+from lckv.ops.kmeans import kmeans
 from lckv.ops.merge_states import merge_attention_states
 from lckv.ops.scoring import flat_topk_scores, page_key_bounds, quest_page_scores
 from lckv.ops.sparse_attention import sparse_attention_with_lse
@@ -18,5 +19,6 @@ __all__ = [
     "attention_with_lse", "sparse_attention_with_lse", "sink_window_attention_with_lse",
     "merge_attention_states", "page_key_bounds", "quest_page_scores", "flat_topk_scores",
     "centroid_estimate", "estimate_add_rows", "rank_by_group_probability", "decode_cluster_step", "offload_rows",
+    "kmeans",
 ]
 

@@ -19,7 +19,7 @@ def native_handles(indexes):
 
     if not all(isinstance(ix, NativeIndex) and ix.size for ix in indexes):
         return None
-    return [ix._core for ix in indexes]  # TEMP until native_handle lands
+    return [ix.native_handle() for ix in indexes]
 
 
 def decode_cluster_step(indexes, q, keys, values, resident_k, resident_v, n_select: int, scale: float,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from lckv.layer_view import LayerView
-from lckv.ops import centroid_estimate, estimate_add_rows
+from lckv.ops import centroid_estimate, estimate_add_rows, kmeans
 from lckv.reference.estimate import assign_nearest
 
 __all__ = ["ClusterEstimate"]
@@ -69,17 +69,13 @@ class ClusterEstimate:
 
     @classmethod
     def from_kmeans(cls, view: LayerView, n_clusters: int, iterations: int = 8) -> "ClusterEstimate":
-        """``n_clusters`` k-means centroids per head (Lloyd iterations from a random sample)."""
+        """``n_clusters`` k-means centroids per head (:func:`lckv.ops.kmeans` from a random sample
+        of the rows, the same positions in every head)."""
         keys = view.keys.float()
-        batch, kv_heads, rows, _ = keys.shape
-        n_clusters = min(n_clusters, rows)
-        centroids = keys[:, :, torch.randperm(rows)[:n_clusters]].clone()
-        for _ in range(iterations):  # all heads at once
-            assign = assign_nearest(keys, centroids)
-            sums = torch.zeros_like(centroids).scatter_add_(2, assign.unsqueeze(-1).expand_as(keys), keys)
-            counts = torch.zeros(batch, kv_heads, n_clusters).scatter_add_(2, assign, torch.ones_like(assign, dtype=torch.float32))
-            centroids = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1), centroids)
-        return cls(centroids, assign_nearest(keys, centroids), view)
+        batch, kv_heads, rows, head_dim = keys.shape
+        init = torch.randperm(rows)[:min(n_clusters, rows)]
+        centroids, assign = kmeans(keys.reshape(batch * kv_heads, rows, head_dim), init, iterations)
+        return cls(centroids.reshape(batch, kv_heads, -1, head_dim), assign.reshape(batch, kv_heads, rows), view)
 
     # --- state ----------------------------------------------------------------------------------
     @property

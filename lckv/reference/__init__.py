@@ -9,6 +9,7 @@ __all__ += ["sink_window_attention_with_lse", "page_key_bounds", "quest_page_sco
 from lckv.reference.decode_step import decode_cluster_step, offload_rows
 from lckv.reference.estimate import centroid_estimate, estimate_add_rows
 from lckv.reference.group_rank import rank_by_group_probability
+from lckv.reference.kmeans import kmeans
 
 __all__ += ["centroid_estimate", "estimate_add_rows", "rank_by_group_probability", "decode_cluster_step",
-            "offload_rows"]
+            "offload_rows", "kmeans"]

@@ -8,7 +8,7 @@
 // its points (summed in double); a cluster left empty keeps its centroid, or restarts at a random
 // point when KMeansParams::restart gives a generator. After the last iteration the points are
 // assigned once more, so `assign` and `counts` describe the returned centroids. Callers differ
-// only in these parameters: the initial points (spaced_points or random_points), the iterations,
+// only in these parameters: the initial points (e.g. spaced_points; the Python binding takes them as positions), the iterations,
 // and the empty-cluster rule.
 //
 // The assignment scores kChunk points at a time against the centroids stored as blocks of 8
@@ -50,16 +50,6 @@ inline std::vector<int64_t> spaced_points(int64_t n, int64_t count, bool centred
   std::vector<int64_t> out(static_cast<std::size_t>(count));
   for (int64_t c = 0; c < count; ++c) out[c] = centred ? (2 * c + 1) * n / (2 * count) : c * n / count;
   return out;
-}
-
-// `count` distinct points of n, drawn by mt19937_64(seed) (a partial Fisher-Yates shuffle).
-inline std::vector<int64_t> random_points(int64_t n, int64_t count, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int64_t> ids(static_cast<std::size_t>(n));
-  std::iota(ids.begin(), ids.end(), int64_t{0});
-  for (int64_t c = 0; c < count; ++c) std::swap(ids[c], ids[c + static_cast<int64_t>(rng() % static_cast<uint64_t>(n - c))]);
-  ids.resize(static_cast<std::size_t>(count));
-  return ids;
 }
 
 // k-means of n points of `dim` floats, point i at points + (rows ? rows[i] : i) * dim, with one
