@@ -1,0 +1,461 @@
+"""Task accuracy under KV compression: model x task x length x method x budget, greedy decoding,
+scored against each task's gold answers, with the relative drop vs ``full`` (the paper's metric).
+
+Tasks: the synthetic generators of :mod:`lckv.research.tasks` (needle in a haystack, variable
+tracking, common/frequent words) and HotpotQA long-context QA (``tasks_qa``: ``hotpotqa`` with
+shuffled documents, ``hotpotqa_retrieval`` / ``_reversed`` / ``_ends`` in BM25 orders). Each sample
+is generated for the model's tokenizer so that the whole prompt (chat template, when the tokenizer
+has one, and the answer prefix included) takes ``length`` tokens.
+
+Protocol, per sample: one exact chunked prefill (policy ``full``, recording the prefill queries
+each policy asks for); the first answer token comes from its logits. Each method then decodes
+greedily from a copy of that cache laid out for its policy (:meth:`lckv.cache.LckvCache.from_cache`,
+the same state a prefill under the policy leaves) with ``lckv.enable(model, policy)``, until EOS
+or the task's token limit. So every method sees the same prompt and the same first token;
+``streaming`` here is exact prefill then sink + window (as kvpress's StreamingLLM press does);
+selection policies re-select per decode step (``retrieval`` from its index). Budgets count every
+key a query attends (sink + window + selected): a fraction of the prompt (``0.05``, ``5%``) or a
+token count (``256``); ``full`` has no budget.
+
+Timings per row: ``prefill_s`` (the shared exact prefill), ``first_step_s`` (the first decode
+step, which builds the policy's selection state), ``decode_tokens_per_s`` (steps 2..n).
+
+Per-sample rows stream to ``results/<name>.jsonl`` (key: model, task, length, method, budget,
+sample): a rerun skips finished rows and resumes where an interrupted run stopped. Rows of peer
+methods (e.g. kvpress presses run in their own environment on the prompts of ``--export-prompts``)
+follow the schema of ``docs/tasks.md`` and join the summary through ``--peer-results``. The
+summary rescoring every row with one scorer goes to ``results/<name>.json`` and ``.png`` and is
+printed as a table (score, drop vs full, timings).
+
+    python benchmarks/bench_tasks.py --check                     # budget >= context must equal full
+    python benchmarks/bench_tasks.py --model stories260K --tasks niah_single_repeat variable_tracking \\
+        --lengths 256 512 --samples 2 --budgets 0.1 64
+    python benchmarks/bench_tasks.py --model smollm2-135m-instruct --lengths 1024 2048 --samples 4
+    python benchmarks/bench_tasks.py --model qwen2.5-coder-0.5b-instruct --lengths 16384 32768 \\
+        --budgets 0.02 0.05 --samples 10
+    python benchmarks/bench_tasks.py --model ... --summary-only --peer-results results/kvpress_qwen.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` (scorers, QA data builder)
+from common import RESULTS, Table, load_model, machine, progress  # noqa: E402
+from tasks_qa import QA_TASKS  # noqa: E402
+
+import lckv  # noqa: E402
+from lckv.cache import LckvCache, QueryRecorder  # noqa: E402
+from lckv.policies import FullPolicy, PolicyConfigError, StreamingPolicy, get_policy  # noqa: E402
+from lckv.research import tasks as synthetic  # noqa: E402
+from training.scorers import relative_drop, subem_score  # noqa: E402
+
+TASKS = {**synthetic.TASKS, **QA_TASKS}
+DEFAULT_TASKS = [*synthetic.TASKS, "hotpotqa"]
+METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval")
+SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
+STREAMING_SINK = 4
+KEY = ("model", "task", "length", "method", "budget", "sample")
+
+
+# ----------------------------------------------------------------------------- budgets and methods
+def budget_label(text: str) -> str:
+    """``--budgets`` entry -> canonical label: ``"256"`` (tokens) or ``"0.05"`` (fraction; ``5%`` too)."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a token count, a fraction or a percentage, got {text!r}")
+    if text.endswith("%") or "." in text:
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"a budget fraction must be in (0, 1], got {text!r}")
+        return repr(value)
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a budget token count must be an integer >= 1, got {text!r}")
+    return str(int(value))
+
+
+def budget_value(label: str) -> float | int:
+    return float(label) if "." in label else int(label)
+
+
+def make_policy(method: str, budget: str | None, prompt_tokens: int):
+    """The lckv policy of ``method`` at ``budget`` for a prompt of ``prompt_tokens`` tokens, and the
+    keys a query attends at the first decode step (context: the prompt and the first answer token)."""
+    if method == "full":
+        return FullPolicy(), None
+    value = budget_value(budget)
+    if method == "streaming":
+        keys = value if isinstance(value, int) else max(1, math.ceil(value * (prompt_tokens + 1)))
+        sink = min(STREAMING_SINK, keys - 1)
+        return StreamingPolicy(sink=sink, window=keys - sink), keys
+    policy = get_policy(method, budget=value)
+    return policy, policy.budget_tokens(prompt_tokens + 1)
+
+
+# ----------------------------------------------------------------------------- prompts
+def render(tokenizer, sample: synthetic.TaskSample) -> tuple[list[int], str]:
+    """``(input ids, text)`` of ``sample`` as the model reads it: the chat template (system message
+    if any, user message, generation prompt) when the tokenizer has one, else BOS + plain text;
+    then the answer prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": sample.system}] if sample.system else []
+        messages.append({"role": "user", "content": sample.prompt})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text += sample.answer_prefix
+        return tokenizer.encode(text, add_special_tokens=False), text
+    text = (f"{sample.system}\n\n" if sample.system else "") + f"{sample.prompt}\n\n{sample.answer_prefix}"
+    return tokenizer.encode(text), text
+
+
+def make_sample(task: str, tokenizer, length: int, seed: int):
+    """The sample of ``task`` whose rendered prompt takes ``length`` tokens (the generator is asked
+    for ``length`` minus the template's and answer prefix's tokens)."""
+    sample = TASKS[task](tokenizer, length, seed)
+    ids, text = render(tokenizer, sample)
+    overhead = len(ids) - sample.metadata["n_tokens"]
+    if overhead > 0:
+        sample = TASKS[task](tokenizer, length - overhead, seed)
+        ids, text = render(tokenizer, sample)
+    return sample, ids, text
+
+
+# ----------------------------------------------------------------------------- prefill and decode
+class QueryTee:
+    """Feeds the prefill queries to one :class:`~lckv.cache.QueryRecorder` per recording setting
+    (``policy.recorded_queries()``), so one prefill serves every policy."""
+
+    def __init__(self, settings):
+        self.recorders = {s: QueryRecorder(*s) for s in settings}
+
+    def add(self, query: torch.Tensor, sample: bool = True) -> None:
+        for recorder in self.recorders.values():
+            recorder.add(query, sample)
+
+
+def prefill(model, ids: list[int], chunk: int, settings) -> tuple[LckvCache, torch.Tensor, list[QueryTee]]:
+    """Exact chunked prefill; returns the cache, the last logits and each layer's query recorders."""
+    lckv.enable(model, FullPolicy())
+    cache = lckv.new_cache(model)
+    tees = [QueryTee(settings) for _ in cache.layers]
+    for layer, tee in zip(cache.layers, tees):
+        layer.queries = tee
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        for lo in range(0, x.shape[1], chunk):
+            logits = model(x[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    for layer in cache.layers:
+        layer.queries = None  # from_cache must not copy the tee
+    return cache, logits[0, -1], tees
+
+
+def decode(model, prefill_cache: LckvCache, tees: list[QueryTee], policy, first_token: int, max_new_tokens: int,
+           eos: set[int]) -> tuple[list[int], list[float]]:
+    """Greedy decoding under ``policy`` from the shared prefill; returns the tokens (the first one
+    given) and the seconds of each decode step."""
+    lckv.enable(model, policy)
+    cache = LckvCache.from_cache(prefill_cache, policy)
+    wanted = policy.recorded_queries()
+    for layer, tee in zip(cache.layers, tees):
+        if wanted:
+            layer.queries = copy.copy(tee.recorders[wanted])  # decode steps replace `recent`, not the tee's
+    device = next(model.parameters()).device
+    tokens, steps = [first_token], []
+    with torch.no_grad():
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            start = time.perf_counter()
+            logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache, use_cache=True).logits
+            tokens.append(int(logits[0, -1].argmax()))
+            steps.append(time.perf_counter() - start)
+    return tokens, steps
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    out = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        out.add(tokenizer.eos_token_id)
+    return out
+
+
+# ----------------------------------------------------------------------------- results file
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL results file; a line cut by an interruption is dropped from the file."""
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text().splitlines(keepends=True)
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(rows) < len(lines) or (lines and not lines[-1].endswith("\n")):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in KEY)
+
+
+def grid(args) -> list[tuple[str, str | None]]:
+    """Every (method, budget) to run: ``full`` once, every other method at every budget."""
+    return [(m, b) for m in args.methods for b in ([None] if m == "full" else args.budgets)]
+
+
+def run(args) -> dict:
+    """Runs every missing row of the grid; returns ``{"computed": n, "skipped": n}``."""
+    stream = args.results / f"{args.name}.jsonl"
+    args.results.mkdir(parents=True, exist_ok=True)
+    if args.fresh and stream.exists():
+        stream.unlink()
+    done = {row_key(r) for r in read_rows(stream)}
+    methods = grid(args)
+    units = [(t, n, i) for t in args.tasks for n in args.lengths for i in range(args.samples)]
+    todo = {u: [(m, b) for m, b in methods if (args.model, u[0], u[1], m, b, u[2]) not in done] for u in units}
+    stats = {"computed": 0, "skipped": sum(len(methods) - len(v) for v in todo.values())}
+    if not any(todo.values()):
+        return stats
+    longest = max(args.lengths) + max(args.max_new_tokens or 0, 256)
+    model, tokenizer = load_model(args.model, longest)
+    eos = eos_ids(model, tokenizer)
+    settings = {get_policy(m).recorded_queries() for m in args.methods} - {None}
+    with stream.open("a") as sink:
+        bar = progress([u for u in units if todo[u]], "samples")
+        for task, length, index in bar:
+            seed = args.seed + index
+            base = {"model": args.model, "task": task, "length": length, "sample": index, "seed": seed,
+                    "source": "lckv"}
+            try:
+                sample, ids, text = make_sample(task, tokenizer, length, seed)
+            except synthetic.TaskTooShortError as exc:  # recorded, so a rerun does not try again
+                print(f"# {task} at {length} tokens: {exc}", file=sys.stderr)
+                for method, budget in todo[(task, length, index)]:
+                    sink.write(json.dumps({**base, "method": method, "budget": budget, "prediction": None,
+                                           "score": None, "error": str(exc)}) + "\n")
+                    stats["computed"] += 1
+                sink.flush()
+                continue
+            start = time.perf_counter()
+            cache, logits, tees = prefill(model, ids, args.chunk, settings)
+            prefill_s = time.perf_counter() - start
+            first = int(logits.argmax())
+            limit = args.max_new_tokens or sample.max_new_tokens
+            for method, budget in todo[(task, length, index)]:
+                bar.set_postfix_str(f"{task} {length} {method} {budget or ''}")
+                row = {**base, "method": method, "budget": budget, "prompt_tokens": len(ids),
+                       "answers": sample.answers, "metric": sample.metric, "prefill_s": prefill_s}
+                try:
+                    policy, keys = make_policy(method, budget, len(ids))
+                    tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
+                except PolicyConfigError as exc:  # e.g. a budget too small for this length
+                    row.update(error=str(exc), prediction=None, score=None)
+                else:
+                    prediction = tokenizer.decode(tokens, skip_special_tokens=True)
+                    row.update(
+                        budget_tokens=keys, prediction=prediction, new_tokens=len(tokens),
+                        score=SCORERS[sample.metric](prediction, sample.answers),
+                        first_step_s=steps[0] if steps else None,
+                        decode_tokens_per_s=(len(steps) - 1) / sum(steps[1:]) if len(steps) > 1 else None)
+                row["metadata"] = sample.metadata
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                stats["computed"] += 1
+            del cache, tees
+    lckv.disable(model)
+    return stats
+
+
+def export_prompts(args) -> Path:
+    """Writes every prompt of the grid (ids, text, the context/question split, answers) for peer
+    runners; see docs/tasks.md."""
+    _, tokenizer = load_model(args.model, max(args.lengths) + 256)
+    path = args.results / f"{args.name}_prompts.jsonl"
+    args.results.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for task in args.tasks:
+            for length in args.lengths:
+                for index in range(args.samples):
+                    sample, ids, text = make_sample(task, tokenizer, length, args.seed + index)
+                    cut = text.index(sample.question)
+                    out.write(json.dumps({
+                        "model": args.model, "task": task, "length": length, "sample": index, "seed": args.seed + index,
+                        "input_ids": ids, "text": text, "context_text": text[:cut], "question_text": text[cut:],
+                        "answers": sample.answers, "metric": sample.metric,
+                        "max_new_tokens": args.max_new_tokens or sample.max_new_tokens}) + "\n")
+    return path
+
+
+# ----------------------------------------------------------------------------- summary
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """One entry per (task, length, method, budget), plus task ``all`` (mean over tasks): mean
+    score (every row rescored from its prediction), the full score on the same samples, the
+    relative drop, and mean timings."""
+    rows = [dict(r, score=SCORERS[r["metric"]](r["prediction"] or "", r["answers"])) for r in rows
+            if r.get("prediction") is not None]
+    full = {(r["model"], r["task"], r["length"], r["sample"]): r["score"] for r in rows if r["method"] == "full"}
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["task"], r["length"], r["method"], r["budget"])].append(r)
+    out = []
+    for (task, length, method, budget), rs in groups.items():
+        keys = [(r["model"], task, length, r["sample"]) for r in rs]
+        matched = [full[k] for k in keys if k in full]
+        entry = {"task": task, "length": length, "method": method, "budget": budget, "n": len(rs),
+                 "score": _mean(r["score"] for r in rs),
+                 "full_score": _mean(matched) if len(matched) == len(rs) else None,
+                 "budget_tokens": _mean(r.get("budget_tokens") for r in rs),
+                 "budget_fraction": _mean(r["budget_tokens"] / r["prompt_tokens"] for r in rs
+                                          if r.get("budget_tokens") and r.get("prompt_tokens")),
+                 "prefill_s": _mean(r.get("prefill_s") for r in rs),
+                 "first_step_s": _mean(r.get("first_step_s") for r in rs),
+                 "decode_tokens_per_s": _mean(r.get("decode_tokens_per_s") for r in rs)}
+        out.append(entry)
+    by_setting = defaultdict(list)
+    for e in out:
+        by_setting[(e["length"], e["method"], e["budget"])].append(e)
+    for (length, method, budget), es in by_setting.items():
+        if len({e["task"] for e in es}) > 1:
+            out.append({"task": "all", "length": length, "method": method, "budget": budget,
+                        **{k: _mean(e[k] for e in es) for k in ("score", "budget_tokens", "budget_fraction",
+                                                                "prefill_s", "first_step_s", "decode_tokens_per_s")},
+                        "n": sum(e["n"] for e in es),
+                        "full_score": _mean(e["full_score"] for e in es) if all(e["full_score"] is not None for e in es)
+                        else None})
+    for e in out:
+        e["drop_pct"] = relative_drop(e["full_score"], e["score"]) if e["full_score"] else None
+    order = {m: i for i, m in enumerate(METHODS)}
+    out.sort(key=lambda e: (e["task"] == "all", e["task"], e["length"], order.get(e["method"], len(order)), e["method"],
+                            e["budget_fraction"] or 0.0))
+    return out
+
+
+COLUMNS = [("task", "task", "s", 22), ("length", "tokens", "d", 6), ("method", "method", "s", 12),
+           ("budget", "budget", "s", 6), ("budget_tokens", "keys", ".0f", 5), ("n", "n", "d", 3),
+           ("score", "score", ".3f", 5), ("drop_pct", "drop %", ".1f", 6), ("prefill_s", "prefill s", ".2f", 0),
+           ("first_step_ms", "1st step ms", ".1f", 0), ("decode_tokens_per_s", "tok/s", ".1f", 6)]
+
+
+def plot(summary: list[dict], path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(e["task"] for e in summary))
+    lengths = sorted({e["length"] for e in summary})
+    fig, axes = plt.subplots(len(lengths), len(tasks), figsize=(3.2 * len(tasks), 2.8 * len(lengths)), squeeze=False)
+    for row, length in enumerate(lengths):
+        for col, task in enumerate(tasks):
+            ax = axes[row][col]
+            entries = [e for e in summary if e["task"] == task and e["length"] == length]
+            for method in dict.fromkeys(e["method"] for e in entries):
+                points = sorted((e["budget_fraction"], e["score"]) for e in entries
+                                if e["method"] == method and e["budget_fraction"])
+                if method == "full":
+                    for e in entries:
+                        if e["method"] == "full":
+                            ax.axhline(e["score"], color="black", ls="--", lw=1, label="full")
+                elif points:
+                    ax.plot(*zip(*points), marker="o", label=method)
+            ax.set(title=f"{task}, {length} tokens", xscale="log", ylim=(-0.02, 1.02), xlabel="budget (fraction)",
+                   ylabel="score")
+            ax.title.set_fontsize(8)
+    labels = {}
+    for ax in axes.flat:
+        labels.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(labels.values()), list(labels), loc="upper right", fontsize=7)
+    fig.suptitle(f"{model}: task score vs KV budget (one line per method)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def report(args) -> dict:
+    """Summary of the main results file and any peer files: JSON, PNG and a printed table."""
+    rows = read_rows(args.results / f"{args.name}.jsonl")
+    for extra in args.peer_results:
+        rows += read_rows(Path(extra))
+    rows = [r for r in rows if r["model"] == args.model]
+    summary = summarize(rows)
+    table = Table(COLUMNS)
+    for e in summary:
+        table.row({**e, "budget": e["budget"] or "-",
+                   "first_step_ms": None if e["first_step_s"] is None else 1e3 * e["first_step_s"]})
+    payload = {"benchmark": "tasks", "machine": machine(), "model": args.model,
+               "protocol": "exact chunked prefill shared by all methods, then greedy decoding per method",
+               "rows": len(rows), "summary": summary}
+    (args.results / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    if summary:
+        plot(summary, args.results / f"{args.name}.png", args.model)
+    print(f"wrote {args.results / (args.name + '.json')} and .png")
+    return payload
+
+
+def check(args) -> None:
+    """At a budget at least the whole sequence every selection policy must decode exactly as full."""
+    args.tasks, args.lengths, args.samples, args.fresh = ["niah_single_repeat", "variable_tracking"], [300], 2, True
+    args.methods = ["full", "snapkv", "quest", "block", "retrieval"]
+    args.budgets = [str(300 + 64)]
+    args.name = f"{args.name}_check"
+    run(args)
+    path = args.results / f"{args.name}.jsonl"
+    rows = read_rows(path)
+    path.unlink()
+    full = {(r["task"], r["sample"]): r["prediction"] for r in rows if r["method"] == "full"}
+    bad = [r for r in rows if r["prediction"] != full[(r["task"], r["sample"])]]
+    if bad or len(rows) != len(args.tasks) * args.samples * len(args.methods):
+        raise SystemExit(f"--check failed: {len(bad)} of {len(rows)} rows differ from full: {bad[:2]}")
+    print(f"--check: {len(rows)} rows, every policy at budget >= context decodes exactly as full")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a lckv.models registry name or stories260K")
+    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--budgets", type=budget_label, nargs="+", default=["0.02", "0.05", "0.1"],
+                        help="per-query key budgets: fractions (0.05 or 5%%) or token counts (256)")
+    parser.add_argument("--samples", type=int, default=4, help="samples per task and length (seeds seed..seed+n-1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own limit")
+    parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
+    parser.add_argument("--name", default=None, help="result file name (default: bench_tasks_<model>)")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier rows instead of resuming")
+    parser.add_argument("--summary-only", action="store_true", help="summarise the results file(s), run nothing")
+    parser.add_argument("--peer-results", nargs="*", default=[], help="JSONL files of peer methods (docs/tasks.md)")
+    parser.add_argument("--export-prompts", action="store_true",
+                        help="write the grid's prompts to <name>_prompts.jsonl for peer runners, run nothing")
+    parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context equals full)")
+    args = parser.parse_args(argv)
+    args.name = args.name or f"bench_tasks_{args.model.lower()}"
+    if args.check:
+        return check(args)
+    if args.export_prompts:
+        print(f"wrote {export_prompts(args)}")
+        return {}
+    stats = {"computed": 0, "skipped": 0} if args.summary_only else run(args)
+    if not args.summary_only:
+        print(f"# {stats['computed']} rows computed, {stats['skipped']} already in {args.name}.jsonl")
+    return {**stats, **report(args)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The task-accuracy harness (benchmarks/bench_tasks.py) and its HotpotQA builder
+(benchmarks/tasks_qa.py): document orders, lengths, SubEM on hand-made cases, the summary's
+relative drop, resuming, and a tiny end-to-end run on stories260K."""
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_tasks  # noqa: E402
+import tasks_qa  # noqa: E402
+from training.scorers import subem_score  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stories_tokenizer(stories260k_files):
+    from lckv.research.llama2c import load_tokenizer
+
+    return load_tokenizer(stories260k_files[1])
+
+
+@pytest.fixture(scope="module")
+def corpus(hotpotqa_file):
+    return tasks_qa.QACorpus.load(str(hotpotqa_file))
+
+
+def _rows(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- HotpotQA builder
+def test_order_documents():
+    ranked = list("abcdefg")  # best first
+    rng = __import__("random").Random(0)
+    assert tasks_qa.order_documents(ranked, "retrieval", rng) == ranked
+    assert tasks_qa.order_documents(ranked, "reversed", rng) == list("gfedcba")
+    # best at both ends: ranks 1, 3, 5, 7 from the front, then 6, 4, 2 to the back
+    assert tasks_qa.order_documents(ranked, "ends", rng) == list("acegfdb")
+    shuffled = tasks_qa.order_documents(ranked, "shuffled", rng)
+    assert sorted(shuffled) == ranked and shuffled != ranked
+    with pytest.raises(ValueError, match="order must be one of"):
+        tasks_qa.order_documents(ranked, "best", rng)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("length", [2048, 6000])
+def test_hotpotqa_sample_gold_tags_length(length, stories_tokenizer, corpus, hotpotqa_file):
+    rows = json.loads(Path(hotpotqa_file).read_text())
+    for seed in (0, 7):
+        s = tasks_qa.hotpotqa_sample(stories_tokenizer, length, seed, corpus=corpus)
+        row = rows[seed]
+        assert s.answers[0] == row["answer"] and row["question"] in s.question
+        n = len(stories_tokenizer(s.prompt, add_special_tokens=False)["input_ids"])
+        assert length * 0.98 <= n <= length
+        tags = [int(i) for i in re.findall(r"^\[DOC (\d+)\] ", s.context, flags=re.M)]
+        assert tags == list(range(s.metadata["n_documents"]))
+        # every supporting title is a document, at the tag the metadata names
+        blocks = re.split(r"\n\n(?=\[DOC \d+\] )", s.context.split("\n\n", 1)[1])
+        titles = {int(re.match(r"\[DOC (\d+)\] (.*)", b).group(1)): re.match(r"\[DOC \d+\] (.*)", b).group(1)
+                  for b in blocks}
+        support = {t for t, _ in row["supporting_facts"]}
+        assert {titles[i] for i in s.metadata["gold_ids"]} == support
+        # the row's own paragraphs come first as padding: at 6000 tokens all ten are there
+        if length == 6000:
+            assert {t for t, _ in row["context"]} <= set(titles.values())
+            assert len(titles) > len(row["context"])  # padded with other rows' passages
+        assert s.metric == "subem"
+
+
+@pytest.mark.data
+def test_hotpotqa_orders_follow_bm25(stories_tokenizer, corpus):
+    samples = {o: tasks_qa.hotpotqa_sample(stories_tokenizer, 3000, 3, order=o, corpus=corpus) for o in tasks_qa.ORDERS}
+    best_first = sorted(samples["retrieval"].metadata["ranks"])
+    assert samples["retrieval"].metadata["ranks"] == best_first
+    assert samples["reversed"].metadata["ranks"] == best_first[::-1]
+    assert samples["ends"].metadata["ranks"] == best_first[0::2] + best_first[1::2][::-1]
+    assert sorted(samples["shuffled"].metadata["ranks"]) == best_first != samples["shuffled"].metadata["ranks"]
+    # the same documents in every order, so the order's effect can be measured alone
+    docs = {o: sorted(re.split(r"\n\n(?=\[DOC)", re.sub(r"\[DOC \d+\] ", "[DOC] ", s.context))[1:])
+            for o, s in samples.items()}
+    assert all(d == docs["retrieval"] for d in docs.values())
+    # the independent check of the ranks: BM25 for the question, best first
+    ranking = corpus.retriever.search(corpus.records[3].question, len(corpus.pool))
+    first_title = corpus.pool.passages[ranking[0]].title
+    assert samples["retrieval"].context.split("[DOC 0] ", 1)[1].startswith(first_title)
+    assert samples["ends"].context.split("[DOC 0] ", 1)[1].startswith(first_title)
+
+
+@pytest.mark.parametrize("prediction, answers, expected", [
+    ("The answer is: Paris", ["Paris"], 1.0),
+    ("The answer is: the Beatles.", ["Beatles"], 1.0),           # articles and punctuation normalised
+    ("The answer is: Parisian food", ["Paris"], 0.0),            # whole words only
+    ("Reasoning about Paris.\nThe answer is: London", ["Paris"], 0.0),  # the answer line is what counts
+    (" Jack Owens wrote it", ["Jack Owens"], 1.0),               # no answer line: the whole reply
+    ("The answer is: 1990s", ["1990"], 0.0),
+    ("The answer is: yes", ["no", "yes"], 1.0),
+])
+def test_subem_hand_made(prediction, answers, expected):
+    assert subem_score(prediction, answers) == expected
+    assert bench_tasks.SCORERS["subem"](prediction, answers) == expected
+
+
+# ----------------------------------------------------------------------------- harness pieces
+@pytest.mark.parametrize("text, label", [("0.05", "0.05"), ("5%", "0.05"), ("256", "256"), ("1.0", "1.0")])
+def test_budget_label(text, label):
+    assert bench_tasks.budget_label(text) == label
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "-3", "12.5%x", "150%"])
+def test_budget_label_rejects(text):
+    with pytest.raises(Exception, match="budget"):
+        bench_tasks.budget_label(text)
+
+
+def test_summary_rescores_and_computes_relative_drop():
+    def row(method, budget, sample, prediction, task="niah_single_repeat", answers=("1234567",)):
+        return {"model": "m", "task": task, "length": 1000, "method": method, "budget": budget, "sample": sample,
+                "prompt_tokens": 1000, "budget_tokens": None if budget is None else 50, "answers": list(answers),
+                "metric": "all", "prediction": prediction, "score": 0.123}  # a stale score must be recomputed
+
+    rows = [row("full", None, 0, "1234567"), row("full", None, 1, "1234567"),
+            row("retrieval", "0.05", 0, "1234567"), row("retrieval", "0.05", 1, "7654321"),
+            row("kvpress:SnapKVPress", "0.05", 0, "nope"), row("kvpress:SnapKVPress", "0.05", 1, "1234567"),
+            row("full", None, 0, "A B", task="variable_tracking", answers=("A", "B", "C", "D")),
+            row("retrieval", "0.05", 0, "A", task="variable_tracking", answers=("A", "B", "C", "D"))]
+    summary = {(e["task"], e["method"], e["budget"]): e for e in bench_tasks.summarize(rows)}
+    assert summary[("niah_single_repeat", "full", None)]["score"] == 1.0
+    assert summary[("niah_single_repeat", "retrieval", "0.05")]["score"] == 0.5
+    assert summary[("niah_single_repeat", "retrieval", "0.05")]["drop_pct"] == pytest.approx(50.0)
+    assert summary[("niah_single_repeat", "kvpress:SnapKVPress", "0.05")]["drop_pct"] == pytest.approx(50.0)
+    assert summary[("niah_single_repeat", "retrieval", "0.05")]["budget_fraction"] == pytest.approx(0.05)
+    # variable tracking: full finds 2 of 4 names (0.5), retrieval 1 of 4 (0.25): a 50% drop
+    assert summary[("variable_tracking", "retrieval", "0.05")]["drop_pct"] == pytest.approx(50.0)
+    # the mean over tasks: full (1.0 + 0.5) / 2, retrieval (0.5 + 0.25) / 2
+    assert summary[("all", "full", None)]["score"] == pytest.approx(0.75)
+    assert summary[("all", "retrieval", "0.05")]["drop_pct"] == pytest.approx(50.0)
+    # a mean over tasks needs more than one task of that method
+    assert ("all", "kvpress:SnapKVPress", "0.05") not in summary
+
+
+# ----------------------------------------------------------------------------- end to end on stories260K
+TINY = ["--model", "stories260K", "--tasks", "niah_single_repeat", "variable_tracking", "--lengths", "384", "512",
+        "--samples", "2", "--methods", "full", "retrieval", "--budgets", "0.1", "1024", "--max-new-tokens", "6"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(stories260k_files, tmp_path_factory):
+    results = tmp_path_factory.mktemp("bench_tasks")
+    start = time.perf_counter()
+    out = bench_tasks.main(TINY + ["--results", str(results), "--name", "tiny"])
+    return results, out, time.perf_counter() - start
+
+
+def test_end_to_end_tiny(tiny_run):
+    results, out, seconds = tiny_run
+    print(f"tiny end-to-end run: {seconds:.1f} s")
+    rows = _rows(results / "tiny.jsonl")
+    assert out["computed"] == len(rows) == 2 * 2 * 2 * 3  # tasks x lengths x samples x (full + 2 budgets)
+    for r in rows:
+        assert r["prediction"] is not None and r.get("error") is None
+        assert 0.97 * r["length"] <= r["prompt_tokens"] <= r["length"]
+        assert r["score"] == bench_tasks.SCORERS[r["metric"]](r["prediction"], r["answers"])
+        assert r["first_step_s"] > 0 and r["prefill_s"] > 0
+    by_key = {(r["task"], r["length"], r["sample"], r["method"], r["budget"]): r for r in rows}
+    for (task, length, sample, method, budget), r in by_key.items():
+        full = by_key[(task, length, sample, "full", None)]
+        assert r["prefill_s"] == full["prefill_s"]  # one shared prefill per sample
+        if budget == "1024":  # a budget above the whole sequence must reproduce full exactly
+            assert r["prediction"] == full["prediction"]
+        if budget == "0.1":  # 10% of the context at the first decode step: the prompt and the first token
+            assert r["budget_tokens"] == -(-(r["prompt_tokens"] + 1) // 10)
+    summary = json.loads((results / "tiny.json").read_text())["summary"]
+    entries = {(e["task"], e["length"], e["method"], e["budget"]) for e in summary}
+    for task in ("niah_single_repeat", "variable_tracking", "all"):
+        for length in (384, 512):
+            assert {(task, length, "full", None), (task, length, "retrieval", "0.1"),
+                    (task, length, "retrieval", "1024")} <= entries
+    assert (results / "tiny.png").stat().st_size > 10_000
+
+
+def test_resume_skips_finished_rows(tiny_run):
+    results = tiny_run[0]
+    path = results / "tiny.jsonl"
+    before = path.read_text()
+    again = bench_tasks.main(TINY + ["--results", str(results), "--name", "tiny"])
+    assert again["computed"] == 0 and again["skipped"] == 24
+    assert path.read_text() == before
+    # an interrupted run: the last row lost and the one before it cut mid-line
+    lines = before.splitlines(keepends=True)
+    path.write_text("".join(lines[:-2]) + lines[-2][:40])
+    again = bench_tasks.main(TINY + ["--results", str(results), "--name", "tiny"])
+    assert again["computed"] == 2 and again["skipped"] == 22
+    after = _rows(path)
+    assert len(after) == 24
+    lost = [json.loads(line) for line in lines[-2:]]
+    redone = {bench_tasks.row_key(r): r for r in after[-2:]}
+    for r in lost:  # greedy decoding recomputes the same answers
+        assert redone[bench_tasks.row_key(r)]["prediction"] == r["prediction"]
+
+
+def test_export_prompts_for_peers(stories260k_files, tmp_path):
+    bench_tasks.main(["--model", "stories260K", "--tasks", "niah_multikey", "--lengths", "400", "--samples", "2",
+                      "--results", str(tmp_path), "--name", "peer", "--export-prompts"])
+    rows = _rows(tmp_path / "peer_prompts.jsonl")
+    assert [r["sample"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["context_text"] + r["question_text"] == r["text"]
+        assert r["question_text"].startswith("What is the special magic number for ")
+        assert 0.97 * 400 <= len(r["input_ids"]) <= 400 and r["metric"] == "all" and len(r["answers"]) == 1
