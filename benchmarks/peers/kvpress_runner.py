@@ -1,0 +1,444 @@
+"""NVIDIA kvpress presses on the prompts of ``bench_tasks.py --export-prompts``, as peer rows for
+``bench_tasks.py --peer-results`` (the JSONL schema of docs/tasks.md).
+
+Runs with the python of the kvpress environment (``benchmarks/peers/kvpress_env.sh``: kvpress
+0.5.5 pins transformers < 5.3, lckv needs >= 5.5.3). The model is the same GGUF file lckv loads
+(``python -m lckv.models path NAME`` in lckv's environment gives the directory), loaded with
+transformers' own GGUF loader, dequantised to fp32.
+
+Protocol per prompt and press, kvpress's own (``KVPressTextGenerationPipeline._forward``): a fresh
+``DynamicCache``; the context (the exported ``input_ids`` up to where ``context_text`` ends: chat
+template head and task text) is prefilled in one pass inside ``with press(model):``, which
+compresses each layer's cache once at the end of that pass; the question (end of the user turn,
+assistant header, answer prefix) is then run over the compressed cache uncompressed, at its
+original positions, and its last logits give the first answer token; greedy decoding follows until
+EOS or the prompt's ``max_new_tokens`` (the loop of ``generate_answer``, timed per step). A press
+never revisits what it evicted, and it scores the context without seeing the question.
+
+Budget mapping (:func:`kept_context_tokens`): a fraction ``b`` keeps ``ceil(b * context_tokens)``
+context keys, a token budget ``B`` keeps ``min(B, context_tokens)``; kvpress is given the
+``compression_ratio`` whose ``int(n * (1 - ratio))`` is that count (ratio ~ ``1 - b``). The question
+and the answer tokens are added on top, so ``budget_tokens`` in a row (keys a query attends at the
+first decode step: kept context + question + first answer token, averaged over layers and heads)
+is larger than lckv's, whose budget covers the whole prompt. The ``none`` press (method
+``kvpress:none``, budget null) is the same loop without compression: its predictions should equal
+lckv's ``full``.
+
+Rows stream to ``--out`` (key: model, task, length, method, budget, sample); a rerun skips finished
+rows (rows with an ``error`` too, unless ``--retry-errors``) and drops a line cut by an
+interruption. A press that cannot run (a missing dependency, weights it downloads, CUDA) leaves a
+row with its ``error`` per sample and is listed at the end.
+
+    PY=$(bash benchmarks/peers/kvpress_env.sh | tail -1)
+    $PY benchmarks/peers/kvpress_runner.py --budgets 0.1 \\
+        --prompts benchmarks/results/bench_tasks_smollm2-135m-instruct_prompts.jsonl \\
+        --model-dir "$(python -m lckv.models path smollm2-135m-instruct)"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_PRESSES = ("StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress", "PyramidKVPress",
+                   "KVzipPress", "FastKVzipPress")
+NO_PRESS = "none"
+SOURCE = "kvpress"
+KEY = ("model", "task", "length", "method", "budget", "sample")
+
+
+# ----------------------------------------------------------------------------- budgets
+def budget_label(text: str) -> str:
+    """``--budgets`` entry -> the label ``bench_tasks.py`` writes: ``"256"`` (tokens) or ``"0.05"``
+    (fraction; ``5%`` too). Rows join lckv's only when the labels are equal."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a token count, a fraction or a percentage, got {text!r}")
+    if text.endswith("%") or "." in text:
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"a budget fraction must be in (0, 1], got {text!r}")
+        return repr(value)
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"a budget token count must be an integer >= 1, got {text!r}")
+    return str(int(value))
+
+
+def kept_context_tokens(budget: str, context_tokens: int) -> int:
+    """Context keys a press keeps under ``budget`` (a label of :func:`budget_label`): a fraction
+    ``b`` keeps ``ceil(b * n)`` (lckv's rounding), a count ``B`` keeps ``B``; at least 1, at most
+    ``n``."""
+    if context_tokens < 1:
+        raise ValueError(f"context_tokens must be >= 1, got {context_tokens}")
+    keep = math.ceil(float(budget) * context_tokens) if "." in budget else int(budget)
+    return min(context_tokens, max(1, keep))
+
+
+def compression_ratio(budget: str, context_tokens: int) -> float:
+    """kvpress ``compression_ratio`` that keeps :func:`kept_context_tokens` of ``context_tokens``:
+    kvpress keeps ``int(n * (1 - ratio))`` (``kvpress.utils.compute_n_kept``), so the ratio aims
+    half a token above the count; 0 (no compression) when everything is kept."""
+    keep = kept_context_tokens(budget, context_tokens)
+    return 0.0 if keep >= context_tokens else 1.0 - (keep + 0.5) / context_tokens
+
+
+def method_name(press: str) -> str:
+    return f"{SOURCE}:{press}"
+
+
+# ----------------------------------------------------------------------------- results file
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL results file; a line cut by an interruption is dropped from the file (the
+    rule of ``bench_tasks.read_rows``)."""
+    if not path.exists():
+        return []
+    rows, lines = [], path.read_text().splitlines(keepends=True)
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if len(rows) < len(lines) or (lines and not lines[-1].endswith("\n")):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def row_key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in KEY)
+
+
+def finished_keys(path: Path, retry_errors: bool = False) -> set[tuple]:
+    """Keys of the rows already in ``path``. Rows with an ``error`` count as finished, unless
+    ``retry_errors``: then they are removed from the file, to be run again."""
+    rows = read_rows(path)
+    if retry_errors and any(r.get("error") for r in rows):
+        rows = [r for r in rows if not r.get("error")]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {row_key(r) for r in rows}
+
+
+def grid(presses: list[str], budgets: list[str]) -> list[tuple[str, str | None]]:
+    """Every (press, budget) to run: ``none`` once without a budget, every press at every budget."""
+    return [(p, b) for p in presses for b in ([None] if p == NO_PRESS else budgets)]
+
+
+def base_row(prompt: dict, press: str, budget: str | None) -> dict:
+    """The fields of a row that come from the exported prompt and the method."""
+    return {"model": prompt["model"], "task": prompt["task"], "length": prompt["length"], "sample": prompt["sample"],
+            "seed": prompt.get("seed"), "method": method_name(press), "source": SOURCE, "budget": budget,
+            "prompt_tokens": len(prompt["input_ids"]), "answers": prompt["answers"], "metric": prompt["metric"]}
+
+
+def result_row(prompt: dict, press: str, budget: str | None, *, prediction: str, new_tokens: int,
+               context_tokens: int, kept_context: float, question_tokens: int, compression_ratio: float | None,
+               prefill_s: float, compression_s: float, question_s: float, steps: list[float]) -> dict:
+    """A finished row of the docs/tasks.md schema. ``score`` stays null: the summary scores every
+    row from its ``prediction`` with lckv's scorers. ``budget_tokens``: keys a query attends at the
+    first decode step (kept context + question + the first answer token)."""
+    return {**base_row(prompt, press, budget), "prediction": prediction, "score": None, "new_tokens": new_tokens,
+            "budget_tokens": round(kept_context) + question_tokens + 1, "context_tokens": context_tokens,
+            "kept_context_tokens": kept_context, "question_tokens": question_tokens,
+            "compression_ratio": compression_ratio, "prefill_s": prefill_s, "compression_s": compression_s,
+            "question_s": question_s, "first_step_s": steps[0] if steps else None,
+            "decode_tokens_per_s": (len(steps) - 1) / sum(steps[1:]) if len(steps) > 1 else None}
+
+
+def error_row(prompt: dict, press: str, budget: str | None, error: BaseException | str) -> dict:
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {**base_row(prompt, press, budget), "prediction": None, "score": None, "error": message}
+
+
+def context_split(input_ids: list[int], encoded_ids: list[int], offsets: list[tuple[int, int]], cut: int) -> int:
+    """Tokens of the context in ``input_ids``: those whose text ends by character ``cut`` (the
+    length of ``context_text``). ``encoded_ids`` and ``offsets`` are the prompt's ``text`` encoded
+    with offsets in this environment; they must equal ``input_ids`` so that the press reads lckv's
+    tokens. (Tokenizing ``context_text`` alone is not the same: a trailing ``"\n\n"`` is one token
+    there and two before the question.) A token across the cut goes with the question."""
+    if list(encoded_ids) != list(input_ids):
+        raise ValueError("the prompt text does not tokenize to its input_ids in this environment "
+                         "(different tokenizer?)")
+    n = sum(1 for _, end in offsets if end <= cut)
+    if not 0 < n < len(input_ids):
+        raise ValueError(f"no context/question split: {n} of {len(input_ids)} tokens end within the context")
+    return n
+
+
+def split_prompt(tokenizer, prompt: dict) -> int:
+    """:func:`context_split` of an exported prompt."""
+    encoded = tokenizer(prompt["text"], add_special_tokens=False, return_offsets_mapping=True)
+    return context_split(prompt["input_ids"], encoded["input_ids"], encoded["offset_mapping"],
+                         len(prompt["context_text"]))
+
+
+# ----------------------------------------------------------------------------- model and presses
+def load(model_dir: Path, gguf_file: str | None):
+    """``(model, tokenizer)`` from the GGUF file lckv uses (the only ``*.gguf`` of ``model_dir``
+    unless named), fp32, eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    if gguf_file is None:
+        found = sorted(p.name for p in model_dir.glob("*.gguf"))
+        if len(found) != 1:
+            raise SystemExit(f"{model_dir}: expected one *.gguf file, found {found}; pass --gguf-file")
+        gguf_file = found[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, gguf_file=gguf_file, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32,
+                                                 local_files_only=True)
+    return model.eval(), tokenizer
+
+
+def make_press(name: str, ratio: float):
+    """The kvpress press ``name`` at ``compression_ratio=ratio`` (None for ``none``)."""
+    if name == NO_PRESS:
+        return None
+    import kvpress
+
+    cls = getattr(kvpress, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, kvpress.BasePress):
+        raise ValueError(f"kvpress has no press {name!r}")
+    return cls(compression_ratio=ratio)
+
+
+class PressTimer:
+    """Sums the seconds a press spends in its own ``compress`` calls (they run inside the hooked
+    prefill forward)."""
+
+    def __init__(self, press):
+        self.seconds = 0.0
+        if press is not None and hasattr(press, "compress"):
+            inner = press.compress
+
+            def timed(*args, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    self.seconds += time.perf_counter() - start
+
+            press.compress = timed
+
+
+def kept_keys(model, cache) -> float:
+    """Context keys the cache holds after the press, averaged over layers and KV heads: the cache
+    length, less the keys masked per head by presses that evict by masking (AdaKV, KVzip: kvpress's
+    ``masked_key_indices``)."""
+    import torch
+
+    layers = model.model.layers
+    kept = []
+    for index, layer in enumerate(layers):
+        keys = cache.layers[index].keys
+        heads, length = keys.shape[1], keys.shape[2]
+        masked = getattr(layer.self_attn, "masked_key_indices", None)
+        dropped = torch.zeros(heads)
+        if masked is not None:
+            dropped = torch.bincount(masked[1].cpu(), minlength=heads).float()
+        kept.append((length - dropped).mean().item())
+    return sum(kept) / len(kept)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """EOS of the generation config and of the tokenizer (``bench_tasks.eos_ids``)."""
+    ids = model.generation_config.eos_token_id
+    out = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        out.add(tokenizer.eos_token_id)
+    return out
+
+
+def run_press(model, tokenizer, press, ids: list[int], n_context: int, max_new_tokens: int, eos: set[int]) -> dict:
+    """kvpress's protocol on one prompt (see the module docstring); returns the tokens, the kept
+    context keys and the timings."""
+    import contextlib
+
+    import torch
+    from transformers import DynamicCache
+
+    for layer in model.model.layers:  # a masking press leaves its indices on the modules
+        layer.self_attn.masked_key_indices = None
+    context = torch.tensor([ids[:n_context]])
+    question = torch.tensor([ids[n_context:]])
+    cache = DynamicCache()
+    timer = PressTimer(press)
+    with torch.no_grad():
+        start = time.perf_counter()
+        with press(model) if press is not None else contextlib.nullcontext():
+            entered = time.perf_counter()
+            model.model(input_ids=context, past_key_values=cache)
+            forward_done = time.perf_counter()
+        prefill_s = time.perf_counter() - start  # KVzip scores and evicts when its context exits
+        compression_s = timer.seconds + (entered - start) + (start + prefill_s - forward_done)
+        kept = kept_keys(model, cache)
+
+        start = time.perf_counter()
+        positions = torch.arange(n_context, len(ids)).unsqueeze(0)
+        logits = model(input_ids=question, past_key_values=cache, position_ids=positions, logits_to_keep=1).logits
+        question_s = time.perf_counter() - start
+        tokens, steps, position = [int(logits[0, -1].argmax())], [], len(ids)
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            start = time.perf_counter()
+            logits = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                           position_ids=torch.tensor([[position]])).logits
+            tokens.append(int(logits[0, -1].argmax()))
+            steps.append(time.perf_counter() - start)
+            position += 1
+    return {"tokens": tokens, "kept": kept, "prefill_s": prefill_s, "compression_s": compression_s,
+            "question_s": question_s, "steps": steps}
+
+
+def pipeline_answer(model, tokenizer, press, ids: list[int], n_context: int, max_new_tokens: int) -> str:
+    """The answer of kvpress's own pipeline (``KVPressTextGenerationPipeline._forward``) on the same
+    tokens, for ``--check``."""
+    import torch
+    from kvpress import KVPressTextGenerationPipeline
+
+    for layer in model.model.layers:
+        layer.self_attn.masked_key_indices = None
+    pipe = KVPressTextGenerationPipeline(model=model, tokenizer=tokenizer)
+    with torch.no_grad():
+        answers = pipe._forward({"context_ids": torch.tensor([ids[:n_context]]),
+                                 "questions_ids": [torch.tensor([ids[n_context:]])]},
+                                max_new_tokens=max_new_tokens, press=press)
+    return answers[0]
+
+
+# ----------------------------------------------------------------------------- driver
+def read_prompts(path: Path) -> list[dict]:
+    prompts = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts (write them with bench_tasks.py --export-prompts)")
+    return prompts
+
+
+def run(args) -> dict:
+    """Runs every missing (prompt, press, budget) row; returns counts and the failures per press."""
+    import torch
+
+    prompts = read_prompts(args.prompts)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh and args.out.exists():
+        args.out.unlink()
+    done = finished_keys(args.out, args.retry_errors)
+    todo = [(p, press, b) for p in prompts for press, b in grid(args.presses, args.budgets)
+            if row_key(base_row(p, press, b)) not in done]
+    stats = {"computed": 0, "skipped": len(prompts) * len(grid(args.presses, args.budgets)) - len(todo),
+             "failed": {}}
+    if not todo:
+        return stats
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model, tokenizer = load(args.model_dir, args.gguf_file)
+    eos = eos_ids(model, tokenizer)
+    splits = {}
+    with tempfile.TemporaryDirectory() as scratch, args.out.open("a") as sink:
+        point_name_or_path_at_tokenizer(model, tokenizer, Path(scratch))
+        for number, (prompt, press_name, budget) in enumerate(todo, 1):
+            key = (prompt["task"], prompt["length"], prompt["sample"])
+            label = f"{prompt['task']} {prompt['length']} #{prompt['sample']} {press_name} {budget or ''}"
+            try:
+                if key not in splits:
+                    splits[key] = split_prompt(tokenizer, prompt)
+                n_context = splits[key]
+                ratio = None if budget is None else compression_ratio(budget, n_context)
+                press = make_press(press_name, ratio)
+                out = run_press(model, tokenizer, press, prompt["input_ids"], n_context, prompt["max_new_tokens"], eos)
+            except Exception as exc:  # recorded with its error: the press is reported, not dropped
+                row = error_row(prompt, press_name, budget, exc)
+                stats["failed"].setdefault(press_name, row["error"])
+                print(f"[{number}/{len(todo)}] {label}: FAILED {row['error']}", file=sys.stderr)
+            else:
+                row = result_row(prompt, press_name, budget, prediction=tokenizer.decode(out["tokens"],
+                                 skip_special_tokens=True), new_tokens=len(out["tokens"]), context_tokens=n_context,
+                                 kept_context=out["kept"], question_tokens=len(prompt["input_ids"]) - n_context,
+                                 compression_ratio=ratio, prefill_s=out["prefill_s"],
+                                 compression_s=out["compression_s"], question_s=out["question_s"], steps=out["steps"])
+                print(f"[{number}/{len(todo)}] {label}: kept {row['kept_context_tokens']:.0f}/{n_context} "
+                      f"context keys, prefill {row['prefill_s']:.2f} s, {row['prediction']!r}", file=sys.stderr)
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            stats["computed"] += 1
+    return stats
+
+
+def point_name_or_path_at_tokenizer(model, tokenizer, directory: Path) -> None:
+    """Presses that rebuild the tokenizer from ``model.config.name_or_path`` (KVzip reads the chat
+    template there) cannot load a GGUF directory: save the GGUF tokenizer to ``directory`` (a
+    scratch directory of the run) and point ``name_or_path`` there. Presses that look weights up by that name
+    (FastKVzip gates, DuoAttention patterns) still find none for these models and fail."""
+    tokenizer.save_pretrained(directory)
+    model.config.name_or_path = str(directory)
+
+
+def check(args) -> None:
+    """The runner's decode loop must give kvpress pipeline's answer on the first prompt, per press."""
+    prompt = read_prompts(args.prompts)[0]
+    model, tokenizer = load(args.model_dir, args.gguf_file)
+    scratch = tempfile.TemporaryDirectory()
+    point_name_or_path_at_tokenizer(model, tokenizer, Path(scratch.name))
+    eos = eos_ids(model, tokenizer)
+    ids = prompt["input_ids"]
+    n_context = split_prompt(tokenizer, prompt)
+    bad = []
+    for press_name, budget in grid(args.presses, args.budgets[:1]):
+        ratio = None if budget is None else compression_ratio(budget, n_context)
+        try:
+            ours = run_press(model, tokenizer, make_press(press_name, ratio), ids, n_context,
+                             prompt["max_new_tokens"], eos)
+            theirs = pipeline_answer(model, tokenizer, make_press(press_name, ratio), ids, n_context,
+                                     prompt["max_new_tokens"])
+        except Exception as exc:
+            print(f"--check {press_name}: cannot run ({type(exc).__name__}: {exc})")
+            continue
+        prediction = tokenizer.decode(ours["tokens"], skip_special_tokens=True)
+        same = prediction == theirs
+        print(f"--check {press_name:24s} {'same' if same else 'DIFFERENT'}: {prediction!r}"
+              + ("" if same else f" vs pipeline {theirs!r}"))
+        if not same:
+            bad.append(press_name)
+    if bad:
+        raise SystemExit(f"--check failed: the runner and kvpress's pipeline differ for {bad}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=Path, required=True,
+                        help="<name>_prompts.jsonl of bench_tasks.py --export-prompts")
+    parser.add_argument("--model-dir", type=Path, required=True,
+                        help="`python -m lckv.models path NAME` of the prompts' model")
+    parser.add_argument("--gguf-file", default=None, help="default: the only *.gguf in --model-dir")
+    parser.add_argument("--presses", nargs="+", default=[NO_PRESS, *DEFAULT_PRESSES],
+                        help=f"kvpress press class names, and `{NO_PRESS}` for no compression")
+    parser.add_argument("--budgets", type=budget_label, nargs="+", default=["0.02", "0.05", "0.1"],
+                        help="fractions of the context (0.05 or 5%%) or context token counts (256)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSONL (default: kvpress_<model>.jsonl beside --prompts)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--fresh", action="store_true", help="discard earlier rows instead of resuming")
+    parser.add_argument("--retry-errors", action="store_true", help="run again the rows that failed before")
+    parser.add_argument("--check", action="store_true",
+                        help="compare the runner's decoding with kvpress's pipeline on the first prompt, write nothing")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: a press that downloads fails at once
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's progress bar
+    if args.out is None:
+        model = json.loads(args.prompts.open().readline())["model"]
+        args.out = args.prompts.with_name(f"kvpress_{model.lower()}.jsonl")
+    if args.check:
+        check(args)
+        return {}
+    stats = run(args)
+    print(f"# {stats['computed']} rows computed, {stats['skipped']} already in {args.out}")
+    for press, error in stats["failed"].items():
+        print(f"# {method_name(press)} failed: {error}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
