@@ -52,6 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` (scorers, QA data builder)
 from common import RESULTS, Table, load_model, machine, progress  # noqa: E402
+from task_rows import read_rows, row_key  # noqa: E402
 from tasks_qa import QA_TASKS  # noqa: E402
 
 import lckv  # noqa: E402
@@ -65,7 +66,6 @@ DEFAULT_TASKS = [*synthetic.TASKS, "hotpotqa"]
 METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval")
 SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
 STREAMING_SINK = 4
-KEY = ("model", "task", "length", "method", "budget", "sample")
 
 
 # ----------------------------------------------------------------------------- budgets and methods
@@ -189,25 +189,6 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 # ----------------------------------------------------------------------------- results file
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL results file; a line cut by an interruption is dropped from the file."""
-    if not path.exists():
-        return []
-    rows, lines = [], path.read_text().splitlines(keepends=True)
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    if len(rows) < len(lines) or (lines and not lines[-1].endswith("\n")):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
-def row_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in KEY)
-
-
 def grid(args) -> list[tuple[str, str | None]]:
     """Every (method, budget) to run: ``full`` once, every other method at every budget."""
     return [(m, b) for m in args.methods for b in ([None] if m == "full" else args.budgets)]

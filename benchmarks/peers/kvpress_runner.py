@@ -45,11 +45,13 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared row format
+from task_rows import read_rows, row_key  # noqa: E402
+
 DEFAULT_PRESSES = ("StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress", "PyramidKVPress",
                    "KVzipPress", "FastKVzipPress")
 NO_PRESS = "none"
 SOURCE = "kvpress"
-KEY = ("model", "task", "length", "method", "budget", "sample")
 
 
 # ----------------------------------------------------------------------------- budgets
@@ -92,26 +94,6 @@ def method_name(press: str) -> str:
 
 
 # ----------------------------------------------------------------------------- results file
-def read_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL results file; a line cut by an interruption is dropped from the file (the
-    rule of ``bench_tasks.read_rows``)."""
-    if not path.exists():
-        return []
-    rows, lines = [], path.read_text().splitlines(keepends=True)
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    if len(rows) < len(lines) or (lines and not lines[-1].endswith("\n")):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return rows
-
-
-def row_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in KEY)
-
-
 def finished_keys(path: Path, retry_errors: bool = False) -> set[tuple]:
     """Keys of the rows already in ``path``. Rows with an ``error`` count as finished, unless
     ``retry_errors``: then they are removed from the file, to be run again."""
