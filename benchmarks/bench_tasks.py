@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` (scorers, QA data builder)
 from common import RESULTS, Table, load_model, machine, progress  # noqa: E402
-from task_rows import read_rows, row_key  # noqa: E402
+from task_rows import budget_label, eos_ids, read_rows, row_key  # noqa: E402
 from tasks_qa import QA_TASKS  # noqa: E402
 
 import lckv  # noqa: E402
@@ -69,21 +69,6 @@ STREAMING_SINK = 4
 
 
 # ----------------------------------------------------------------------------- budgets and methods
-def budget_label(text: str) -> str:
-    """``--budgets`` entry -> canonical label: ``"256"`` (tokens) or ``"0.05"`` (fraction; ``5%`` too)."""
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a token count, a fraction or a percentage, got {text!r}")
-    if text.endswith("%") or "." in text:
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"a budget fraction must be in (0, 1], got {text!r}")
-        return repr(value)
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"a budget token count must be an integer >= 1, got {text!r}")
-    return str(int(value))
-
-
 def budget_value(label: str) -> float | int:
     return float(label) if "." in label else int(label)
 
@@ -178,14 +163,6 @@ def decode(model, prefill_cache: LckvCache, tees: list[QueryTee], policy, first_
             tokens.append(int(logits[0, -1].argmax()))
             steps.append(time.perf_counter() - start)
     return tokens, steps
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    ids = model.generation_config.eos_token_id
-    out = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        out.add(tokenizer.eos_token_id)
-    return out
 
 
 # ----------------------------------------------------------------------------- results file

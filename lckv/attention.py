@@ -147,6 +147,7 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     q_start = layer.total - 1
     n_select = policy.budget_tokens(layer.total) - n_sink - n_recent
     unmasked = attention_mask is None and type(policy).allowed is Policy.allowed and query.shape[2] == 1
+    view = None  # what the policy's hooks see, made once per step when a hook runs
     if unmasked and layer.store_padding is None and 0 < n_select < store.length:
         view = layer.view()
         fused = policy.fused_step(layer.selection_state(), view, query[:, :, 0], n_select, scale)
@@ -167,7 +168,7 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
         merged = merge_states_unchecked(out, lse, *part)
         return (*merged, None) if return_indices else merged
     state = layer.selection_state()
-    view = layer.view()
+    view = view if view is not None else layer.view()
     q = query[:, :, 0].to(store.keys.device)
     indices = policy.select(state, view, q, n_select, scale)
     if view.padding is not None:  # never select pad slots

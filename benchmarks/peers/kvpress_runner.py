@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared row format
-from task_rows import read_rows, row_key  # noqa: E402
+from task_rows import budget_label, eos_ids, read_rows, row_key  # noqa: E402
 
 DEFAULT_PRESSES = ("StreamingLLMPress", "SnapKVPress", "ExpectedAttentionPress", "TOVAPress", "PyramidKVPress",
                    "KVzipPress", "FastKVzipPress")
@@ -55,22 +55,6 @@ SOURCE = "kvpress"
 
 
 # ----------------------------------------------------------------------------- budgets
-def budget_label(text: str) -> str:
-    """``--budgets`` entry -> the label ``bench_tasks.py`` writes: ``"256"`` (tokens) or ``"0.05"``
-    (fraction; ``5%`` too). Rows join lckv's only when the labels are equal."""
-    try:
-        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"budget must be a token count, a fraction or a percentage, got {text!r}")
-    if text.endswith("%") or "." in text:
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"a budget fraction must be in (0, 1], got {text!r}")
-        return repr(value)
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"a budget token count must be an integer >= 1, got {text!r}")
-    return str(int(value))
-
-
 def kept_context_tokens(budget: str, context_tokens: int) -> int:
     """Context keys a press keeps under ``budget`` (a label of :func:`budget_label`): a fraction
     ``b`` keeps ``ceil(b * n)`` (lckv's rounding), a count ``B`` keeps ``B``; at least 1, at most
@@ -225,15 +209,6 @@ def kept_keys(model, cache) -> float:
             dropped = torch.bincount(masked[1].cpu(), minlength=heads).float()
         kept.append((length - dropped).mean().item())
     return sum(kept) / len(kept)
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """EOS of the generation config and of the tokenizer (``bench_tasks.eos_ids``)."""
-    ids = model.generation_config.eos_token_id
-    out = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        out.add(tokenizer.eos_token_id)
-    return out
 
 
 def run_press(model, tokenizer, press, ids: list[int], n_context: int, max_new_tokens: int, eos: set[int]) -> dict:

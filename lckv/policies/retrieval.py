@@ -167,8 +167,8 @@ class RetrievalPolicy(SelectionPolicy):
         batch, q_heads, head_dim = q.shape
         per_head = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
         params = self.search_settings(n_select)
+        scale = head_dim ** -0.5 if scale is None else float(scale)
         if self.index == "cluster":  # the whole rule in one C++ pass per kv head (ClusterIndex.search_group)
-            scale = head_dim ** -0.5 if scale is None else float(scale)
             return torch.stack([index.search_group(per_head[b].contiguous(), n_select, scale, False, **params)[1]
                                 for b, index in enumerate(state.indexes)])
         candidates = torch.stack([index.search(per_head[b].contiguous(), n_select, **params)[1]
@@ -177,10 +177,7 @@ class RetrievalPolicy(SelectionPolicy):
         # Each head's probabilities are over all offloaded keys: the candidates exactly, the rest
         # by the centroid estimate when there is one.
         pool = candidates.flatten(2)
-        rest_lse = None
-        if state.estimate is not None:
-            scale_ = head_dim ** -0.5 if scale is None else scale
-            rest_lse = state.estimate.attend(view, q, pool, scale_, lse_only=True)
+        rest_lse = None if state.estimate is None else state.estimate.attend(view, q, pool, scale, lse_only=True)
         return top_by_group_probability(q, keys, n_select, scale, pool, rest_lse)
 
     def fused_step(self, state, view, q, n_select, scale=None):
@@ -192,27 +189,18 @@ class RetrievalPolicy(SelectionPolicy):
         queries stay float32 throughout (the separate path rounds them to a 16-bit store's dtype
         for the sparse attention). None where the step has no fused form (another index or rule, a
         step scored exactly by ``exact_above``, a non-CPU store or query, or one query head per kv
-        head)."""
+        head). Without the extension no ClusterIndex exists, so the step never gets here."""
         keys = view.keys
         if (self.index != "cluster" or self.group_rank != "probability" or keys.device.type != "cpu"
                 or q.device.type != "cpu" or q.shape[1] == keys.shape[1] or self._exact(view, n_select)):
             return None
-        heads = state.heads
-        if not heads or self._backend_of_step(heads) != "cpu":
+        heads = state.heads  # ClusterIndex heads: built only where the extension is
+        if not heads:
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         estimate = None if state.estimate is None else state.estimate.step_state()
         return decode_cluster_step(heads, q, keys, view.values, view.resident_keys, view.resident_values, n_select,
                                    scale, estimate, self.search_settings(n_select))
-
-    @staticmethod
-    def _backend_of_step(heads) -> str:
-        """Where :func:`lckv.ops.decode_cluster_step` would run: the fused path is taken only where
-        the one-call kernel serves (its reference is the separate path itself)."""
-        from lckv.ops._common import choose_backend
-        from lckv.ops.decode_step import native_handles
-
-        return choose_backend("decode_cluster_step", "cpu", "auto", native_handles(heads) is not None)
 
     def estimate(self, state, view, q, indices, scale):
         """The non-retrieved keys as one partial state (:class:`~lckv.policies.estimate.ClusterEstimate`);
