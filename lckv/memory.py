@@ -19,7 +19,7 @@ import torch
 
 from lckv._extension import extension_available
 
-__all__ = ["HUGE_PAGE_MIN_BYTES", "empty_host", "huge_page_fraction"]
+__all__ = ["HUGE_PAGE_MIN_BYTES", "empty_host", "huge_page_advised", "huge_page_fraction"]
 
 #: Tensors at least this large go on huge pages. Below it the 4 KiB TLB reach of a typical x86
 #: core (~2K second-level entries, 8 MiB) already covers most of the tensor, and rounding the
@@ -80,30 +80,48 @@ def empty_host(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(sizes, dtype=dtype)
 
 
+def _mapping_fields(address: int) -> dict[str, str] | None:
+    """The ``/proc/self/smaps`` fields of the mapping that contains ``address`` (None if unreadable)."""
+    try:
+        with open("/proc/self/smaps") as smaps:
+            fields: dict[str, str] | None = None
+            for line in smaps:
+                first = line.split(maxsplit=1)[0] if line.strip() else ""
+                if "-" in first and not first.endswith(":"):  # a mapping header "start-end perms ..."
+                    if fields is not None:
+                        break
+                    start, end = (int(x, 16) for x in first.split("-"))
+                    if start <= address < end:
+                        fields = {}
+                elif fields is not None and first.endswith(":"):
+                    fields[first[:-1]] = line.split(":", 1)[1].strip()
+    except OSError:
+        return None
+    return fields
+
+
 def huge_page_fraction(tensor: torch.Tensor) -> float | None:
     """Share of the memory mapping holding ``tensor`` that is backed by huge pages, in [0, 1].
 
     Read from ``/proc/self/smaps`` (``AnonHugePages`` over ``Rss`` of the mapping that contains
     ``tensor.data_ptr()``); only touched pages count. Returns None when that cannot be read
-    (not Linux, no smaps) or nothing of the mapping is resident yet.
+    (not Linux, no smaps) or nothing of the mapping is resident yet. The kernel decides the
+    backing at first touch and may give plain pages to an advised mapping (memory too fragmented
+    for a free 2 MiB block); :func:`huge_page_advised` says whether the advice itself is in place.
     """
-    address = tensor.data_ptr()
-    try:
-        with open("/proc/self/smaps") as smaps:
-            inside, rss, huge = False, None, None
-            for line in smaps:
-                first = line.split(maxsplit=1)[0] if line.strip() else ""
-                if "-" in first and not first.endswith(":"):  # a mapping header "start-end perms ..."
-                    if inside:
-                        break
-                    start, end = (int(x, 16) for x in first.split("-"))
-                    inside = start <= address < end
-                elif inside and first == "Rss:":
-                    rss = int(line.split()[1])
-                elif inside and first == "AnonHugePages:":
-                    huge = int(line.split()[1])
-    except OSError:
+    fields = _mapping_fields(tensor.data_ptr())
+    if not fields or "Rss" not in fields or "AnonHugePages" not in fields:
         return None
-    if not rss or huge is None:
+    rss, huge = int(fields["Rss"].split()[0]), int(fields["AnonHugePages"].split()[0])
+    return min(1.0, huge / rss) if rss else None
+
+
+def huge_page_advised(tensor: torch.Tensor) -> bool | None:
+    """Whether the mapping holding ``tensor`` carries ``MADV_HUGEPAGE`` (smaps ``VmFlags: hg``).
+
+    None when ``/proc/self/smaps`` cannot be read or has no ``VmFlags`` line.
+    """
+    fields = _mapping_fields(tensor.data_ptr())
+    if not fields or "VmFlags" not in fields:
         return None
-    return min(1.0, huge / rss)
+    return "hg" in fields["VmFlags"].split()

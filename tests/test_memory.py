@@ -8,7 +8,7 @@ import torch
 from kernel_oracles import fresh_generator
 from lckv import extension_available
 from lckv.cache import HostKVStore
-from lckv.memory import HUGE_PAGE_MIN_BYTES, empty_host, huge_page_fraction
+from lckv.memory import HUGE_PAGE_MIN_BYTES, empty_host, huge_page_advised, huge_page_fraction
 
 needs_extension = pytest.mark.skipif(not extension_available(), reason="lckv._C is not built (pip install -e .)")
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -40,16 +40,33 @@ def test_shape_dtype_and_round_trip(shape, dtype):
 
 
 @needs_extension
-def test_large_tensors_are_huge_page_aligned_and_backed():
+def test_large_tensors_are_huge_page_aligned_and_advised():
     t = empty_host([4, HUGE_PAGE_MIN_BYTES // 4 // 128 + 3, 128], torch.float32)  # a bit above the threshold
     assert t.data_ptr() % TWO_MIB == 0
     small = empty_host([1024], torch.float32)
     assert small.nbytes < HUGE_PAGE_MIN_BYTES
+    plain = torch.empty(t.shape, dtype=t.dtype)
     if _thp_mode() not in ("madvise", "always"):
         pytest.skip(f"transparent huge pages are {_thp_mode()!r} here")
-    t.fill_(1.0)  # first touch
-    fraction = huge_page_fraction(t)
-    assert fraction is not None and fraction > 0.5, f"only {fraction} of the mapping is on huge pages"
+    assert huge_page_advised(t) is True, "the large tensor's mapping lacks MADV_HUGEPAGE (VmFlags hg)"
+    if _thp_mode() == "madvise":
+        assert huge_page_advised(plain) is False, "torch.empty's mapping should not carry the advice"
+
+
+@needs_extension
+def test_large_tensors_are_backed_by_huge_pages_when_the_kernel_has_them():
+    if _thp_mode() not in ("madvise", "always"):
+        pytest.skip(f"transparent huge pages are {_thp_mode()!r} here")
+    fractions = []
+    for _ in range(3):  # the kernel backs a fault with a huge page only if it finds a free 2 MiB block
+        t = empty_host([4, HUGE_PAGE_MIN_BYTES // 4 // 128 + 3, 128], torch.float32)
+        t.fill_(1.0)  # first touch
+        fractions.append(huge_page_fraction(t))
+        if fractions[-1] is not None and fractions[-1] > 0.5:
+            return
+    assert any(f is not None for f in fractions), "smaps gave no Rss/AnonHugePages for the mapping"
+    pytest.skip(f"advised mappings got {fractions} of huge pages in 3 tries: memory too fragmented "
+                "for 2 MiB blocks now (see /proc/buddyinfo); the advice itself is checked above")
 
 
 @needs_extension
