@@ -303,7 +303,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-COLUMNS = [("task", "task", "s", 22), ("length", "tokens", "d", 6), ("method", "method", "s", 12),
+COLUMNS = [("task", "task", "s", 22), ("length", "tokens", "d", 6), ("method", "method", "s", 30),
            ("budget", "budget", "s", 6), ("budget_tokens", "keys", ".0f", 5), ("n", "n", "d", 3),
            ("score", "score", ".3f", 5), ("drop_pct", "drop %", ".1f", 6), ("prefill_s", "prefill s", ".2f", 0),
            ("first_step_ms", "1st step ms", ".1f", 0), ("decode_tokens_per_s", "tok/s", ".1f", 6)]

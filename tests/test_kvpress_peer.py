@@ -33,7 +33,7 @@ def _kvpress_n_kept(k_len, ratio):
 def _prompt(task="niah_single_repeat", sample=0, answers=("1234567",)):
     text = "<ctx> long context\n\nWhat is the number? The number is"
     return {"model": "m", "task": task, "length": 64, "sample": sample, "seed": sample,
-            "input_ids": list(range(20)), "text": text, "context_text": text[:20], "question_text": text[20:],
+            "input_ids": list(range(sample, sample + 20)), "text": text, "context_text": text[:20], "question_text": text[20:],
             "answers": list(answers), "metric": "all", "max_new_tokens": 8}
 
 
@@ -121,8 +121,10 @@ def fake_runner(monkeypatch, tmp_path):
     (task, sample, press) it runs; ``BrokenPress`` fails like a press that cannot run here."""
     calls = []
 
-    def run_press(model, tokenizer, press, ids, n_context, max_new_tokens, eos):
+    def run_press(model, tokenizer, press, ids, n_context, max_new_tokens, eos, shared=None):
         calls.append(press)
+        shared.setdefault("ids", tuple(ids))
+        assert shared["ids"] == tuple(ids), "a prompt's shared prefill reached another prompt"
         return {"tokens": [1, 2, 3, 4, 5, 6, 7] if press == "none" else [1, 2], "kept": 3.0, "prefill_s": 1.0,
                 "compression_s": 0.1, "question_s": 0.2, "steps": [0.1, 0.05]}
 
@@ -229,3 +231,12 @@ def test_end_to_end_with_kvpress_environment(tmp_path):
     assert streaming["context_tokens"] + streaming["question_tokens"] == full["prompt_tokens"]
     payload = bench_tasks.main([*common, "--summary-only", "--peer-results", str(out)])
     assert {"full", "kvpress:none", "kvpress:StreamingLLMPress"} <= {e["method"] for e in payload["summary"]}
+
+    presses = ["none", "StreamingLLMPress", "SnapKVPress", "TOVAPress"]  # shared prefill == own prefill == pipeline
+    checked = subprocess.run([str(python), str(ROOT / "benchmarks" / "peers" / "kvpress_runner.py"), "--check",
+                              "--prompts", str(tmp_path / "e2e_prompts.jsonl"), "--model-dir",
+                              str(model_path("smollm2-135m-instruct")), "--presses", *presses, "--budgets", "0.25"],
+                             capture_output=True, text=True, timeout=600)
+    assert checked.returncode == 0, checked.stdout[-3000:] + checked.stderr[-3000:]
+    verdicts = [line.split()[1:3] for line in checked.stdout.splitlines() if line.startswith("--check")]
+    assert verdicts == [[press, "same:"] for press in presses], checked.stdout

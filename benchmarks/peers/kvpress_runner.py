@@ -211,28 +211,98 @@ def kept_keys(model, cache) -> float:
     return sum(kept) / len(kept)
 
 
-def run_press(model, tokenizer, press, ids: list[int], n_context: int, max_new_tokens: int, eos: set[int]) -> dict:
+def shares_prefill(press) -> bool:
+    """Whether ``press`` compresses only through kvpress's own ``BasePress.forward_hook`` (every
+    ScorerPress: StreamingLLM, SnapKV, ExpectedAttention, TOVA, PyramidKV, ...). Such a hook runs
+    after layer i's attention, leaves that layer's output unchanged and rewrites only layer i's
+    cache, so layer i+1 sees the hidden states of an uncompressed prefill: the hook can be replayed
+    on a copy of one shared uncompressed prefill (:class:`SharedPrefill`) with the inputs it would
+    have received, and gives the same cache. Presses with their own ``__call__`` or hook (KVzip
+    reruns the model, DMS, Finch, ...) prefill on their own."""
+    if press is None:
+        return True
+    from kvpress import BasePress
+
+    return type(press).forward_hook is BasePress.forward_hook and type(press).__call__ is BasePress.__call__
+
+
+class SharedPrefill:
+    """One uncompressed prefill of a prompt's context and, per attention module, the keyword
+    arguments and attention weights its forward got and returned (what ``BasePress.forward_hook``
+    reads). :meth:`compressed_cache` replays a press's hook on a copy of the cache."""
+
+    def __init__(self, model, context):
+        import torch
+        from transformers import DynamicCache
+
+        self.model, self.inputs = model, {}
+
+        def record(module, args, kwargs, output):
+            self.inputs[module.layer_idx] = (dict(kwargs), output[1] if isinstance(output, tuple) else None)
+
+        modules = [layer.self_attn for layer in model.model.layers]
+        hooks = [m.register_forward_hook(record, with_kwargs=True) for m in modules]
+        self.cache = DynamicCache()
+        try:
+            with torch.no_grad():
+                start = time.perf_counter()
+                model.model(input_ids=context, past_key_values=self.cache)
+                self.seconds = time.perf_counter() - start
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if len(self.inputs) != len(modules):
+            raise RuntimeError(f"recorded {len(self.inputs)} of {len(modules)} attention modules")
+
+    def compressed_cache(self, press):
+        """``(cache, seconds)``: a copy of the prefilled cache after ``press``'s forward hook ran on
+        every layer with the recorded inputs (the cache itself for no press)."""
+        import copy
+
+        if press is None:
+            return copy.deepcopy(self.cache), 0.0
+        cache = copy.deepcopy(self.cache)
+        start = time.perf_counter()
+        press.post_init_from_model(self.model)  # what press(model) does before registering the hooks
+        for layer in self.model.model.layers:
+            kwargs, weights = self.inputs[layer.self_attn.layer_idx]
+            press.forward_hook(layer.self_attn, (), {**kwargs, "past_key_values": cache}, (None, weights))
+        return cache, time.perf_counter() - start
+
+
+def run_press(model, tokenizer, press, ids: list[int], n_context: int, max_new_tokens: int, eos: set[int],
+              shared: dict | None = None) -> dict:
     """kvpress's protocol on one prompt (see the module docstring); returns the tokens, the kept
-    context keys and the timings."""
+    context keys and the timings. With ``shared`` (a dict kept per prompt by the caller), a press
+    that :func:`shares_prefill` replays its hook on the prompt's one :class:`SharedPrefill`
+    (``prefill_s`` is that shared prefill's time, ``compression_s`` the press's own); other presses
+    prefill with ``press(model)``."""
     import contextlib
 
     import torch
-    from transformers import DynamicCache
 
     for layer in model.model.layers:  # a masking press leaves its indices on the modules
         layer.self_attn.masked_key_indices = None
     context = torch.tensor([ids[:n_context]])
     question = torch.tensor([ids[n_context:]])
-    cache = DynamicCache()
-    timer = PressTimer(press)
     with torch.no_grad():
-        start = time.perf_counter()
-        with press(model) if press is not None else contextlib.nullcontext():
-            entered = time.perf_counter()
-            model.model(input_ids=context, past_key_values=cache)
-            forward_done = time.perf_counter()
-        prefill_s = time.perf_counter() - start  # KVzip scores and evicts when its context exits
-        compression_s = timer.seconds + (entered - start) + (start + prefill_s - forward_done)
+        if shared is not None and shares_prefill(press):
+            if "prefill" not in shared:
+                shared["prefill"] = SharedPrefill(model, context)
+            cache, compression_s = shared["prefill"].compressed_cache(press)
+            prefill_s = shared["prefill"].seconds + compression_s
+        else:
+            from transformers import DynamicCache
+
+            cache = DynamicCache()
+            timer = PressTimer(press)
+            start = time.perf_counter()
+            with press(model) if press is not None else contextlib.nullcontext():
+                entered = time.perf_counter()
+                model.model(input_ids=context, past_key_values=cache)
+                forward_done = time.perf_counter()
+            prefill_s = time.perf_counter() - start  # KVzip scores and evicts when its context exits
+            compression_s = timer.seconds + (entered - start) + (start + prefill_s - forward_done)
         kept = kept_keys(model, cache)
 
         start = time.perf_counter()
@@ -248,7 +318,7 @@ def run_press(model, tokenizer, press, ids: list[int], n_context: int, max_new_t
             steps.append(time.perf_counter() - start)
             position += 1
     return {"tokens": tokens, "kept": kept, "prefill_s": prefill_s, "compression_s": compression_s,
-            "question_s": question_s, "steps": steps}
+            "question_s": question_s, "steps": steps, "cache": cache}
 
 
 def pipeline_answer(model, tokenizer, press, ids: list[int], n_context: int, max_new_tokens: int) -> str:
@@ -296,8 +366,11 @@ def run(args) -> dict:
     splits = {}
     with tempfile.TemporaryDirectory() as scratch, args.out.open("a") as sink:
         point_name_or_path_at_tokenizer(model, tokenizer, Path(scratch))
+        shared, shared_key = {}, None
         for number, (prompt, press_name, budget) in enumerate(todo, 1):
             key = (prompt["task"], prompt["length"], prompt["sample"])
+            if key != shared_key:  # todo runs prompt by prompt: one shared prefill alive at a time
+                shared, shared_key = {}, key
             label = f"{prompt['task']} {prompt['length']} #{prompt['sample']} {press_name} {budget or ''}"
             try:
                 if key not in splits:
@@ -305,7 +378,8 @@ def run(args) -> dict:
                 n_context = splits[key]
                 ratio = None if budget is None else compression_ratio(budget, n_context)
                 press = make_press(press_name, ratio)
-                out = run_press(model, tokenizer, press, prompt["input_ids"], n_context, prompt["max_new_tokens"], eos)
+                out = run_press(model, tokenizer, press, prompt["input_ids"], n_context, prompt["max_new_tokens"], eos,
+                                shared=None if args.own_prefill else shared)
             except Exception as exc:  # recorded with its error: the press is reported, not dropped
                 row = error_row(prompt, press_name, budget, exc)
                 stats["failed"].setdefault(press_name, row["error"])
@@ -334,7 +408,11 @@ def point_name_or_path_at_tokenizer(model, tokenizer, directory: Path) -> None:
 
 
 def check(args) -> None:
-    """The runner's decode loop must give kvpress pipeline's answer on the first prompt, per press."""
+    """On the first prompt, per press: the runner's decoding on the shared prefill, on the press's
+    own hooked prefill and kvpress's pipeline must give the same answer, and the two runner paths
+    bit-identical caches."""
+    import torch
+
     prompt = read_prompts(args.prompts)[0]
     model, tokenizer = load(args.model_dir, args.gguf_file)
     scratch = tempfile.TemporaryDirectory()
@@ -342,25 +420,27 @@ def check(args) -> None:
     eos = eos_ids(model, tokenizer)
     ids = prompt["input_ids"]
     n_context = split_prompt(tokenizer, prompt)
-    bad = []
+    bad, shared = [], {}
     for press_name, budget in grid(args.presses, args.budgets[:1]):
         ratio = None if budget is None else compression_ratio(budget, n_context)
         try:
-            ours = run_press(model, tokenizer, make_press(press_name, ratio), ids, n_context,
-                             prompt["max_new_tokens"], eos)
+            answers = [run_press(model, tokenizer, make_press(press_name, ratio), ids, n_context,
+                                 prompt["max_new_tokens"], eos, shared=way) for way in (shared, None)]
             theirs = pipeline_answer(model, tokenizer, make_press(press_name, ratio), ids, n_context,
                                      prompt["max_new_tokens"])
         except Exception as exc:
             print(f"--check {press_name}: cannot run ({type(exc).__name__}: {exc})")
             continue
-        prediction = tokenizer.decode(ours["tokens"], skip_special_tokens=True)
-        same = prediction == theirs
-        print(f"--check {press_name:24s} {'same' if same else 'DIFFERENT'}: {prediction!r}"
-              + ("" if same else f" vs pipeline {theirs!r}"))
+        on_shared, on_own = (tokenizer.decode(a["tokens"], skip_special_tokens=True) for a in answers)
+        same_cache = all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)  # prompt and answer included
+                         for a, b in zip(answers[0]["cache"].layers, answers[1]["cache"].layers, strict=True))
+        same = on_shared == on_own == theirs and same_cache
+        print(f"--check {press_name:24s} {'same' if same else 'DIFFERENT'}: {on_shared!r}"
+              + ("" if same else f" vs own prefill {on_own!r} (caches equal: {same_cache}), pipeline {theirs!r}"))
         if not same:
             bad.append(press_name)
     if bad:
-        raise SystemExit(f"--check failed: the runner and kvpress's pipeline differ for {bad}")
+        raise SystemExit(f"--check failed: the runner's paths and kvpress's pipeline differ for {bad}")
 
 
 def main(argv=None) -> dict:
@@ -378,6 +458,8 @@ def main(argv=None) -> dict:
                         help="results JSONL (default: kvpress_<model>.jsonl beside --prompts)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier rows instead of resuming")
+    parser.add_argument("--own-prefill", action="store_true",
+                        help="every press prefills on its own with press(model), none shares the uncompressed prefill")
     parser.add_argument("--retry-errors", action="store_true", help="run again the rows that failed before")
     parser.add_argument("--check", action="store_true",
                         help="compare the runner's decoding with kvpress's pipeline on the first prompt, write nothing")
