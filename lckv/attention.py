@@ -20,7 +20,8 @@ from lckv.policies import Policy
 from lckv.policies.selection import SelectionPolicy
 from lckv.reference.attention import dense_attention_unchecked
 
-__all__ = ["KeyPaddingMask", "attend_segments", "attend_with_selection", "SCORE_BLOCK_ELEMENTS"]
+__all__ = ["KeyPaddingMask", "attend_segments", "attend_with_selection", "attend_chunk_with_selection",
+           "SCORE_BLOCK_ELEMENTS"]
 
 #: upper bound on batch * q_heads * q_chunk * n_keys of one score block (fp32: 128 MiB).
 SCORE_BLOCK_ELEMENTS = 1 << 25
@@ -182,3 +183,45 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     sel_out, sel_lse = sel_out.to(query.device).unsqueeze(2), sel_lse.to(query.device).unsqueeze(2)
     merged = merge_states_unchecked(out, lse, sel_out.to(out.dtype), sel_lse)
     return (*merged, indices) if return_indices else merged
+
+
+def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, policy: SelectionPolicy, scale: float):
+    """A prefill chunk (``q_len >= 1`` new tokens, already appended to ``layer``) of a
+    :class:`SelectionPolicy` with ``prefill="retrieval"`` (see :mod:`lckv.policies.selection`).
+
+    The resident sink and recent tokens (the window and the chunk itself) are attended exactly
+    under the causal mask; of the offloaded store, each block of ``policy.prefill_block`` queries
+    attends the ``policy.prefill_select`` rows per kv head that ``policy.select`` picks for the
+    block's mean query (every store row precedes the chunk, so no causal mask is needed there);
+    the two parts merge by LSE. A store of at most ``prefill_select`` rows is attended whole, which
+    makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
+    """
+    store = layer.store
+    q_len = query.shape[2]
+    q_start = layer.total - q_len
+    n_sink = layer.sink_k.shape[2]
+    out, lse = attend_segments(query, layer.resident_segments(), q_start, attention_mask, policy, scale)
+    n_select = policy.prefill_select
+    if n_select >= store.length:
+        part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
+        return merge_states_unchecked(out, lse, *part)
+    state = layer.selection_state()
+    view = layer.view()
+    keys, values = store.keys, store.values
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads = keys.shape[1]
+    outs, lses = [], []
+    for lo in range(0, q_len, policy.prefill_block):
+        q = query[:, :, lo:lo + policy.prefill_block].to(keys.device)
+        indices = policy.select(state, view, q.float().mean(dim=2), n_select, scale)  # [batch, kv_heads, n]
+        valid = indices >= 0
+        if view.padding is not None:  # never attend pad slots
+            pad = view.padding.to(indices.device).unsqueeze(1).expand(-1, kv_heads, -1)
+            valid &= torch.gather(pad, 2, indices.clamp(min=0))
+        rows = indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        k_sel, v_sel = torch.gather(keys, 2, rows), torch.gather(values, 2, rows)
+        mask = valid.repeat_interleave(q_heads // kv_heads, dim=1).unsqueeze(2)  # [batch, q_heads, 1, n]
+        part_out, part_lse = dense_attention_unchecked(q, k_sel, v_sel, mask=mask, scale=scale)
+        outs.append(part_out.to(query.device))
+        lses.append(part_lse.to(query.device))
+    return merge_states_unchecked(out, lse, torch.cat(outs, dim=2).to(out.dtype), torch.cat(lses, dim=2))

@@ -29,7 +29,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
-from lckv.attention import KeyPaddingMask, attend_segments, attend_with_selection
+from lckv.attention import KeyPaddingMask, attend_chunk_with_selection, attend_segments, attend_with_selection
 from lckv.cache import LckvCache, LckvCacheLayer, Segment
 from lckv.ops import sink_window_attention_with_lse
 from lckv.reference.window import sink_window_mask
@@ -198,8 +198,11 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if isinstance(attention_mask, torch.Tensor) and isinstance(policy, SelectionPolicy):
         raise NotImplementedError("selection policies take causal masks with key padding only, not custom 4D masks")
     layer.set_padding(padding)
-    if isinstance(policy, SelectionPolicy) and q_len == 1 and layer.store is not None and layer.store.length:
+    selecting = isinstance(policy, SelectionPolicy) and layer.store is not None and layer.store.length
+    if selecting and q_len == 1:
         out, _ = attend_with_selection(query, layer, attention_mask, policy, scaling)
+    elif selecting and policy.prefill == "retrieval":
+        out, _ = attend_chunk_with_selection(query, layer, attention_mask, policy, scaling)
     else:
         # nothing offloaded or evicted yet: the resident keys (sink then recent) are slots 0.. in order
         parts = [Segment(key, value, 0)] if layer.resident_is_contiguous() else layer.segments()

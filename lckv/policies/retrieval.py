@@ -25,6 +25,7 @@ __all__ = ["RetrievalPolicy", "INDEX_KINDS"]
 class _RetrievalState:
     indexes: list  # one lckv.index.LayerIndex per batch row (None for kind "exact")
     estimate: ClusterEstimate | None
+    estimate_rows: int = 0  # offloaded rows when the estimate was built
 
     @property
     def heads(self) -> list:
@@ -130,15 +131,25 @@ class RetrievalPolicy(SelectionPolicy):
     # --- build and insert ----------------------------------------------------------------------
     def build(self, view: LayerView) -> _RetrievalState:
         indexes = build_indexes(self.index, self.index_params, view, self.group_rank)
+        state = _RetrievalState(indexes, None)
+        self._build_estimate(state, view)
+        return state
+
+    def _build_estimate(self, state: _RetrievalState, view: LayerView) -> None:
         if not self.estimate_rest:
-            return _RetrievalState(indexes, None)
+            return
         if self.clusters == "auto":
-            estimate = ClusterEstimate.from_segments(view, self.cluster_size, self.max_clusters, index_heads(indexes))
+            state.estimate = ClusterEstimate.from_segments(view, self.cluster_size, self.max_clusters, state.heads)
         else:
-            estimate = ClusterEstimate.from_kmeans(view, self.clusters)
-        return _RetrievalState(indexes, estimate)
+            state.estimate = ClusterEstimate.from_kmeans(view, self.clusters)
+        state.estimate_rows = view.length
 
     def on_offload(self, state, view, first_row, n_rows):
+        """New rows join the indexes and the estimate's nearest clusters. Once the store has doubled
+        since the estimate was built (a state built early in a ``prefill="retrieval"`` prompt, or a
+        long generation), the estimate is rebuilt over every row -- from the index's own clusters
+        where they match -- so its clusters keep growing with the context at O(1) amortised cost
+        per row."""
         est = state.estimate
         keys = view.keys[:, :, first_row:first_row + n_rows]
         values = view.values[:, :, first_row:first_row + n_rows]
@@ -146,6 +157,8 @@ class RetrievalPolicy(SelectionPolicy):
         assign = offload_rows(state.heads, keys, values, valid, None if est is None else est.add_state())
         if est is not None:
             est.append(assign)
+            if view.length >= 2 * max(1, state.estimate_rows):
+                self._build_estimate(state, view)
 
     # --- selection -----------------------------------------------------------------------------
     def _exact(self, view: LayerView, n_select: int) -> bool:

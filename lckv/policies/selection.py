@@ -3,9 +3,19 @@
 Every decode step attends three disjoint parts and merges them by log-sum-exp: the resident sink
 and window (exact), the rows of the offloaded store that the policy selects for each kv head
 (sparse attention: only those rows are read), and optionally an estimate of the rest
-(:meth:`SelectionPolicy.estimate`). Prefill is exact (every earlier token is attended); the
-selection structures are built from the offloaded store at the first decode step
-(:meth:`build`) and kept current as tokens spill (:meth:`on_offload`).
+(:meth:`SelectionPolicy.estimate`). The selection structures are built from the offloaded store
+at the first step that selects (:meth:`build`) and kept current as tokens spill
+(:meth:`on_offload`).
+
+Prefill (``prefill``): ``"exact"`` (default) attends every earlier token, so the selection state is
+built at the first decode step over the whole prompt. ``"retrieval"`` makes a prompt fed in chunks
+(``model.generate(..., prefill_chunk_size=n)``, or forward calls of n tokens on one cache) linear in
+its length: each chunk attends the sink, the resident window and itself exactly; of the offloaded
+store, each block of ``prefill_block`` consecutive queries attends the ``prefill_select`` rows per
+kv head that :meth:`select` picks for the block's mean query; the parts merge by LSE. The
+selection state is then built at the first chunk that finds rows offloaded, and every later chunk
+joins it as it spills (:meth:`on_offload`), so decoding starts with nothing left to build. A store
+no larger than ``prefill_select`` is attended whole (the chunk is exact).
 
 Budget: ``budget`` is the number of keys each query attends in total — sink + window + selected —
 either a token count (int >= 1) or a fraction of the context (float in (0, 1]). A budget at least
@@ -38,7 +48,10 @@ import torch
 from lckv.layer_view import LayerView
 from lckv.policies.base import Policy, PolicyConfigError
 
-__all__ = ["SelectionPolicy", "BudgetTooSmallError"]
+__all__ = ["SelectionPolicy", "BudgetTooSmallError", "PREFILL_MODES"]
+
+#: how a :class:`SelectionPolicy` prefills (see the module docstring)
+PREFILL_MODES = ("exact", "retrieval")
 
 
 class BudgetTooSmallError(PolicyConfigError):
@@ -54,6 +67,9 @@ class SelectionPolicy(Policy):
 
     window: int = 64
     budget: float = 0.05
+    prefill: str = "exact"
+    prefill_select: int = 2048
+    prefill_block: int = 64
     keeps_offloaded: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -67,6 +83,12 @@ class SelectionPolicy(Policy):
             raise PolicyConfigError(f"{type(self).__name__}.budget as a fraction must be in (0, 1], got {b}")
         if isinstance(b, int):
             self.split_budget(b)  # a count too small for sink + 2 fails now, not at decode time
+        if self.prefill not in PREFILL_MODES:
+            raise PolicyConfigError(f"{type(self).__name__}.prefill must be one of {PREFILL_MODES}, got {self.prefill!r}")
+        for name in ("prefill_select", "prefill_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PolicyConfigError(f"{type(self).__name__}.{name} must be an int >= 1, got {value!r}")
 
     def budget_tokens(self, context_len: int) -> int:
         """Total keys a query may attend when the context holds ``context_len`` tokens."""

@@ -43,6 +43,9 @@ class SnapKVPolicy(SelectionPolicy):
             raise PolicyConfigError(f"SnapKVPolicy.pooling must be 'max', 'avg' or 'none', got {self.pooling!r}")
         if self.kernel < 1 or self.kernel % 2 == 0:
             raise PolicyConfigError(f"SnapKVPolicy.kernel must be odd and >= 1, got {self.kernel}")
+        if self.prefill != "exact":
+            raise PolicyConfigError("SnapKVPolicy.prefill must be 'exact': its selection is voted by the last "
+                                    f"prompt queries, which a prefill in progress does not have (got {self.prefill!r})")
 
     def recorded_queries(self):
         return (0, self.observation)

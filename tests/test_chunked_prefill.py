@@ -1,0 +1,171 @@
+"""Retrieval-augmented chunked prefill (``SelectionPolicy.prefill="retrieval"``).
+
+Three oracles: (1) with ``prefill_select`` and the budget covering every offloaded row, a prompt
+fed in chunks (transformers' ``prefill_chunk_size``) gives sdpa's greedy tokens and logits, for
+chunk sizes that split the window, with left padding and batch > 1; (2) one layer fed chunk by
+chunk with random keys and queries against a masked dense softmax over exactly the keys the rule
+says (sink, window + chunk causally, and the top ``prefill_select`` rows of each query block's mean
+query); (3) after such a prefill every layer's selection state exists and covers every offloaded
+row, so the first decode step builds nothing.
+"""
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import lckv
+from kernel_oracles import fresh_generator
+from lckv.attention import attend_chunk_with_selection
+from lckv.cache import LckvCacheLayer
+from lckv.policies import PolicyConfigError, resolve_policy
+
+# fp32 end-to-end logits, merged partial softmaxes vs one softmax: rounding-level differences
+# (the same bound as tests/test_hf_backend.py)
+LOGIT_ATOL, LOGIT_RTOL = 1e-4, 1e-4
+# one fp32 attention layer against a dense fp32 softmax: a few ulps of accumulation order
+ATTN_ATOL, ATTN_RTOL = 1e-5, 1e-5
+NEW_TOKENS = 12
+
+
+def _tiny(kind: str, kv_heads: int, seed: int):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=kv_heads, max_position_embeddings=512, initializer_range=0.3,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=None)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=12))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+def _generate(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                             do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0,
+                             **kwargs)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("kind,kv_heads", [("llama", 2), ("qwen2", 1), ("llama", 4)])
+@pytest.mark.parametrize("policy", ["retrieval", "quest", "block"])
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_covering_retrieval_prefill_equals_sdpa(kind, kv_heads, policy, chunk):
+    gen, seed = fresh_generator()
+    model = _tiny(kind, kv_heads, seed)
+    lengths = (90, 61)
+    ids = torch.zeros(2, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):  # left padding
+        ids[row, -n:] = torch.randint(3, 97, (n,), generator=gen)
+        mask[row, -n:] = 1
+    ref = _generate(model, ids, mask)
+    settings = dict(sink=3, window=7, budget=1.0, prefill="retrieval", prefill_select=200, prefill_block=4)
+    if policy == "retrieval":
+        settings["index"] = "exact"  # flat: any index attends every row when the budget covers them
+    lckv.enable(model, policy, **settings)
+    cache = lckv.new_cache(model)
+    got = _generate(model, ids, mask, past_key_values=cache, prefill_chunk_size=chunk)
+    torch.testing.assert_close(got[1], ref[1], atol=LOGIT_ATOL, rtol=LOGIT_RTOL, msg=f"seed {seed}")
+    assert torch.equal(got[0], ref[0]), f"seed {seed}"
+    assert cache.layers[0].store.length > 0, "the prompt must have been offloaded"
+
+
+def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale):
+    """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    recent_start = max(sink, lo - (window - 1))  # the window kept before the chunk arrived
+    store = torch.arange(sink, recent_start)
+    outs, lses = [], []
+    for b_lo in range(lo, hi, block):
+        b_hi = min(hi, b_lo + block)
+        qb = q[:, :, b_lo:b_hi].double()
+        allowed = torch.zeros(batch, kv_heads, b_hi - b_lo, hi, dtype=torch.bool)
+        allowed[..., :sink] = True
+        for i, p in enumerate(range(b_lo, b_hi)):
+            allowed[:, :, i, recent_start:p + 1] = True
+        if len(store) > select:  # group-summed mean query, top `select` store rows per kv head
+            mean = qb.mean(2).reshape(batch, kv_heads, group, head_dim).sum(2)
+            scores = torch.einsum("bhd,bhnd->bhn", mean, k[:, :, store].double())
+            picked = store[scores.topk(select, dim=-1).indices]  # [batch, kv_heads, select]
+            for bb in range(batch):
+                for h in range(kv_heads):
+                    allowed[bb, h, :, picked[bb, h]] = True
+        else:
+            allowed[..., store] = True
+        allowed = allowed.repeat_interleave(group, dim=1)
+        logits = torch.einsum("bhqd,bhkd->bhqk", qb, k[:, :, :hi].double().repeat_interleave(group, 1)) * scale
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        outs.append(torch.softmax(logits, -1) @ v[:, :, :hi].double().repeat_interleave(group, 1))
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+@pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
+def test_one_layer_against_masked_dense_softmax(chunk, block, select):
+    gen, seed = fresh_generator()
+    batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
+    sink, window = 2, 6
+    k = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
+    q = torch.randn(batch, kv_heads * group, n, head_dim, generator=gen)
+    policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index="exact", group_rank="logits",
+                            estimate_rest=False, prefill="retrieval", prefill_select=select, prefill_block=block)
+    layer = LckvCacheLayer(policy, 0)
+    scale = head_dim ** -0.5
+    for lo in range(0, n, chunk):
+        hi = min(n, lo + chunk)
+        layer.update(k[:, :, lo:hi], v[:, :, lo:hi])
+        if layer.store is None or layer.store.length == 0:
+            continue
+        out, lse = attend_chunk_with_selection(q[:, :, lo:hi], layer, None, policy, scale)
+        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale)
+        torch.testing.assert_close(out, ref_out.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
+        torch.testing.assert_close(lse, ref_lse.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
+    assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
+
+
+def test_prefill_leaves_every_layer_ready_to_decode(stories260k_files):
+    from lckv.research.llama2c import load
+
+    model = load(*stories260k_files)[0]
+    gen, seed = fresh_generator()
+    ids = torch.randint(3, model.config.vocab_size, (1, 700), generator=gen)
+    lckv.enable(model, "retrieval", sink=4, window=32, budget=64, prefill="retrieval", prefill_select=48,
+                prefill_block=16)
+    cache = lckv.new_cache(model)
+    with torch.no_grad():
+        for lo in range(0, ids.shape[1], 128):
+            model(ids[:, lo:lo + 128], past_key_values=cache, use_cache=True)
+    for layer in cache.layers:
+        assert layer.selection is not None, "the state must be built during prefill"
+        rows = layer.store.length
+        assert all(index.size == rows for index in layer.selection.heads), f"seed {seed}: indexes miss rows"
+        assert layer.selection.estimate.rows == rows and layer.selection.estimate_rows > rows // 2, f"seed {seed}"
+    before = [id(layer.selection) for layer in cache.layers]
+    with torch.no_grad():
+        logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    assert torch.isfinite(logits).all()
+    assert [id(layer.selection) for layer in cache.layers] == before, "the first decode step rebuilt a state"
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(prefill="chunked"), "prefill must be one of"),
+    (dict(prefill_select=0), "prefill_select must be an int >= 1"),
+    (dict(prefill_block=2.5), "prefill_block must be an int"),
+    (dict(prefill_block=-3), "prefill_block must be an int >= 1"),
+])
+def test_bad_prefill_settings_raise(settings, match):
+    with pytest.raises(PolicyConfigError, match=match):
+        resolve_policy("retrieval", **settings)
+
+
+def test_snapkv_refuses_retrieval_prefill():
+    with pytest.raises(PolicyConfigError, match="SnapKVPolicy.prefill must be 'exact'"):
+        resolve_policy("snapkv", prefill="retrieval")
+    assert math.isclose(resolve_policy("snapkv").budget, 0.05)
