@@ -191,8 +191,8 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
 
     The resident sink and recent tokens (the window and the chunk itself) are attended exactly
     under the causal mask; of the offloaded store, each block of ``policy.prefill_block`` queries
-    attends the ``policy.prefill_select`` rows per kv head that ``policy.select`` picks for the
-    block's mean query (every store row precedes the chunk, so no causal mask is needed there);
+    attends the ``policy.prefill_select`` rows per kv head that ``policy.select_blocks`` picks for
+    the block's mean query (every store row precedes the chunk, so no causal mask is needed there);
     the two parts merge by LSE. A store of at most ``prefill_select`` rows is attended whole, which
     makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
     """
@@ -209,19 +209,34 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     view = layer.view()
     keys, values = store.keys, store.values
     batch, q_heads, _, head_dim = query.shape
-    kv_heads = keys.shape[1]
+    kv_heads, block = keys.shape[1], policy.prefill_block
+    group, m = q_heads // kv_heads, -(-q_len // block)
+    q = query.to(keys.device)
+    means = torch.stack([q[:, :, j * block:(j + 1) * block].float().mean(dim=2) for j in range(m)], dim=2)
+    indices = policy.select_blocks(state, view, means, n_select, scale)  # [batch, kv_heads, m, n]
+    n = indices.shape[-1]
+    valid = indices >= 0
+    if view.padding is not None:  # never attend pad slots
+        pad = view.padding.to(indices.device)[:, None, :].expand(-1, kv_heads, -1)
+        valid &= torch.gather(pad, 2, indices.clamp(min=0).flatten(2)).view_as(valid)
+    # blocks in batches: one score tensor [batch * blocks, q_heads, block, n] stays <= SCORE_BLOCK_ELEMENTS
+    per_batch = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * block * n))
+    padded = torch.nn.functional.pad(q, (0, 0, 0, m * block - q_len)) if m * block != q_len else q
+    blocks = padded.reshape(batch, q_heads, m, block, head_dim)
     outs, lses = [], []
-    for lo in range(0, q_len, policy.prefill_block):
-        q = query[:, :, lo:lo + policy.prefill_block].to(keys.device)
-        indices = policy.select(state, view, q.float().mean(dim=2), n_select, scale)  # [batch, kv_heads, n]
-        valid = indices >= 0
-        if view.padding is not None:  # never attend pad slots
-            pad = view.padding.to(indices.device).unsqueeze(1).expand(-1, kv_heads, -1)
-            valid &= torch.gather(pad, 2, indices.clamp(min=0))
-        rows = indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, head_dim)
-        k_sel, v_sel = torch.gather(keys, 2, rows), torch.gather(values, 2, rows)
-        mask = valid.repeat_interleave(q_heads // kv_heads, dim=1).unsqueeze(2)  # [batch, q_heads, 1, n]
-        part_out, part_lse = dense_attention_unchecked(q, k_sel, v_sel, mask=mask, scale=scale)
-        outs.append(part_out.to(query.device))
-        lses.append(part_lse.to(query.device))
-    return merge_states_unchecked(out, lse, torch.cat(outs, dim=2).to(out.dtype), torch.cat(lses, dim=2))
+    for lo in range(0, m, per_batch):
+        hi = min(m, lo + per_batch)
+        rows = indices[:, :, lo:hi].clamp(min=0)  # [batch, kv_heads, b, n]
+        flat = rows.flatten(2).unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        k_sel = torch.gather(keys, 2, flat).view(batch, kv_heads, hi - lo, n, head_dim).transpose(1, 2)
+        v_sel = torch.gather(values, 2, flat).view(batch, kv_heads, hi - lo, n, head_dim).transpose(1, 2)
+        qb = blocks[:, :, lo:hi].transpose(1, 2)  # [batch, b, q_heads, block, D]
+        mask = valid[:, :, lo:hi].transpose(1, 2).repeat_interleave(group, dim=2).unsqueeze(3)  # [batch, b, Hq, 1, n]
+        part_out, part_lse = dense_attention_unchecked(
+            qb.reshape(-1, q_heads, block, head_dim), k_sel.reshape(-1, kv_heads, n, head_dim),
+            v_sel.reshape(-1, kv_heads, n, head_dim), mask=mask.reshape(-1, q_heads, 1, n), scale=scale)
+        outs.append(part_out.view(batch, hi - lo, q_heads, block, head_dim).transpose(1, 2))
+        lses.append(part_lse.view(batch, hi - lo, q_heads, block).transpose(1, 2))
+    sel_out = torch.cat(outs, dim=2).reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len]
+    sel_lse = torch.cat(lses, dim=2).reshape(batch, q_heads, m * block)[:, :, :q_len]
+    return merge_states_unchecked(out, lse, sel_out.to(query.device, out.dtype), sel_lse.to(query.device))

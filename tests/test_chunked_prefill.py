@@ -106,16 +106,18 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale):
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
+@pytest.mark.parametrize("index", ["exact", "flat"])  # per-block select loop; one batched index search
 @pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
-def test_one_layer_against_masked_dense_softmax(chunk, block, select):
+def test_one_layer_against_masked_dense_softmax(chunk, block, select, index):
     gen, seed = fresh_generator()
     batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
     sink, window = 2, 6
     k = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
     v = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
     q = torch.randn(batch, kv_heads * group, n, head_dim, generator=gen)
-    policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index="exact", group_rank="logits",
-                            estimate_rest=False, prefill="retrieval", prefill_select=select, prefill_block=block)
+    policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index=index, group_rank="logits",
+                            estimate_rest=False, exact_above=1.0, prefill="retrieval", prefill_select=select,
+                            prefill_block=block)
     layer = LckvCacheLayer(policy, 0)
     scale = head_dim ** -0.5
     for lo in range(0, n, chunk):

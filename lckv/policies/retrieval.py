@@ -193,6 +193,21 @@ class RetrievalPolicy(SelectionPolicy):
         rest_lse = None if state.estimate is None else state.estimate.attend(view, q, pool, scale, lse_only=True)
         return top_by_group_probability(q, keys, n_select, scale, pool, rest_lse)
 
+    def select_blocks(self, state, view, q, n_select, scale=None):
+        """A retrieval prefill's block queries ``[batch, q_heads, m, head_dim]``: one batched index
+        search per batch row for all ``m`` of them, each kv head searching with its group's summed
+        query (the ``"logits"`` rule: a block's mean query already averages many queries, and one
+        search per block and query head would cost ``group`` times more). Scored exactly where a
+        decode step would be (index ``exact``, ``exact_above``)."""
+        if self._exact(view, n_select):
+            return super().select_blocks(state, view, q, n_select, scale)
+        batch, q_heads, m, head_dim = q.shape
+        kv_heads = view.keys.shape[1]
+        q_sum = q.float().reshape(batch, kv_heads, q_heads // kv_heads, m, head_dim).sum(2)
+        params = self.search_settings(n_select)
+        return torch.stack([index.search(q_sum[b].contiguous(), n_select, **params)[1]
+                            for b, index in enumerate(state.indexes)])
+
     def fused_step(self, state, view, q, n_select, scale=None):
         """With ``index="cluster"`` and ``group_rank="probability"`` on the CPU: the step in one call
         per layer (:func:`lckv.ops.decode_cluster_step`, lckv/decode_step.h): per (batch, kv head),

@@ -130,6 +130,18 @@ class SelectionPolicy(Policy):
         ``scale`` is the attention's softmax scale (None: ``head_dim ** -0.5``)."""
         raise NotImplementedError
 
+    def select_blocks(self, state, view: LayerView, q: torch.Tensor, n_select: int,
+                      scale: float | None = None) -> torch.Tensor:
+        """:meth:`select` for ``m`` queries at once (a retrieval prefill's block queries):
+        ``q`` ``[batch, q_heads, m, head_dim]`` -> int64 ``[batch, kv_heads, m, n_select]`` (-1 =
+        none). The default calls :meth:`select` once per query; a policy with a batched search
+        overrides it."""
+        picks = []
+        for j in range(q.shape[2]):
+            rows = self.select(state, view, q[:, :, j], n_select, scale)
+            picks.append(torch.nn.functional.pad(rows, (0, n_select - rows.shape[-1]), value=-1))
+        return torch.stack(picks, dim=2)
+
     def fused_step(self, state, view: LayerView, q: torch.Tensor, n_select: int, scale: float | None):
         """Optional: the whole decode step of this policy in one call, ``(out [batch, q_heads,
         head_dim] float32, lse [batch, q_heads], indices [batch, kv_heads, n])`` for ``q`` ``[batch,
