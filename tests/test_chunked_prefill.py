@@ -132,28 +132,43 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index):
     assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
 
 
-def test_prefill_leaves_every_layer_ready_to_decode(stories260k_files):
+@pytest.fixture(scope="module")
+def stories(stories260k_files):
     from lckv.research.llama2c import load
 
-    model = load(*stories260k_files)[0]
+    return load(*stories260k_files)[0]
+
+
+@pytest.mark.parametrize("policy", ["retrieval", "quest", "block"])
+def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
+    model = stories
     gen, seed = fresh_generator()
-    ids = torch.randint(3, model.config.vocab_size, (1, 700), generator=gen)
-    lckv.enable(model, "retrieval", sink=4, window=32, budget=64, prefill="retrieval", prefill_select=48,
-                prefill_block=16)
+    lengths = (700, 530)  # batch 2, left padding
+    ids = torch.zeros(2, max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, -n:] = torch.randint(3, model.config.vocab_size, (n,), generator=gen)
+        mask[row, -n:] = 1
+    lckv.enable(model, policy, sink=4, window=32, budget=64, prefill="retrieval", prefill_select=48, prefill_block=16)
     cache = lckv.new_cache(model)
     with torch.no_grad():
         for lo in range(0, ids.shape[1], 128):
-            model(ids[:, lo:lo + 128], past_key_values=cache, use_cache=True)
+            logits = model(ids[:, lo:lo + 128], attention_mask=mask[:, :lo + 128], past_key_values=cache,
+                           use_cache=True).logits
+            assert torch.isfinite(logits).all(), f"seed {seed}, chunk at {lo}"
     for layer in cache.layers:
         assert layer.selection is not None, "the state must be built during prefill"
-        rows = layer.store.length
-        assert all(index.size == rows for index in layer.selection.heads), f"seed {seed}: indexes miss rows"
-        assert layer.selection.estimate.rows == rows and layer.selection.estimate_rows > rows // 2, f"seed {seed}"
+        if policy == "retrieval":
+            rows = layer.store.length
+            assert all(index.size == rows for index in layer.selection.heads), f"seed {seed}: indexes miss rows"
+            assert layer.selection.estimate.rows == rows and layer.selection.estimate_rows > rows // 2, f"seed {seed}"
     before = [id(layer.selection) for layer in cache.layers]
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
     with torch.no_grad():
-        logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, -1:], attention_mask=step_mask, past_key_values=cache, use_cache=True).logits
     assert torch.isfinite(logits).all()
     assert [id(layer.selection) for layer in cache.layers] == before, "the first decode step rebuilt a state"
+    lckv.disable(model)
 
 
 @pytest.mark.parametrize("settings,match", [
