@@ -64,6 +64,9 @@ from training.scorers import relative_drop, subem_score  # noqa: E402
 TASKS = {**synthetic.TASKS, **QA_TASKS}
 DEFAULT_TASKS = [*synthetic.TASKS, "hotpotqa"]
 METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval")
+#: methods that prefill on their own instead of sharing the exact prefill: name -> (policy, settings)
+OWN_PREFILL = {"retrieval-prefill": ("retrieval", {"prefill": "retrieval"})}
+ALL_METHODS = (*METHODS, *OWN_PREFILL)
 SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
 STREAMING_SINK = 4
 
@@ -83,7 +86,8 @@ def make_policy(method: str, budget: str | None, prompt_tokens: int):
         keys = value if isinstance(value, int) else max(1, math.ceil(value * (prompt_tokens + 1)))
         sink = min(STREAMING_SINK, keys - 1)
         return StreamingPolicy(sink=sink, window=keys - sink), keys
-    policy = get_policy(method, budget=value)
+    name, settings = OWN_PREFILL.get(method, (method, {}))
+    policy = get_policy(name, budget=value, **settings)
     return policy, policy.budget_tokens(prompt_tokens + 1)
 
 
@@ -154,6 +158,12 @@ def decode(model, prefill_cache: LckvCache, tees: list[QueryTee], policy, first_
     for layer, tee in zip(cache.layers, tees):
         if wanted:
             layer.queries = copy.copy(tee.recorders[wanted])  # decode steps replace `recent`, not the tee's
+    return greedy(model, cache, first_token, max_new_tokens, eos)
+
+
+def greedy(model, cache, first_token: int, max_new_tokens: int, eos: set[int]) -> tuple[list[int], list[float]]:
+    """Greedy decoding on ``cache`` after ``first_token`` until EOS or ``max_new_tokens`` tokens;
+    returns the tokens (the first one given) and the seconds of each decode step."""
     device = next(model.parameters()).device
     tokens, steps = [first_token], []
     with torch.no_grad():
@@ -163,6 +173,24 @@ def decode(model, prefill_cache: LckvCache, tees: list[QueryTee], policy, first_
             tokens.append(int(logits[0, -1].argmax()))
             steps.append(time.perf_counter() - start)
     return tokens, steps
+
+
+def prefill_and_decode(model, ids: list[int], chunk: int, policy, max_new_tokens: int,
+                       eos: set[int]) -> tuple[list[int], list[float], float]:
+    """A method with its own prefill (:data:`OWN_PREFILL`): the prompt in chunks under ``policy``
+    (e.g. ``prefill="retrieval"``), its first answer token from its own last logits, then greedy
+    decoding; returns the tokens, the decode step seconds and the prefill seconds."""
+    lckv.enable(model, policy)
+    cache = lckv.new_cache(model)
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    with torch.no_grad():
+        start = time.perf_counter()
+        for lo in range(0, x.shape[1], chunk):
+            logits = model(x[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        prefill_s = time.perf_counter() - start
+    tokens, steps = greedy(model, cache, int(logits[0, -1].argmax()), max_new_tokens, eos)
+    return tokens, steps, prefill_s
 
 
 # ----------------------------------------------------------------------------- results file
@@ -187,7 +215,7 @@ def run(args) -> dict:
     longest = max(args.lengths) + max(args.max_new_tokens or 0, 256)
     model, tokenizer = load_model(args.model, longest)
     eos = eos_ids(model, tokenizer)
-    settings = {get_policy(m).recorded_queries() for m in args.methods} - {None}
+    settings = {get_policy(m).recorded_queries() for m in args.methods if m in METHODS} - {None}
     with stream.open("a") as sink:
         bar = progress([u for u in units if todo[u]], "samples")
         for task, length, index in bar:
@@ -215,7 +243,10 @@ def run(args) -> dict:
                        "answers": sample.answers, "metric": sample.metric, "prefill_s": prefill_s}
                 try:
                     policy, keys = make_policy(method, budget, len(ids))
-                    tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
+                    if method in OWN_PREFILL:
+                        tokens, steps, row["prefill_s"] = prefill_and_decode(model, ids, args.chunk, policy, limit, eos)
+                    else:
+                        tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
                 except PolicyConfigError as exc:  # e.g. a budget too small for this length
                     row.update(error=str(exc), prediction=None, score=None)
                 else:
@@ -297,7 +328,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                         else None})
     for e in out:
         e["drop_pct"] = relative_drop(e["full_score"], e["score"]) if e["full_score"] else None
-    order = {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
     out.sort(key=lambda e: (e["task"] == "all", e["task"], e["length"], order.get(e["method"], len(order)), e["method"],
                             e["budget_fraction"] or 0.0))
     return out
@@ -368,7 +399,7 @@ def report(args) -> dict:
 def check(args) -> None:
     """At a budget at least the whole sequence every selection policy must decode exactly as full."""
     args.tasks, args.lengths, args.samples, args.fresh = ["niah_single_repeat", "variable_tracking"], [300], 2, True
-    args.methods = ["full", "snapkv", "quest", "block", "retrieval"]
+    args.methods = ["full", "snapkv", "quest", "block", "retrieval", "retrieval-prefill"]
     args.budgets = [str(300 + 64)]
     args.name = f"{args.name}_check"
     run(args)
@@ -387,7 +418,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a lckv.models registry name or stories260K")
     parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=list(TASKS))
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL_METHODS,
+                        help=f"default: {' '.join(METHODS)}; {' '.join(OWN_PREFILL)} prefills on its own "
+                             "(chunked, retrieval-augmented) instead of sharing the exact prefill")
     parser.add_argument("--budgets", type=budget_label, nargs="+", default=["0.02", "0.05", "0.1"],
                         help="per-query key budgets: fractions (0.05 or 5%%) or token counts (256)")
     parser.add_argument("--samples", type=int, default=4, help="samples per task and length (seeds seed..seed+n-1)")

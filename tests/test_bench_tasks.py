@@ -203,6 +203,21 @@ def test_resume_skips_finished_rows(tiny_run):
         assert redone[bench_tasks.row_key(r)]["prediction"] == r["prediction"]
 
 
+def test_own_prefill_method_covering_budget_decodes_as_full(stories260k_files, tmp_path):
+    """``retrieval-prefill`` prefills on its own (chunked, retrieval-augmented); at a budget and a
+    ``prefill_select`` covering the prompt it must answer exactly as the shared exact prefill."""
+    bench_tasks.main(["--model", "stories260K", "--tasks", "niah_single_repeat", "variable_tracking", "--lengths", "384",
+                      "--samples", "1", "--methods", "full", "retrieval-prefill", "--budgets", "1024",
+                      "--max-new-tokens", "6", "--chunk", "100", "--results", str(tmp_path), "--name", "own"])
+    rows = _rows(tmp_path / "own.jsonl")
+    assert len(rows) == 4 and all(r.get("error") is None for r in rows)
+    by = {(r["task"], r["method"]): r for r in rows}
+    for task in ("niah_single_repeat", "variable_tracking"):
+        own, full = by[(task, "retrieval-prefill")], by[(task, "full")]
+        assert own["prediction"] == full["prediction"]
+        assert own["prefill_s"] != full["prefill_s"], "the method must prefill on its own"
+
+
 def test_export_prompts_for_peers(stories260k_files, tmp_path):
     bench_tasks.main(["--model", "stories260K", "--tasks", "niah_multikey", "--lengths", "400", "--samples", "2",
                       "--results", str(tmp_path), "--name", "peer", "--export-prompts"])
