@@ -232,10 +232,12 @@ def run(args) -> dict:
                     stats["computed"] += 1
                 sink.flush()
                 continue
-            start = time.perf_counter()
-            cache, logits, tees = prefill(model, ids, args.chunk, settings)
-            prefill_s = time.perf_counter() - start
-            first = int(logits.argmax())
+            cache = tees = first = prefill_s = None
+            if any(method not in OWN_PREFILL for method, _ in todo[(task, length, index)]):
+                start = time.perf_counter()
+                cache, logits, tees = prefill(model, ids, args.chunk, settings)
+                prefill_s = time.perf_counter() - start
+                first = int(logits.argmax())
             limit = args.max_new_tokens or sample.max_new_tokens
             for method, budget in todo[(task, length, index)]:
                 bar.set_postfix_str(f"{task} {length} {method} {budget or ''}")
