@@ -176,7 +176,12 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
         valid = view.padding.to(indices.device)
         gathered = torch.gather(valid.unsqueeze(1).expand(-1, indices.shape[1], -1), 2, indices.clamp(min=0))
         indices = indices.masked_fill(~gathered, -1)
-    sel_out, sel_lse = sparse_attention_unchecked(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
+    if store.keys.dtype == q.dtype or q.dtype != torch.float32:
+        sel_out, sel_lse = sparse_attention_unchecked(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
+    else:  # a 16-bit host store under an fp32 model (host_dtype): the query stays fp32
+        sel_out, sel_lse = _attend_selected_rows(q[:, :, None, None], store.keys, store.values, indices[:, :, None],
+                                                 (indices >= 0)[:, :, None], scale)
+        sel_out, sel_lse = sel_out[:, :, 0, 0], sel_lse[:, :, 0, 0]
     extra = policy.estimate(state, view, q, indices, scale)
     if extra is not None:
         sel_out, sel_lse = merge_states_unchecked(sel_out, sel_lse, *extra)
@@ -210,33 +215,43 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     keys, values = store.keys, store.values
     batch, q_heads, _, head_dim = query.shape
     kv_heads, block = keys.shape[1], policy.prefill_block
-    group, m = q_heads // kv_heads, -(-q_len // block)
+    m = -(-q_len // block)
     q = query.to(keys.device)
     means = torch.stack([q[:, :, j * block:(j + 1) * block].float().mean(dim=2) for j in range(m)], dim=2)
     indices = policy.select_blocks(state, view, means, n_select, scale)  # [batch, kv_heads, m, n]
-    n = indices.shape[-1]
     valid = indices >= 0
     if view.padding is not None:  # never attend pad slots
         pad = view.padding.to(indices.device)[:, None, :].expand(-1, kv_heads, -1)
         valid &= torch.gather(pad, 2, indices.clamp(min=0).flatten(2)).view_as(valid)
-    # blocks in batches: one score tensor [batch * blocks, q_heads, block, n] stays <= SCORE_BLOCK_ELEMENTS
-    per_batch = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * block * n))
     padded = torch.nn.functional.pad(q, (0, 0, 0, m * block - q_len)) if m * block != q_len else q
-    blocks = padded.reshape(batch, q_heads, m, block, head_dim)
+    sel_out, sel_lse = _attend_selected_rows(padded.reshape(batch, q_heads, m, block, head_dim), keys, values,
+                                             indices, valid, scale)
+    sel_out = sel_out.reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len]
+    sel_lse = sel_lse.reshape(batch, q_heads, m * block)[:, :, :q_len]
+    return merge_states_unchecked(out, lse, sel_out.to(query.device, out.dtype), sel_lse.to(query.device))
+
+
+def _attend_selected_rows(blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                          valid: torch.Tensor, scale: float):
+    """Blocks of queries ``[batch, q_heads, m, block, D]`` over the store rows ``indices``
+    ``[batch, kv_heads, m, n]`` of their block (``valid`` False: not attended), in fp32 whatever
+    the store's dtype; returns ``(out [batch, q_heads, m, block, D], lse [batch, q_heads, m, block])``.
+    Blocks go in batches whose score tensor stays <= :data:`SCORE_BLOCK_ELEMENTS`."""
+    batch, q_heads, m, block, head_dim = blocks.shape
+    kv_heads, n = keys.shape[1], indices.shape[-1]
+    group = q_heads // kv_heads
+    per_batch = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * block * n))
     outs, lses = [], []
     for lo in range(0, m, per_batch):
         hi = min(m, lo + per_batch)
-        rows = indices[:, :, lo:hi].clamp(min=0)  # [batch, kv_heads, b, n]
-        flat = rows.flatten(2).unsqueeze(-1).expand(-1, -1, -1, head_dim)
+        flat = indices[:, :, lo:hi].clamp(min=0).flatten(2).unsqueeze(-1).expand(-1, -1, -1, head_dim)
         k_sel = torch.gather(keys, 2, flat).view(batch, kv_heads, hi - lo, n, head_dim).transpose(1, 2)
         v_sel = torch.gather(values, 2, flat).view(batch, kv_heads, hi - lo, n, head_dim).transpose(1, 2)
         qb = blocks[:, :, lo:hi].transpose(1, 2)  # [batch, b, q_heads, block, D]
         mask = valid[:, :, lo:hi].transpose(1, 2).repeat_interleave(group, dim=2).unsqueeze(3)  # [batch, b, Hq, 1, n]
         part_out, part_lse = dense_attention_unchecked(
-            qb.reshape(-1, q_heads, block, head_dim), k_sel.reshape(-1, kv_heads, n, head_dim),
+            qb.reshape(-1, q_heads, block, head_dim).float(), k_sel.reshape(-1, kv_heads, n, head_dim),
             v_sel.reshape(-1, kv_heads, n, head_dim), mask=mask.reshape(-1, q_heads, 1, n), scale=scale)
         outs.append(part_out.view(batch, hi - lo, q_heads, block, head_dim).transpose(1, 2))
         lses.append(part_lse.view(batch, hi - lo, q_heads, block).transpose(1, 2))
-    sel_out = torch.cat(outs, dim=2).reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len]
-    sel_lse = torch.cat(lses, dim=2).reshape(batch, q_heads, m * block)[:, :, :q_len]
-    return merge_states_unchecked(out, lse, sel_out.to(query.device, out.dtype), sel_lse.to(query.device))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

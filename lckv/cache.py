@@ -157,7 +157,9 @@ class LckvCacheLayer(DynamicLayer):
         self.keys, self.values = self.recent_k, self.recent_v  # DynamicLayer bookkeeping
         batch, kv_heads, _, head_dim = key_states.shape
         if self.policy.keeps_offloaded:
-            self.store = HostKVStore(batch, kv_heads, head_dim, key_states.dtype)
+            host_dtype = getattr(self.policy, "host_dtype", None)
+            self.store = HostKVStore(batch, kv_heads, head_dim,
+                                     getattr(torch, host_dtype) if host_dtype else key_states.dtype)
         self.is_initialized = True
 
     # --- the update path -------------------------------------------------------------------

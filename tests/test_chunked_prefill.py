@@ -186,3 +186,46 @@ def test_snapkv_refuses_retrieval_prefill():
     with pytest.raises(PolicyConfigError, match="SnapKVPolicy.prefill must be 'exact'"):
         resolve_policy("snapkv", prefill="retrieval")
     assert math.isclose(resolve_policy("snapkv").budget, 0.05)
+
+
+# ----------------------------------------------------------------------------- 16-bit host KV
+@pytest.mark.parametrize("host_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("policy,settings", [
+    ("full", dict(sink=3, window=7)),
+    ("retrieval", dict(sink=3, window=7, budget=24, prefill="retrieval", prefill_select=16, prefill_block=4)),
+    ("retrieval", dict(sink=3, window=7, budget=24, index="flat")),  # the unfused decode path
+    ("quest", dict(sink=3, window=7, budget=24)),
+])
+def test_host_dtype_store_equals_an_fp32_store_of_rounded_rows(host_dtype, policy, settings, monkeypatch):
+    """Oracle: a 16-bit host store must behave as an fp32 store holding the same rounded keys and
+    values (same selections, queries kept fp32), and hold half the bytes. The prompt goes in
+    chunks, then 16 teacher-forced decode steps."""
+    gen, seed = fresh_generator()
+    model = _tiny("qwen2", 2, seed)
+    ids = torch.randint(3, 97, (1, 136), generator=gen)
+    half = getattr(torch, host_dtype)
+
+    def run(dtype):
+        lckv.enable(model, policy, host_dtype=dtype, **settings)
+        cache = lckv.new_cache(model)
+        with torch.no_grad():
+            steps = [model(ids[:, lo:lo + 40], past_key_values=cache, use_cache=True).logits[:, -1]
+                     for lo in range(0, 120, 40)]
+            steps += [model(ids[:, p:p + 1], past_key_values=cache, use_cache=True).logits[:, -1]
+                      for p in range(120, 136)]
+        lckv.disable(model)
+        return torch.stack(steps, 1), cache
+
+    logits, cache = run(host_dtype)
+    append = lckv.cache.HostKVStore.append
+    monkeypatch.setattr(lckv.cache.HostKVStore, "append",
+                        lambda self, k, v: append(self, k.to(half).float(), v.to(half).float()))
+    ref_logits, ref_cache = run(None)
+    assert cache.layers[0].store.keys.dtype == half and ref_cache.layers[0].store.keys.dtype == torch.float32
+    assert 2 * cache.memory_report()["offloaded_bytes"] == ref_cache.memory_report()["offloaded_bytes"] > 0
+    torch.testing.assert_close(logits, ref_logits, atol=LOGIT_ATOL, rtol=LOGIT_RTOL, msg=f"seed {seed}")
+
+
+def test_bad_host_dtype_raises():
+    with pytest.raises(PolicyConfigError, match="host_dtype must be one of"):
+        resolve_policy("retrieval", host_dtype="int8")

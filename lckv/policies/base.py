@@ -19,6 +19,10 @@ __all__ = ["Policy", "PolicyConfigError", "register_policy", "get_policy", "avai
 _REGISTRY: dict[str, type["Policy"]] = {}
 
 
+#: accepted ``Policy.host_dtype`` values (None: the model's dtype)
+HOST_DTYPES = (None, "float32", "bfloat16", "float16")
+
+
 class PolicyConfigError(ValueError):
     """A policy name or setting is invalid."""
 
@@ -31,10 +35,14 @@ class Policy:
     ----------
     sink : number of first tokens always resident and always attended (attention sinks).
     window : number of most recent tokens (the current one included) always resident and attended.
+    host_dtype : dtype of the offloaded K/V in host memory: None keeps the model's; ``"bfloat16"``
+        or ``"float16"`` halve an fp32 model's host KV (attention reads the rows back in the
+        compute dtype; the rounding is that of a 16-bit KV cache).
     """
 
     sink: int = 4
     window: int = 1024
+    host_dtype: str | None = None
 
     name: ClassVar[str] = ""
     #: keep tokens that leave the window in the host-memory store (False: evict them).
@@ -50,6 +58,9 @@ class Policy:
                 raise PolicyConfigError(f"{type(self).__name__}.{f.name} must be an int, got {value!r}")
         if self.sink < 0:
             raise PolicyConfigError(f"{type(self).__name__}.sink must be >= 0, got {self.sink}")
+        if self.host_dtype not in HOST_DTYPES:
+            raise PolicyConfigError(f"{type(self).__name__}.host_dtype must be one of {HOST_DTYPES}, "
+                                    f"got {self.host_dtype!r}")
         if self.window < 1:
             raise PolicyConfigError(
                 f"{type(self).__name__}.window must be >= 1 (the current token is always attended), got {self.window}")

@@ -217,10 +217,12 @@ class RetrievalPolicy(SelectionPolicy):
         queries stay float32 throughout (the separate path rounds them to a 16-bit store's dtype
         for the sparse attention). None where the step has no fused form (another index or rule, a
         step scored exactly by ``exact_above``, a non-CPU store or query, or one query head per kv
-        head). Without the extension no ClusterIndex exists, so the step never gets here."""
+        head, or a ``host_dtype`` store whose dtype is not the resident part's). Without the
+        extension no ClusterIndex exists, so the step never gets here."""
         keys = view.keys
         if (self.index != "cluster" or self.group_rank != "probability" or keys.device.type != "cpu"
-                or q.device.type != "cpu" or q.shape[1] == keys.shape[1] or self._exact(view, n_select)):
+                or q.device.type != "cpu" or q.shape[1] == keys.shape[1] or self._exact(view, n_select)
+                or keys.dtype != view.resident_keys.dtype):  # a host_dtype store: the kernel takes one dtype
             return None
         heads = state.heads  # ClusterIndex heads: built only where the extension is
         if not heads:
