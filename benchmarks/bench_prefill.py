@@ -58,7 +58,7 @@ def run_one(args) -> dict:
     model, tokenizer = load_model(args.model, max_positions=args.length + args.decode + 1)
     ids = hotpotqa_token_ids(tokenizer, args.length).unsqueeze(0)
     settings = dict(budget=args.budget, prefill=args.mode, prefill_select=args.prefill_select,
-                    prefill_block=args.prefill_block)
+                    prefill_block=args.prefill_block, host_dtype=args.host_dtype)
     lckv.enable(model, "retrieval", **settings)
     cache = lckv.new_cache(model)
     base_kib = _rss_kib()
@@ -81,6 +81,7 @@ def run_one(args) -> dict:
                       for layer in cache.layers if layer.selection is not None)
     return {"model": args.model, "length": args.length, "mode": args.mode, "chunk": args.chunk,
             "budget": args.budget, "prefill_select": args.prefill_select, "prefill_block": args.prefill_block,
+            "host_dtype": args.host_dtype,
             "prefill_s": prefill_s, "prefill_tokens_per_s": args.length / prefill_s,
             "first_step_s": steps[0] if steps else None,
             "decode_tokens_per_s": (len(steps) - 1) / sum(steps[1:]) if len(steps) > 1 else None,
@@ -154,6 +155,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--prefill-select", type=int, default=2048)
     parser.add_argument("--prefill-block", type=int, default=64)
     parser.add_argument("--decode", type=int, default=64, help="tokens decoded after the prefill")
+    parser.add_argument("--host-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the host KV store (default: the model's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true")
@@ -187,6 +190,8 @@ def main(argv=None) -> dict:
                            "--mode", mode, "--chunk", str(args.chunk), "--budget", str(args.budget),
                            "--prefill-select", str(args.prefill_select), "--prefill-block", str(args.prefill_block),
                            "--decode", str(args.decode), "--logits", str(logits_dir / f"{length}_{mode}.pt")]
+                if args.host_dtype:
+                    command += ["--host-dtype", args.host_dtype]
                 if args.threads:
                     command += ["--threads", str(args.threads)]
                 done_run = subprocess.run(command, stdout=subprocess.PIPE, text=True)
