@@ -18,6 +18,7 @@ committed); summary to ``bench_prefill_<model>.json`` + ``.png``.
 
     python benchmarks/bench_prefill.py --model stories260K --lengths 32768 131072 1048576
     python benchmarks/bench_prefill.py --model qwen2.5-coder-0.5b-instruct --lengths 16384 32768 131072
+    python benchmarks/bench_prefill.py --check     # harness check: a covering prefill_select is exact
 """
 from __future__ import annotations
 
@@ -144,6 +145,21 @@ def plot(rows: list[dict], fits: list[dict], path: Path, model: str) -> None:
     plt.close(fig)
 
 
+def check(args) -> None:
+    """With ``prefill_select`` covering the context, retrieval prefill must give exact prefill's
+    next token distribution (KL < 1e-6) and greedy continuation."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        payload = main(["--model", args.model, "--lengths", "1024", "--chunk", "256", "--decode", "8",
+                        "--prefill-select", "4096", "--results", scratch])
+    row = next(r for r in payload["rows"] if r["mode"] == "retrieval")
+    if not (row["kl"] < 1e-6 and row["agreement"] == 1.0):
+        raise SystemExit(f"--check failed: covering retrieval prefill differs from exact: KL {row['kl']}, "
+                         f"agreement {row['agreement']}")
+    print(f"--check: covering retrieval prefill equals exact (KL {row['kl']:.2e}, agreement 1.00)")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="stories260K", help="a lckv.models registry name or stories260K")
@@ -161,6 +177,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("--fresh", action="store_true")
     parser.add_argument("--summary-only", action="store_true")
+    parser.add_argument("--check", action="store_true", help="verify the harness (covering prefill_select is exact)")
     parser.add_argument("--run-one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
@@ -170,6 +187,9 @@ def main(argv=None) -> dict:
         args.budget = int(args.budget)
     if args.run_one:
         print(json.dumps(run_one(args)), flush=True)
+        return {}
+    if args.check:
+        check(args)
         return {}
     name = f"bench_prefill_{args.model.lower()}"
     stream, logits_dir = args.results / f"{name}.jsonl", args.results / f"{name}_logits"

@@ -236,22 +236,30 @@ def _attend_selected_rows(blocks: torch.Tensor, keys: torch.Tensor, values: torc
     """Blocks of queries ``[batch, q_heads, m, block, D]`` over the store rows ``indices``
     ``[batch, kv_heads, m, n]`` of their block (``valid`` False: not attended), in fp32 whatever
     the store's dtype; returns ``(out [batch, q_heads, m, block, D], lse [batch, q_heads, m, block])``.
-    Blocks go in batches whose score tensor stays <= :data:`SCORE_BLOCK_ELEMENTS`."""
+
+    Each (batch row, block, kv head) is one item of a fused attention call
+    (:func:`~lckv.ops.dense_attention.attention_with_lse_unchecked`, torch's flash kernel on the CPU)
+    with its query group as heads and ``valid`` as key padding; blocks go in batches whose gathered
+    rows stay within :data:`SCORE_BLOCK_ELEMENTS` scores."""
     batch, q_heads, m, block, head_dim = blocks.shape
     kv_heads, n = keys.shape[1], indices.shape[-1]
     group = q_heads // kv_heads
     per_batch = max(1, SCORE_BLOCK_ELEMENTS // max(1, batch * q_heads * block * n))
+    grouped = blocks.float().reshape(batch, kv_heads, group, m, block, head_dim)
     outs, lses = [], []
     for lo in range(0, m, per_batch):
         hi = min(m, lo + per_batch)
+        b = hi - lo
         flat = indices[:, :, lo:hi].clamp(min=0).flatten(2).unsqueeze(-1).expand(-1, -1, -1, head_dim)
-        k_sel = torch.gather(keys, 2, flat).view(batch, kv_heads, hi - lo, n, head_dim).transpose(1, 2)
-        v_sel = torch.gather(values, 2, flat).view(batch, kv_heads, hi - lo, n, head_dim).transpose(1, 2)
-        qb = blocks[:, :, lo:hi].transpose(1, 2)  # [batch, b, q_heads, block, D]
-        mask = valid[:, :, lo:hi].transpose(1, 2).repeat_interleave(group, dim=2).unsqueeze(3)  # [batch, b, Hq, 1, n]
-        part_out, part_lse = dense_attention_unchecked(
-            qb.reshape(-1, q_heads, block, head_dim).float(), k_sel.reshape(-1, kv_heads, n, head_dim),
-            v_sel.reshape(-1, kv_heads, n, head_dim), mask=mask.reshape(-1, q_heads, 1, n), scale=scale)
-        outs.append(part_out.view(batch, hi - lo, q_heads, block, head_dim).transpose(1, 2))
-        lses.append(part_lse.view(batch, hi - lo, q_heads, block).transpose(1, 2))
+        k_sel = torch.gather(keys, 2, flat).float().view(batch, kv_heads, b, n, head_dim)
+        v_sel = torch.gather(values, 2, flat).float().view(batch, kv_heads, b, n, head_dim)
+        items = batch * b * kv_heads  # one item per (batch row, block, kv head)
+        q_items = grouped[:, :, :, lo:hi].permute(0, 3, 1, 2, 4, 5).reshape(items, group, block, head_dim)
+        k_items = k_sel.transpose(1, 2).reshape(items, 1, n, head_dim)
+        v_items = v_sel.transpose(1, 2).reshape(items, 1, n, head_dim)
+        padding = valid[:, :, lo:hi].transpose(1, 2).reshape(items, n)
+        out, lse = attention_with_lse_unchecked(q_items, k_items, v_items, False, padding, scale)
+        outs.append(out.view(batch, b, kv_heads, group, block, head_dim).permute(0, 2, 3, 1, 4, 5)
+                    .reshape(batch, q_heads, b, block, head_dim))
+        lses.append(lse.view(batch, b, kv_heads, group, block).permute(0, 2, 3, 1, 4).reshape(batch, q_heads, b, block))
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
