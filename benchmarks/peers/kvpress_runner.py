@@ -263,7 +263,9 @@ class SharedPrefill:
             return copy.deepcopy(self.cache), 0.0
         cache = copy.deepcopy(self.cache)
         start = time.perf_counter()
-        press.post_init_from_model(self.model)  # what press(model) does before registering the hooks
+        press.post_init_from_model(self.model)  # what press(model) does before registering the hooks,
+        for layer in self.model.model.layers:
+            layer.self_attn.rotary_emb = self.model.model.rotary_emb  # ... and on each attention module
         for layer in self.model.model.layers:
             kwargs, weights = self.inputs[layer.self_attn.layer_idx]
             press.forward_hook(layer.self_attn, (), {**kwargs, "past_key_values": cache}, (None, weights))
@@ -423,13 +425,21 @@ def check(args) -> None:
     bad, shared = [], {}
     for press_name, budget in grid(args.presses, args.budgets[:1]):
         ratio = None if budget is None else compression_ratio(budget, n_context)
-        try:
-            answers = [run_press(model, tokenizer, make_press(press_name, ratio), ids, n_context,
-                                 prompt["max_new_tokens"], eos, shared=way) for way in (shared, None)]
+        try:  # kvpress's own way first: a press that cannot run there is reported, not failed
             theirs = pipeline_answer(model, tokenizer, make_press(press_name, ratio), ids, n_context,
                                      prompt["max_new_tokens"])
         except Exception as exc:
             print(f"--check {press_name}: cannot run ({type(exc).__name__}: {exc})")
+            continue
+        for layer in model.model.layers:
+            layer.self_attn.__dict__.pop("rotary_emb", None)
+            layer.self_attn._modules.pop("rotary_emb", None)
+        try:
+            answers = [run_press(model, tokenizer, make_press(press_name, ratio), ids, n_context,
+                                 prompt["max_new_tokens"], eos, shared=way) for way in (shared, None)]
+        except Exception as exc:  # kvpress ran it, the runner did not
+            print(f"--check {press_name:24s} DIFFERENT: the runner failed ({type(exc).__name__}: {exc})")
+            bad.append(press_name)
             continue
         on_shared, on_own = (tokenizer.decode(a["tokens"], skip_special_tokens=True) for a in answers)
         same_cache = all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)  # prompt and answer included
