@@ -12,13 +12,13 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 import lckv
 from kernel_oracles import fresh_generator
 from lckv.attention import attend_chunk_with_selection
 from lckv.cache import LckvCacheLayer
 from lckv.policies import PolicyConfigError, resolve_policy
+from tiny_models import tiny_decoder
 
 # fp32 end-to-end logits, merged partial softmaxes vs one softmax: rounding-level differences
 # (the same bound as tests/test_hf_backend.py)
@@ -30,15 +30,7 @@ NEW_TOKENS = 12
 
 def _tiny(kind: str, kv_heads: int, seed: int):
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv_heads, max_position_embeddings=512, initializer_range=0.3,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=12))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
+    return tiny_decoder(kind, kv_heads, max_positions=512)
 
 
 def _generate(model, ids, mask, **kwargs):

@@ -8,13 +8,14 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM
 
 import lckv
 from lckv.cache import LckvCache
 from lckv.integrations.hf import ModelNotSupportedError
 from lckv.research.llama2c import load
 from lckv.policies import PolicyConfigError, StreamingPolicy
+from tiny_models import tiny_decoder
 
 # fp32 end-to-end logits: both paths accumulate in fp32 but in different orders (merged partial
 # softmaxes vs one softmax), so differences are rounding-level; 1e-4 is ~100x fp32 eps at logit scale.
@@ -23,15 +24,7 @@ NEW_TOKENS = 24
 
 
 def _tiny(kind: str, kv_heads: int):
-    common = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=kv_heads, max_position_embeddings=256, initializer_range=0.3,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, head_dim=12))
-    else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common))
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
+    return tiny_decoder(kind, kv_heads)
 
 
 @pytest.fixture(scope="module")
