@@ -183,6 +183,15 @@ class LckvCacheLayer(DynamicLayer):
         self.recent_k = self.recent_k[:, :, overflow:]
         self.recent_v = self.recent_v[:, :, overflow:]
 
+    def settle(self) -> None:
+        """Spills now what the next token's arrival would spill (all but the last
+        ``resident_window - 1`` recent tokens), after a prefill chunk was attended: the chunk's
+        rows then join the store and the policy's index at the chunk, and the first decode step
+        offloads one row, not a whole chunk."""
+        if self.is_initialized:
+            self._spill(1)
+            self.keys, self.values = self.recent_k, self.recent_v
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Appends the new tokens and returns the resident K/V ``[batch, kv_heads, n, head_dim]``
         (sink then recent)."""

@@ -203,6 +203,7 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         out, _ = attend_with_selection(query, layer, attention_mask, policy, scaling)
     elif selecting and policy.prefill == "retrieval":
         out, _ = attend_chunk_with_selection(query, layer, attention_mask, policy, scaling)
+        layer.settle()  # the chunk's older tokens join the store and its index now, not at the next step
     else:
         # nothing offloaded or evicted yet: the resident keys (sink then recent) are slots 0.. in order
         parts = [Segment(key, value, 0)] if layer.resident_is_contiguous() else layer.segments()

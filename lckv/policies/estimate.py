@@ -12,7 +12,6 @@ import torch
 
 from lckv.layer_view import LayerView
 from lckv.ops import centroid_estimate, estimate_add_rows, kmeans
-from lckv.reference.estimate import assign_nearest
 
 __all__ = ["ClusterEstimate"]
 
@@ -30,7 +29,7 @@ class ClusterEstimate:
         self.rows = assign.shape[-1]
         weight = view.valid_rows(0, self.rows)[:, None, :].expand_as(assign).float()
         self.counts.scatter_add_(2, assign, weight)
-        values = view.values.float()
+        values = view.values[:, :, :self.rows].float()
         self.value_sums.scatter_add_(2, assign.unsqueeze(-1).expand_as(values), values * weight.unsqueeze(-1))
 
     # --- construction ---------------------------------------------------------------------------
@@ -53,19 +52,21 @@ class ClusterEstimate:
             c, a = index.centroids(), index.assignments()
             if c.shape[0] == 0:  # too few keys to cluster: every key is its own centroid
                 c, a = head_keys.clone(), torch.arange(rows)
-            tail = a < 0
-            if tail.any():  # keys of a partial last segment: nearest centroid
-                a = a.clone()
-                a[tail] = assign_nearest(head_keys[tail], c)
             cents.append(c)
             assigns.append(a)
+        # keys of a partial last segment (assignment -1, a suffix) join their nearest centroid
+        # below, through the same kernel as rows offloaded later
+        clustered = min(int((a >= 0).long().cumprod(0).sum()) for a in assigns)
         # heads padded to the largest cluster count with far-away centroids no key is assigned to
         width = max(c.shape[0] for c in cents)
         far = torch.zeros(head_dim)
         far[0] = 1e6
         centroids = torch.stack([torch.cat([c, far.expand(width - c.shape[0], head_dim)]) for c in cents])
-        return cls(centroids.reshape(batch, kv_heads, width, head_dim), torch.stack(assigns).reshape(batch, kv_heads, rows),
-                   view)
+        assign = torch.stack([a[:clustered] for a in assigns]).reshape(batch, kv_heads, clustered)
+        estimate = cls(centroids.reshape(batch, kv_heads, width, head_dim), assign, view)
+        if clustered < rows:
+            estimate.add_rows(view, clustered, rows - clustered)
+        return estimate
 
     @classmethod
     def from_kmeans(cls, view: LayerView, n_clusters: int, iterations: int = 8) -> "ClusterEstimate":

@@ -145,11 +145,11 @@ class RetrievalPolicy(SelectionPolicy):
         state.estimate_rows = view.length
 
     def on_offload(self, state, view, first_row, n_rows):
-        """New rows join the indexes and the estimate's nearest clusters. Once the store has doubled
-        since the estimate was built (a state built early in a ``prefill="retrieval"`` prompt, or a
-        long generation), the estimate is rebuilt over every row -- from the index's own clusters
-        where they match -- so its clusters keep growing with the context at O(1) amortised cost
-        per row."""
+        """New rows join the indexes and the estimate's nearest clusters. When a chunk of rows
+        arrives (a ``prefill="retrieval"`` prompt, whose state was built early) and the store has
+        doubled since the estimate was built, the estimate is rebuilt over every row -- from the
+        index's own clusters where they match -- so its clusters grow with the context at O(1)
+        amortised cost per row. Single rows (decoding) never trigger a rebuild: a step stays O(1)."""
         est = state.estimate
         keys = view.keys[:, :, first_row:first_row + n_rows]
         values = view.values[:, :, first_row:first_row + n_rows]
@@ -157,7 +157,7 @@ class RetrievalPolicy(SelectionPolicy):
         assign = offload_rows(state.heads, keys, values, valid, None if est is None else est.add_state())
         if est is not None:
             est.append(assign)
-            if view.length >= 2 * max(1, state.estimate_rows):
+            if n_rows > 1 and view.length >= 2 * max(1, state.estimate_rows):
                 self._build_estimate(state, view)
 
     # --- selection -----------------------------------------------------------------------------
