@@ -172,10 +172,7 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     view = view if view is not None else layer.view()
     q = query[:, :, 0].to(store.keys.device)
     indices = policy.select(state, view, q, n_select, scale)
-    if view.padding is not None:  # never select pad slots
-        valid = view.padding.to(indices.device)
-        gathered = torch.gather(valid.unsqueeze(1).expand(-1, indices.shape[1], -1), 2, indices.clamp(min=0))
-        indices = indices.masked_fill(~gathered, -1)
+    indices = _drop_pad_rows(indices, view.padding)
     if store.keys.dtype == q.dtype or q.dtype != torch.float32:
         sel_out, sel_lse = sparse_attention_unchecked(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
     else:  # a 16-bit host store under an fp32 model (host_dtype): the query stays fp32
@@ -214,21 +211,28 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     view = layer.view()
     keys, values = store.keys, store.values
     batch, q_heads, _, head_dim = query.shape
-    kv_heads, block = keys.shape[1], policy.prefill_block
+    block = policy.prefill_block
     m = -(-q_len // block)
     q = query.to(keys.device)
     means = torch.stack([q[:, :, j * block:(j + 1) * block].float().mean(dim=2) for j in range(m)], dim=2)
-    indices = policy.select_blocks(state, view, means, n_select, scale)  # [batch, kv_heads, m, n]
-    valid = indices >= 0
-    if view.padding is not None:  # never attend pad slots
-        pad = view.padding.to(indices.device)[:, None, :].expand(-1, kv_heads, -1)
-        valid &= torch.gather(pad, 2, indices.clamp(min=0).flatten(2)).view_as(valid)
+    indices = _drop_pad_rows(policy.select_blocks(state, view, means, n_select, scale), view.padding)
+    valid = indices >= 0  # [batch, kv_heads, m, n]
     padded = torch.nn.functional.pad(q, (0, 0, 0, m * block - q_len)) if m * block != q_len else q
     sel_out, sel_lse = _attend_selected_rows(padded.reshape(batch, q_heads, m, block, head_dim), keys, values,
                                              indices, valid, scale)
     sel_out = sel_out.reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len]
     sel_lse = sel_lse.reshape(batch, q_heads, m * block)[:, :, :q_len]
     return merge_states_unchecked(out, lse, sel_out.to(query.device, out.dtype), sel_lse.to(query.device))
+
+
+def _drop_pad_rows(indices: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+    """``indices`` ``[batch, kv_heads, ...]`` of store rows with the pad rows (``padding``
+    ``[batch, rows]`` False) replaced by -1, so that no pad slot is attended."""
+    if padding is None:
+        return indices
+    flat = indices.flatten(2)
+    real = torch.gather(padding.to(indices.device)[:, None, :].expand(-1, flat.shape[1], -1), 2, flat.clamp(min=0))
+    return indices.masked_fill(~real.view_as(indices), -1)
 
 
 def _attend_selected_rows(blocks: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,

@@ -172,9 +172,7 @@ class RetrievalPolicy(SelectionPolicy):
             q_sum = group_sum(q, kv_heads)  # [batch, kv_heads, D]
             if exact:
                 return flat_topk_scores(q_sum.to(keys.dtype), keys, n_select)[1]
-            params = self.search_settings(n_select)
-            return torch.stack([index.search(q_sum[b].unsqueeze(1).contiguous(), n_select, **params)[1][:, 0]
-                                for b, index in enumerate(state.indexes)])
+            return self._search_summed(state, q_sum.unsqueeze(2), n_select)[:, :, 0]
         if exact:
             return top_by_group_probability(q, keys, n_select, scale)
         batch, q_heads, head_dim = q.shape
@@ -204,6 +202,11 @@ class RetrievalPolicy(SelectionPolicy):
         batch, q_heads, m, head_dim = q.shape
         kv_heads = view.keys.shape[1]
         q_sum = q.float().reshape(batch, kv_heads, q_heads // kv_heads, m, head_dim).sum(2)
+        return self._search_summed(state, q_sum, n_select)
+
+    def _search_summed(self, state, q_sum: torch.Tensor, n_select: int) -> torch.Tensor:
+        """One index search per batch row with each kv head's summed queries ``[batch, kv_heads,
+        m, D]``: the top ``n_select`` row ids ``[batch, kv_heads, m, n_select]``."""
         params = self.search_settings(n_select)
         return torch.stack([index.search(q_sum[b].contiguous(), n_select, **params)[1]
                             for b, index in enumerate(state.indexes)])
