@@ -223,6 +223,10 @@ def main(argv=None) -> dict:
                 rows.append(row)
                 table.row(row)
     rows = summarize(rows, logits_dir)
+    for r in rows:
+        if "kl" in r:
+            print(f"# {r['length']} tokens: next-token KL(exact || retrieval) {r['kl']:.4f}, "
+                  f"greedy agreement {r['agreement']:.2f} over {len(r['tokens'])} tokens")
     fits = [f for f in (fit_slope(rows, mode) for mode in MODES) if f is not None]
     for fit in fits:
         print(f"# {fit['mode']}: {1e6 * fit['seconds_per_token']:.1f} s per million tokens + {fit['intercept_s']:.1f} s, "

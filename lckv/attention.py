@@ -195,8 +195,9 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     under the causal mask; of the offloaded store, each block of ``policy.prefill_block`` queries
     attends the ``policy.prefill_select`` rows per kv head that ``policy.select_blocks`` picks for
     the block's mean query (every store row precedes the chunk, so no causal mask is needed there);
-    the two parts merge by LSE. A store of at most ``prefill_select`` rows is attended whole, which
-    makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
+    with the policy's estimate of the rows a block does not attend (``policy.estimate_blocks``,
+    per query), the parts merge by LSE. A store of at most ``prefill_select`` rows is attended
+    whole, which makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
     """
     store = layer.store
     q_len = query.shape[2]
@@ -218,8 +219,11 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     indices = _drop_pad_rows(policy.select_blocks(state, view, means, n_select, scale), view.padding)
     valid = indices >= 0  # [batch, kv_heads, m, n]
     padded = torch.nn.functional.pad(q, (0, 0, 0, m * block - q_len)) if m * block != q_len else q
-    sel_out, sel_lse = _attend_selected_rows(padded.reshape(batch, q_heads, m, block, head_dim), keys, values,
-                                             indices, valid, scale)
+    blocks = padded.reshape(batch, q_heads, m, block, head_dim)
+    sel_out, sel_lse = _attend_selected_rows(blocks, keys, values, indices, valid, scale)
+    rest = policy.estimate_blocks(state, view, blocks, indices, scale)
+    if rest is not None:  # the rows the blocks do not attend, estimated per query
+        sel_out, sel_lse = merge_states_unchecked(sel_out, sel_lse, *rest)
     sel_out = sel_out.reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len]
     sel_lse = sel_lse.reshape(batch, q_heads, m * block)[:, :, :q_len]
     return merge_states_unchecked(out, lse, sel_out.to(query.device, out.dtype), sel_lse.to(query.device))

@@ -65,8 +65,10 @@ def test_covering_retrieval_prefill_equals_sdpa(kind, kv_heads, policy, chunk):
     assert cache.layers[0].store.length > 0, "the prompt must have been offloaded"
 
 
-def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale):
-    """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows."""
+def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None):
+    """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows;
+    with ``estimate`` (a callable ``(query [B, Hq, D], picked store rows [B, H, select]) -> (out,
+    lse)``, the decode step's estimate of the rows not picked) merged in per query by LSE."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -80,6 +82,7 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale):
         allowed[..., :sink] = True
         for i, p in enumerate(range(b_lo, b_hi)):
             allowed[:, :, i, recent_start:p + 1] = True
+        picked = None
         if len(store) > select:  # group-summed mean query, top `select` store rows per kv head
             mean = qb.mean(2).reshape(batch, kv_heads, group, head_dim).sum(2)
             scores = torch.einsum("bhd,bhnd->bhn", mean, k[:, :, store].double())
@@ -93,14 +96,23 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale):
         logits = torch.einsum("bhqd,bhkd->bhqk", qb, k[:, :, :hi].double().repeat_interleave(group, 1)) * scale
         logits = logits.masked_fill(~allowed, float("-inf"))
         lse = torch.logsumexp(logits, dim=-1)
-        outs.append(torch.softmax(logits, -1) @ v[:, :, :hi].double().repeat_interleave(group, 1))
+        out = torch.softmax(logits, -1) @ v[:, :, :hi].double().repeat_interleave(group, 1)
+        if estimate is not None and picked is not None:
+            for i in range(b_hi - b_lo):  # the rest of the store, per query, merged by LSE
+                rest_out, rest_lse = estimate(q[:, :, b_lo + i], picked - sink)  # store row ids
+                top = torch.maximum(lse[:, :, i], rest_lse.double())
+                wa, wb = torch.exp(lse[:, :, i] - top), torch.exp(rest_lse.double() - top)
+                out[:, :, i] = (out[:, :, i] * wa[..., None] + rest_out.double() * wb[..., None]) / (wa + wb)[..., None]
+                lse[:, :, i] = top + torch.log(wa + wb)
+        outs.append(out)
         lses.append(lse)
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 @pytest.mark.parametrize("index", ["exact", "flat"])  # per-block select loop; one batched index search
 @pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
-def test_one_layer_against_masked_dense_softmax(chunk, block, select, index):
+@pytest.mark.parametrize("estimate_rest", [False, True])
+def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest):
     gen, seed = fresh_generator()
     batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
     sink, window = 2, 6
@@ -108,8 +120,8 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index):
     v = torch.randn(batch, kv_heads, n, head_dim, generator=gen)
     q = torch.randn(batch, kv_heads * group, n, head_dim, generator=gen)
     policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index=index, group_rank="logits",
-                            estimate_rest=False, exact_above=1.0, prefill="retrieval", prefill_select=select,
-                            prefill_block=block)
+                            estimate_rest=estimate_rest, prefill_estimate=estimate_rest, cluster_size=4, exact_above=1.0, prefill="retrieval",
+                            prefill_select=select, prefill_block=block)
     layer = LckvCacheLayer(policy, 0)
     scale = head_dim ** -0.5
     for lo in range(0, n, chunk):
@@ -118,7 +130,11 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index):
         if layer.store is None or layer.store.length == 0:
             continue
         out, lse = attend_chunk_with_selection(q[:, :, lo:hi], layer, None, policy, scale)
-        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale)
+        estimate = None
+        if estimate_rest and layer.selection is not None:  # the decode step's estimate, one query at a time
+            state = layer.selection.estimate
+            estimate = lambda q_i, rows: state.attend(layer.view(), q_i, rows, scale)  # noqa: E731
+        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate)
         torch.testing.assert_close(out, ref_out.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
         torch.testing.assert_close(lse, ref_lse.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
     assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
@@ -172,6 +188,7 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     (dict(prefill_select=0), "prefill_select must be an int >= 1"),
     (dict(prefill_block=2.5), "prefill_block must be an int"),
     (dict(prefill_block=-3), "prefill_block must be an int >= 1"),
+    (dict(prefill_estimate=True, estimate_rest=False), "prefill_estimate needs estimate_rest"),
 ])
 def test_bad_prefill_settings_raise(settings, match):
     with pytest.raises(PolicyConfigError, match=match):

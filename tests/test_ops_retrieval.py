@@ -43,6 +43,26 @@ def test_centroid_estimate_cpu_equals_reference(group):
     torch.testing.assert_close(lse, want[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1, 3])
+def test_centroid_estimate_blocks_equals_the_per_query_estimate(group):
+    """The retrieval prefill's estimate (blocks sharing rows, retrieved rows taken out of their
+    clusters first) against the decode estimate run once per query with its block's rows."""
+    from lckv.reference.estimate import centroid_estimate, centroid_estimate_blocks
+
+    _seed()
+    B, H, C, D, rows, m, block = 2, 2, 23, 8, 300, 3, 5
+    centroids, counts, sums, assign, values = _cluster_state(B, H, C, D, rows)
+    q = torch.randn(B, H * group, m, block, D)
+    indices = torch.randint(-1, rows, (B, H, m, 40))  # -1s and repeats
+    out, lse = centroid_estimate_blocks(q, centroids, counts, sums, assign, values, indices, 0.4)
+    for j in range(m):
+        for i in range(block):
+            want_out, want_lse = centroid_estimate(q[:, :, j, i], centroids, counts, sums, assign, values,
+                                                   indices[:, :, j], 0.4)
+            torch.testing.assert_close(out[:, :, j, i], want_out, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(lse[:, :, j, i], want_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_centroid_estimate_16bit_values_go_to_the_reference_or_are_refused():
     _seed()
     centroids, counts, sums, assign, values = _cluster_state(1, 2, 11, 8, 60)

@@ -12,8 +12,13 @@ import torch
 
 from lckv.layer_view import LayerView
 from lckv.ops import centroid_estimate, estimate_add_rows, kmeans
+from lckv.reference.estimate import centroid_estimate_blocks
 
 __all__ = ["ClusterEstimate"]
+
+#: upper bound on the query x cluster weights of one batch of blocks in :meth:`ClusterEstimate.attend_blocks`
+#: (float32: 128 MiB, the engine's score block bound)
+BLOCK_ELEMENTS = 1 << 25
 
 
 class ClusterEstimate:
@@ -113,3 +118,14 @@ class ClusterEstimate:
     def attend(self, view: LayerView, q: torch.Tensor, indices: torch.Tensor, scale: float, lse_only: bool = False):
         """The partial state of the rows not in ``indices``: ``(out, lse)``, or ``lse`` alone."""
         return centroid_estimate(q, *self.step_state()[:3], self.assign, view.values, indices, scale, lse_only)
+
+    def attend_blocks(self, view: LayerView, q: torch.Tensor, indices: torch.Tensor, scale: float):
+        """:meth:`attend` for blocks of queries ``[batch, q_heads, m, block, head_dim]`` that share
+        their rows ``indices`` ``[batch, kv_heads, m, n]`` (a retrieval prefill); torch matmuls
+        (:func:`lckv.reference.estimate.centroid_estimate_blocks`), float32 out."""
+        batch, q_heads, m, block, _ = q.shape
+        per_batch = max(1, BLOCK_ELEMENTS // max(1, batch * q_heads * block * self.centroids.shape[2]))
+        parts = [centroid_estimate_blocks(q[:, :, lo:lo + per_batch], *self.step_state()[:3], self.assign,
+                                          view.values, indices[:, :, lo:lo + per_batch], scale)
+                 for lo in range(0, m, per_batch)]
+        return torch.cat([p[0] for p in parts], dim=2), torch.cat([p[1] for p in parts], dim=2)

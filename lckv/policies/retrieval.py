@@ -86,6 +86,11 @@ class RetrievalPolicy(SelectionPolicy):
     (8192) per head, beyond which clusters grow instead (a step's estimate costs
     O(clusters * head_dim)); an int asks for that many k-means centroids per head (torch Lloyd
     iterations). Keys offloaded later join their nearest centroid.
+
+    ``prefill_estimate`` (with ``prefill="retrieval"`` and ``estimate_rest``): each prefill query
+    also gets the estimate of the store rows its block did not attend. Off by default: it costs
+    O(chunk * clusters * head_dim) per layer and chunk (at 128K tokens, 8,192 clusters per head,
+    as much as the attention itself) for little gain on a real model (docs/prefill.md).
     """
 
     index: str = "cluster"
@@ -99,6 +104,7 @@ class RetrievalPolicy(SelectionPolicy):
     exact_above: float = 0.25
     group_rank: str = "probability"
     min_scanned: int = 4096
+    prefill_estimate: bool = False
 
     name = "retrieval"
 
@@ -107,6 +113,8 @@ class RetrievalPolicy(SelectionPolicy):
         check_index_settings(self.index, self.index_params, self.search_params)
         if self.group_rank not in ("probability", "logits"):
             raise PolicyConfigError(f"RetrievalPolicy.group_rank must be 'probability' or 'logits', got {self.group_rank!r}")
+        if self.prefill_estimate and not self.estimate_rest:
+            raise PolicyConfigError("RetrievalPolicy.prefill_estimate needs estimate_rest=True (it is the same estimate)")
         if self.build_queries < 0:
             raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
         if not 0.0 <= self.exact_above <= 1.0:
@@ -242,3 +250,11 @@ class RetrievalPolicy(SelectionPolicy):
             return None
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return state.estimate.attend(view, q, indices, scale)
+
+    def estimate_blocks(self, state, view, q, indices, scale):
+        """With ``prefill_estimate``, the estimate of the rows a retrieval prefill block does not
+        attend, per query (:meth:`ClusterEstimate.attend_blocks`); None otherwise."""
+        if not self.prefill_estimate or state.estimate is None:
+            return None
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return state.estimate.attend_blocks(view, q, indices, scale)

@@ -156,6 +156,13 @@ class SelectionPolicy(Policy):
         approximating the store rows *not* in ``indices``; None when the policy has no estimate."""
         return None
 
+    def estimate_blocks(self, state, view: LayerView, q: torch.Tensor, indices: torch.Tensor, scale: float):
+        """:meth:`estimate` for a retrieval prefill's blocks of queries ``[batch, q_heads, m,
+        block, head_dim]`` sharing their rows ``indices`` ``[batch, kv_heads, m, n]``: ``(out
+        [batch, q_heads, m, block, head_dim], lse [batch, q_heads, m, block])``, or None (the
+        default) when the policy has no estimate."""
+        return None
+
 
 def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: int) -> torch.Tensor:
     """Rows of the best-scoring units (pages/blocks of ``unit`` rows, ``scores``

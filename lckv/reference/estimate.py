@@ -18,7 +18,7 @@ import torch
 
 from lckv.reference.group_rank import distinct_rows
 
-__all__ = ["assign_nearest", "estimate_add_rows", "centroid_estimate"]
+__all__ = ["assign_nearest", "estimate_add_rows", "centroid_estimate", "centroid_estimate_blocks"]
 
 
 def assign_nearest(keys: torch.Tensor, centroids: torch.Tensor, half_norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,3 +78,42 @@ def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices,
         return lse
     out = torch.where(keep.unsqueeze(-1), num / den.unsqueeze(-1), torch.zeros_like(num))
     return out.reshape(batch, q_heads, head_dim).to(q.dtype), lse
+
+
+def centroid_estimate_blocks(q, centroids, counts, value_sums, assign, values, indices, scale):
+    """:func:`centroid_estimate` for blocks of queries that share their retrieved rows (a
+    retrieval prefill): ``q [B, Hq, m, block, D]``, ``indices [B, H, m, n]`` (block ``j``'s rows,
+    -1 = none, a repeat counts once), the cluster state as in :func:`centroid_estimate`. Returns
+    ``(out [B, Hq, m, block, D] float32, lse [B, Hq, m, block] float32)``.
+
+    Per block the retrieved rows are taken out of their clusters first (counts and value sums
+    less the retrieved ones), so each query costs O(clusters * D) whatever ``n``."""
+    indices = distinct_rows(indices)
+    batch, q_heads, m, block, head_dim = q.shape
+    kv_heads, n_clusters = centroids.shape[1], centroids.shape[2]
+    group = q_heads // kv_heads
+    qf = (q.float().reshape(batch, kv_heads, group, m, block, head_dim).transpose(2, 3)
+          .reshape(batch, kv_heads, m, group * block, head_dim))
+    s = (qf @ centroids.unsqueeze(2).transpose(-1, -2)) * scale  # [B, H, m, G*block, C]
+    s = s.masked_fill((counts <= 0)[:, :, None, None, :], float("-inf"))
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = torch.exp(s - top)
+    valid = indices >= 0
+    safe = indices.clamp(min=0)
+    clusters = torch.gather(assign.unsqueeze(2).expand(-1, -1, m, -1), 3, safe)  # [B, H, m, n]
+    got = torch.zeros(batch, kv_heads, m, n_clusters).scatter_add_(3, clusters, valid.float())
+    rows = torch.gather(values.unsqueeze(2).expand(-1, -1, m, -1, -1), 3,
+                        safe.unsqueeze(-1).expand(-1, -1, -1, -1, head_dim)).float() * valid.unsqueeze(-1)
+    got_sums = torch.zeros(batch, kv_heads, m, n_clusters, head_dim).scatter_add_(
+        3, clusters.unsqueeze(-1).expand(-1, -1, -1, -1, head_dim), rows)
+    total = (w @ counts[:, :, None, :, None]).squeeze(-1)  # [B, H, m, G*block]
+    den = (w @ (counts.unsqueeze(2) - got).unsqueeze(-1)).squeeze(-1)
+    num = w @ (value_sums.unsqueeze(2) - got_sums)  # [B, H, m, G*block, D]
+    keep = den > 1e-6 * total
+    den = torch.where(keep, den, torch.ones_like(den))
+    lse = torch.where(keep, torch.log(den) + top.squeeze(-1), torch.full_like(den, float("-inf")))
+    out = torch.where(keep.unsqueeze(-1), num / den.unsqueeze(-1), torch.zeros_like(num))
+    out = out.reshape(batch, kv_heads, m, group, block, head_dim).transpose(2, 3)
+    lse = lse.reshape(batch, kv_heads, m, group, block).transpose(2, 3)
+    return out.reshape(batch, q_heads, m, block, head_dim), lse.reshape(batch, q_heads, m, block)
