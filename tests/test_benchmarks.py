@@ -29,3 +29,13 @@ def test_prefill_harness_check():
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "--check: covering retrieval prefill equals exact" in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.usefixtures("stories260k_files")
+def test_prefill_quality_harness_check():
+    """The settings sweep compares against exact prefill: a covering prefill_select must score KL ~ 0."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_prefill_quality.py"), "--check"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "--check: covering prefill_select equals exact" in done.stdout, done.stdout[-3000:]
+
