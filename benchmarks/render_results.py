@@ -265,7 +265,7 @@ def tasks() -> str:
 
 
 def prefill() -> str:
-    runs = _load("bench_prefill_*.json")
+    runs = [run for run in _load("bench_prefill_*.json") if run.get("benchmark") == "prefill"]
     if not runs:
         return "## Chunked prefill\n\nNot run yet (`python benchmarks/bench_prefill.py`).\n"
     parts = ["## Chunked prefill, exact vs retrieval (`bench_prefill.py`)", "",
@@ -284,6 +284,14 @@ def prefill() -> str:
             parts += [f"**{model}** (measured {_machine(run['machine'])}){'; linear fit ' + fits if fits else ''}", "",
                       _table(["tokens", "prefill", "chunk", "prefill_select", "prefill s", "tok/s", "1st step s",
                               "decode tok/s", "peak RSS GiB", "B/token", "KL", "agreement"], table), ""]
+    for run in _load("bench_prefill_quality_*.json"):
+        table = [[r["variant"], ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults",
+                  _fmt(r["prefill_s"], ".1f"), _fmt(r["time_ratio"], ".2f"), _fmt(r["kl_mean"], ".4f"),
+                  _fmt(r["kl_last"], ".4f"), _fmt(r["top1"], ".3f")] for r in run["rows"]]
+        parts += [f"**{run['model']}, {run['length']} tokens: retrieval prefill settings vs exact prefill** "
+                  f"(`bench_prefill_quality.py`, measured {_machine(run['machine'])}; exact prefill "
+                  f"{run['exact_prefill_s']:.1f} s; KL and top-1 over the last {run['keep']} prompt positions)", "",
+                  _table(["variant", "settings", "prefill s", "x exact", "KL mean", "KL last", "top-1"], table), ""]
     return "\n".join(parts)
 
 
