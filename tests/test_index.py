@@ -184,6 +184,33 @@ def test_keys_added_after_build_are_found(upper_size):
     assert flat.size == 20
 
 
+@pytest.mark.parametrize("chunk", [300, 512])  # spills that split a segment; spills that fill one
+def test_streamed_keys_search_like_one_build(chunk):
+    """Keys streamed in after the build (a retrieval prefill's spills) against one build over the
+    same keys: flat gives the same ids and scores; IVF probing every list and the cluster index
+    scanning every key give the exact top-k; the cluster index at its default scan keeps the
+    recall of the one-shot build (its clusters differ: old segments are never re-clustered)."""
+    seed = fresh_seed()
+    keys, _, queries = shifted_data(6000, 0, 64, 32, seed)
+    _, truth = exact_topk(keys, queries, 100)
+    built = {"flat": FlatIndex(32).build(keys[:1024]), "ivf": IVFIndex(32).build(keys[:1024]),
+             "cluster": ClusterIndex(32, segment=512).build(keys[:1024])}
+    for lo in range(1024, 6000, chunk):
+        for index in built.values():
+            index.add(keys[lo:lo + chunk])
+    once = {"flat": FlatIndex(32).build(keys), "cluster": ClusterIndex(32, segment=512).build(keys)}
+    scores, ids, _ = built["flat"].search(queries, 100)
+    want_scores, want_ids, _ = once["flat"].search(queries, 100)
+    assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores), f"seed {seed}"
+    _, ids, _ = built["ivf"].search(queries, 100, nprobe=built["ivf"]._core.n_lists)
+    assert recall_at(ids, truth, 100) == 1.0, f"seed {seed}"
+    _, ids, _ = built["cluster"].search(queries, 100, scan=60.0)  # scan * k >= size: exact
+    assert recall_at(ids, truth, 100) == 1.0, f"seed {seed}"
+    streamed = recall_at(built["cluster"].search(queries, 100)[1], truth, 100)
+    one_build = recall_at(once["cluster"].search(queries, 100)[1], truth, 100)
+    assert streamed >= one_build - 0.05, f"seed {seed}: streamed {streamed:.3f} vs one build {one_build:.3f}"
+
+
 @pytest.mark.parametrize("make", [lambda d: GraphIndex(d), lambda d: GraphIndex(d, upper_size=256),
                                   lambda d: IVFIndex(d), lambda d: FlatIndex(d),
                                   lambda d: ClusterIndex(d, segment=512)],
