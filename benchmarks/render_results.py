@@ -249,7 +249,10 @@ def tasks() -> str:
                 cells = {(e["task"], e["method"], e["budget"]): e for e in entries}
                 table = []
                 for method, budget in settings:
-                    overall = cells.get(("all", method, budget)) or cells.get((names[0], method, budget))
+                    ran = [cells[(t, method, budget)] for t in names if (t, method, budget) in cells]
+                    overall = cells.get(("all", method, budget)) or ran[0]
+                    if len(ran) < len(names):  # a method run on some tasks only: no mean over all of them
+                        overall = {**overall, "score": None, "drop_pct": None}
                     n = sum(cells[(t, method, budget)]["n"] for t in names if (t, method, budget) in cells)
                     row = [method, budget or "-", _fmt(overall.get("budget_tokens"), ".0f"), str(n)]
                     row += [_fmt(cells[(t, method, budget)]["score"], ".2f") if (t, method, budget) in cells else "-"
