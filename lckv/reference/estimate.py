@@ -56,11 +56,7 @@ def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices,
     kv_heads = centroids.shape[1]
     group = q_heads // kv_heads
     qf = q.float().reshape(batch, kv_heads, group, head_dim)
-    s = (qf @ centroids.transpose(-1, -2)) * scale  # [B, H, G, C]
-    s = s.masked_fill((counts <= 0).unsqueeze(2), float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(s - m)  # 0 for empty clusters
+    w, top = _cluster_weights(qf, centroids, counts, scale)  # [B, H, G, C]
     total = (w @ counts.unsqueeze(-1)).squeeze(-1)  # [B, H, G]
     num = w @ value_sums  # [B, H, G, D]
     valid = indices >= 0
@@ -68,15 +64,10 @@ def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices,
     clusters = torch.gather(assign, 2, safe)  # [B, H, n]
     w_rows = torch.gather(w, 3, clusters.unsqueeze(2).expand(-1, -1, group, -1)) * valid.unsqueeze(2)
     got_values = torch.gather(values, 2, safe.unsqueeze(-1).expand(-1, -1, -1, head_dim)).float()
-    den = total - w_rows.sum(-1)
-    num = num - w_rows @ got_values
-    keep = den > 1e-6 * total
-    den = torch.where(keep, den, torch.ones_like(den))
-    lse = torch.where(keep, torch.log(den) + m.squeeze(-1), torch.full_like(den, float("-inf")))
+    out, lse = _rest_state(num - w_rows @ got_values, total - w_rows.sum(-1), total, top)
     lse = lse.reshape(batch, q_heads)
     if lse_only:
         return lse
-    out = torch.where(keep.unsqueeze(-1), num / den.unsqueeze(-1), torch.zeros_like(num))
     return out.reshape(batch, q_heads, head_dim).to(q.dtype), lse
 
 
@@ -94,11 +85,7 @@ def centroid_estimate_blocks(q, centroids, counts, value_sums, assign, values, i
     group = q_heads // kv_heads
     qf = (q.float().reshape(batch, kv_heads, group, m, block, head_dim).transpose(2, 3)
           .reshape(batch, kv_heads, m, group * block, head_dim))
-    s = (qf @ centroids.unsqueeze(2).transpose(-1, -2)) * scale  # [B, H, m, G*block, C]
-    s = s.masked_fill((counts <= 0)[:, :, None, None, :], float("-inf"))
-    top = s.amax(-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w = torch.exp(s - top)
+    w, top = _cluster_weights(qf, centroids.unsqueeze(2), counts.unsqueeze(2), scale)  # [B, H, m, G*block, C]
     valid = indices >= 0
     safe = indices.clamp(min=0)
     clusters = torch.gather(assign.unsqueeze(2).expand(-1, -1, m, -1), 3, safe)  # [B, H, m, n]
@@ -110,10 +97,28 @@ def centroid_estimate_blocks(q, centroids, counts, value_sums, assign, values, i
     total = (w @ counts[:, :, None, :, None]).squeeze(-1)  # [B, H, m, G*block]
     den = (w @ (counts.unsqueeze(2) - got).unsqueeze(-1)).squeeze(-1)
     num = w @ (value_sums.unsqueeze(2) - got_sums)  # [B, H, m, G*block, D]
+    out, lse = _rest_state(num, den, total, top)
+    out = out.reshape(batch, kv_heads, m, group, block, head_dim).transpose(2, 3)
+    lse = lse.reshape(batch, kv_heads, m, group, block).transpose(2, 3)
+    return out.reshape(batch, q_heads, m, block, head_dim), lse.reshape(batch, q_heads, m, block)
+
+
+def _cluster_weights(qf, centroids, counts, scale):
+    """``exp(scale * q . c - top)`` of queries ``qf [..., Q, D]`` and clusters ``centroids [...,
+    C, D]`` (0 for clusters with ``counts [..., C]`` <= 0), and the shift ``top [..., Q, 1]``."""
+    s = (qf @ centroids.transpose(-1, -2)) * scale
+    s = s.masked_fill((counts <= 0).unsqueeze(-2), float("-inf"))
+    top = s.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return torch.exp(s - top), top
+
+
+def _rest_state(num, den, total, top):
+    """``(out, lse)`` of the rest from its weighted value sum ``num [..., D]`` and weight ``den``
+    (``total``: every cluster's weight; ``top``: the weights' shift): a rest below 1e-6 of the
+    total (everything retrieved, up to rounding) is empty, ``lse = -inf`` and ``out = 0``."""
     keep = den > 1e-6 * total
     den = torch.where(keep, den, torch.ones_like(den))
     lse = torch.where(keep, torch.log(den) + top.squeeze(-1), torch.full_like(den, float("-inf")))
     out = torch.where(keep.unsqueeze(-1), num / den.unsqueeze(-1), torch.zeros_like(num))
-    out = out.reshape(batch, kv_heads, m, group, block, head_dim).transpose(2, 3)
-    lse = lse.reshape(batch, kv_heads, m, group, block).transpose(2, 3)
-    return out.reshape(batch, q_heads, m, block, head_dim), lse.reshape(batch, q_heads, m, block)
+    return out, lse
