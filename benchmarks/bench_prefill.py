@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, load_model, machine, progress  # noqa: E402
+from common import RESULTS, Table, load_model, machine, prefill_in_chunks  # noqa: E402
 
 MODES = ("exact", "retrieval")
 COLUMNS = [("length", "tokens", "d", 8), ("mode", "prefill", "s", 9), ("prefill_s", "prefill s", ".1f", 9),
@@ -63,11 +63,8 @@ def run_one(args) -> dict:
     lckv.enable(model, "retrieval", **settings)
     cache = lckv.new_cache(model)
     base_kib = _rss_kib()
+    logits, prefill_s = prefill_in_chunks(model, ids, cache, args.chunk, desc=f"{args.length} {args.mode}")
     with torch.no_grad():
-        start = time.perf_counter()
-        for lo in progress(range(0, args.length, args.chunk), f"{args.length} {args.mode}"):
-            logits = model(ids[:, lo:lo + args.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        prefill_s = time.perf_counter() - start
         log_probs = torch.log_softmax(logits[0, -1].float(), -1)
         tokens, steps = [int(log_probs.argmax())], []
         for _ in range(args.decode - 1):

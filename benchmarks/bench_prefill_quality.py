@@ -23,13 +23,12 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, load_model, machine, progress  # noqa: E402
+from common import RESULTS, Table, load_model, machine, prefill_in_chunks  # noqa: E402
 
 DEFAULT_VARIANTS = ["default", "block16:prefill_block=16", "select4096:prefill_select=4096",
                     "estimate:prefill_estimate=true"]
@@ -57,14 +56,7 @@ def prefill(model, ids: torch.Tensor, chunk: int, keep: int, desc: str, **settin
     import lckv
 
     lckv.enable(model, "retrieval", **settings)
-    cache = lckv.new_cache(model)
-    length = ids.shape[1]
-    start = time.perf_counter()
-    with torch.no_grad():
-        for lo in progress(range(0, length, chunk), desc):
-            last = min(keep, length - lo) if lo + chunk >= length else 1
-            logits = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=last).logits
-    seconds = time.perf_counter() - start
+    logits, seconds = prefill_in_chunks(model, ids, lckv.new_cache(model), chunk, keep, desc)
     lckv.disable(model)
     return torch.log_softmax(logits[0].float(), -1), seconds
 

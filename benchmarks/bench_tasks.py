@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` (scorers, QA data builder)
-from common import RESULTS, Table, load_model, machine, progress  # noqa: E402
+from common import RESULTS, Table, load_model, machine, prefill_in_chunks, progress  # noqa: E402
 from task_rows import budget_label, eos_ids, read_rows, row_key  # noqa: E402
 from tasks_qa import QA_TASKS  # noqa: E402
 
@@ -141,10 +141,7 @@ def prefill(model, ids: list[int], chunk: int, settings) -> tuple[LckvCache, tor
     for layer, tee in zip(cache.layers, tees):
         layer.queries = tee
     device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        for lo in range(0, x.shape[1], chunk):
-            logits = model(x[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    logits, _ = prefill_in_chunks(model, torch.tensor([ids], device=device), cache, chunk)
     for layer in cache.layers:
         layer.queries = None  # from_cache must not copy the tee
     return cache, logits[0, -1], tees
@@ -185,12 +182,7 @@ def prefill_and_decode(model, ids: list[int], chunk: int, policy, max_new_tokens
     lckv.enable(model, policy)
     cache = lckv.new_cache(model)
     device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    with torch.no_grad():
-        start = time.perf_counter()
-        for lo in range(0, x.shape[1], chunk):
-            logits = model(x[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        prefill_s = time.perf_counter() - start
+    logits, prefill_s = prefill_in_chunks(model, torch.tensor([ids], device=device), cache, chunk)
     tokens, steps = greedy(model, cache, int(logits[0, -1].argmax()), max_new_tokens, eos)
     return tokens, steps, prefill_s
 

@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -63,3 +64,17 @@ def progress(items, desc: str):
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def prefill_in_chunks(model, ids: torch.Tensor, cache, chunk: int, keep: int = 1, desc: str | None = None):
+    """Feeds ``ids`` ``[1, n]`` to ``model`` on ``cache`` in chunks of ``chunk`` tokens (no grad,
+    a progress bar with ``desc``); returns the logits of the prompt's last ``keep`` positions
+    ``[1, keep, vocab]`` and the seconds the prefill took."""
+    length = ids.shape[1]
+    starts = range(0, length, chunk)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for lo in progress(starts, desc) if desc else starts:
+            last = min(keep, length - lo) if lo + chunk >= length else 1
+            logits = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=last).logits
+    return logits, time.perf_counter() - start
