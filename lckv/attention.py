@@ -216,7 +216,7 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     m = -(-q_len // block)
     q = query.to(keys.device)
     means = torch.stack([q[:, :, j * block:(j + 1) * block].float().mean(dim=2) for j in range(m)], dim=2)
-    indices = _drop_pad_rows(policy.select_blocks(state, view, means, n_select, scale), view.padding)
+    indices = _drop_pad_rows(policy.select_blocks(state, view, means, n_select, scale, queries=q), view.padding)
     valid = indices >= 0  # [batch, kv_heads, m, n]
     padded = torch.nn.functional.pad(q, (0, 0, 0, m * block - q_len)) if m * block != q_len else q
     blocks = padded.reshape(batch, q_heads, m, block, head_dim)

@@ -65,10 +65,12 @@ def test_covering_retrieval_prefill_equals_sdpa(kind, kv_heads, policy, chunk):
     assert cache.layers[0].store.length > 0, "the prompt must have been offloaded"
 
 
-def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None):
+def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None, per_query=0):
     """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows;
-    with ``estimate`` (a callable ``(query [B, Hq, D], picked store rows [B, H, select]) -> (out,
-    lse)``, the decode step's estimate of the rows not picked) merged in per query by LSE."""
+    with ``estimate`` (a callable ``(query [B, Hq, D], picked store rows [B, H, n], -1 = none) ->
+    (out, lse)``, the decode step's estimate of the rows not picked) merged in per query by LSE.
+    ``per_query``: each query of a block adds its own top rows by its group-summed query, and the
+    whole block attends them."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -86,10 +88,17 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
         if len(store) > select:  # group-summed mean query, top `select` store rows per kv head
             mean = qb.mean(2).reshape(batch, kv_heads, group, head_dim).sum(2)
             scores = torch.einsum("bhd,bhnd->bhn", mean, k[:, :, store].double())
-            picked = store[scores.topk(select, dim=-1).indices]  # [batch, kv_heads, select]
+            picks = [store[scores.topk(select, dim=-1).indices]]  # [batch, kv_heads, select]
+            if per_query:
+                own = qb.reshape(batch, kv_heads, group, b_hi - b_lo, head_dim).sum(2)
+                own_scores = torch.einsum("bhqd,bhnd->bhqn", own, k[:, :, store].double())
+                picks.append(store[own_scores.topk(min(per_query, len(store)), dim=-1).indices].flatten(2))
+            picked = torch.full((batch, kv_heads, len(store)), -1, dtype=torch.long)
             for bb in range(batch):
                 for h in range(kv_heads):
-                    allowed[bb, h, :, picked[bb, h]] = True
+                    rows = torch.cat([p[bb, h] for p in picks]).unique()
+                    allowed[bb, h, :, rows] = True
+                    picked[bb, h, :len(rows)] = rows
         else:
             allowed[..., store] = True
         allowed = allowed.repeat_interleave(group, dim=1)
@@ -99,7 +108,7 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
         out = torch.softmax(logits, -1) @ v[:, :, :hi].double().repeat_interleave(group, 1)
         if estimate is not None and picked is not None:
             for i in range(b_hi - b_lo):  # the rest of the store, per query, merged by LSE
-                rest_out, rest_lse = estimate(q[:, :, b_lo + i], picked - sink)  # store row ids
+                rest_out, rest_lse = estimate(q[:, :, b_lo + i], torch.where(picked >= 0, picked - sink, -1))  # store rows
                 top = torch.maximum(lse[:, :, i], rest_lse.double())
                 wa, wb = torch.exp(lse[:, :, i] - top), torch.exp(rest_lse.double() - top)
                 out[:, :, i] = (out[:, :, i] * wa[..., None] + rest_out.double() * wb[..., None]) / (wa + wb)[..., None]
@@ -112,7 +121,8 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
 @pytest.mark.parametrize("index", ["exact", "flat"])  # per-block select loop; one batched index search
 @pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
 @pytest.mark.parametrize("estimate_rest", [False, True])
-def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest):
+@pytest.mark.parametrize("per_query", [0, 2])
+def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query):
     gen, seed = fresh_generator()
     batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
     sink, window = 2, 6
@@ -121,7 +131,7 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
     q = torch.randn(batch, kv_heads * group, n, head_dim, generator=gen)
     policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index=index, group_rank="logits",
                             estimate_rest=estimate_rest, prefill_estimate=estimate_rest, cluster_size=4, exact_above=1.0, prefill="retrieval",
-                            prefill_select=select, prefill_block=block)
+                            prefill_select=select, prefill_block=block, prefill_per_query=per_query)
     layer = LckvCacheLayer(policy, 0)
     scale = head_dim ** -0.5
     for lo in range(0, n, chunk):
@@ -134,7 +144,7 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
         if estimate_rest and layer.selection is not None:  # the decode step's estimate, one query at a time
             state = layer.selection.estimate
             estimate = lambda q_i, rows: state.attend(layer.view(), q_i, rows, scale)  # noqa: E731
-        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate)
+        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate, per_query)
         torch.testing.assert_close(out, ref_out.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
         torch.testing.assert_close(lse, ref_lse.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
     assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
@@ -189,6 +199,8 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     (dict(prefill_block=2.5), "prefill_block must be an int"),
     (dict(prefill_block=-3), "prefill_block must be an int >= 1"),
     (dict(prefill_estimate=True, estimate_rest=False), "prefill_estimate needs estimate_rest"),
+    (dict(prefill_per_query=-1), "prefill_per_query must be >= 0"),
+    (dict(prefill_query_scan=1.5), "prefill_query_scan must be an int"),
 ])
 def test_bad_prefill_settings_raise(settings, match):
     with pytest.raises(PolicyConfigError, match=match):

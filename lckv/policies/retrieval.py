@@ -16,7 +16,7 @@ from lckv.policies.base import PolicyConfigError, register_policy
 from lckv.policies.estimate import ClusterEstimate
 from lckv.policies.group_rank import group_sum, top_by_group_probability
 from lckv.policies.retrieval_index import INDEX_KINDS, build_indexes, check_index_settings, index_heads, search_settings
-from lckv.policies.selection import SelectionPolicy
+from lckv.policies.selection import SelectionPolicy, unique_rows
 
 __all__ = ["RetrievalPolicy", "INDEX_KINDS"]
 
@@ -106,6 +106,8 @@ class RetrievalPolicy(SelectionPolicy):
     group_rank: str = "probability"
     min_scanned: int = 4096
     prefill_estimate: bool = False
+    prefill_per_query: int = 0
+    prefill_query_scan: int = 256
 
     name = "retrieval"
 
@@ -116,6 +118,9 @@ class RetrievalPolicy(SelectionPolicy):
             raise PolicyConfigError(f"RetrievalPolicy.group_rank must be 'probability' or 'logits', got {self.group_rank!r}")
         if self.prefill_estimate and not self.estimate_rest:
             raise PolicyConfigError("RetrievalPolicy.prefill_estimate needs estimate_rest=True (it is the same estimate)")
+        for name in ("prefill_per_query", "prefill_query_scan"):  # ints (checked by Policy.validate)
+            if getattr(self, name) < 0:
+                raise PolicyConfigError(f"RetrievalPolicy.{name} must be >= 0, got {getattr(self, name)}")
         if self.build_queries < 0:
             raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
         if not 0.0 <= self.exact_above <= 1.0:
@@ -200,18 +205,52 @@ class RetrievalPolicy(SelectionPolicy):
         rest_lse = None if state.estimate is None else state.estimate.attend(view, q, pool, scale, lse_only=True)
         return top_by_group_probability(q, keys, n_select, scale, pool, rest_lse)
 
-    def select_blocks(self, state, view, q, n_select, scale=None):
+    def select_blocks(self, state, view, q, n_select, scale=None, queries=None):
         """A retrieval prefill's block queries ``[batch, q_heads, m, head_dim]``: one batched index
         search per batch row for all ``m`` of them, each kv head searching with its group's summed
         query (the ``"logits"`` rule: a block's mean query already averages many queries, and one
         search per block and query head would cost ``group`` times more). Scored exactly where a
-        decode step would be (index ``exact``, ``exact_above``)."""
-        if self._exact(view, n_select):
-            return super().select_blocks(state, view, q, n_select, scale)
+        decode step would be (index ``exact``, ``exact_above``).
+
+        With ``prefill_per_query`` and the chunk's ``queries`` ``[batch, q_heads, q_len, head_dim]``,
+        each query also searches for its own top rows (:meth:`_per_query_rows`), and a block
+        attends the union of its mean query's rows and its queries' own (repeats -1)."""
         batch, q_heads, m, head_dim = q.shape
         kv_heads = view.keys.shape[1]
-        q_sum = q.float().reshape(batch, kv_heads, q_heads // kv_heads, m, head_dim).sum(2)
-        return self._search_summed(state, q_sum, n_select)
+        exact = self._exact(view, n_select)
+        if exact:
+            rows = super().select_blocks(state, view, q, n_select, scale)
+        else:
+            q_sum = q.float().reshape(batch, kv_heads, q_heads // kv_heads, m, head_dim).sum(2)
+            rows = self._search_summed(state, q_sum, n_select)
+        if not self.prefill_per_query or queries is None:
+            return rows
+        own = self._per_query_rows(state, view, queries, m, exact)
+        return unique_rows(torch.cat([rows, own], dim=-1))
+
+    def _per_query_rows(self, state, view, queries: torch.Tensor, m: int, exact: bool) -> torch.Tensor:
+        """Each query's own top ``prefill_per_query`` rows per kv head, by its group's summed query
+        (scored exactly where the block's rows were, else searched with a pool of
+        ``prefill_query_scan`` keys and no ``min_scanned`` floor), gathered per block of
+        ``prefill_block`` queries: ``[batch, kv_heads, m, block * prefill_per_query]`` (-1 past
+        the chunk's last query)."""
+        batch, q_heads, q_len, head_dim = queries.shape
+        kv_heads = view.keys.shape[1]
+        k = min(self.prefill_per_query, view.length)
+        q_sum = queries.float().reshape(batch, kv_heads, q_heads // kv_heads, q_len, head_dim).sum(2)
+        if exact or not state.indexes or state.indexes[0] is None:
+            # every query of a kv head as one "query head" of it: q_len heads per kv head
+            flat = q_sum.reshape(batch, kv_heads * q_len, head_dim).to(view.keys.dtype)
+            rows = flat_topk_scores(flat, view.keys, k)[1].view(batch, kv_heads, q_len, k)
+        else:
+            params = dict(self.search_params)
+            if self.index == "cluster":
+                params["scan"] = max(params.get("scan", 1.0), self.prefill_query_scan / k)
+            rows = torch.stack([index.search(q_sum[b].contiguous(), k, **params)[1]
+                                for b, index in enumerate(state.indexes)])  # [batch, kv_heads, q_len, k]
+        pad = m * self.prefill_block - q_len
+        rows = torch.nn.functional.pad(rows, (0, 0, 0, pad), value=-1) if pad else rows
+        return rows.reshape(batch, kv_heads, m, self.prefill_block * k)
 
     def _search_summed(self, state, q_sum: torch.Tensor, n_select: int) -> torch.Tensor:
         """One index search per batch row with each kv head's summed queries ``[batch, kv_heads,

@@ -48,7 +48,7 @@ import torch
 from lckv.layer_view import LayerView
 from lckv.policies.base import Policy, PolicyConfigError
 
-__all__ = ["SelectionPolicy", "BudgetTooSmallError", "PREFILL_MODES"]
+__all__ = ["SelectionPolicy", "BudgetTooSmallError", "PREFILL_MODES", "unique_rows"]
 
 #: how a :class:`SelectionPolicy` prefills (see the module docstring)
 PREFILL_MODES = ("exact", "retrieval")
@@ -131,11 +131,13 @@ class SelectionPolicy(Policy):
         raise NotImplementedError
 
     def select_blocks(self, state, view: LayerView, q: torch.Tensor, n_select: int,
-                      scale: float | None = None) -> torch.Tensor:
+                      scale: float | None = None, queries: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`select` for ``m`` queries at once (a retrieval prefill's block queries):
-        ``q`` ``[batch, q_heads, m, head_dim]`` -> int64 ``[batch, kv_heads, m, n_select]`` (-1 =
-        none). The default calls :meth:`select` once per query; a policy with a batched search
-        overrides it."""
+        ``q`` ``[batch, q_heads, m, head_dim]`` -> int64 ``[batch, kv_heads, m, n]`` (-1 =
+        none), ``n >= n_select``. ``queries`` ``[batch, q_heads, q_len, head_dim]`` are the
+        chunk's own queries the blocks average (a policy may add rows they pick; this default
+        ignores them). The default calls :meth:`select` once per block; a policy with a batched
+        search overrides it."""
         picks = []
         for j in range(q.shape[2]):
             rows = self.select(state, view, q[:, :, j], n_select, scale)
@@ -178,3 +180,12 @@ def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: i
     rows = torch.gather(rows, -1, order)[..., :n_select]
     keyed = rows.masked_fill(rows < 0, n_rows).sort(dim=-1).values
     return keyed.masked_fill(keyed >= n_rows, -1)
+
+
+def unique_rows(indices: torch.Tensor) -> torch.Tensor:
+    """``indices`` (row ids, -1 = none) with every repeat along the last dim replaced by -1, in
+    ascending order (-1 first): a union of selections that attends each row once."""
+    rows = indices.sort(dim=-1).values
+    repeat = torch.zeros_like(rows, dtype=torch.bool)
+    repeat[..., 1:] = rows[..., 1:] == rows[..., :-1]
+    return rows.masked_fill(repeat, -1)
