@@ -28,13 +28,12 @@ import math
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, load_model, machine, prefill_in_chunks  # noqa: E402
+from common import RESULTS, Table, greedy, load_model, machine, prefill_in_chunks  # noqa: E402
 
 MODES = ("exact", "retrieval")
 COLUMNS = [("length", "tokens", "d", 8), ("mode", "prefill", "s", 9), ("prefill_s", "prefill s", ".1f", 9),
@@ -64,14 +63,8 @@ def run_one(args) -> dict:
     cache = lckv.new_cache(model)
     base_kib = _rss_kib()
     logits, prefill_s = prefill_in_chunks(model, ids, cache, args.chunk, desc=f"{args.length} {args.mode}")
-    with torch.no_grad():
-        log_probs = torch.log_softmax(logits[0, -1].float(), -1)
-        tokens, steps = [int(log_probs.argmax())], []
-        for _ in range(args.decode - 1):
-            start = time.perf_counter()
-            logits = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, use_cache=True).logits
-            steps.append(time.perf_counter() - start)
-            tokens.append(int(logits[0, -1].argmax()))
+    log_probs = torch.log_softmax(logits[0, -1].float(), -1)
+    tokens, steps = greedy(model, cache, int(log_probs.argmax()), args.decode)  # a fixed length: no EOS
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(log_probs, args.logits)
     report = cache.memory_report()

@@ -51,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` (scorers, QA data builder)
-from common import RESULTS, Table, load_model, machine, prefill_in_chunks, progress  # noqa: E402
+from common import RESULTS, Table, greedy, load_model, machine, prefill_in_chunks, progress  # noqa: E402
 from task_rows import budget_label, eos_ids, read_rows, row_key  # noqa: E402
 from tasks_qa import QA_TASKS  # noqa: E402
 
@@ -160,20 +160,6 @@ def decode(model, prefill_cache: LckvCache, tees: list[QueryTee], policy, first_
         if wanted:
             layer.queries = copy.copy(tee.recorders[wanted])  # decode steps replace `recent`, not the tee's
     return greedy(model, cache, first_token, max_new_tokens, eos)
-
-
-def greedy(model, cache, first_token: int, max_new_tokens: int, eos: set[int]) -> tuple[list[int], list[float]]:
-    """Greedy decoding on ``cache`` after ``first_token`` until EOS or ``max_new_tokens`` tokens;
-    returns the tokens (the first one given) and the seconds of each decode step."""
-    device = next(model.parameters()).device
-    tokens, steps = [first_token], []
-    with torch.no_grad():
-        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-            start = time.perf_counter()
-            logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache, use_cache=True).logits
-            tokens.append(int(logits[0, -1].argmax()))
-            steps.append(time.perf_counter() - start)
-    return tokens, steps
 
 
 def prefill_and_decode(model, ids: list[int], chunk: int, policy, max_new_tokens: int,

@@ -78,3 +78,18 @@ def prefill_in_chunks(model, ids: torch.Tensor, cache, chunk: int, keep: int = 1
             last = min(keep, length - lo) if lo + chunk >= length else 1
             logits = model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True, logits_to_keep=last).logits
     return logits, time.perf_counter() - start
+
+
+def greedy(model, cache, first_token: int, max_new_tokens: int, eos=()) -> tuple[list[int], list[float]]:
+    """Greedy decoding on ``cache`` after ``first_token`` until a token of ``eos`` or
+    ``max_new_tokens`` tokens; returns the tokens (the first one given) and the seconds of each
+    decode step."""
+    device = next(model.parameters()).device
+    tokens, steps = [first_token], []
+    with torch.no_grad():
+        while len(tokens) < max_new_tokens and tokens[-1] not in eos:
+            start = time.perf_counter()
+            logits = model(torch.tensor([[tokens[-1]]], device=device), past_key_values=cache, use_cache=True).logits
+            tokens.append(int(logits[0, -1].argmax()))
+            steps.append(time.perf_counter() - start)
+    return tokens, steps

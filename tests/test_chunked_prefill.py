@@ -65,12 +65,12 @@ def test_covering_retrieval_prefill_equals_sdpa(kind, kv_heads, policy, chunk):
     assert cache.layers[0].store.length > 0, "the prompt must have been offloaded"
 
 
-def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None, per_query=0):
+def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None, per_query=0, per_head=False):
     """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows;
     with ``estimate`` (a callable ``(query [B, Hq, D], picked store rows [B, H, n], -1 = none) ->
     (out, lse)``, the decode step's estimate of the rows not picked) merged in per query by LSE.
-    ``per_query``: each query of a block adds its own top rows by its group-summed query, and the
-    whole block attends them."""
+    ``per_query``: each query of a block adds its own top rows by its group-summed query (each
+    query head's own with ``per_head``), and the whole block attends them."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -90,7 +90,8 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
             scores = torch.einsum("bhd,bhnd->bhn", mean, k[:, :, store].double())
             picks = [store[scores.topk(select, dim=-1).indices]]  # [batch, kv_heads, select]
             if per_query:
-                own = qb.reshape(batch, kv_heads, group, b_hi - b_lo, head_dim).sum(2)
+                own = qb.reshape(batch, kv_heads, group, b_hi - b_lo, head_dim)
+                own = own.flatten(2, 3) if per_head else own.sum(2)
                 own_scores = torch.einsum("bhqd,bhnd->bhqn", own, k[:, :, store].double())
                 picks.append(store[own_scores.topk(min(per_query, len(store)), dim=-1).indices].flatten(2))
             picked = torch.full((batch, kv_heads, len(store)), -1, dtype=torch.long)
@@ -121,8 +122,8 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
 @pytest.mark.parametrize("index", ["exact", "flat"])  # per-block select loop; one batched index search
 @pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
 @pytest.mark.parametrize("estimate_rest", [False, True])
-@pytest.mark.parametrize("per_query", [0, 2])
-def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query):
+@pytest.mark.parametrize("per_query,per_head", [(0, False), (2, False), (1, True)])
+def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query, per_head):
     gen, seed = fresh_generator()
     batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
     sink, window = 2, 6
@@ -131,7 +132,7 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
     q = torch.randn(batch, kv_heads * group, n, head_dim, generator=gen)
     policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index=index, group_rank="logits",
                             estimate_rest=estimate_rest, prefill_estimate=estimate_rest, cluster_size=4, exact_above=1.0, prefill="retrieval",
-                            prefill_select=select, prefill_block=block, prefill_per_query=per_query)
+                            prefill_select=select, prefill_block=block, prefill_per_query=per_query, prefill_per_head=per_head)
     layer = LckvCacheLayer(policy, 0)
     scale = head_dim ** -0.5
     for lo in range(0, n, chunk):
@@ -144,7 +145,7 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
         if estimate_rest and layer.selection is not None:  # the decode step's estimate, one query at a time
             state = layer.selection.estimate
             estimate = lambda q_i, rows: state.attend(layer.view(), q_i, rows, scale)  # noqa: E731
-        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate, per_query)
+        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate, per_query, per_head)
         torch.testing.assert_close(out, ref_out.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
         torch.testing.assert_close(lse, ref_lse.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
     assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
