@@ -18,6 +18,7 @@ from kernel_oracles import fresh_generator
 from lckv.attention import attend_chunk_with_selection
 from lckv.cache import LckvCacheLayer
 from lckv.policies import PolicyConfigError, resolve_policy
+from lckv.policies.selection import unique_rows
 from tiny_models import tiny_decoder
 
 # fp32 end-to-end logits, merged partial softmaxes vs one softmax: rounding-level differences
@@ -202,6 +203,7 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     (dict(prefill_estimate=True, estimate_rest=False), "prefill_estimate needs estimate_rest"),
     (dict(prefill_per_query=-1), "prefill_per_query must be >= 0"),
     (dict(prefill_query_scan=1.5), "prefill_query_scan must be an int"),
+    (dict(prefill_per_head=True), "prefill_per_head needs prefill_per_query >= 1"),
 ])
 def test_bad_prefill_settings_raise(settings, match):
     with pytest.raises(PolicyConfigError, match=match):
@@ -255,3 +257,13 @@ def test_host_dtype_store_equals_an_fp32_store_of_rounded_rows(host_dtype, polic
 def test_bad_host_dtype_raises():
     with pytest.raises(PolicyConfigError, match="host_dtype must be one of"):
         resolve_policy("retrieval", host_dtype="int8")
+
+
+def test_unique_rows_keeps_each_row_once():
+    gen, seed = fresh_generator()
+    picks = torch.randint(-1, 40, (2, 3, 5, 60), generator=gen)  # many repeats and -1s
+    got = unique_rows(picks)
+    assert got.shape == picks.shape
+    for row, out in zip(picks.reshape(-1, 60), got.reshape(-1, 60)):
+        kept = out[out >= 0]
+        assert kept.tolist() == sorted(set(row[row >= 0].tolist())), f"seed {seed}"

@@ -100,7 +100,7 @@ class RetrievalPolicy(SelectionPolicy):
     attends the union of those and its mean query's ``prefill_select`` rows, each row once. A
     block's mean query misses the sharp keys single queries look for (a needle, the earlier
     assignment of a variable): on Qwen at 8K, 16 rows per query cut the next-token KL vs exact
-    prefill from 0.075 to 0.0096 for 16% more prefill time (docs/prefill.md).
+    prefill from 0.075 to 0.0096 for 18% more prefill time (docs/prefill.md).
     """
 
     index: str = "cluster"
@@ -131,6 +131,8 @@ class RetrievalPolicy(SelectionPolicy):
         for name in ("prefill_per_query", "prefill_query_scan"):  # ints (checked by Policy.validate)
             if getattr(self, name) < 0:
                 raise PolicyConfigError(f"RetrievalPolicy.{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefill_per_head and not self.prefill_per_query:
+            raise PolicyConfigError("RetrievalPolicy.prefill_per_head needs prefill_per_query >= 1 (the rows each head picks)")
         if self.build_queries < 0:
             raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
         if not 0.0 <= self.exact_above <= 1.0:
@@ -240,10 +242,11 @@ class RetrievalPolicy(SelectionPolicy):
 
     def _per_query_rows(self, state, view, queries: torch.Tensor, m: int, exact: bool) -> torch.Tensor:
         """Each query's own top ``prefill_per_query`` rows per kv head, by its group's summed query
-        (scored exactly where the block's rows were, else searched with a pool of
-        ``prefill_query_scan`` keys and no ``min_scanned`` floor), gathered per block of
-        ``prefill_block`` queries: ``[batch, kv_heads, m, block * prefill_per_query]`` (-1 past
-        the chunk's last query)."""
+        (by each query head's own with ``prefill_per_head``; scored exactly where the block's rows
+        were, else searched with a pool of ``prefill_query_scan`` keys and no ``min_scanned``
+        floor), gathered per block of ``prefill_block`` queries: ``[batch, kv_heads, m, block *
+        picks]``, ``picks`` = ``prefill_per_query`` (times the group with ``prefill_per_head``),
+        -1 past the chunk's last query."""
         batch, q_heads, q_len, head_dim = queries.shape
         kv_heads = view.keys.shape[1]
         group = q_heads // kv_heads

@@ -183,8 +183,8 @@ def rows_of_best_units(scores: torch.Tensor, unit: int, n_select: int, n_rows: i
 
 
 def unique_rows(indices: torch.Tensor) -> torch.Tensor:
-    """``indices`` (row ids, -1 = none) with every repeat along the last dim replaced by -1, in
-    ascending order (-1 first): a union of selections that attends each row once."""
+    """``indices`` (row ids, -1 = none) sorted along the last dim, every repeat of a row then
+    replaced by -1: a union of selections that attends each row once."""
     rows = indices.sort(dim=-1).values
     repeat = torch.zeros_like(rows, dtype=torch.bool)
     repeat[..., 1:] = rows[..., 1:] == rows[..., :-1]
