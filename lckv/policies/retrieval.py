@@ -261,23 +261,25 @@ class RetrievalPolicy(SelectionPolicy):
             # every query of a kv head as one "query head" of it: n heads per kv head
             flat = q_search.reshape(batch, kv_heads * n, head_dim).to(view.keys.dtype)
             rows = flat_topk_scores(flat, view.keys, k)[1].view(batch, kv_heads, n, k)
-        else:
-            params = dict(self.search_params)
-            if self.index == "cluster":
-                params["scan"] = max(params.get("scan", 1.0), self.prefill_query_scan / k)
-            rows = torch.stack([index.search(q_search[b].contiguous(), k, **params)[1]
-                                for b, index in enumerate(state.indexes)])  # [batch, kv_heads, n, k]
-        rows = rows.reshape(batch, kv_heads, q_len, n // q_len * k)
-        k = rows.shape[-1]
+        else:  # the pool floor is prefill_query_scan, not min_scanned
+            params = search_settings(self.index, self.search_params, self.prefill_query_scan, k)
+            rows = self._search(state, q_search, k, params)  # [batch, kv_heads, n, k]
+        picks = n // q_len * k
+        rows = rows.reshape(batch, kv_heads, q_len, picks)
         pad = m * self.prefill_block - q_len
         rows = torch.nn.functional.pad(rows, (0, 0, 0, pad), value=-1) if pad else rows
-        return rows.reshape(batch, kv_heads, m, self.prefill_block * k)
+        return rows.reshape(batch, kv_heads, m, self.prefill_block * picks)
 
     def _search_summed(self, state, q_sum: torch.Tensor, n_select: int) -> torch.Tensor:
         """One index search per batch row with each kv head's summed queries ``[batch, kv_heads,
         m, D]``: the top ``n_select`` row ids ``[batch, kv_heads, m, n_select]``."""
-        params = self.search_settings(n_select)
-        return torch.stack([index.search(q_sum[b].contiguous(), n_select, **params)[1]
+        return self._search(state, q_sum, n_select, self.search_settings(n_select))
+
+    @staticmethod
+    def _search(state, queries: torch.Tensor, k: int, params: dict) -> torch.Tensor:
+        """One index search per batch row with each kv head's queries ``[batch, kv_heads, m, D]``
+        and search ``params``: the top ``k`` row ids ``[batch, kv_heads, m, k]``."""
+        return torch.stack([index.search(queries[b].contiguous(), k, **params)[1]
                             for b, index in enumerate(state.indexes)])
 
     def fused_step(self, state, view, q, n_select, scale=None):
