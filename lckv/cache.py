@@ -148,6 +148,8 @@ class LckvCacheLayer(DynamicLayer):
         self.selection = None
         #: key padding of the offloaded rows [batch, rows] (None: no padding seen)
         self.store_padding: torch.Tensor | None = None
+        #: scratch shared by the layers of one cache (LayerView.shared); LckvCache sets one dict for all
+        self.shared: dict = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -249,7 +251,8 @@ class LckvCacheLayer(DynamicLayer):
             resident_keys=torch.cat([self.sink_k, self.recent_k], dim=2),
             resident_values=torch.cat([self.sink_v, self.recent_v], dim=2), n_sink=self.sink_k.shape[2],
             query_sample=None if self.queries is None else self.queries.sample,
-            recent_queries=None if self.queries is None else self.queries.recent)
+            recent_queries=None if self.queries is None else self.queries.recent,
+            layer_idx=self.layer_idx, shared=self.shared)
 
     def kept_keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every kept token's keys and values ``[batch, kv_heads, n, head_dim]`` in slot order, on the
@@ -322,7 +325,10 @@ class LckvCacheLayer(DynamicLayer):
         self.batch_select_indices(beam_idx)
 
     def reset(self) -> None:
+        shared = self.shared  # the cache's dict: every layer keeps pointing at the same one
         self.__init__(self.policy, self.layer_idx)
+        shared.clear()
+        self.shared = shared
 
     # --- accounting --------------------------------------------------------------------------
     def resident_bytes(self) -> int:
@@ -354,6 +360,9 @@ class LckvCache(Cache):
         #: set when an attention module bound by lckv.enable was called with this cache
         self.routed = False
         super().__init__(layers=[LckvCacheLayer(layer_policies.get(i, policy), i) for i in range(num_layers)])
+        self.shared: dict = {}
+        for layer in self.layers:
+            layer.shared = self.shared
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):

@@ -41,6 +41,10 @@ class LayerView:
     query_sample : ``[batch, q_heads, m, head_dim]`` a uniform sample of the prefill queries, or
         None (kept when the policy's ``recorded_queries()`` asks for a sample).
     recent_queries : ``[batch, q_heads, r, head_dim]`` the last prefill queries, or None.
+    layer_idx : the layer's index in its cache.
+    shared : a dict shared by every layer of one cache (a fresh one per cache), for policies whose
+        layers depend on each other within a forward pass (RetroLM's bookmarks run through the
+        layers in order); policies key their entries by their own name.
     """
 
     keys: torch.Tensor
@@ -53,6 +57,8 @@ class LayerView:
     n_sink: int
     query_sample: torch.Tensor | None = None
     recent_queries: torch.Tensor | None = None
+    layer_idx: int = 0
+    shared: dict | None = None
 
     @property
     def length(self) -> int:

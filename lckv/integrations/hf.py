@@ -262,6 +262,7 @@ def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
     """
     policy = resolve_policy(policy, **settings)
     binding, modules = _binding_for(model, policy)
+    policy.attach(model)
     register()
     previous = getattr(model, "lckv_binding", None)
     binding.previous_attn_implementation = (

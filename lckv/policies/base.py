@@ -69,6 +69,10 @@ class Policy:
         """Recent tokens (the current one included) kept resident at ``context_len`` tokens."""
         return self.window
 
+    def attach(self, model) -> None:
+        """Called by :func:`lckv.enable` with the model before it is bound: a policy with
+        model-specific parts (RetroLM's bookmark projections) makes them here. No-op by default."""
+
     def recorded_queries(self) -> tuple[int, int] | None:
         """``(sample_capacity, recent_capacity)`` of prefill queries the cache should keep for
         this policy (see :class:`lckv.cache.QueryRecorder`), or None."""

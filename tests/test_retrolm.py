@@ -1,0 +1,207 @@
+"""RetroLM bookmarks (lckv.retrolm) and the retrolm policy, against the model itself with the
+bookmark tokens inserted into the sequence under the paper's mask."""
+import pytest
+import torch
+
+import lckv
+from lckv.policies import PolicyConfigError, RetroLMPolicy
+from lckv.retrolm import BookmarkFileError, Bookmarks, info_nce, load_bookmarks, page_scores
+from tiny_models import tiny_decoder
+
+BOOKMARK_TOKEN = 5
+
+
+def inserted_run(model, ids: list[int], sink: int, page: int, query_last: int | None = None):
+    """The model over ``ids`` with a bookmark token after each complete page (pages of ``page``
+    tokens after the first ``sink``) at the next position, bookmarks attending their page and
+    themselves, normal tokens attending normal tokens only (causal by position); plus, with
+    ``query_last``, a final bookmark over the last ``query_last`` tokens. Returns the output
+    (hidden states of every layer), the rows of the normal tokens and the bookmark rows."""
+    n = len(ids)
+    seq, pos, span = [], [], []  # span: None for a normal token, (first, last+1) positions for a bookmark
+    for i, token in enumerate(ids):
+        seq.append(token), pos.append(i), span.append(None)
+        if i >= sink and (i - sink + 1) % page == 0:
+            seq.append(BOOKMARK_TOKEN), pos.append(i + 1), span.append((i + 1 - page, i + 1))
+    if query_last:
+        seq.append(BOOKMARK_TOKEN), pos.append(n), span.append((n - query_last, n))
+    size = len(seq)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for a in range(size):
+        for b in range(size):
+            if span[a] is None:
+                mask[a, b] = span[b] is None and pos[b] <= pos[a]
+            else:
+                mask[a, b] = a == b or (span[b] is None and span[a][0] <= pos[b] < span[a][1])
+    out = model(torch.tensor([seq]), position_ids=torch.tensor([pos]), attention_mask=mask[None, None],
+                output_hidden_states=True)
+    normal = [i for i in range(size) if span[i] is None]
+    marks = [i for i in range(size) if span[i] is not None]
+    return out, normal, marks
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return tiny_decoder("llama", 2, 512)
+
+
+def test_bookmark_stream_equals_inserted_tokens(model):
+    """Bookmarks.step through every layer == the model's own hidden states at inserted bookmark
+    tokens; the normal tokens' logits equal the model without bookmarks (positions kept)."""
+    sink, page, n = 4, 16, 70
+    ids = torch.randint(2, 97, (1, n), generator=torch.Generator().manual_seed(1))
+    out, normal, marks = inserted_run(model, ids[0].tolist(), sink, page)
+    plain = model(ids, use_cache=True)
+    torch.testing.assert_close(out.logits[0, normal], plain.logits[0], rtol=1e-4, atol=1e-4)
+    pages = (n - sink) // page
+    bookmarks = Bookmarks(model, token_id=BOOKMARK_TOKEN)
+    h = bookmarks.start(1, pages)
+    layers = model.config.num_hidden_layers
+    for layer in range(layers):
+        k = plain.past_key_values.layers[layer].keys[:, :, sink:sink + pages * page]
+        v = plain.past_key_values.layers[layer].values[:, :, sink:sink + pages * page]
+        shape = (1, k.shape[1], pages, page, k.shape[-1])
+        positions = sink + (torch.arange(pages) + 1) * page
+        _, _, h = bookmarks.step(layer, h, k.reshape(shape), v.reshape(shape), None, positions)
+        want = out.hidden_states[layer + 1][0, marks] if layer + 1 < layers else None
+        if want is None:  # after the last layer transformers reports the final norm's output
+            h, want = model.model.norm(h), out.hidden_states[-1][0, marks]
+        torch.testing.assert_close(h[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_policy_page_scores_equal_inserted_tokens(model, monkeypatch):
+    """At the first decode step every layer scores the complete pages with the bookmark keys and
+    the query bookmark the inserted-token model gives (k_proj/q_proj of its hidden states)."""
+    sink, page, n, window, budget = 4, 16, 70, 8, 40
+    ids = torch.randint(2, 97, (1, n), generator=torch.Generator().manual_seed(2))
+    policy = RetroLMPolicy(sink=sink, window=window, budget=budget, page_size=page)
+    seen = []
+    real = __import__("lckv.retrolm", fromlist=["page_scores"]).page_scores
+
+    def spy(q, keys, scale):
+        scores = real(q, keys, scale)
+        seen.append(scores)
+        return scores
+
+    monkeypatch.setattr("lckv.retrolm.page_scores", spy)
+    lckv.enable(model, policy)
+    policy._module.embedding.data = model.model.embed_tokens.weight[BOOKMARK_TOKEN].clone()
+    full = model.generate(ids, max_new_tokens=2, do_sample=False)
+    layers = model.config.num_hidden_layers
+    assert len(seen) == layers
+    # first decode step: n + 1 slots, the resident window holds `window` recent tokens
+    context = ids[0].tolist() + [int(full[0, n])]
+    store = n + 1 - sink - window
+    pages = store // page
+    out, _, marks = inserted_run(lckv_off(model), context, sink, page, query_last=window)
+    marks, query = marks[:pages], marks[-1]
+    head_dim = model.config.head_dim
+    for layer in range(layers):
+        block = model.model.layers[layer]
+        hidden = block.input_layernorm(out.hidden_states[layer][0])
+        keys = block.self_attn.k_proj(hidden[marks]).view(pages, -1, head_dim).transpose(0, 1)[None]
+        q = block.self_attn.q_proj(hidden[query]).view(1, -1, head_dim)
+        want = page_scores(q, keys, head_dim ** -0.5)
+        torch.testing.assert_close(seen[layer][..., :pages], want, rtol=1e-4, atol=1e-4)
+
+
+def lckv_off(model):
+    lckv.disable(model)
+    return model
+
+
+@pytest.mark.parametrize("kind,kv_heads", [("llama", 2), ("qwen2", 1)])
+def test_covering_budget_decodes_as_full(kind, kv_heads):
+    torch.manual_seed(3)
+    model = tiny_decoder(kind, kv_heads, 512)
+    ids = torch.randint(2, 97, (1, 200), generator=torch.Generator().manual_seed(4))
+    want = model.generate(ids, max_new_tokens=10, do_sample=False)
+    lckv.enable(model, "retrolm", page_size=16, budget=260)  # the budget covers the whole context
+    got = model.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_small_budget_attends_whole_pages(model, monkeypatch):
+    """Selections are whole complete pages (the last one cut to the budget), never the filling one."""
+    picks = []
+    policy = RetroLMPolicy(window=8, budget=60, page_size=16)
+    real = RetroLMPolicy.select
+
+    def spy(self, state, view, q, n_select, scale=None):
+        rows = real(self, state, view, q, n_select, scale)
+        picks.append((rows, n_select, view.length))
+        return rows
+
+    monkeypatch.setattr(RetroLMPolicy, "select", spy)
+    lckv.enable(model, policy)
+    model.generate(torch.randint(2, 97, (1, 150), generator=torch.Generator().manual_seed(5)), max_new_tokens=4,
+                   do_sample=False)
+    assert picks
+    for rows, n_select, length in picks:
+        complete = length // 16 * 16
+        assert rows.shape[-1] == n_select and bool((rows >= 0).all())
+        assert int(rows.max()) < complete
+        for head_rows in rows.reshape(-1, n_select):
+            pages, counts = torch.unique(head_rows // 16, return_counts=True)
+            assert len(pages) == -(-n_select // 16)
+            assert int((counts < 16).sum()) <= 1  # only the last page taken is cut to the budget
+
+
+def test_policy_settings_and_missing_bookmarks(tmp_path):
+    with pytest.raises(PolicyConfigError, match="page_size"):
+        RetroLMPolicy(page_size=0)
+    with pytest.raises(PolicyConfigError, match="prefill"):
+        RetroLMPolicy(prefill="retrieval")
+    with pytest.raises(RuntimeError, match="lckv.enable"):
+        RetroLMPolicy()._bookmarks()
+    torch.manual_seed(0)
+    model = tiny_decoder("llama", 2)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        lckv.enable(model, "retrolm", bookmarks=str(tmp_path / "absent.pt"))
+
+
+def test_bookmark_file_round_trip_and_bad_files(model, tmp_path):
+    bookmarks = Bookmarks(model)
+    with torch.no_grad():
+        for p in bookmarks.parameters():
+            p.add_(torch.randn_like(p))
+    path = bookmarks.save(tmp_path / "b.pt")
+    assert [p.name for p in tmp_path.iterdir()] == ["b.pt"]  # no temporary file left
+    loaded = load_bookmarks(path, model)
+    for (name, a), (_, b) in zip(bookmarks.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BookmarkFileError, match="not a readable"):
+        load_bookmarks(tmp_path / "cut.pt", model)
+    torch.save({"format": "other"}, tmp_path / "other.pt")
+    with pytest.raises(BookmarkFileError, match="not a lckv-retrolm"):
+        load_bookmarks(tmp_path / "other.pt", model)
+    torch.manual_seed(1)
+    other = tiny_decoder("llama", 2)
+    with pytest.raises(BookmarkFileError, match="another model.*q_proj_sha1"):
+        load_bookmarks(path, other)
+
+
+def test_interrupted_save_leaves_no_file(model, tmp_path, monkeypatch):
+    bookmarks = Bookmarks(model)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        bookmarks.save(tmp_path / "b.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_info_nce_hand_computed():
+    scores = torch.tensor([[2.0, 0.0, 1.0], [0.5, 0.5, 3.0]])
+    positive = torch.tensor([[True, False, False], [False, True, True]])
+    row0 = -torch.log(torch.exp(torch.tensor(2.0)) / torch.exp(torch.tensor([2.0, 0.0, 1.0])).sum())
+    e = torch.exp(torch.tensor([0.5, 0.5, 3.0]))
+    row1 = -torch.log((e[1] + e[2]) / e.sum())
+    torch.testing.assert_close(info_nce(scores, positive), (row0 + row1) / 2)
+    torch.testing.assert_close(info_nce(scores * 2, positive, temperature=2.0), (row0 + row1) / 2)
+    with pytest.raises(ValueError, match="at least one positive"):
+        info_nce(scores, torch.zeros_like(positive))
