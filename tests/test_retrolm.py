@@ -5,6 +5,7 @@ import torch
 
 import lckv
 from lckv.policies import PolicyConfigError, RetroLMPolicy
+from lckv.policies.selection import rows_of_best_units
 from lckv.retrolm import BookmarkFileError, Bookmarks, info_nce, load_bookmarks, page_scores
 from tiny_models import tiny_decoder
 
@@ -85,6 +86,10 @@ def test_policy_page_scores_equal_inserted_tokens(model, monkeypatch):
         return scores
 
     monkeypatch.setattr("lckv.retrolm.page_scores", spy)
+    picked = []
+    real_select = RetroLMPolicy.select
+    monkeypatch.setattr(RetroLMPolicy, "select",
+                        lambda self, *a, **k: picked.append((real_select(self, *a, **k), a[3])) or picked[-1][0])
     lckv.enable(model, policy)
     policy._module.embedding.data = model.model.embed_tokens.weight[BOOKMARK_TOKEN].clone()
     full = model.generate(ids, max_new_tokens=2, do_sample=False)
@@ -104,6 +109,10 @@ def test_policy_page_scores_equal_inserted_tokens(model, monkeypatch):
         q = block.self_attn.q_proj(hidden[query]).view(1, -1, head_dim)
         want = page_scores(q, keys, head_dim ** -0.5)
         torch.testing.assert_close(seen[layer][..., :pages], want, rtol=1e-4, atol=1e-4)
+        # the best pages by the oracle's scores (the filling page last) are the rows attended
+        ranked = torch.cat([want, want.new_full((*want.shape[:2], 1), float("-inf"))], dim=-1)
+        rows, n_select = picked[layer]
+        assert torch.equal(rows, rows_of_best_units(ranked, page, n_select, store))
 
 
 def lckv_off(model):
@@ -205,3 +214,42 @@ def test_info_nce_hand_computed():
     torch.testing.assert_close(info_nce(scores * 2, positive, temperature=2.0), (row0 + row1) / 2)
     with pytest.raises(ValueError, match="at least one positive"):
         info_nce(scores, torch.zeros_like(positive))
+
+
+class CharTokenizer:
+    """One token per character (ids 2..96), so token spans equal character spans."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [2 + ord(c) % 95 for c in text]
+
+
+def test_example_pages_mark_the_gold_spans():
+    from training.retrolm import example_from_text
+
+    text = "x" * 300
+    example = example_from_text(CharTokenizer(), text, [(40, 60), (150, 151)], page_size=16, sink=4)
+    assert len(example.ids) == 300
+    assert len(example.positive) == (300 - 16 - 4) // 16
+    # tokens 40..59 lie in pages 2 and 3 (rows 36..67), token 150 in page 9 (rows 148..163)
+    assert [p for p, pos in enumerate(example.positive) if pos] == [2, 3, 9]
+
+
+def test_stage1_training_reduces_the_loss_on_a_fixed_toy_set(model):
+    from training.retrolm import PageExample, evaluate, train_stage1
+
+    gen = torch.Generator().manual_seed(7)
+    examples = []
+    for _ in range(3):
+        ids = torch.randint(2, 97, (150,), generator=gen).tolist()
+        positive = [False] * ((150 - 16 - 4) // 16)
+        positive[int(torch.randint(0, len(positive), (1,), generator=gen))] = True
+        examples.append(PageExample(ids, positive))
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    bookmarks, history = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=8, lr=3e-3,
+                                      progress=False)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert all(torch.equal(v, backbone[k]) for k, v in model.state_dict().items())  # the backbone stayed frozen
+    again = evaluate(model, bookmarks, examples, 16, 4)
+    assert again["loss"] == pytest.approx(history[-1]["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="need examples"):
+        train_stage1(model, [], examples)
