@@ -63,14 +63,17 @@ from training.scorers import relative_drop, subem_score  # noqa: E402
 
 TASKS = {**synthetic.TASKS, **QA_TASKS}
 DEFAULT_TASKS = [*synthetic.TASKS, "hotpotqa"]
-METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval")
+METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval", "retrolm")
+#: shared-prefill variants of a policy: name -> (policy, settings); ``retrolm-trained`` reads the
+#: bookmarks file of ``--retrolm-bookmarks`` (training/retrolm.py writes it)
+VARIANTS = {"retrolm-trained": ("retrolm", {})}
 #: methods that prefill on their own instead of sharing the exact prefill: name -> (policy, settings)
 OWN_PREFILL = {"retrieval-prefill": ("retrieval", {"prefill": "retrieval"}),
                # blocks of 16 prefill queries per selection (default 64): docs/prefill.md's quality study
                "retrieval-prefill-b16": ("retrieval", {"prefill": "retrieval", "prefill_block": 16}),
                # each prefill query adds its own top 16 rows to its block's (docs/prefill.md)
                "retrieval-prefill-pq16": ("retrieval", {"prefill": "retrieval", "prefill_per_query": 16})}
-ALL_METHODS = (*METHODS, *OWN_PREFILL)
+ALL_METHODS = (*METHODS, *VARIANTS, *OWN_PREFILL)
 SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
 STREAMING_SINK = 4
 
@@ -80,9 +83,10 @@ def budget_value(label: str) -> float | int:
     return float(label) if "." in label else int(label)
 
 
-def make_policy(method: str, budget: str | None, prompt_tokens: int):
+def make_policy(method: str, budget: str | None, prompt_tokens: int, bookmarks: str | None = None):
     """The lckv policy of ``method`` at ``budget`` for a prompt of ``prompt_tokens`` tokens, and the
-    keys a query attends at the first decode step (context: the prompt and the first answer token)."""
+    keys a query attends at the first decode step (context: the prompt and the first answer token).
+    ``bookmarks``: the trained RetroLM bookmarks file of ``retrolm-trained``."""
     if method == "full":
         return FullPolicy(), None
     value = budget_value(budget)
@@ -90,7 +94,11 @@ def make_policy(method: str, budget: str | None, prompt_tokens: int):
         keys = value if isinstance(value, int) else max(1, math.ceil(value * (prompt_tokens + 1)))
         sink = min(STREAMING_SINK, keys - 1)
         return StreamingPolicy(sink=sink, window=keys - sink), keys
-    name, settings = OWN_PREFILL.get(method, (method, {}))
+    name, settings = OWN_PREFILL.get(method) or VARIANTS.get(method) or (method, {})
+    if method == "retrolm-trained":
+        if not bookmarks:
+            raise PolicyConfigError("retrolm-trained needs --retrolm-bookmarks FILE (python -m training.retrolm)")
+        settings = {**settings, "bookmarks": str(bookmarks)}
     policy = get_policy(name, budget=value, **settings)
     return policy, policy.budget_tokens(prompt_tokens + 1)
 
@@ -198,6 +206,9 @@ def run(args) -> dict:
     model, tokenizer = load_model(args.model, longest)
     eos = eos_ids(model, tokenizer)
     settings = {get_policy(m).recorded_queries() for m in args.methods if m in METHODS} - {None}
+    if "retrolm-trained" in args.methods and not (args.retrolm_bookmarks and Path(args.retrolm_bookmarks).is_file()):
+        raise SystemExit(f"retrolm-trained: no bookmarks file {args.retrolm_bookmarks!r}; train one with "
+                         "`python -m training.retrolm --model <model>` and pass --retrolm-bookmarks FILE")
     with stream.open("a") as sink:
         bar = progress([u for u in units if todo[u]], "samples")
         for task, length, index in bar:
@@ -226,7 +237,7 @@ def run(args) -> dict:
                 row = {**base, "method": method, "budget": budget, "prompt_tokens": len(ids),
                        "answers": sample.answers, "metric": sample.metric, "prefill_s": prefill_s}
                 try:
-                    policy, keys = make_policy(method, budget, len(ids))
+                    policy, keys = make_policy(method, budget, len(ids), args.retrolm_bookmarks)
                     if method in OWN_PREFILL:
                         tokens, steps, row["prefill_s"] = prefill_and_decode(model, ids, args.chunk, policy, limit, eos)
                     else:
@@ -383,7 +394,7 @@ def report(args) -> dict:
 def check(args) -> None:
     """At a budget at least the whole sequence every selection policy must decode exactly as full."""
     args.tasks, args.lengths, args.samples, args.fresh = ["niah_single_repeat", "variable_tracking"], [300], 2, True
-    args.methods = ["full", "snapkv", "quest", "block", "retrieval", "retrieval-prefill"]
+    args.methods = ["full", "snapkv", "quest", "block", "retrieval", "retrolm", "retrieval-prefill"]
     args.budgets = [str(300 + 64)]
     args.name = f"{args.name}_check"
     run(args)
@@ -411,6 +422,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own limit")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
+    parser.add_argument("--retrolm-bookmarks", default=None,
+                        help="trained RetroLM bookmarks of method retrolm-trained (python -m training.retrolm)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--name", default=None, help="result file name (default: bench_tasks_<model>)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier rows instead of resuming")

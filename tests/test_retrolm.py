@@ -12,12 +12,13 @@ from tiny_models import tiny_decoder
 BOOKMARK_TOKEN = 5
 
 
-def inserted_run(model, ids: list[int], sink: int, page: int, query_last: int | None = None):
+def inserted_run(model, ids: list[int], sink: int, page: int, query_last: int | None = None, queries=()):
     """The model over ``ids`` with a bookmark token after each complete page (pages of ``page``
     tokens after the first ``sink``) at the next position, bookmarks attending their page and
     themselves, normal tokens attending normal tokens only (causal by position); plus, with
-    ``query_last``, a final bookmark over the last ``query_last`` tokens. Returns the output
-    (hidden states of every layer), the rows of the normal tokens and the bookmark rows."""
+    ``query_last``, a final bookmark over the last ``query_last`` tokens, and one bookmark per
+    ``(first, end)`` position span of ``queries`` at position ``end``. Returns the output (hidden
+    states of every layer), the rows of the normal tokens and the bookmark rows (queries last)."""
     n = len(ids)
     seq, pos, span = [], [], []  # span: None for a normal token, (first, last+1) positions for a bookmark
     for i, token in enumerate(ids):
@@ -26,6 +27,8 @@ def inserted_run(model, ids: list[int], sink: int, page: int, query_last: int | 
             seq.append(BOOKMARK_TOKEN), pos.append(i + 1), span.append((i + 1 - page, i + 1))
     if query_last:
         seq.append(BOOKMARK_TOKEN), pos.append(n), span.append((n - query_last, n))
+    for first, end in queries:
+        seq.append(BOOKMARK_TOKEN), pos.append(end), span.append((first, end))
     size = len(seq)
     mask = torch.zeros(size, size, dtype=torch.bool)
     for a in range(size):
@@ -115,6 +118,55 @@ def test_policy_page_scores_equal_inserted_tokens(model, monkeypatch):
         assert torch.equal(rows, rows_of_best_units(ranked, page, n_select, store))
 
 
+def bookmark_stream(bookmarks, kv, spans):
+    """Oracle: bookmarks over the position spans ``(first, end)`` (``end - first`` equal) through
+    every layer, from each layer's keys/values ``kv`` of all positions; their queries and keys
+    per layer."""
+    out, h = [], bookmarks.start(1, len(spans))
+    for layer, (keys, values) in enumerate(kv):
+        rows = torch.stack([torch.arange(a, b) for a, b in spans])
+        q, k, h = bookmarks.step(layer, h, keys[:, :, rows], values[:, :, rows], None,
+                                 torch.tensor([b for _, b in spans]))
+        out.append((q, k))
+    return out
+
+
+def test_retrieval_prefill_blocks_rank_pages_by_their_own_bookmarks(model, monkeypatch):
+    """prefill="retrieval": in a chunk, each block's bookmark (over the page_size tokens up to its
+    last query) scores the store's complete pages at every layer as a batch computation of the
+    same bookmarks over the cache's keys and values does (the layer math itself is checked
+    against the model above); decoding follows."""
+    sink, page, window, chunk, block, n = 4, 16, 8, 50, 25, 150
+    ids = torch.randint(2, 97, (1, n), generator=torch.Generator().manual_seed(6))
+    policy = RetroLMPolicy(sink=sink, window=window, budget=60, page_size=page, prefill="retrieval",
+                           prefill_select=20, prefill_block=block)
+    seen = []
+    real = __import__("lckv.retrolm", fromlist=["page_scores"]).page_scores
+    monkeypatch.setattr("lckv.retrolm.page_scores", lambda *a: seen.append(real(*a)) or seen[-1])
+    lckv.enable(model, policy)
+    cache = lckv.new_cache(model)
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            model(ids[:, lo:lo + chunk], past_key_values=cache, use_cache=True)
+    layers = model.config.num_hidden_layers
+    assert len(seen) == 2 * (n // chunk - 1) * layers  # chunks 2 and 3 select (2 blocks each), every layer
+    # the last chunk (tokens 100..149): 89 store rows = 5 complete pages; blocks end at tokens 125 and 150
+    pages = (100 - sink - (window - 1)) // page
+    kv = [layer.kept_keys_values() for layer in cache.layers]
+    with torch.no_grad():
+        page_side = bookmark_stream(policy._module, kv, [(sink + p * page, sink + (p + 1) * page) for p in range(pages)])
+        block_side = bookmark_stream(policy._module, kv, [(109, 125), (134, 150)])
+    for layer in range(layers):
+        keys = page_side[layer][1].transpose(1, 2)
+        for j in range(2):
+            want = page_scores(block_side[layer][0][:, j], keys, policy._module.scaling)
+            torch.testing.assert_close(seen[-2 * layers + 2 * layer + j], want, rtol=1e-4, atol=1e-4)
+    assert not bool((want == want[..., :1]).all())  # the pages score differently at the last layer
+    with torch.no_grad():  # a decode step on the prefilled cache: its query bookmark chains through the layers
+        logits = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    assert len(seen) == 2 * (n // chunk - 1) * layers + layers and bool(torch.isfinite(logits).all())
+
+
 def lckv_off(model):
     lckv.disable(model)
     return model
@@ -160,8 +212,6 @@ def test_small_budget_attends_whole_pages(model, monkeypatch):
 def test_policy_settings_and_missing_bookmarks(tmp_path):
     with pytest.raises(PolicyConfigError, match="page_size"):
         RetroLMPolicy(page_size=0)
-    with pytest.raises(PolicyConfigError, match="prefill"):
-        RetroLMPolicy(prefill="retrieval")
     with pytest.raises(RuntimeError, match="lckv.enable"):
         RetroLMPolicy()._bookmarks()
     torch.manual_seed(0)

@@ -27,16 +27,17 @@ class RetroLMPolicy(SelectionPolicy):
     file ``bookmarks``, else the untrained ones initialised from the model's own projections),
     attending its own page; its key at each layer is that layer's page key. At each step the
     current page's bookmark (over the last ``page_size`` resident tokens, the current one
-    included, at the next position) gives the query; the pages with the highest score (summed
+    included, never the sink, at the next position) gives the query; the pages with the highest score (summed
     over the kv head's query group) are attended until ``budget - sink - window`` rows are taken,
     the last page cut to the budget. The trailing page still filling ranks below every complete
     page (taken only when the budget covers all of them, so a covering budget is exact).
 
     The bookmarks are the model's: :func:`lckv.enable` attaches them (:meth:`attach`). Pages are
     scored when they leave the window (or when the state is built over a prefilled store), in layer
-    order within the forward pass: layer ``l``'s bookmarks feed layer ``l + 1``'s. Prefill is exact
-    (``prefill="retrieval"`` is not implemented for this policy yet); batches with padding are not
-    supported.
+    order within the forward pass: layer ``l``'s bookmarks feed layer ``l + 1``'s. With
+    ``prefill="retrieval"`` each block of ``prefill_block`` prefill queries attends the
+    ``prefill_select`` rows of the pages its own bookmark (over the ``page_size`` tokens up to the
+    block's last query) ranks best (:meth:`select_blocks`). Batches with padding are not supported.
     """
 
     page_size: int = 128
@@ -50,9 +51,6 @@ class RetroLMPolicy(SelectionPolicy):
         super().validate()
         if self.page_size < 1:
             raise PolicyConfigError(f"RetroLMPolicy.page_size must be >= 1, got {self.page_size}")
-        if self.prefill != "exact":
-            raise PolicyConfigError("RetroLMPolicy.prefill must be 'exact' (page retrieval during a chunked "
-                                    f"prefill is not implemented yet), got {self.prefill!r}")
         if self.bookmarks is not None and not isinstance(self.bookmarks, str):
             raise PolicyConfigError(f"RetroLMPolicy.bookmarks must be a file path or None, got {self.bookmarks!r}")
 
@@ -72,12 +70,13 @@ class RetroLMPolicy(SelectionPolicy):
 
     @staticmethod
     def _carry(view, kind: str, tag, batch: int, n: int, module) -> torch.Tensor:
-        """The bookmarks' input at this layer: the embedding at layer 0, else what the previous
-        layer left under ``(kind, layer)`` for the same ``tag``."""
+        """The bookmarks' input at this layer: the embedding at layer 0, else the oldest entry the
+        previous layer left under ``(kind, layer)`` (a layer may leave several in one forward
+        pass: pages spill before and after a prefill chunk is attended), which must carry ``tag``."""
         if view.layer_idx == 0:
             return module.start(batch, n)
-        shared = view.shared if view.shared is not None else {}
-        entry = shared.pop((_KEY, kind, view.layer_idx), None)
+        queue = (view.shared if view.shared is not None else {}).get((_KEY, kind, view.layer_idx))
+        entry = queue.pop(0) if queue else None
         if entry is None or entry[0] != tag:
             raise RuntimeError(
                 f"retrolm: layer {view.layer_idx} found no bookmarks from layer {view.layer_idx - 1} for {kind} {tag} "
@@ -87,7 +86,7 @@ class RetroLMPolicy(SelectionPolicy):
     @staticmethod
     def _leave(view, kind: str, tag, h: torch.Tensor, module) -> None:
         if view.layer_idx + 1 < module.num_layers and view.shared is not None:
-            view.shared[(_KEY, kind, view.layer_idx + 1)] = (tag, h)
+            view.shared.setdefault((_KEY, kind, view.layer_idx + 1), []).append((tag, h))
 
     def _check_padding(self, view) -> None:
         if view.padding is not None and not bool(view.padding.all()):
@@ -123,29 +122,58 @@ class RetroLMPolicy(SelectionPolicy):
     def on_offload(self, state, view, first_row, n_rows):
         self._extend(state, view)
 
-    def query_bookmark(self, view) -> torch.Tensor:
-        """The current page's bookmark query at this layer ``[batch, q_heads, head_dim]`` (before
-        RoPE): a bookmark over the last ``page_size`` resident tokens at position ``context_len``."""
+    def _bookmark_queries(self, view, ends: list[int], kind: str) -> torch.Tensor:
+        """Bookmark queries ``[batch, len(ends), q_heads, head_dim]`` (before RoPE) of the pages
+        ending at resident rows ``ends`` (exclusive): each over the ``page_size`` resident tokens
+        before its end (fewer where the recent part is shorter; never the sink), placed one
+        position after its last token."""
         module = self._bookmarks()
-        n_recent = view.resident_keys.shape[2] - view.n_sink
-        m = max(1, min(self.page_size, n_recent))
-        keys = view.resident_keys[:, :, -m:][:, :, None]
-        values = view.resident_values[:, :, -m:][:, :, None]
-        tag = view.context_len
-        h = self._carry(view, "query", tag, keys.shape[0], 1, module)
+        keys, values = view.resident_keys, view.resident_values
+        resident = keys.shape[2]
+        w = self.page_size
+        offsets = torch.arange(-w, 0)
+        rows = torch.tensor(ends)[:, None] + offsets  # [n, w]
+        valid = rows >= view.n_sink
+        rows = rows.clamp(min=0, max=resident - 1).to(keys.device)
+        page_k = keys[:, :, rows]  # [batch, kv_heads, n, w, head_dim]
+        page_v = values[:, :, rows]
+        first_slot = view.context_len - (resident - view.n_sink)  # the slot of resident row n_sink
+        positions = torch.tensor([first_slot + end - view.n_sink for end in ends])
+        tag = (view.context_len, tuple(ends))
+        h = self._carry(view, kind, tag, keys.shape[0], len(ends), module)
+        mask = valid[None].expand(keys.shape[0], -1, -1).to(keys.device)
         with torch.no_grad():
-            q, _, h = module.step(view.layer_idx, h.to(keys.device), keys, values, None,
-                                  torch.tensor([view.context_len]))
-        self._leave(view, "query", tag, h, module)
-        return q[:, 0]
+            q, _, h = module.step(view.layer_idx, h.to(keys.device), page_k, page_v, mask, positions)
+        self._leave(view, kind, tag, h, module)
+        return q
+
+    def select_blocks(self, state, view, q, n_select, scale=None, queries=None):
+        """A retrieval prefill's blocks: each block's own page (the ``page_size`` tokens up to its
+        last query) gives its bookmark query; every store row precedes the chunk."""
+        from lckv.retrolm import page_scores
+
+        if queries is None:
+            raise ValueError("RetroLMPolicy.select_blocks needs the chunk's queries (their count and positions)")
+        module = self._bookmarks()
+        q_len, m = queries.shape[2], q.shape[2]
+        resident = view.resident_keys.shape[2]
+        ends = [resident - q_len + min((j + 1) * self.prefill_block, q_len) for j in range(m)]
+        bookmark_q = self._bookmark_queries(view, ends, "blocks")
+        picks = []
+        for j in range(m):
+            scores = page_scores(bookmark_q[:, j], state.page_keys.to(bookmark_q.device), module.scaling)
+            rows = self._best_rows(scores, n_select, view.length)
+            picks.append(torch.nn.functional.pad(rows, (0, n_select - rows.shape[-1]), value=-1))
+        return torch.stack(picks, dim=2)
+
+    def _best_rows(self, scores, n_select, n_rows):
+        if n_rows > scores.shape[-1] * self.page_size:  # the page still filling: below every complete page
+            scores = torch.cat([scores, scores.new_full((*scores.shape[:2], 1), float("-inf"))], dim=-1)
+        return rows_of_best_units(scores, self.page_size, n_select, n_rows)
 
     def select(self, state, view, q, n_select, scale=None):
         from lckv.retrolm import page_scores
 
-        module = self._bookmarks()
-        query = self.query_bookmark(view)
-        scores = page_scores(query, state.page_keys.to(query.device), module.scaling)
-        n_rows = view.length
-        if n_rows > scores.shape[-1] * self.page_size:  # the page still filling: below every complete page
-            scores = torch.cat([scores, scores.new_full((*scores.shape[:2], 1), float("-inf"))], dim=-1)
-        return rows_of_best_units(scores, self.page_size, n_select, n_rows)
+        query = self._bookmark_queries(view, [view.resident_keys.shape[2]], "query")[:, 0]
+        scores = page_scores(query, state.page_keys.to(query.device), self._bookmarks().scaling)
+        return self._best_rows(scores, n_select, view.length)
