@@ -5,7 +5,6 @@ import torch
 
 import lckv
 from lckv.policies import PolicyConfigError, RetroLMPolicy
-from lckv.policies.selection import rows_of_best_units
 from lckv.retrolm import BookmarkFileError, Bookmarks, info_nce, load_bookmarks, page_scores
 from tiny_models import tiny_decoder
 
@@ -112,10 +111,9 @@ def test_policy_page_scores_equal_inserted_tokens(model, monkeypatch):
         q = block.self_attn.q_proj(hidden[query]).view(1, -1, head_dim)
         want = page_scores(q, keys, head_dim ** -0.5)
         torch.testing.assert_close(seen[layer][..., :pages], want, rtol=1e-4, atol=1e-4)
-        # the best pages by the oracle's scores (the filling page last) are the rows attended
-        ranked = torch.cat([want, want.new_full((*want.shape[:2], 1), float("-inf"))], dim=-1)
+        # the best pages by the oracle's scores (ties: recent first; the filling page last) are attended
         rows, n_select = picked[layer]
-        assert torch.equal(rows, rows_of_best_units(ranked, page, n_select, store))
+        assert torch.equal(rows, policy._best_rows(want, n_select, store))
 
 
 def bookmark_stream(bookmarks, kv, spans):
@@ -303,3 +301,11 @@ def test_stage1_training_reduces_the_loss_on_a_fixed_toy_set(model):
     assert again["loss"] == pytest.approx(history[-1]["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="need examples"):
         train_stage1(model, [], examples)
+
+
+def test_equal_page_scores_prefer_recent_pages():
+    policy = RetroLMPolicy(page_size=2)
+    scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [5.0, 1.0, 3.0, 1.0]]])
+    rows = policy._best_rows(scores, 4, 9)  # 4 complete pages and row 8 still filling
+    assert rows.tolist() == [[[4, 5, 6, 7], [0, 1, 4, 5]]]
+    assert policy._best_rows(scores, 9, 9).tolist() == [[list(range(9))] * 2]  # the filling page taken last

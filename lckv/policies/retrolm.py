@@ -167,7 +167,13 @@ class RetroLMPolicy(SelectionPolicy):
         return torch.stack(picks, dim=2)
 
     def _best_rows(self, scores, n_select, n_rows):
-        if n_rows > scores.shape[-1] * self.page_size:  # the page still filling: below every complete page
+        """Rows of the best pages; among equal scores the more recent page first (at layer 0
+        every bookmark key is the same: the bookmarks have read nothing yet)."""
+        pages = scores.shape[-1]
+        order = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+        scores = torch.empty_like(scores).scatter_(
+            -1, pages - 1 - order, torch.arange(pages, 0, -1, dtype=scores.dtype).expand_as(scores).contiguous())
+        if n_rows > pages * self.page_size:  # the page still filling: below every complete page
             scores = torch.cat([scores, scores.new_full((*scores.shape[:2], 1), float("-inf"))], dim=-1)
         return rows_of_best_units(scores, self.page_size, n_select, n_rows)
 
