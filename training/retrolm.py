@@ -5,8 +5,9 @@ An example is a HotpotQA row built by :func:`training.data.build_examples`: its 
 among BM25 hard negatives, shuffled, as ``[DOC i]`` blocks in the training prompt
 (:func:`training.prompts.build_messages`, answer-only format, chat template), up to ``length``
 tokens. The context is cut into pages of ``page_size`` tokens after the first ``sink`` (the
-``retrolm`` policy's layout); the last ``page_size`` tokens (question and template tail) form the
-query page. A page is positive when it overlaps a gold passage's tokens.
+``retrolm`` policy's layout); the last ``query_tokens`` tokens (64: question and template tail,
+what the policy's query bookmark reads at decode time, its resident window) form the query page.
+A page is positive when it overlaps a gold passage's tokens.
 
 Loss, per layer and kv head (RetroLM's page-level InfoNCE): the query page's bookmark query
 scores every context page's bookmark key (:func:`lckv.retrolm.page_scores`) and
@@ -103,9 +104,11 @@ def _backbone_kv(model, example: PageExample) -> list:
 
 
 def stage1_loss(model, bookmarks: Bookmarks, example: PageExample, page_size: int, sink: int,
-                recall_at: int = 4, temperature: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+                recall_at: int = 4, temperature: float = 1.0, query_tokens: int = 64
+                ) -> tuple[torch.Tensor, list[float]]:
     """The example's loss (mean over layers and kv heads) and its gold-page recall@``recall_at``
-    per layer."""
+    per layer. The query bookmark reads the last ``query_tokens`` tokens (at decode time the
+    policy's query bookmark reads the resident window, 64 tokens by default)."""
     kv = _backbone_kv(model, example)
     pages, n = len(example.positive), len(example.ids)
     positive = torch.tensor(example.positive)
@@ -119,7 +122,7 @@ def stage1_loss(model, bookmarks: Bookmarks, example: PageExample, page_size: in
         span = slice(sink, sink + pages * page_size)
         _, k_pages, h_pages = bookmarks.step(layer, h_pages, keys[:, :, span].reshape(shape),
                                              values[:, :, span].reshape(shape), None, page_positions)
-        tail = slice(n - page_size, n)
+        tail = slice(n - query_tokens, n)
         q_query, _, h_query = bookmarks.step(layer, h_query, keys[:, :, tail][:, :, None], values[:, :, tail][:, :, None],
                                              None, torch.tensor([n]))
         scores = page_scores(q_query[:, 0], k_pages.transpose(1, 2), bookmarks.scaling)  # [1, kv_heads, pages]
@@ -129,9 +132,10 @@ def stage1_loss(model, bookmarks: Bookmarks, example: PageExample, page_size: in
     return torch.stack(losses).mean(), recalls
 
 
-def evaluate(model, bookmarks, examples, page_size, sink, recall_at=4) -> dict:
+def evaluate(model, bookmarks, examples, page_size, sink, recall_at=4, query_tokens=64) -> dict:
     with torch.no_grad():
-        results = [stage1_loss(model, bookmarks, ex, page_size, sink, recall_at) for ex in examples]
+        results = [stage1_loss(model, bookmarks, ex, page_size, sink, recall_at, query_tokens=query_tokens)
+                   for ex in examples]
     per_layer = [sum(r[1][layer] for r in results) / len(results) for layer in range(len(results[0][1]))]
     return {"loss": sum(float(r[0]) for r in results) / len(results), "recall_per_layer": per_layer,
             "recall": sum(per_layer) / len(per_layer)}
@@ -139,7 +143,8 @@ def evaluate(model, bookmarks, examples, page_size, sink, recall_at=4) -> dict:
 
 def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *, page_size: int = 128,
                  sink: int = 4, epochs: int = 1, lr: float = 1e-4, recall_at: int = 4, seed: int = 0,
-                 bookmarks: Bookmarks | None = None, progress: bool = True) -> tuple[Bookmarks, list[dict]]:
+                 query_tokens: int = 64, bookmarks: Bookmarks | None = None, progress: bool = True
+                 ) -> tuple[Bookmarks, list[dict]]:
     """Trains the bookmarks of ``model`` (backbone frozen) on ``train``; evaluates on ``held_out``
     before training and after every epoch. Returns the bookmarks and the history."""
     if not train or not held_out:
@@ -147,7 +152,7 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
     model.requires_grad_(False)
     bookmarks = bookmarks or Bookmarks(model)
     optimizer = torch.optim.AdamW(bookmarks.parameters(), lr=lr, weight_decay=0.0)
-    history = [{"epoch": 0, **evaluate(model, bookmarks, held_out, page_size, sink, recall_at)}]
+    history = [{"epoch": 0, **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens)}]
     rng = random.Random(seed)
     for epoch in range(1, epochs + 1):
         order = list(train)
@@ -159,15 +164,15 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
 
             bar = tqdm(order, desc=f"retrolm stage 1, epoch {epoch}", unit="example", file=sys.stderr)
         for example in bar:
-            loss, _ = stage1_loss(model, bookmarks, example, page_size, sink, recall_at)
+            loss, _ = stage1_loss(model, bookmarks, example, page_size, sink, recall_at, query_tokens=query_tokens)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item()
             if progress:
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch, "train_loss": total / len(order), "epoch_s": time.perf_counter() - start,
-                        **evaluate(model, bookmarks, held_out, page_size, sink, recall_at)})
+                        **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens)})
     return bookmarks, history
 
 
@@ -187,6 +192,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--recall-at", type=int, default=4, help="pages for the gold-page recall")
+    parser.add_argument("--query-tokens", type=int, default=64,
+                        help="tokens the query bookmark reads (the policy's resident window, 64 by default)")
     parser.add_argument("--out", type=Path, default=None,
                         help="bookmarks file (default ~/.cache/lckv/retrolm/<model>_p<page>.pt)")
     args = parser.parse_args(argv)
@@ -202,12 +209,14 @@ def main(argv=None) -> dict:
     held_out = make_examples(tokenizer, [records[i] for i in _rows(args.eval_rows, len(records))], args.length,
                              args.page_size, args.sink, seed=1)
     bookmarks, history = train_stage1(model, train, held_out, page_size=args.page_size, sink=args.sink,
-                                      epochs=args.epochs, lr=args.lr, recall_at=args.recall_at)
+                                      epochs=args.epochs, lr=args.lr, recall_at=args.recall_at,
+                                      query_tokens=args.query_tokens)
     out = args.out or Path.home() / ".cache" / "lckv" / "retrolm" / f"{args.model}_p{args.page_size}.pt"
     bookmarks.save(out)
     report = {"model": args.model, "length": args.length, "page_size": args.page_size, "sink": args.sink,
               "train_examples": len(train), "held_out_examples": len(held_out), "lr": args.lr,
-              "recall_at": args.recall_at, "bookmarks": str(out), "history": history}
+              "recall_at": args.recall_at, "query_tokens": args.query_tokens, "bookmarks": str(out),
+              "history": history}
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     for entry in history:
         print(f"epoch {entry['epoch']}: held-out loss {entry['loss']:.4f}, gold-page recall@{args.recall_at} "
