@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -56,13 +57,6 @@ def _decoder_layers(model) -> tuple[nn.Module, list[nn.Module]]:
             f"{type(model).__name__}: RetroLM bookmarks need a Llama/Qwen2-style model (model.model.layers with "
             "input_layernorm, self_attn, post_attention_layernorm, mlp; embed_tokens; rotary_emb)")
     return inner, list(layers)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE (rotate-half convention of Llama/Qwen2): ``x`` ``[..., D]`` with ``cos``/``sin`` broadcastable."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
 
 
 class Bookmarks(nn.Module):
@@ -97,6 +91,13 @@ class Bookmarks(nn.Module):
         # the backbone: referenced outside the module tree (not parameters of this module)
         object.__setattr__(self, "_layers", layers)
         object.__setattr__(self, "_rotary", inner.rotary_emb)
+        # the model's own RoPE function (transformers' modeling module of its attention class)
+        rope = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+        if rope is None:
+            from lckv.integrations.hf import ModelNotSupportedError
+
+            raise ModelNotSupportedError(f"{type(attn).__module__} has no apply_rotary_pos_emb (Llama/Qwen2-style RoPE)")
+        object.__setattr__(self, "_apply_rope", rope)
         self.fingerprint = model_fingerprint(model)
 
     # ------------------------------------------------------------------------------- the math
@@ -104,10 +105,10 @@ class Bookmarks(nn.Module):
         """Layer-0 input of ``n`` bookmarks: ``[batch, n, hidden]``."""
         return self.embedding.expand(batch, n, -1)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, n, H, D]`` rotated at ``positions`` ``[n]``."""
-        cos, sin = self._rotary(x, positions.to(x.device)[None])  # [1, n, D]
-        return _rotate(x, cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype))
+    def _rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """``q`` ``[B, n, Hq, D]`` and ``k`` ``[B, n, Hkv, D]`` rotated at ``positions`` ``[n]``."""
+        cos, sin = self._rotary(q, positions.to(q.device)[None])  # [1, n, D]
+        return self._apply_rope(q, k, cos.to(q.dtype), sin.to(q.dtype), unsqueeze_dim=2)
 
     def step(self, layer_idx: int, h: torch.Tensor, page_k: torch.Tensor, page_v: torch.Tensor,
              page_valid: torch.Tensor | None, positions: torch.Tensor):
@@ -125,7 +126,7 @@ class Bookmarks(nn.Module):
         q = self.q[layer_idx](x).view(batch, n, self.num_heads, self.head_dim)
         k = self.k[layer_idx](x).view(batch, n, self.num_kv_heads, self.head_dim)
         v = self.v[layer_idx](x).view(batch, n, self.num_kv_heads, self.head_dim)
-        q_rot, k_rot = self._rope(q, positions), self._rope(k, positions)
+        q_rot, k_rot = self._rope(q, k, positions)
         group = self.num_heads // self.num_kv_heads
         qg = q_rot.view(batch, n, self.num_kv_heads, group, self.head_dim).float()
         pk, pv = page_k.float(), page_v.float()
@@ -201,10 +202,9 @@ def load_bookmarks(path: str | Path, model) -> Bookmarks:
 def page_scores(q: torch.Tensor, page_keys: torch.Tensor, scale: float) -> torch.Tensor:
     """Page scores: ``q`` ``[B, Hq, D]`` (a bookmark query), ``page_keys`` ``[B, Hkv, P, D]`` ->
     ``[B, Hkv, P]``, the dot products summed over each kv head's query group, times ``scale``."""
-    batch, hq, d = q.shape
-    hkv = page_keys.shape[1]
-    q_sum = q.float().view(batch, hkv, hq // hkv, d).sum(dim=2)
-    return torch.einsum("bhd,bhpd->bhp", q_sum, page_keys.float()) * scale
+    from lckv.policies.group_rank import group_sum
+
+    return torch.einsum("bhd,bhpd->bhp", group_sum(q, page_keys.shape[1]), page_keys.float()) * scale
 
 
 def info_nce(scores: torch.Tensor, positive: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
