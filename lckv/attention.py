@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lckv.backends import resolve_backend
 from lckv.cache import Segment
 from lckv.ops.dense_attention import attention_with_lse_unchecked
 from lckv.ops.merge_states import merge_states_unchecked
@@ -173,9 +174,14 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     q = query[:, :, 0].to(store.keys.device)
     indices = policy.select(state, view, q, n_select, scale)
     indices = _drop_pad_rows(indices, view.padding)
-    if store.keys.dtype == q.dtype or q.dtype != torch.float32:
+    mixed = store.keys.dtype != q.dtype and q.dtype == torch.float32  # a 16-bit host_dtype store, fp32 model
+    if not mixed:
         sel_out, sel_lse = sparse_attention_unchecked(q.to(store.keys.dtype), store.keys, store.values, indices, scale)
-    else:  # a 16-bit host store under an fp32 model (host_dtype): the query stays fp32
+    elif resolve_backend("sparse_attention_with_lse", q.device) == "cpu":
+        # the C++ kernel reads 16-bit rows in place under an fp32 query: the same numbers as an
+        # fp32 store holding the rounded rows (exact conversion, same arithmetic)
+        sel_out, sel_lse = sparse_attention_unchecked(q, store.keys, store.values, indices, scale)
+    else:  # the other backends take one dtype: gather the rows in fp32, the query stays fp32
         sel_out, sel_lse = _attend_selected_rows(q[:, :, None, None], store.keys, store.values, indices[:, :, None],
                                                  (indices >= 0)[:, :, None], scale)
         sel_out, sel_lse = sel_out[:, :, 0, 0], sel_lse[:, :, 0, 0]

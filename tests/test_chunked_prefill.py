@@ -251,7 +251,10 @@ def test_host_dtype_store_equals_an_fp32_store_of_rounded_rows(host_dtype, polic
     ref_logits, ref_cache = run(None)
     assert cache.layers[0].store.keys.dtype == half and ref_cache.layers[0].store.keys.dtype == torch.float32
     assert 2 * cache.memory_report()["offloaded_bytes"] == ref_cache.memory_report()["offloaded_bytes"] > 0
-    torch.testing.assert_close(logits, ref_logits, atol=LOGIT_ATOL, rtol=LOGIT_RTOL, msg=f"seed {seed}")
+    # every kernel converts 16-bit rows exactly and then runs the float32 arithmetic (the fused
+    # decode step, sparse attention, the estimate and the group ranking read the 16-bit store in
+    # place): the same numbers, bit for bit
+    torch.testing.assert_close(logits, ref_logits, atol=0, rtol=0, msg=f"seed {seed}")
 
 
 def test_bad_host_dtype_raises():

@@ -63,16 +63,26 @@ def test_centroid_estimate_blocks_equals_the_per_query_estimate(group):
             torch.testing.assert_close(lse[:, :, j, i], want_lse, atol=1e-5, rtol=1e-5)
 
 
-def test_centroid_estimate_16bit_values_go_to_the_reference_or_are_refused():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_centroid_estimate_16bit_values_estimate_as_their_float32_values(dtype):
+    """16-bit value rows are read in place and converted exactly: bit-equal to the kernel on a
+    float32 copy of the same rounded rows, and equal to the reference up to summation order. A
+    16-bit query has no kernel: the cpu backend refuses it, auto takes the reference."""
     _seed()
-    centroids, counts, sums, assign, values = _cluster_state(1, 2, 11, 8, 60)
-    q, indices = torch.randn(1, 4, 8), torch.randint(0, 60, (1, 2, 5))
-    half = values.bfloat16()
-    auto = ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5)
-    ref = ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5, backend="reference")
+    centroids, counts, sums, assign, values = _cluster_state(2, 2, 11, 16, 60)
+    q, indices = torch.randn(2, 6, 16), torch.randint(-1, 60, (2, 2, 9))
+    half = values.to(dtype)
+    got = ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5, backend="cpu")
+    same = ops.centroid_estimate(q, centroids, counts, sums, assign, half.float(), indices, 0.5, backend="cpu")
+    assert torch.equal(got[0], same[0]) and torch.equal(got[1], same[1])
+    want = ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5, backend="reference")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    auto = ops.centroid_estimate(q.to(dtype), centroids, counts, sums, assign, half, indices, 0.5)
+    ref = ops.centroid_estimate(q.to(dtype), centroids, counts, sums, assign, half, indices, 0.5, backend="reference")
     torch.testing.assert_close(auto[0], ref[0], atol=0, rtol=0)
-    with pytest.raises(BackendUnavailableError, match="centroid_estimate.*float32"):
-        ops.centroid_estimate(q, centroids, counts, sums, assign, half, indices, 0.5, backend="cpu")
+    with pytest.raises(BackendUnavailableError, match="centroid_estimate.*q must be float32"):
+        ops.centroid_estimate(q.to(dtype), centroids, counts, sums, assign, half, indices, 0.5, backend="cpu")
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -99,6 +109,21 @@ def test_rank_by_group_probability_cpu_equals_reference():
     candidates = torch.randint(-1, rows, (B, H, 120))
     rest = torch.randn(B, H * G)
     got = ops.rank_by_group_probability(q, keys, candidates, rest, 0.25, 20, backend="cpu")
+    want = ops.rank_by_group_probability(q, keys, candidates, rest, 0.25, 20, backend="reference")
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rank_by_group_probability_16bit_keys_rank_as_their_float32_values(dtype):
+    """A 16-bit key store ranks exactly as a float32 store of the same rounded rows (the kernel
+    converts each row exactly, then runs the float32 arithmetic), and as the reference does."""
+    _seed()
+    B, H, G, D, rows = 2, 2, 4, 16, 300
+    q, keys = torch.randn(B, H * G, D), torch.randn(B, H, rows, D).to(dtype)
+    candidates = torch.randint(-1, rows, (B, H, 120))
+    rest = torch.randn(B, H * G)
+    got = ops.rank_by_group_probability(q, keys, candidates, rest, 0.25, 20, backend="cpu")
+    assert torch.equal(got, ops.rank_by_group_probability(q, keys.float(), candidates, rest, 0.25, 20, backend="cpu"))
     want = ops.rank_by_group_probability(q, keys, candidates, rest, 0.25, 20, backend="reference")
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
 
@@ -134,6 +159,29 @@ def test_decode_cluster_step_cpu_equals_its_composition(with_estimate):
     assert torch.equal(ids.sort(-1).values, r_ids.sort(-1).values)
     torch.testing.assert_close(out, r_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(lse, r_lse, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_cluster_step_16bit_store_beside_float32_resident_rows(dtype):
+    """A 16-bit host store under a float32 model (host_dtype): the store read in place, the resident
+    rows float32; bit-equal to the step over a float32 copy of the same rounded store. Resident rows
+    of a third dtype are refused by name."""
+    _seed()
+    B, H, G, D, rows, k = 1, 2, 4, 16, 400, 32
+    keys, heads = _cluster_heads(B, H, D, rows)  # the heads index keys; the store holds them rounded
+    store_k, store_v = keys.to(dtype), torch.randn(B, H, rows, D).to(dtype)
+    res_k, res_v = torch.randn(B, H, 7, D), torch.randn(B, H, 7, D)
+    q = torch.randn(B, H * G, D)
+    centroids, counts, sums, assign, _ = _cluster_state(B, H, 17, D, rows)
+    estimate = (centroids, counts, sums, assign)
+    got = ops.decode_cluster_step(heads, q, store_k, store_v, res_k, res_v, k, 0.3, estimate, backend="cpu")
+    want = ops.decode_cluster_step(heads, q, store_k.float(), store_v.float(), res_k, res_v, k, 0.3, estimate,
+                                   backend="cpu")
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    with pytest.raises(TypeError, match="resident_k must have the dtype of offloaded_k"):
+        ops.decode_cluster_step(heads, q, store_k, store_v, res_k.to(other), res_v.to(other), k, 0.3, backend="cpu")
 
 
 def test_offload_rows_cpu_equals_reference():

@@ -51,11 +51,11 @@ void check_kv(const torch::Tensor& k, const torch::Tensor& v, const char* k_name
                    k.scalar_type(), "), got ", v.scalar_type());
 }
 
-template <typename T>
-void run(DecodeStepProblem<T>& p, torch::Tensor& off_k, torch::Tensor& off_v, torch::Tensor& res_k,
+template <typename T, typename R>
+void run(DecodeStepProblem<T, R>& p, torch::Tensor& off_k, torch::Tensor& off_v, torch::Tensor& res_k,
          torch::Tensor& res_v, const EstimateProblem* estimate) {
   p.offloaded = kv_rows<T>(off_k, off_v);
-  p.resident = kv_rows<T>(res_k, res_v);
+  p.resident = kv_rows<R>(res_k, res_v);
   p.estimate = estimate;
   int64_t bad;
   {
@@ -81,8 +81,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
                     ") must be a multiple of the offloaded kv_heads (", kv_heads, ")");
   check_kv(offloaded_k, offloaded_v, "offloaded_k", "offloaded_v", batch, kv_heads, head_dim);
   check_kv(resident_k, resident_v, "resident_k", "resident_v", batch, kv_heads, head_dim);
-  TORCH_CHECK_TYPE(resident_k.scalar_type() == offloaded_k.scalar_type(), "resident_k must have the dtype of "
-                   "offloaded_k (", offloaded_k.scalar_type(), "), got ", resident_k.scalar_type());
+  const bool resident_f32 = resident_k.scalar_type() == torch::kFloat32;
+  TORCH_CHECK_TYPE(resident_f32 || resident_k.scalar_type() == offloaded_k.scalar_type(),
+                   "resident_k must have the dtype of offloaded_k (", offloaded_k.scalar_type(),
+                   ") or be float32, got ", resident_k.scalar_type());
   check_k(k);
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0.0, "scale must be a finite number > 0, got ", scale);
   TORCH_CHECK_VALUE(static_cast<int64_t>(heads.size()) == batch * kv_heads, "heads must hold batch * kv_heads = ",
@@ -128,25 +130,29 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
     p.lse = lse.data_ptr<float>();
     p.indices = indices.data_ptr<int64_t>();
   };
+  // offloaded rows of type T; resident rows of type T, or float32 (a 16-bit host store, fp32 model)
+  auto go = [&](auto offloaded_tag) {
+    using T = decltype(offloaded_tag);
+    if (resident_f32) {
+      DecodeStepProblem<T, float> p;
+      fill(p);
+      run(p, offloaded_k, offloaded_v, resident_k, resident_v, est_ptr);
+    } else {
+      DecodeStepProblem<T, T> p;
+      fill(p);
+      run(p, offloaded_k, offloaded_v, resident_k, resident_v, est_ptr);
+    }
+  };
   switch (offloaded_k.scalar_type()) {
-    case torch::kFloat32: {
-      DecodeStepProblem<float> p;
-      fill(p);
-      run(p, offloaded_k, offloaded_v, resident_k, resident_v, est_ptr);
+    case torch::kFloat32:
+      go(float{});
       break;
-    }
-    case torch::kFloat16: {
-      DecodeStepProblem<half_bits> p;
-      fill(p);
-      run(p, offloaded_k, offloaded_v, resident_k, resident_v, est_ptr);
+    case torch::kFloat16:
+      go(half_bits{});
       break;
-    }
-    default: {
-      DecodeStepProblem<bfloat16_bits> p;
-      fill(p);
-      run(p, offloaded_k, offloaded_v, resident_k, resident_v, est_ptr);
+    default:
+      go(bfloat16_bits{});
       break;
-    }
   }
   return {out, lse, indices};
 }
@@ -161,7 +167,8 @@ void bind_decode(py::module_& m) {
         "(batch, kv head), search_group for the query group's top-k offloaded rows, sparse attention over them, "
         "the centroid estimate of the rest (estimate = (centroids, counts, value_sums, assign) or None) and "
         "attention over every resident row, merged by LSE. q [B, Hq, D] float32; K/V [B, Hkv, rows, D] "
-        "float32/float16/bfloat16 (one dtype, any strides with unit head_dim stride); heads [B * Hkv] batch-major. "
+        "float32/float16/bfloat16 (resident K/V: the offloaded dtype or float32; any strides with unit head_dim "
+        "stride); heads [B * Hkv] batch-major. "
         "Returns (out [B, Hq, D] float32, lse [B, Hq] float32, indices [B, Hkv, k] int64, -1 = none).");
 }
 

@@ -23,7 +23,8 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
     const torch::Tensor& indices, double scale, bool lse_only) {
   check_cpu_f32(q, "q", 3, "[batch, q_heads, head_dim]");
   check_cluster_state(centroids, counts, value_sums);
-  check_cpu_f32(values, "values", 4, "[batch, kv_heads, rows, head_dim]");
+  check_cpu_float(values, "values");
+  check_dim(values, "values", 4, "[batch, kv_heads, rows, head_dim]");
   const int64_t B = centroids.size(0), H = centroids.size(1), D = centroids.size(3);
   check_group_query(q, B, H, D);
   TORCH_CHECK_VALUE(values.size(0) == B && values.size(1) == H && values.size(3) == D && values.stride(3) == 1,
@@ -43,7 +44,7 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   auto lse = torch::empty({B, q.size(1)}, torch::kFloat32);
   p.n_selected = idx_c.size(2);
   p.q = q_c.data_ptr<float>();
-  p.values = values.data_ptr<float>();
+  p.values = values.data_ptr();
   p.vs0 = values.stride(0);
   p.vs1 = values.stride(1);
   p.vs2 = values.stride(2);
@@ -59,7 +60,17 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   }
   {
     pybind11::gil_scoped_release no_gil;
-    centroid_estimate(p);
+    switch (values.scalar_type()) {
+      case torch::kFloat32:
+        centroid_estimate<float>(p);
+        break;
+      case torch::kFloat16:
+        centroid_estimate<half_bits>(p);
+        break;
+      default:
+        centroid_estimate<bfloat16_bits>(p);
+        break;
+    }
   }
   return {out, lse};
 }
@@ -195,7 +206,8 @@ void bind_estimate(pybind11::module_& m) {
   m.def("centroid_estimate", &centroid_estimate_cpu, pybind11::arg("q"), pybind11::arg("centroids"),
         pybind11::arg("counts"), pybind11::arg("value_sums"), pybind11::arg("assign"), pybind11::arg("values"),
         pybind11::arg("indices"), pybind11::arg("scale"), pybind11::arg("lse_only") = false,
-        "Attention estimate of the non-retrieved keys from per-cluster state: (out [B, Hq, D], lse [B, Hq]) "
+        "Attention estimate of the non-retrieved keys from per-cluster state (values float32, float16 or bfloat16, "
+        "read in place): (out [B, Hq, D], lse [B, Hq]) "
         "float32; see lckv/centroid_estimate.h.");
 }
 

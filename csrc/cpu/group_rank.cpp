@@ -1,5 +1,6 @@
 // Glue for lckv::rank_by_group_probability (retrieval's group_rank="probability"): argument checks,
-// zero-copy reads of the (strided) offloaded keys, GIL released.
+// dtype dispatch, zero-copy reads of the (strided) offloaded keys (float32, float16 or bfloat16),
+// GIL released.
 #include "bind.h"
 #include "checks.h"
 #include "lckv/group_rank.h"
@@ -12,7 +13,8 @@ torch::Tensor rank_by_group_probability_cpu(const torch::Tensor& q, const torch:
                                             const c10::optional<torch::Tensor>& rest_lse, double scale,
                                             int64_t n_select) {
   check_cpu_f32(q, "q", 3, "[batch, q_heads, head_dim]");
-  check_cpu_f32(keys, "keys", 4, "[batch, kv_heads, rows, head_dim]");
+  check_cpu_float(keys, "keys");
+  check_dim(keys, "keys", 4, "[batch, kv_heads, rows, head_dim]");
   check_dim(candidates, "candidates", 3, "[batch, kv_heads, n_candidates]");
   const int64_t B = keys.size(0), H = keys.size(1), rows = keys.size(2), D = keys.size(3);
   check_group_query(q, B, H, D);
@@ -42,7 +44,7 @@ torch::Tensor rank_by_group_probability_cpu(const torch::Tensor& q, const torch:
   p.n_candidates = cand_c.size(2);
   p.n_out = n_out;
   p.q = q_c.data_ptr<float>();
-  p.keys = keys.data_ptr<float>();
+  p.keys = keys.data_ptr();
   p.ks0 = keys.stride(0);
   p.ks1 = keys.stride(1);
   p.ks2 = keys.stride(2);
@@ -52,7 +54,17 @@ torch::Tensor rank_by_group_probability_cpu(const torch::Tensor& q, const torch:
   p.out = out.data_ptr<int64_t>();
   {
     pybind11::gil_scoped_release no_gil;
-    rank_by_group_probability(p);
+    switch (keys.scalar_type()) {
+      case torch::kFloat32:
+        rank_by_group_probability<float>(p);
+        break;
+      case torch::kFloat16:
+        rank_by_group_probability<half_bits>(p);
+        break;
+      default:
+        rank_by_group_probability<bfloat16_bits>(p);
+        break;
+    }
   }
   return out;
 }

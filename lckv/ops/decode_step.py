@@ -25,8 +25,9 @@ def native_handles(indexes):
 def decode_cluster_step(indexes, q, keys, values, resident_k, resident_v, n_select: int, scale: float,
                         estimate=None, search: dict | None = None, backend: str = "auto"):
     """See :func:`lckv.reference.decode_step.decode_cluster_step`; ``indexes`` are ClusterIndex
-    heads. The ``cpu`` kernel reads float32/float16/bfloat16 K/V in place (one dtype) and keeps the
-    queries in float32. ``search``: ClusterIndex search settings (defaults for those not given)."""
+    heads. The ``cpu`` kernel reads float32/float16/bfloat16 K/V in place (the resident rows in the
+    store's dtype or float32, e.g. a 16-bit ``host_dtype`` store under a float32 model) and keeps
+    the queries in float32. ``search``: ClusterIndex search settings (defaults for those not given)."""
     from lckv.index import ClusterIndex
 
     handles = native_handles(indexes)

@@ -17,9 +17,11 @@ def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices,
                       lse_only: bool = False, backend: str = "auto"):
     """``(out [B, Hq, D] in q's dtype, lse [B, Hq])`` of the rows not in ``indices`` (just ``lse``
     with ``lse_only``); see :func:`lckv.reference.estimate.centroid_estimate`. The ``cpu`` kernel
-    takes float32 ``q`` and ``values`` (any row strides); other dtypes go to ``reference``."""
-    fp32 = q.dtype == torch.float32 and values.dtype == torch.float32
-    name = choose_backend("centroid_estimate", q.device, backend, fp32, "q and values must be float32")
+    takes float32 ``q`` and float32, float16 or bfloat16 ``values`` (any row strides, read in
+    place); other dtypes go to ``reference``."""
+    supported = q.dtype == torch.float32 and values.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    name = choose_backend("centroid_estimate", q.device, backend, supported,
+                          "q must be float32 and values float32, float16 or bfloat16")
     if name == "reference":
         return ref.centroid_estimate(q, centroids, counts, value_sums, assign, values, indices, scale, lse_only)
     out, lse = compiled("centroid_estimate").centroid_estimate(

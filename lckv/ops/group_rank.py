@@ -1,6 +1,6 @@
 """Public op of the GQA group ranking over candidate rows (contract in
 :func:`lckv.reference.group_rank.rank_by_group_probability`), with a backend choice (``cpu``: the
-C++ kernel of lckv/group_rank.h, float32 keys; ``reference``: torch ops, any dtype or device)."""
+C++ kernel of lckv/group_rank.h, float32, float16 or bfloat16 keys; ``reference``: torch ops, any dtype or device)."""
 from __future__ import annotations
 
 import torch
@@ -16,9 +16,9 @@ def rank_by_group_probability(q, keys, candidates, rest_lse, scale: float, n_sel
     """The ``n_select`` candidate rows of each kv head with the largest summed probability over the
     head's query group: ``q [B, Hq, D]``, ``keys [B, H, rows, D]``, ``candidates [B, H, m]`` (row ids,
     -1 = none, repeats allowed), ``rest_lse [B, Hq]`` or None. Returns int64 ``[B, H, <= n_select]``."""
-    fp32 = keys.dtype == torch.float32 and candidates is not None
-    name = choose_backend("rank_by_group_probability", q.device, backend, fp32,
-                          "keys must be float32 and candidates given")
+    supported = keys.dtype in (torch.float32, torch.float16, torch.bfloat16) and candidates is not None
+    name = choose_backend("rank_by_group_probability", q.device, backend, supported,
+                          "keys must be float32, float16 or bfloat16 and candidates given")
     if name == "reference":
         return ref.rank_by_group_probability(q, keys, candidates, rest_lse, scale, n_select)
     rest = None if rest_lse is None else rest_lse.float().contiguous()

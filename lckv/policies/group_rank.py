@@ -35,7 +35,7 @@ def top_by_group_probability(q: torch.Tensor, keys: torch.Tensor, n_select: int,
     the distinct candidates plus ``rest_lse`` ``[batch, q_heads]`` (the log of the attention mass
     of the keys outside the candidates, e.g. the centroid estimate's; None: the candidates only).
     Returns int64 ``[batch, kv_heads, min(n_select, pool)]``, -1 where fewer valid rows exist.
-    With candidates: :func:`lckv.ops.rank_by_group_probability` (C++ for float32 CPU keys).
+    With candidates: :func:`lckv.ops.rank_by_group_probability` (C++ for CPU keys of any float dtype).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if candidates is None:

@@ -289,14 +289,16 @@ class RetrievalPolicy(SelectionPolicy):
         estimate of the rest and attention over the resident rows, merged by LSE; what
         :meth:`select`, sparse attention, :meth:`estimate` and the merges compute one by one. The
         queries stay float32 throughout (the separate path rounds them to a 16-bit store's dtype
-        for the sparse attention). None where the step has no fused form (another index or rule, a
-        step scored exactly by ``exact_above``, a non-CPU store or query, or one query head per kv
-        head, or a ``host_dtype`` store whose dtype is not the resident part's). Without the
-        extension no ClusterIndex exists, so the step never gets here."""
+        for the sparse attention). A 16-bit ``host_dtype`` store under a float32 model is read in
+        place beside the float32 resident rows. None where the step has no fused form (another index
+        or rule, a step scored exactly by ``exact_above``, a non-CPU store or query, one query head
+        per kv head, or resident rows of a third dtype, e.g. a float16 store under a bfloat16
+        model). Without the extension no ClusterIndex exists, so the step never gets here."""
         keys = view.keys
+        resident = view.resident_keys.dtype
         if (self.index != "cluster" or self.group_rank != "probability" or keys.device.type != "cpu"
                 or q.device.type != "cpu" or q.shape[1] == keys.shape[1] or self._exact(view, n_select)
-                or keys.dtype != view.resident_keys.dtype):  # a host_dtype store: the kernel takes one dtype
+                or resident not in (keys.dtype, torch.float32)):  # the kernel's two resident types
             return None
         heads = state.heads  # ClusterIndex heads: built only where the extension is
         if not heads:

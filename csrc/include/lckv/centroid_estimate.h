@@ -33,7 +33,8 @@ struct EstimateProblem {
   const float* value_sums = nullptr;  // [batch, kv_heads, clusters, head_dim] contiguous
   const int64_t* assign = nullptr;    // cluster of row r of (b, h): assign[b*as0 + h*as1 + r]
   int64_t as0 = 0, as1 = 0;
-  const float* values = nullptr;      // value row r of (b, h): values + b*vs0 + h*vs1 + r*vs2
+  const void* values = nullptr;       // value row r of (b, h): values + b*vs0 + h*vs1 + r*vs2 elements of
+                                      // centroid_estimate's V (float, half_bits or bfloat16_bits)
   int64_t vs0 = 0, vs1 = 0, vs2 = 0;
   const int64_t* indices = nullptr;   // [batch, kv_heads, n_selected] retrieved rows, -1 = none
                                       // (a row listed twice counts once)
@@ -193,7 +194,10 @@ int64_t estimate_pair(const EstimateProblem& p, int64_t bh, const float* q, cons
   return bad;
 }
 
-inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) {
+// V: the element type of p.values (a 16-bit row is converted exactly to float, so a 16-bit store
+// estimates as a float32 store holding the same rounded rows).
+template <typename V = float>
+void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) {
   const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
   const ClusterWeightsFn weights = cluster_weights_for_cpu(allow_simd);
   const int64_t D = p.head_dim, G = p.group;
@@ -202,7 +206,7 @@ inline void centroid_estimate(const EstimateProblem& p, bool allow_simd = true) 
   for (int64_t bh = 0; bh < pairs; ++bh) {
     const int64_t b = bh / p.kv_heads, h = bh % p.kv_heads;
     const int64_t row = b * p.kv_heads * G + h * G;  // the group's first query head
-    estimate_pair(p, bh, p.q + row * D, p.values + b * p.vs0 + h * p.vs1, p.vs2, p.indices + bh * p.n_selected,
+    estimate_pair(p, bh, p.q + row * D, static_cast<const V*>(p.values) + b * p.vs0 + h * p.vs1, p.vs2, p.indices + bh * p.n_selected,
                   p.n_selected, p.out == nullptr ? nullptr : p.out + row * D, p.lse + row, weights, ip_rows);
   }
 }

@@ -34,7 +34,9 @@ struct KvRows {
   int64_t rows = 0;  // per (batch, kv head)
 };
 
-template <typename T>
+// T: the element type of the offloaded (host store) rows; R: of the resident rows (T, or float for
+// a 16-bit host store under a float32 model). Every row is converted exactly to float.
+template <typename T, typename R = T>
 struct DecodeStepProblem {
   int64_t batch = 0, kv_heads = 0, group = 0, head_dim = 0, k = 0;
   const float* q = nullptr;                      // [batch, kv_heads * group, head_dim], unscaled
@@ -42,7 +44,7 @@ struct DecodeStepProblem {
   SearchParams params;
   float scale = 1.0f;
   KvRows<T> offloaded;                           // the host store (rows = the indexes' size)
-  KvRows<T> resident;                            // sink + window (rows may be 0)
+  KvRows<R> resident;                            // sink + window (rows may be 0)
   const EstimateProblem* estimate = nullptr;     // cluster state of the offloaded rows; nullptr: none
   float* out = nullptr;                          // [batch, kv_heads * group, head_dim]
   float* lse = nullptr;                          // [batch, kv_heads * group]
@@ -56,8 +58,8 @@ struct DecodeStepScratch {
 
 // Runs the step; returns -1, or the first offloaded row (in task order) whose estimate cluster id
 // was outside [0, clusters) (that row was left out of the estimate; the caller reports it).
-template <typename T>
-int64_t decode_step(const DecodeStepProblem<T>& p) {
+template <typename T, typename R>
+int64_t decode_step(const DecodeStepProblem<T, R>& p) {
   const int64_t tasks = p.batch * p.kv_heads, G = p.group, D = p.head_dim;
   const InnerProductRowsFn ip_rows = inner_product_rows_for(simd_level_for(static_cast<std::size_t>(D)));
   const ClusterWeightsFn weights = cluster_weights_for_cpu();
@@ -88,7 +90,7 @@ int64_t decode_step(const DecodeStepProblem<T>& p) {
         merge_state_row(out + g * D, lse[g], s.part_out.data() + g * D, s.part_lse[g], out + g * D, lse + g, D);
     }
     // 4. the resident rows, merged first as the torch glue does
-    const KvRows<T>& res = p.resident;
+    const KvRows<R>& res = p.resident;
     if (res.rows > 0) {
       if (static_cast<int64_t>(s.resident_rows.size()) < res.rows) {
         const int64_t from = static_cast<int64_t>(s.resident_rows.size());

@@ -6,7 +6,9 @@
 //                                                       absent: the candidates only)
 //   score_j = sum_g exp(s_gj - lse_g)
 // and the n_out rows of highest score are written best first (ties: lower row first), -1 where
-// fewer distinct rows, or rows of zero score, exist. Torch-free.
+// fewer distinct rows, or rows of zero score, exist. Keys are float32 or 16-bit floats (Key =
+// half_bits / bfloat16_bits): a 16-bit row is converted exactly to float before the inner product,
+// so a 16-bit store ranks as a float32 store holding the same rounded rows. Torch-free.
 #pragma once
 
 #include <algorithm>
@@ -16,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "lckv/dtypes.h"
 #include "lckv/simd_ip.h"
 
 namespace lckv {
@@ -25,7 +28,7 @@ struct GroupRankProblem {
   int64_t n_candidates = 0;  // candidates per (batch, kv head)
   int64_t n_out = 0;         // rows written per (batch, kv head)
   const float* q = nullptr;  // [batch, kv_heads * group, head_dim] contiguous
-  const float* keys = nullptr;  // key row r of (b, h): keys + b*ks0 + h*ks1 + r*ks2 (head_dim contiguous)
+  const void* keys = nullptr;   // Key rows: row r of (b, h) at keys + b*ks0 + h*ks1 + r*ks2 elements (head_dim contiguous)
   int64_t ks0 = 0, ks1 = 0, ks2 = 0;
   const int64_t* candidates = nullptr;  // [batch, kv_heads, n_candidates], each in [-1, rows)
   const float* rest_lse = nullptr;      // [batch, kv_heads * group] or nullptr
@@ -33,7 +36,16 @@ struct GroupRankProblem {
   int64_t* out = nullptr;               // [batch, kv_heads, n_out]
 };
 
-inline void rank_by_group_probability(const GroupRankProblem& p) {
+// Row `k` of D elements as float: float rows in place, 16-bit rows converted into `buffer`.
+inline const float* row_as_float(const float* k, float*, int64_t) { return k; }
+template <typename Key>
+const float* row_as_float(const Key* k, float* buffer, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) buffer[d] = to_float(k[d]);
+  return buffer;
+}
+
+template <typename Key>
+void rank_by_group_probability(const GroupRankProblem& p) {
   const InnerProductFn ip = inner_product_for(simd_level_for(static_cast<std::size_t>(p.head_dim)));
   const int64_t pairs = p.batch * p.kv_heads, G = p.group, D = p.head_dim;
 #pragma omp parallel for schedule(dynamic, 1) if (pairs > 1)
@@ -45,10 +57,11 @@ inline void rank_by_group_probability(const GroupRankProblem& p) {
     rows.erase(std::unique(rows.begin(), rows.end()), rows.end());
     rows.erase(rows.begin(), std::lower_bound(rows.begin(), rows.end(), int64_t{0}));  // drop -1
     const int64_t u = static_cast<int64_t>(rows.size());
-    const float* keys = p.keys + b * p.ks0 + h * p.ks1;
+    const Key* keys = static_cast<const Key*>(p.keys) + b * p.ks0 + h * p.ks1;
     std::vector<float> logits(static_cast<std::size_t>(G * u));
+    std::vector<float> row(static_cast<std::size_t>(D));  // a 16-bit row as float
     for (int64_t j = 0; j < u; ++j) {
-      const float* k = keys + rows[j] * p.ks2;
+      const float* k = row_as_float(keys + rows[j] * p.ks2, row.data(), D);
       for (int64_t g = 0; g < G; ++g)
         logits[g * u + j] = p.scale * ip(p.q + ((b * p.kv_heads + h) * G + g) * D, k, static_cast<std::size_t>(D));
     }
