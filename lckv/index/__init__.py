@@ -11,7 +11,8 @@
 
 All share ``build(keys, queries=None)``, ``add(keys)`` and
 ``search(queries, k, **params) -> (scores, ids, n_scored)``; see :mod:`lckv.index.base` for the
-shapes, the padding rule when k exceeds the index size, and the errors.
+shapes, the padding rule when k exceeds the index size, the errors, and the thread-safety contract
+(searches from many threads at once, also while keys are added).
 """
 from lckv.index.base import DimensionMismatchError, EmptyIndexError, Index
 from lckv.index.faiss_index import FaissIndex

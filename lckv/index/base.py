@@ -22,14 +22,26 @@ the index's; :class:`EmptyIndexError` (a ``ValueError``) for a search before any
 Each check runs once per call: the C++ indexes' glue checks dtype, device, contiguity and values
 itself (the same exception types, equally specific messages), so their Python side checks only what it
 needs to read the shapes (:func:`check_shape`); other indexes check everything here (:func:`check_rows`).
+
+**Threads**: any number of threads may search one index at once, also while other threads add keys.
+``build`` and ``add`` hold the index's lock exclusively (writers run one at a time and wait for the
+searches in flight; a waiting writer holds back searches that start after it), searches hold it
+shared. So a search sees every key of each ``add`` that returned before it started, possibly the keys
+of an ``add`` that finished while it ran, and never part of an ``add``. The lock is a
+:class:`ReadWriteLock` on the Python object, except for searches of lckv's C++ indexes: their core
+holds the same kind of lock itself (``RwLock`` in ``csrc/include/lckv/vector_index.h``) around every
+search and add, also those of the compiled calls that take index handles (``search_heads``,
+``search_groups``, the decode step), and releases the GIL, so those searches run in parallel.
 """
 from __future__ import annotations
 
 import abc
+import threading
 
 import torch
 
-__all__ = ["Index", "EmptyIndexError", "DimensionMismatchError", "check_rows", "check_shape", "check_k"]
+__all__ = ["Index", "EmptyIndexError", "DimensionMismatchError", "ReadWriteLock", "check_rows", "check_shape",
+           "check_k"]
 
 
 class EmptyIndexError(ValueError):
@@ -72,11 +84,76 @@ def check_k(k) -> int:
     return k
 
 
+class ReadWriteLock:
+    """Shared access for many threads or exclusive access for one; a waiting writer holds back new
+    readers, so a steady stream of searches cannot starve ``add`` (the rule of the C++ ``RwLock``).
+
+    >>> lock = ReadWriteLock()
+    >>> with lock.shared:       # searches: many threads at once
+    ...     pass
+    >>> with lock.exclusive:    # build / add: one thread, no reader inside
+    ...     pass
+    """
+
+    def __init__(self):
+        self._mutex = threading.Lock()                  # guards the two fields below
+        self._changed = threading.Condition(self._mutex)  # notified when they change in a way a waiter wants
+        self._readers = 0      # threads holding shared access
+        self._writer = False   # a writer holds exclusive access or waits for the readers to leave
+        self.shared = _Holder(self._acquire_shared, self._release_shared)
+        self.exclusive = _Holder(self._acquire_exclusive, self._release_exclusive)
+
+    def _acquire_shared(self):
+        with self._mutex:
+            while self._writer:
+                self._changed.wait()
+            self._readers += 1
+
+    def _release_shared(self):
+        with self._mutex:
+            self._readers -= 1
+            if self._writer and not self._readers:
+                self._changed.notify_all()
+
+    def _acquire_exclusive(self):
+        with self._mutex:
+            while self._writer:
+                self._changed.wait()
+            self._writer = True
+            try:
+                while self._readers:
+                    self._changed.wait()
+            except BaseException:  # interrupted while waiting: give the claim back
+                self._writer = False
+                self._changed.notify_all()
+                raise
+
+    def _release_exclusive(self):
+        with self._mutex:
+            self._writer = False
+            self._changed.notify_all()
+
+
+class _Holder:
+    """One side of a :class:`ReadWriteLock` as a context manager."""
+
+    def __init__(self, acquire, release):
+        self._acquire, self._release = acquire, release
+
+    def __enter__(self):
+        self._acquire()
+
+    def __exit__(self, *exc_info):
+        self._release()
+
+
 class Index(abc.ABC):
     """An inner-product top-k index over the keys of one (layer, kv head).
 
     Subclasses implement ``_build``, ``_add``, ``_search`` and ``size``; the public methods check
-    arguments. ``build`` may be called once, on an empty index; ``add`` any time after.
+    arguments and take the lock (see "Threads" in :mod:`lckv.index.base`): ``_build`` and ``_add``
+    run alone, ``_search`` beside other searches only. ``build`` may be called once, on an empty
+    index; ``add`` any time after.
     """
 
     #: search keyword arguments this index understands, with their defaults
@@ -88,6 +165,7 @@ class Index(abc.ABC):
         if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
         self.dim = dim
+        self._lock = ReadWriteLock()
 
     @property
     @abc.abstractmethod
@@ -104,30 +182,44 @@ class Index(abc.ABC):
         self._check_input(keys, "keys", self.dim)
         if queries is not None:
             self._check_input(queries, "queries", self.dim, layout="[n_queries, head_dim]")
-        if self.size:
-            raise ValueError(f"build() needs an empty index, this one holds {self.size} keys; use add()")
-        self._build(keys, queries)
+        with self._lock.exclusive:
+            if self.size:
+                raise ValueError(f"build() needs an empty index, this one holds {self.size} keys; use add()")
+            self._build(keys, queries)
         return self
 
     def add(self, keys: torch.Tensor) -> None:
         """Appends keys ``[n, head_dim]``; their ids continue from ``size``. Safe while other threads
-        search."""
+        search or add: it waits for the searches in flight, and searches that start after it returns
+        see the keys."""
         self._check_input(keys, "keys", self.dim)
         if keys.shape[0]:
-            self._add(keys)
+            with self._lock.exclusive:
+                self._add(keys)
 
     def search(self, queries: torch.Tensor, k: int, **params):
         """Top-k keys by inner product: ``(scores [m, k], ids [m, k], n_scored [m])``; see the module
-        docstring for padding when ``k > size``."""
+        docstring for padding when ``k > size``. Safe from many threads at once, also while keys are
+        added (module docstring, "Threads")."""
         self._check_input(queries, "queries", self.dim, layout="[n_queries, head_dim]")
         check_k(k)
         unknown = set(params) - set(self.search_params)
         if unknown:
             raise TypeError(f"{type(self).__name__}.search got unknown parameters {sorted(unknown)}; "
                             f"it understands {sorted(self.search_params)}")
-        if self.size == 0:
-            raise EmptyIndexError(f"search on an empty {type(self).__name__}: build() or add() keys first")
-        return self._search(queries, k, {**self.search_params, **params})
+        return self._search_under_lock(queries, k, {**self.search_params, **params})
+
+    def _search_under_lock(self, queries, k, params):
+        """The empty check and ``_search`` under the lock, shared: for callers that checked the
+        arguments (:func:`lckv.index.search_heads`). Indexes whose backend locks its own searches
+        override it."""
+        with self._lock.shared:
+            if self.size == 0:
+                raise self._empty_error()
+            return self._search(queries, k, params)
+
+    def _empty_error(self) -> EmptyIndexError:
+        return EmptyIndexError(f"search on an empty {type(self).__name__}: build() or add() keys first")
 
     @abc.abstractmethod
     def _build(self, keys, queries): ...

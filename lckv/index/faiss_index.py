@@ -5,10 +5,19 @@ as the baselines lckv's indexes are measured against.
 the ``nlist`` centroids): faiss counts per call, so every query of one call reports the call's
 mean. faiss pads missing results with id -1 and a large negative score; the adapter turns those
 scores into ``-inf`` to follow the interface's padding rule.
+
+Threads: faiss's indexes may be searched from many threads but not while keys are added (faiss
+reallocates the storage and links that searches read: unguarded, IVF searches returned ids outside
+the index and an HNSW search crashed the process), so the index's Python lock guards them (searches shared,
+``build`` / ``add`` exclusive). faiss counts the work of HNSW and IVF searches in process-wide
+counters, so those searches run one at a time across all FaissIndex objects (each still uses faiss's
+OpenMP threads over its queries) to report each call's own ``n_scored``; flat searches run in parallel.
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import numpy as np
 import torch
@@ -18,6 +27,15 @@ from lckv.index.base import Index
 __all__ = ["FaissIndex"]
 
 _KINDS = ("flat", "hnsw", "ivf")
+_COUNTERS = threading.Lock()  # held by an HNSW / IVF search from resetting faiss's counters to reading them
+
+
+@functools.lru_cache(maxsize=64)
+def _search_settings(kind: str, value: int):
+    """faiss's per-call settings of an HNSW (``efSearch``) or IVF (``nprobe``) search; read-only
+    during a search, so one object serves concurrent searches."""
+    faiss = _faiss()
+    return faiss.SearchParametersHNSW(efSearch=value) if kind == "hnsw" else faiss.SearchParametersIVF(nprobe=value)
 
 
 def _faiss():
@@ -34,7 +52,8 @@ class FaissIndex(Index):
     kind: ``"flat"`` (IndexFlatIP, exact), ``"hnsw"`` (IndexHNSWFlat, ``M`` links per node,
     ``ef_construction``; search parameter ``ef`` = efSearch) or ``"ivf"`` (IndexIVFFlat with
     ``n_lists`` k-means lists, default ``4 * sqrt(n)``; search parameter ``nprobe``).
-    Build queries are ignored: faiss indexes are built from the keys alone.
+    Build queries are ignored: faiss indexes are built from the keys alone. Safe to search from many
+    threads while another adds keys (module docstring, "Threads").
     """
 
     def __init__(self, dim: int, kind: str = "hnsw", M: int = 32, ef_construction: int = 100,
@@ -66,9 +85,10 @@ class FaissIndex(Index):
         return 0 if self._index is None else int(self._index.ntotal)
 
     def memory_bytes(self) -> int:
-        if self._index is None:
-            return 0
-        return int(_faiss().serialize_index(self._index).nbytes)
+        with self._lock.shared:
+            if self._index is None:
+                return 0
+            return int(_faiss().serialize_index(self._index).nbytes)
 
     def _build(self, keys, queries):
         self._add(keys)
@@ -85,19 +105,19 @@ class FaissIndex(Index):
         faiss = _faiss()
         q = queries.numpy()
         m = q.shape[0]
-        if self.kind == "hnsw":
-            self._index.hnsw.efSearch = int(params["ef"])
-            faiss.cvar.hnsw_stats.reset()
-        elif self.kind == "ivf":
-            self._index.nprobe = int(params["nprobe"])
-            faiss.cvar.indexIVF_stats.reset()
-        distances, labels = self._index.search(q, k)
-        if self.kind == "hnsw":
-            total = faiss.cvar.hnsw_stats.ndis
-        elif self.kind == "ivf":
-            total = faiss.cvar.indexIVF_stats.ndis + m * self._index.nlist
-        else:
+        if self.kind == "flat":
+            distances, labels = self._index.search(q, k)
             total = m * self.size
+        else:  # the settings go with the call, not into the index that concurrent searches share
+            hnsw = self.kind == "hnsw"
+            settings = _search_settings(self.kind, int(params["ef" if hnsw else "nprobe"]))
+            counters = faiss.cvar.hnsw_stats if hnsw else faiss.cvar.indexIVF_stats
+            with _COUNTERS:
+                counters.reset()
+                distances, labels = self._index.search(q, k, params=settings)
+                total = counters.ndis
+            if self.kind == "ivf":
+                total += m * self._index.nlist
         scores = torch.from_numpy(np.ascontiguousarray(distances, dtype=np.float32))
         ids = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
         scores[ids < 0] = float("-inf")

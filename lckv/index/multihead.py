@@ -63,7 +63,7 @@ def search_heads(indexes: Sequence[Index], queries: torch.Tensor, k: int, **para
     if handles is not None:
         return compiled("search_heads").search_heads(handles, queries, k, **merged)
     check_rows(queries, "queries", first.dim, ndim=3, layout="[heads, n_queries, head_dim]")
-    results = [ix._search(queries[h], k, merged) for h, ix in enumerate(indexes)]
+    results = [ix._search_under_lock(queries[h], k, merged) for h, ix in enumerate(indexes)]
     return tuple(torch.stack(parts) for parts in zip(*results))
 
 

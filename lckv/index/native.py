@@ -50,7 +50,13 @@ class _CoreDefaults:
 class NativeIndex(Index):
     """Common part of the C++-backed indexes: ``self._core`` is an ``lckv._C.VectorIndex``, made
     by ``_new_core(n)`` when the first keys arrive (some settings depend on n). The C++ glue checks
-    dtype, device, contiguity and values of every input, so the Python side checks only shapes."""
+    dtype, device, contiguity and values of every input, so the Python side checks only shapes.
+
+    Threads: the core's reader-writer lock (``RwLock``, ``csrc/include/lckv/vector_index.h``) makes
+    every search share the index and every add or build own it, with the GIL released, also in the
+    compiled calls that take :meth:`native_handle` s; so searches take no Python lock (they run in
+    parallel), and ``build`` / ``add`` also hold the Python lock, which makes the first add's core
+    creation and build's emptiness check atomic."""
 
     _kind: str  # the lckv._C.index_defaults kind, set by each subclass
     #: constructor settings and their defaults (from the C++ params struct)
@@ -96,6 +102,12 @@ class NativeIndex(Index):
             self._build(keys, None)
         else:
             self._core.add(keys)
+
+    def _search_under_lock(self, queries, k, params):
+        # no Python lock: the core's RwLock guards the search (see the class docstring)
+        if self.size == 0:
+            raise self._empty_error()
+        return self._search(queries, k, params)
 
     def _search(self, queries, k, params):
         return self._core.search(queries, k, **params)
@@ -249,6 +261,9 @@ class ClusterIndex(NativeIndex):
     ties). :meth:`search_group` also takes the rest's mass from the supers it did not open (their
     keys at the mean), its one approximation; ``expand=1`` makes it exact. Clusters of a partial
     span (the newest) are scored one by one. ``super_size=0`` turns super-clusters off.
+
+    Each accessor (``n_clusters``, ``assignments()``, ``centroids()``, ...) reads one consistent state;
+    while another thread adds keys, two calls may read different states.
 
     Settings and their defaults: ``ClusterIndex.build_defaults``. Search parameters
     (``ClusterIndex.search_params``): ``scan`` (default 2.0, >= 1): keys scanned per
