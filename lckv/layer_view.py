@@ -83,6 +83,8 @@ class CachePolicy(Protocol):
 
     sink: int
     keeps_offloaded: bool
+    #: host bytes a cache may hold, or None (LckvCache.max_host_bytes starts from it)
+    max_host_bytes: int | None
 
     def resident_window(self, context_len: int) -> int:
         """Recent tokens (the current one included) kept resident at ``context_len`` tokens."""
@@ -91,7 +93,11 @@ class CachePolicy(Protocol):
         """``(sample_capacity, recent_capacity)`` of prefill queries to record, or None."""
 
     def build(self, view: LayerView) -> Any:
-        """The selection state of a layer, from its view (at the first decode step)."""
+        """The selection state of a layer, from its view (at the first decode step). Deterministic
+        given the view and the global RNG state: the cache remakes a state by replaying
+        :meth:`build` and :meth:`on_offload` (:class:`lckv.cache.SelectionLog`)."""
 
     def on_offload(self, state: Any, view: LayerView, first_row: int, n_rows: int) -> None:
-        """Offloaded rows ``[first_row, first_row + n_rows)`` arrived after :meth:`build`."""
+        """Offloaded rows ``[first_row, first_row + n_rows)`` arrived after :meth:`build` (the view's
+        last rows). Reads only the view's offloaded rows, padding, positions, ``layer_idx`` and
+        ``shared``: a replay passes the resident part and ``context_len`` of the replay's time."""

@@ -16,13 +16,21 @@ attention function takes layer ``module.layer_idx`` of that cache. With an
 :class:`~lckv.cache.LckvCache`, the engine attends sink, offloaded and recent parts and merges
 them; with any other cache, or none (training), it applies the policy as a mask over the keys it
 is given: same outputs, no offloading.
+
+Transactions: :func:`enable` also wraps the model's ``forward`` (an instance attribute, removed
+by :func:`disable`) so that each call with an :class:`~lckv.cache.LckvCache` runs inside
+:meth:`LckvCache.transaction <lckv.cache.LckvCache.transaction>`: a call that raises leaves the
+cache as it was, and a second thread entering the cache during the call gets
+:class:`~lckv.cache.ConcurrentCacheUseError`.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import threading
 import types
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +74,8 @@ class LckvBinding:
     _route: threading.local = field(default_factory=threading.local, repr=False)
     #: the forward pre-hooks of the attention modules (removed by :func:`disable`)
     _hooks: list = field(default_factory=list, repr=False)
+    #: a weak reference to the model (set by :func:`enable`), for caches to save themselves
+    model_ref: object = field(default=None, repr=False)
 
     def cache_in_use(self):
         """The ``past_key_values`` of the attention call now running in this thread (None: none)."""
@@ -82,10 +92,21 @@ class LckvBinding:
         return cache.layers[layer_idx]
 
     def new_cache(self) -> LckvCache:
-        return LckvCache(self.policy, self.num_layers, self.sliding_layers)
+        cache = LckvCache(self.policy, self.num_layers, self.sliding_layers)
+        cache.model_ref = self.model_ref
+        return cache
 
     def policy_for(self, layer_idx: int) -> Policy:
         return self.sliding_layers.get(layer_idx, self.policy)
+
+    def fingerprint(self, model) -> dict:
+        """What identifies the model a saved cache belongs to (:mod:`lckv.persist`): its class, the
+        attention geometry, and the sha256 of every layer's key projection weights (what made the keys)."""
+        digest = hashlib.sha256()
+        for module in _attention_modules(model):
+            digest.update(module.k_proj.weight.detach().cpu().contiguous().view(torch.uint8).numpy())
+        return {"class": type(model).__name__, "num_layers": self.num_layers, "kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "k_proj_sha256": digest.hexdigest()}
 
 
 def sliding_window_policy(window: int) -> StreamingPolicy:
@@ -203,7 +224,6 @@ def lckv_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         out, _ = attend_with_selection(query, layer, attention_mask, policy, scaling)
     elif selecting and policy.prefill == "retrieval":
         out, _ = attend_chunk_with_selection(query, layer, attention_mask, policy, scaling)
-        layer.settle()  # the chunk's older tokens join the store and its index now, not at the next step
     else:
         # nothing offloaded or evicted yet: the resident keys (sink then recent) are slots 0.. in order
         parts = [Segment(key, value, 0)] if layer.resident_is_contiguous() else layer.segments()
@@ -257,6 +277,11 @@ def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
     older tokens offloaded to host memory or evicted, as the policy says); forward calls without
     a cache apply the policy as a mask. Calling ``enable`` again replaces the policy.
 
+    Each call of ``model`` with an LckvCache is a transaction of that cache (the module
+    docstring). Every policy takes ``max_host_bytes`` (default None: no limit): a cache whose host
+    memory (offloaded K/V buffers, indexes, estimate, recorded queries) would grow past it raises
+    :class:`~lckv.cache.HostMemoryLimitError` before allocating, and the call changes nothing.
+
     Raises :class:`~lckv.policies.PolicyConfigError` for unknown policies or bad settings and
     :class:`ModelNotSupportedError` for models without Llama/Qwen2-style attention modules.
     """
@@ -272,10 +297,12 @@ def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
     for m in modules:
         m.lckv_binding = binding
         binding._hooks.append(m.register_forward_pre_hook(_cache_recorder(binding, m), with_kwargs=True))
+    binding.model_ref = weakref.ref(model)
     model.lckv_binding = binding
     model.set_attn_implementation(ATTENTION_NAME)
     if previous is None:
         _install_default_cache(model)
+        _install_transactions(model)
     return binding
 
 
@@ -290,24 +317,60 @@ def disable(model) -> None:
         del m.lckv_binding
     del model.lckv_binding
     del model._prepare_cache_for_generation  # drop the instance override, back to the class method
+    forward = vars(model).get("forward")
+    if hasattr(forward, "lckv_previous"):  # ours: put back what was there (nothing, or e.g. accelerate's hook)
+        if forward.lckv_previous is None:
+            del model.forward
+        else:
+            model.forward = forward.lckv_previous
     model.set_attn_implementation(binding.previous_attn_implementation or "sdpa")
+
+
+def _cache_argument(forward):
+    """A function ``(args, kwargs) -> the past_key_values of a call of forward`` (by keyword, or
+    by position in ``forward``'s signature)."""
+    params = list(inspect.signature(forward).parameters)
+    position = params.index("past_key_values") if "past_key_values" in params else None
+
+    def cache_of(args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None and position is not None and len(args) > position:
+            cache = args[position]
+        return cache
+
+    return cache_of
 
 
 def _cache_recorder(binding: LckvBinding, module: torch.nn.Module):
     """The forward pre-hook that records which cache ``module`` is called with (see the module
-    docstring); ``past_key_values`` by keyword, or by position in ``module.forward``'s signature."""
-    params = list(inspect.signature(module.forward).parameters)
-    position = params.index("past_key_values") if "past_key_values" in params else None
+    docstring)."""
+    cache_of = _cache_argument(module.forward)
 
     def record(mod, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        if cache is None and position is not None and len(args) > position:
-            cache = args[position]
+        cache = cache_of(args, kwargs)
         binding._route.cache = cache
         if isinstance(cache, LckvCache):
             cache.routed = True
 
     return record
+
+
+def _install_transactions(model) -> None:
+    """Wraps ``model.forward`` (instance-level) so that a call with an LckvCache is one
+    :meth:`~lckv.cache.LckvCache.transaction` of it; ``inspect.signature`` still sees the original."""
+    inner = model.forward
+    cache_of = _cache_argument(inner)
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        cache = cache_of(args, kwargs)
+        if not isinstance(cache, LckvCache):
+            return inner(*args, **kwargs)
+        with cache.transaction():
+            return inner(*args, **kwargs)
+
+    forward.lckv_previous = vars(model).get("forward")  # an instance-level forward, or None
+    model.forward = forward
 
 
 def _remove_hooks(binding: LckvBinding) -> None:

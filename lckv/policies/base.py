@@ -22,6 +22,10 @@ _REGISTRY: dict[str, type["Policy"]] = {}
 #: accepted ``Policy.host_dtype`` values (None: the model's dtype)
 HOST_DTYPES = (None, "float32", "bfloat16", "float16")
 
+#: setting annotation -> the types a value of it may have (a bool is not an int; an int is a float)
+_SETTING_TYPES = {"int": (int,), "bool": (bool,), "float": (int, float), "str": (str,), "dict": (dict,)}
+_SETTING_NAMES = {"int": "an int", "bool": "a bool", "float": "a number", "str": "a str", "dict": "a dict"}
+
 
 class PolicyConfigError(ValueError):
     """A policy name or setting is invalid."""
@@ -38,11 +42,19 @@ class Policy:
     host_dtype : dtype of the offloaded K/V in host memory: None keeps the model's; ``"bfloat16"``
         or ``"float16"`` halve an fp32 model's host KV (attention reads the rows back in the
         compute dtype; the rounding is that of a 16-bit KV cache).
+    max_host_bytes : host memory a cache may hold, in bytes (None: no limit): its offloaded K/V
+        buffers (spare capacity included), selection state (indexes, estimate) and recorded
+        queries (:meth:`lckv.cache.LckvCache.host_bytes`). A store growth that would pass it raises
+        :class:`lckv.cache.HostMemoryLimitError` before allocating, and the model call that needed
+        it changes nothing. Checked when a store grows (the index and estimate growing between
+        store growths are counted at the next one); a growth near the limit takes only the rows it
+        needs instead of doubling.
     """
 
     sink: int = 4
     window: int = 1024
     host_dtype: str | None = None
+    max_host_bytes: int | None = None
 
     name: ClassVar[str] = ""
     #: keep tokens that leave the window in the host-memory store (False: evict them).
@@ -54,10 +66,16 @@ class Policy:
     def validate(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int)):
-                raise PolicyConfigError(f"{type(self).__name__}.{f.name} must be an int, got {value!r}")
+            types = _SETTING_TYPES.get(f.type, ()) if f.init else ()
+            if types and ((isinstance(value, bool) and bool not in types) or not isinstance(value, types)):
+                raise PolicyConfigError(f"{type(self).__name__}.{f.name} must be {_SETTING_NAMES[f.type]}, "
+                                        f"got {value!r}")
         if self.sink < 0:
             raise PolicyConfigError(f"{type(self).__name__}.sink must be >= 0, got {self.sink}")
+        limit = self.max_host_bytes
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise PolicyConfigError(f"{type(self).__name__}.max_host_bytes must be None (no limit) or an int >= 1 "
+                                    f"(bytes), got {limit!r}")
         if self.host_dtype not in HOST_DTYPES:
             raise PolicyConfigError(f"{type(self).__name__}.host_dtype must be one of {HOST_DTYPES}, "
                                     f"got {self.host_dtype!r}")
@@ -117,7 +135,7 @@ def get_policy(name: str, **settings) -> Policy:
     if name not in _REGISTRY:
         raise PolicyConfigError(f"unknown policy {name!r}; available: {', '.join(available_policies())}")
     cls = _REGISTRY[name]
-    known = {f.name for f in fields(cls)}
+    known = {f.name for f in fields(cls) if f.init}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise PolicyConfigError(f"policy {name!r} has no setting(s) {unknown}; settings: {sorted(known)}")
