@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExtensionNotAvailableError", "extension_available", "Policy", "PolicyConfigError", "available_policies",
-    "get_policy", "enable", "disable", "new_cache", "__version__",
+    "get_policy", "enable", "disable", "new_cache", "load_cache", "__version__",
 ]
 
 
@@ -37,3 +37,10 @@ def new_cache(model):
     from lckv.integrations.hf import new_cache as _new_cache
 
     return _new_cache(model)
+
+
+def load_cache(path, model):
+    """See :func:`lckv.persist.load_cache` (a cache saved with ``LckvCache.save``)."""
+    from lckv.persist import load_cache as _load_cache
+
+    return _load_cache(path, model)
