@@ -143,12 +143,14 @@ class Bookmarks(nn.Module):
 
     # ------------------------------------------------------------------------------- the file
     def save(self, path: str | Path) -> Path:
-        """Writes the parameters and the model fingerprint to ``path`` atomically (a temporary
-        file in the same folder, then renamed): an interrupted save leaves no partial file."""
+        """Writes the parameters, their sha256 and the model fingerprint to ``path`` atomically (a
+        temporary file in the same folder, then renamed): an interrupted save leaves no partial
+        file, and a file corrupted later fails the checksum when loaded."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FILE_FORMAT, "fingerprint": self.fingerprint,
-                   "state": {k: v.detach().cpu() for k, v in self.state_dict().items()}}
+        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
+        payload = {"format": FILE_FORMAT, "fingerprint": self.fingerprint, "state": state,
+                   "state_sha256": _state_digest(state)}
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -173,10 +175,21 @@ def model_fingerprint(model) -> dict:
             "q_proj_sha1": hashlib.sha1(weight.numpy().tobytes()).hexdigest()}
 
 
+def _state_digest(state: dict) -> str:
+    """sha256 of the parameters (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_bookmarks(path: str | Path, model) -> Bookmarks:
     """The bookmarks saved at ``path`` for ``model``. Raises FileNotFoundError when the file is
-    missing and :class:`BookmarkFileError` when it is corrupt, of another format or made for
-    another model (the differing fingerprint fields are named)."""
+    missing and :class:`BookmarkFileError` when it is corrupt (unreadable, or its parameters fail
+    the checksum saved with them), of another format or made for another model (the differing
+    fingerprint fields are named). Files saved without a checksum load unchecked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"bookmarks: no file at {path}")
@@ -188,12 +201,18 @@ def load_bookmarks(path: str | Path, model) -> Bookmarks:
     if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
         raise BookmarkFileError(f"bookmarks: {path} is not a {FILE_FORMAT} file")
     bookmarks = Bookmarks(model)
-    theirs = payload.get("fingerprint") or {}
+    theirs = payload.get("fingerprint")
+    theirs = theirs if isinstance(theirs, dict) else {}
     differ = sorted(k for k in bookmarks.fingerprint if theirs.get(k) != bookmarks.fingerprint[k])
     if differ:
         raise BookmarkFileError(f"bookmarks: {path} was made for another model ({', '.join(differ)} differ)")
+    state = payload.get("state")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BookmarkFileError(f"bookmarks: {path} does not hold a dict of parameter tensors")
+    if "state_sha256" in payload and payload["state_sha256"] != _state_digest(state):
+        raise BookmarkFileError(f"bookmarks: {path} is corrupt: its parameters fail the checksum saved with them")
     try:
-        bookmarks.load_state_dict(payload["state"])
+        bookmarks.load_state_dict(state)
     except (RuntimeError, KeyError) as exc:
         raise BookmarkFileError(f"bookmarks: {path} does not hold this model's parameters: {exc}") from exc
     return bookmarks

@@ -80,6 +80,44 @@ def test_empty_keys_and_general_masks():
         ops.attention_with_lse(q, k, v, mask=mask, backend="torch")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kv_len", [0, 7])
+def test_no_queries_returns_empty_states(causal, kv_len):
+    """q_len 0 never reaches torch's fused kernel, which dies of SIGFPE on it (found by
+    benchmarks/fuzz.py)."""
+    q, k, v = _inputs(2, 4, 2, 0, kv_len, 16)
+    for backend in ("torch", "reference"):
+        out, lse = ops.attention_with_lse(q, k, v, causal=causal, backend=backend)
+        assert out.shape == (2, 4, 0, 16) and lse.shape == (2, 4, 0) and lse.dtype == torch.float32
+    out, lse = ops.attention_with_lse(q, k, v, causal=causal, key_padding=torch.ones(2, kv_len, dtype=torch.bool))
+    assert out.shape == (2, 4, 0, 16)
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_last_dim_not_contiguous_matches_the_reference(which, dtype):
+    """torch's fused kernel reads the last dim as contiguous whatever its stride: a view with
+    stride 2 there gave errors of ~1 (found by benchmarks/fuzz.py); the launcher copies it."""
+    q, k, v = _inputs(2, 4, 2, 5, 9, 16, dtype=dtype)
+    args = {"q": q, "k": k, "v": v}
+    wide = torch.zeros(*args[which].shape[:-1], 32, dtype=dtype)
+    wide[..., ::2] = args[which]
+    args[which] = wide[..., ::2]
+    assert args[which].stride(-1) == 2
+    out, lse = ops.attention_with_lse(args["q"], args["k"], args["v"], causal=True, backend="torch")
+    want, want_lse = ops.attention_with_lse(q, k, v, causal=True, backend="torch")
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_mask_wider_than_the_keys_is_refused(backend):
+    """A [.., 2] mask over kv_len 1 "broadcast" with the scores instead of to them and raised a
+    RuntimeError deep in the softmax (found by benchmarks/fuzz.py)."""
+    q, k, v = _inputs(2, 3, 3, 3, 1, 8)
+    with pytest.raises(ValueError, match=r"mask of shape \(1, 3, 1, 2\) does not broadcast to \(2, 3, 3, 1\)"):
+        ops.attention_with_lse(q, k, v, mask=torch.ones(1, 3, 1, 2, dtype=torch.bool), backend=backend)
+
+
 def test_key_padding_is_checked():
     q, k, v = _inputs(2, 4, 2, 5, 9, 16)
     with pytest.raises(TypeError, match="key_padding must be a bool tensor"):

@@ -194,6 +194,34 @@ def test_placed_file_is_hashed_once_and_a_changed_one_is_removed(env, monkeypatc
     assert cache_entries(spec) == {".lock"}
 
 
+@pytest.mark.parametrize("sidecar", ["binary", "directory"])
+def test_corrupt_sidecar_means_rehash_not_a_crash(env, sidecar):
+    """A sidecar that is not UTF-8 text, or a directory, is no match: the GGUF is re-hashed and
+    gets a fresh sidecar (before, is_fetched/model_path raised UnicodeDecodeError or
+    IsADirectoryError; found by benchmarks/fuzz.py)."""
+    spec, whole = make_model(env, "sidecar", [2_000])
+    path = registry.model_dir(spec) / spec.gguf_file
+    path.parent.mkdir(parents=True)
+    path.write_bytes(whole)
+    side = path.with_name(path.name + ".sha256")
+    if sidecar == "binary":
+        side.write_bytes(b"\xff\xfe" + os.urandom(40))
+    else:
+        (side / "junk").mkdir(parents=True)
+    assert registry.is_fetched(spec) is False
+    assert registry.model_path(spec) == path.parent
+    assert registry.is_fetched(spec) and side.is_file()
+
+
+def test_directory_in_place_of_the_gguf_is_reported_not_deleted(env):
+    spec, _ = make_model(env, "dirgguf", [100])
+    path = registry.model_dir(spec) / spec.gguf_file
+    path.mkdir(parents=True)
+    with pytest.raises(ModelNotFetchedError, match="is not a regular file"):
+        registry.model_path(spec)
+    assert path.is_dir()
+
+
 def test_unknown_name_lists_the_available_ones(env):
     with pytest.raises(UnknownModelError) as info:
         registry.fetch("no-such-model")

@@ -4,7 +4,7 @@ import torch
 
 from lckv import extension_available
 from lckv.ops import (
-    flat_topk_scores, merge_attention_states, quest_page_scores, sink_window_attention_with_lse,
+    attention_with_lse, flat_topk_scores, merge_attention_states, quest_page_scores, sink_window_attention_with_lse,
     sparse_attention_with_lse,
 )
 
@@ -101,3 +101,97 @@ def test_scoring_bad_inputs(backend):
         flat_topk_scores(q, k[..., :8], 3, backend=backend)
     with pytest.raises(ValueError, match="k contains NaN"):
         flat_topk_scores(q, k.clone().fill_(float("nan")), 3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if extension_available() else []))
+@pytest.mark.parametrize("scale,error", [(float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError),
+                                         ([1.0], TypeError), (True, TypeError)])
+def test_bad_scale_is_refused_by_name(backend, scale, error):
+    """A NaN/inf scale gave NaN outputs (or a "k or v contains NaN" error blaming the cache), a
+    string a pybind "incompatible function arguments" (found by benchmarks/fuzz.py)."""
+    q, k, v, idx = _sparse()
+    with pytest.raises(error, match="scale must be"):
+        sparse_attention_with_lse(q, k, v, idx, scale=scale, backend=backend)
+    q4 = torch.randn(1, 4, 3, 16)
+    with pytest.raises(error, match="scale must be"):
+        sink_window_attention_with_lse(q4, k, v, 2, 4, scale=scale, backend=backend)
+    with pytest.raises(error, match="scale must be"):
+        attention_with_lse(q4, k, v, scale=scale)
+    out, _ = sparse_attention_with_lse(q, k, v, idx, scale=torch.tensor(0.25), backend=backend)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sink_window_refuses_minus_inf_in_a_row_it_reads(backend):
+    """A -inf key makes its score -inf and its row drop out with a finite result, which the result
+    check cannot see: the rows read are checked (found by benchmarks/fuzz.py)."""
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 10, 16)
+    for row, read in [(0, True), (9, True), (4, False)]:  # sink 1, window 3: rows 0 and 5..9 are read
+        bad = k.clone()
+        bad[0, 1, row, 5] = float("-inf")
+        if read:
+            with pytest.raises(ValueError, match="k contains NaN or inf"):
+                sink_window_attention_with_lse(q, bad, k, 1, 3, backend=backend)
+        elif backend != "reference":  # the reference scans every row
+            out, _ = sink_window_attention_with_lse(q, bad, k, 1, 3, backend=backend)
+            want, _ = sink_window_attention_with_lse(q, k, k, 1, 3, backend=backend)
+            assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + (["cpu"] if extension_available() else []))
+def test_sink_window_empty_batch(backend):
+    """batch 0 on the cpu backend raised "stack expects a non-empty TensorList" (benchmarks/fuzz.py)."""
+    out, lse = sink_window_attention_with_lse(torch.randn(0, 4, 2, 8), torch.randn(0, 2, 5, 8),
+                                              torch.randn(0, 2, 5, 8), 1, 3, backend=backend)
+    assert out.shape == (0, 4, 2, 8) and lse.shape == (0, 4, 2)
+
+
+@pytest.mark.parametrize("top_k", [2**40, 2**62, 2**63])
+def test_flat_topk_huge_k_is_refused_by_name(top_k):
+    """The padded outputs of a huge top_k cannot be allocated: ValueError naming top_k, not an
+    allocator RuntimeError or an overflow deep in F.pad (benchmarks/fuzz.py)."""
+    q, k = torch.randn(1, 4, 16), torch.randn(1, 2, 30, 16)
+    with pytest.raises(ValueError, match="top_k=.* is too large"):
+        flat_topk_scores(q, k, top_k, backend="reference")
+    scores, ids = flat_topk_scores(q, k, 100_000, backend="reference")
+    assert scores.shape == (1, 4, 100_000) and torch.isneginf(scores[..., 30:]).all() and (ids[..., 30:] == -1).all()
+    want = flat_topk_scores(q, k, 30, backend="reference")
+    assert torch.equal(scores[..., :30], want[0]) and torch.equal(ids[..., :30], want[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_head_dim_is_refused_by_name(backend):
+    """head_dim 0 raised ZeroDivisionError computing the default scale (benchmarks/fuzz.py)."""
+    q, k = torch.randn(1, 2, 3, 0), torch.randn(1, 1, 5, 0)
+    with pytest.raises(ValueError, match="q must have head_dim >= 1"):
+        sink_window_attention_with_lse(q, k, k, 1, 2, backend=backend)
+    with pytest.raises(ValueError, match="q must have head_dim >= 1"):
+        sparse_attention_with_lse(q[:, :, 0], k, k, torch.zeros(1, 1, 2, dtype=torch.long), backend=backend)
+    if backend != "triton":
+        with pytest.raises(ValueError, match="q must have head_dim >= 1"):
+            attention_with_lse(q, k, k, backend="reference" if backend == "reference" else "auto")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_merge_zero_head_dim_gives_the_merged_lse(backend):
+    """The C++ kernel left lse unwritten for head_dim 0 (garbage like 2e15; benchmarks/fuzz.py)."""
+    lse_a = torch.tensor([0.5, float("-inf"), 1.0])
+    lse_b = torch.tensor([1.5, float("-inf"), float("-inf")])
+    out, lse = merge_attention_states(torch.randn(3, 0), lse_a, torch.randn(3, 0), lse_b, backend=backend)
+    assert out.shape == (3, 0)
+    torch.testing.assert_close(lse, torch.logaddexp(lse_a, lse_b), rtol=1e-6, atol=1e-6)
+
+
+def test_meta_tensors_are_refused_by_name():
+    """Every tensor on the meta device (shapes, no data) reached a value check and raised
+    "Tensor.item() cannot be called on meta tensors" (benchmarks/fuzz.py)."""
+    q, k, v, idx = (t.to("meta") for t in _sparse())
+    with pytest.raises(ValueError, match="indices is a meta tensor"):  # the ids are checked first
+        sparse_attention_with_lse(q, k, v, idx, backend="reference")
+    with pytest.raises(ValueError, match="q is a meta tensor"):
+        attention_with_lse(q.unsqueeze(2), k, v)
+    out, lse = torch.randn(2, 3, 8, device="meta"), torch.randn(2, 3, device="meta")
+    with pytest.raises(ValueError, match="lse_a is a meta tensor"):
+        merge_attention_states(out, lse, out, lse)
+    with pytest.raises(ValueError, match="q is a meta tensor"):
+        flat_topk_scores(q, k, 3)

@@ -237,3 +237,141 @@ def test_estimate_from_kmeans_uses_the_op():
     assert est.centroids.shape == (2, 2, 9, 16)
     assert torch.equal(est.assign, assign_nearest(layer.store.keys, est.centroids))
     torch.testing.assert_close(est.counts.sum(-1), torch.full((2, 2), float(layer.store.length)))
+
+
+RETRIEVAL_BACKENDS = ["cpu", "reference"]
+
+
+@pytest.mark.parametrize("backend", RETRIEVAL_BACKENDS)
+def test_kmeans_bad_inputs_are_refused_on_every_backend(backend):
+    """The reference path had no checks: out-of-range or repeated init positions, NaN points and
+    non-tensors raised IndexError/AttributeError or were silently accepted (benchmarks/fuzz.py)."""
+    points, init = torch.randn(2, 50, 8), torch.tensor([0, 7, 9])
+    nan = points.clone()
+    nan[1, 3, 2] = float("nan")
+    cases = [((points, torch.tensor([0, 60]), 3), ValueError, "init must hold point positions in \\[0, 50\\)"),
+             ((points, torch.tensor([0, 0, 3]), 3), ValueError, "init must hold distinct positions"),
+             ((points, torch.tensor([0, 3]), -1), ValueError, "iterations must be >= 0"),
+             ((points, init.float(), 3), TypeError, "init must"),
+             ((nan, init, 3), ValueError, "points contains NaN or inf"),
+             (("x", init, 3), TypeError, "points must be a torch.Tensor"),
+             ((points, None, 3), TypeError, "init must be a torch.Tensor")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.kmeans(*args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", RETRIEVAL_BACKENDS)
+def test_estimate_ops_bad_inputs_are_refused_and_change_nothing(backend):
+    _seed()
+    B, H, C, D, rows = 1, 2, 5, 8, 30
+    centroids, counts, sums, assign, values = _cluster_state(B, H, C, D, rows)
+    q, indices = torch.randn(B, H * 2, D), torch.randint(-1, rows, (B, H, 6))
+    base = dict(q=q, centroids=centroids, counts=counts, value_sums=sums, assign=assign, values=values, indices=indices,
+                scale=0.5)
+    bad_q = q.clone()
+    bad_q[0, 1, 2] = float("nan")
+    past = indices.clone()
+    past[0, 1, 2] = rows
+    cases = [(dict(indices=past), ValueError, "indices must be row ids"),
+             (dict(q=bad_q), ValueError, "q contains NaN"), (dict(scale=float("nan")), ValueError, "scale must be"),
+             (dict(values=values[:, :, :-1]), ValueError, "assign must have shape|values must have shape"),
+             (dict(counts=counts[..., :-1]), ValueError, "counts must have shape"), (dict(q=None), TypeError, "q must be")]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.centroid_estimate(**{**base, **change}, backend=backend)
+    new_k, new_v = torch.randn(B, H, 4, D), torch.randn(B, H, 4, D)
+    half = 0.5 * centroids.square().sum(-1)
+    state = (counts.clone(), sums.clone())
+    nan_k = new_k.clone()
+    nan_k[0, 1, 3, 0] = float("nan")
+    for args, error, message in [((nan_k, new_v, None), ValueError, "keys contains NaN"),
+                                 ((new_k, new_v[:, :, :2], None), ValueError, "values must have the shape of keys"),
+                                 ((new_k, new_v, torch.ones(B, 3, dtype=torch.bool)), ValueError, "valid must have")]:
+        with pytest.raises(error, match=message):
+            ops.estimate_add_rows(*args, centroids, half, *state, backend=backend)
+        assert torch.equal(state[0], counts) and torch.equal(state[1], sums)
+
+
+@pytest.mark.parametrize("backend", RETRIEVAL_BACKENDS)
+def test_group_rank_bad_inputs_are_refused(backend):
+    _seed()
+    q, keys = torch.randn(1, 4, 8), torch.randn(1, 2, 20, 8)
+    candidates = torch.randint(-1, 20, (1, 2, 9))
+    bad_q = q.clone()
+    bad_q[0, 0, 0] = float("nan")
+    past = candidates.clone()
+    past[0, 1, 4] = 20
+    cases = [((q, keys, past, None, 0.3, 4), ValueError, "candidates must be row ids"),
+             ((bad_q, keys, candidates, None, 0.3, 4), ValueError, "q contains NaN"),
+             ((q, keys, candidates, torch.full((1, 4), float("nan")), 0.3, 4), ValueError, "rest_lse contains NaN"),
+             ((q, keys, candidates, None, 0.3, 0), ValueError, "n_select must be >= 1"),
+             ((q, keys[..., :7], candidates, None, 0.3, 4), ValueError, "q must have shape")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.rank_by_group_probability(*args, backend=backend)
+
+
+def test_retrieval_ops_take_any_last_dim_stride():
+    """The C++ kernels read rows with a contiguous last dim; a view with stride 2 there raised a
+    ValueError on a valid input (benchmarks/fuzz.py): the launchers copy such views."""
+    _seed()
+    q, keys = torch.randn(1, 4, 8), torch.randn(1, 2, 20, 8)
+    wide = torch.zeros(1, 2, 20, 16)
+    wide[..., ::2] = keys
+    candidates = torch.randint(-1, 20, (1, 2, 9))
+    got = ops.rank_by_group_probability(q, wide[..., ::2], candidates, None, 0.3, 4, backend="cpu")
+    assert torch.equal(got, ops.rank_by_group_probability(q, keys, candidates, None, 0.3, 4, backend="cpu"))
+    centroids, counts, sums, assign, values = _cluster_state(1, 2, 5, 8, 20)
+    wide_values = torch.zeros(1, 2, 20, 16)
+    wide_values[..., ::2] = values
+    indices = torch.randint(-1, 20, (1, 2, 6))
+    got = ops.centroid_estimate(q, centroids, counts, sums, assign, wide_values[..., ::2], indices, 0.5, backend="cpu")
+    want = ops.centroid_estimate(q, centroids, counts, sums, assign, values, indices, 0.5, backend="cpu")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("backend", RETRIEVAL_BACKENDS)
+def test_offload_rows_refused_call_changes_no_index(backend):
+    """The reference path added head 0's rows before head 1's NaN keys raised (benchmarks/fuzz.py)."""
+    _seed()
+    _, heads = _cluster_heads(1, 2, 8, 100)
+    keys, values = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    keys[0, 1, 2, 4] = float("nan")
+    with pytest.raises(ValueError, match="keys contains NaN"):
+        ops.offload_rows(heads, keys, values, backend=backend)
+    assert [ix.size for ix in heads] == [100, 100]
+    with pytest.raises(ValueError, match="indexes must hold batch \\* kv_heads = 2"):
+        ops.offload_rows(heads[:1], keys.nan_to_num(), values, backend=backend)
+    with pytest.raises(TypeError, match="indexes must be a list"):
+        ops.offload_rows("x", keys.nan_to_num(), values, backend=backend)
+
+
+@pytest.mark.parametrize("backend", RETRIEVAL_BACKENDS)
+def test_decode_cluster_step_bad_inputs_name_the_argument(backend):
+    _seed()
+    keys, heads = _cluster_heads(1, 2, 8, 60)
+    values, res = torch.randn(1, 2, 60, 8), torch.randn(1, 2, 4, 8)
+    q = torch.randn(1, 4, 8)
+    base = dict(indexes=heads, q=q, keys=keys, values=values, resident_k=res, resident_v=res, n_select=8, scale=0.3)
+    cases = [(dict(resident_v=res[:, :, :3]), ValueError, "resident_v must have the shape of resident_k"),
+             (dict(scale="x"), TypeError, "scale must be"), (dict(n_select=None), TypeError, "n_select must be an int"),
+             (dict(search="scan"), TypeError, "search must be a dict"),
+             (dict(search={"bogus": 1}), TypeError, "search got unknown settings \\['bogus'\\]"),
+             (dict(indexes=heads[:1]), ValueError, "indexes must hold batch \\* kv_heads = 2"),
+             (dict(values=values[:, :, :-1]), ValueError, "values must have the shape of keys")]
+    for change, error, message in cases:
+        with pytest.raises(error, match=message):
+            ops.decode_cluster_step(**{**base, **change}, backend=backend)
+
+
+@pytest.mark.parametrize("n_select", [10**5, 2**63])
+def test_group_rank_huge_n_select(n_select):
+    """n_select past int64 raised pybind's "incompatible function arguments" (benchmarks/fuzz.py);
+    any n_select above the candidates selects them all, on both backends."""
+    _seed()
+    q, keys = torch.randn(1, 4, 8), torch.randn(1, 2, 20, 8)
+    candidates = torch.randint(0, 20, (1, 2, 9))
+    got = ops.rank_by_group_probability(q, keys, candidates, None, 0.3, n_select, backend="cpu")
+    want = ops.rank_by_group_probability(q, keys, candidates, None, 0.3, n_select, backend="reference")
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)

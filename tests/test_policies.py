@@ -423,6 +423,28 @@ def test_retrieval_inserts_spilled_tokens_during_decoding():
     assert torch.allclose(state.estimate.counts.sum(-1), torch.full((2, 2), float(layer.store.length)))
 
 
+@pytest.mark.parametrize("name,setting,value", [
+    ("retrieval", "estimate_rest", "no"), ("retrieval", "prefill_per_head", 0), ("retrieval", "exact_above", "x"),
+    ("retrieval", "index_params", 5), ("retrieval", "search_params", [1]), ("retrieval", "index", 3),
+    ("snapkv", "pooling", None), ("quest", "prefill", 1), ("block", "budget", True), ("full", "window", 2.0),
+])
+def test_settings_of_the_wrong_type_are_refused_by_name(name, setting, value):
+    """Every setting is checked against its annotation (found by benchmarks/fuzz.py: a bool
+    setting took 0 or "no" silently, a dict setting 5 or a float setting "x" raised TypeError from
+    a comparison deep in validate)."""
+    with pytest.raises(PolicyConfigError, match=f"{setting} must be"):
+        get_policy(name, **{setting: value})
+    policy = get_policy(name)
+    setattr(policy, setting, value)
+    with pytest.raises(PolicyConfigError, match=f"{setting} must be"):
+        lckv.policies.resolve_policy(policy)
+
+
+def test_internal_fields_are_not_settings():
+    with pytest.raises(PolicyConfigError, match=r"no setting\(s\) \['_module'\]"):
+        get_policy("retrolm", _module=object())
+
+
 def test_selection_policy_configs_are_validated():
     with pytest.raises(PolicyConfigError, match="budget must be >= 1 token"):
         get_policy("quest", budget=0)

@@ -240,6 +240,30 @@ def test_bookmark_file_round_trip_and_bad_files(model, tmp_path):
         load_bookmarks(path, other)
 
 
+def test_corrupt_parameters_and_odd_payloads_are_refused(model, tmp_path):
+    """A flipped byte inside a saved tensor still loads with torch.load: the checksum saved with
+    the parameters refuses it; fingerprints and states of the wrong type are refused by name, not
+    with AttributeError (found by benchmarks/fuzz.py)."""
+    bookmarks = Bookmarks(model)
+    data = bytearray(bookmarks.save(tmp_path / "b.pt").read_bytes())
+    raw = bookmarks.embedding.detach().numpy().tobytes()
+    at = bytes(data).find(raw)
+    assert at > 0
+    data[at + len(raw) // 2] ^= 0x40
+    (tmp_path / "flip.pt").write_bytes(bytes(data))
+    assert torch.load(tmp_path / "flip.pt", weights_only=True)["state"]  # torch itself does not notice
+    with pytest.raises(BookmarkFileError, match="fail the checksum"):
+        load_bookmarks(tmp_path / "flip.pt", model)
+    good = torch.load(tmp_path / "b.pt", weights_only=True)
+    for payload, message in [({**good, "fingerprint": "x"}, "another model"),
+                             ({**good, "fingerprint": [1]}, "another model"),
+                             ({**good, "state": [1]}, "dict of parameter tensors"),
+                             ({**good, "state": {**good["state"], "embedding": 3}}, "dict of parameter tensors")]:
+        torch.save(payload, tmp_path / "odd.pt")
+        with pytest.raises(BookmarkFileError, match=message):
+            load_bookmarks(tmp_path / "odd.pt", model)
+
+
 def test_interrupted_save_leaves_no_file(model, tmp_path, monkeypatch):
     bookmarks = Bookmarks(model)
 

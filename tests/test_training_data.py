@@ -80,6 +80,45 @@ def test_bad_rows_and_files(tmp_path):
         D.load_records([bad])
 
 
+def test_corrupt_files_and_bad_settings_name_the_file_or_setting(tmp_path):
+    """Truncated or non-UTF-8 .jsonl/.json and truncated .parquet files raise DataFormatError naming
+    the file (before: JSONDecodeError, UnicodeDecodeError or ArrowInvalid without it); settings are
+    checked even for an empty file (found by benchmarks/fuzz.py)."""
+    import pandas as pd
+
+    row = {"_id": "1", "question": "q", "answer": "a",
+           "paragraphs": [{"idx": 0, "title": "t", "paragraph_text": "One. Two.", "is_supporting": True}]}
+    good = tmp_path / "rows.jsonl"
+    good.write_text(json.dumps(row) + "\n" + json.dumps(row))
+    (tmp_path / "cut.jsonl").write_bytes(good.read_bytes()[:-7])
+    (tmp_path / "latin.json").write_bytes(b'[{"question": "\xe9"}]')
+    pd.DataFrame([row]).to_parquet(tmp_path / "rows.parquet")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "rows.parquet").read_bytes()[:200])
+    assert len(D.load_records([tmp_path / "rows.parquet"])) == 1
+    for name, message in [("cut.jsonl", "line 2 is not JSON"), ("latin.json", "not UTF-8"),
+                          ("cut.parquet", "not a readable parquet file")]:
+        with pytest.raises(D.DataFormatError, match=f"{name}.*{message}|{message}.*{name}"):
+            D.load_records([tmp_path / name])
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        D.load_records([tmp_path / "empty.jsonl"], layout="squad")
+    with pytest.raises(ValueError, match="passage_words must be an int >= 1"):
+        D.load_records([tmp_path / "empty.jsonl"], passage_words=0)
+    assert D.load_records([good], limit=0) == []
+
+
+def test_odd_field_types_are_row_errors():
+    row = {"_id": "7", "question": "q", "answer": "a",
+           "paragraphs": [{"idx": 0, "title": "t", "paragraph_text": "One.", "is_supporting": True}]}
+    assert D.parse_record({**row, "answer_aliases": "Paris"}).answers == ["a", "Paris"]  # not ['P', 'a', ...]
+    with pytest.raises(D.DataFormatError, match="row '7'.*answer_aliases"):
+        D.parse_record({**row, "answer_aliases": 5})
+    with pytest.raises(D.DataFormatError, match="row '7' does not match layout"):
+        D.parse_record({**row, "paragraphs": [{"title": "t", "paragraph_text": 5}]})
+    with pytest.raises(D.DataFormatError, match="must be a JSON object"):
+        D.parse_record([row], layout="musique")
+
+
 def test_split_passages_random():
     seed = _seed()
     rng = random.Random(seed)

@@ -170,6 +170,15 @@ def test_bad_inputs_are_bounded_and_never_raise(fmt, caplog):
     assert ALL["ao"]("x", b"\xff\xfe\nThe answer is: " + answer.encode(), truth) == 1.0
 
 
+def test_non_finite_gold_ids_are_ignored():
+    """A JSON ground truth may carry Infinity as an id: int(inf) raised OverflowError out of a
+    reward documented never to raise (found by benchmarks/fuzz.py)."""
+    truth = json.dumps({"answers": ["x"], "gold_ids": [float("inf"), float("nan"), 1]})
+    for fmt in ("ao", "id", "id_c", "id_q"):
+        score = ALL[fmt]("hotpotqa", "[DOC 1]\nThe answer is: x", truth, {"documents": ["a", "b"]})
+        assert isinstance(score, float) and 0.0 <= score <= MAX[fmt]
+
+
 def test_enormous_output_is_fast():
     seed = _seed()
     rng, docs, gold, answer, truth, extra = _case(seed)

@@ -27,6 +27,25 @@ def test_subem_score():
         mean_subem(["a"], [])
 
 
+def test_scorers_refuse_bad_arguments_by_name():
+    """Found by benchmarks/fuzz.py: a non-string alias raised AttributeError deep in the
+    normaliser, a k of None/2.5 a TypeError from a comparison or a slice, and NaN/inf relevance
+    returned NaN for a score documented in [0, 1]."""
+    with pytest.raises(TypeError, match="answers must be a string or a sequence of strings"):
+        subem_score("The answer is: x", [None, 3])
+    with pytest.raises(TypeError, match="answers"):
+        subem_score("x", 5)
+    for k in (None, 2.5, "3"):
+        with pytest.raises(TypeError, match="k must be an int"):
+            ndcg_at_k([1.0, 2.0], [1.0, 0.0], k)
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="relevance must be finite numbers >= 0"):
+            ndcg_at_k([1.0, 2.0], [1.0, bad])
+    with pytest.raises(ValueError, match="scores contain NaN"):
+        ndcg_at_k([float("nan"), 2.0], [1.0, 0.0])
+    assert ndcg_at_k([float("inf"), 2.0], [1.0, 0.0]) == 1.0
+
+
 def test_relative_drop():
     assert relative_drop(0.5, 0.4) == pytest.approx(20.0)
     assert relative_drop(0.5, 0.6) == pytest.approx(-20.0)

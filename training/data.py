@@ -91,22 +91,40 @@ class Example:
 
 # ----------------------------------------------------------------------------- loading
 def _read_rows(path: Path) -> list[dict]:
+    """The rows of one input file; a file that is not what its suffix says (truncated, corrupt,
+    not UTF-8) raises :class:`DataFormatError` naming it."""
     suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl", ".parquet"):
+        raise DataFormatError(f"input must be .json, .jsonl or .parquet, got {path.name!r}")
     if suffix == ".parquet":
         import pandas as pd
 
-        return pd.read_parquet(path).to_dict(orient="records")
-    text = path.read_text(encoding="utf-8")
+        try:
+            return pd.read_parquet(path).to_dict(orient="records")
+        except (ValueError, OSError) as exc:  # pyarrow: ArrowInvalid (a ValueError) or OSError
+            raise DataFormatError(f"{path}: not a readable parquet file ({type(exc).__name__}: {exc})") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from None
     if suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    if suffix == ".json":
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as exc:
+                    raise DataFormatError(f"{path}: line {number} is not JSON ({exc})") from None
+        return rows
+    try:
         data = json.loads(text)
-        if isinstance(data, dict) and "data" in data:
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataFormatError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-        return data
-    raise DataFormatError(f"input must be .json, .jsonl or .parquet, got {path.name!r}")
+    except ValueError as exc:
+        raise DataFormatError(f"{path}: not JSON ({exc})") from None
+    if isinstance(data, dict) and "data" in data:
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return data
 
 
 def _tolist(x):
@@ -129,7 +147,13 @@ def detect_layout(row: dict) -> str:
 
 
 def _answers(row: dict) -> list[str]:
-    answers = [row.get("answer")] + list(_tolist(row.get("answer_aliases")) or [])
+    aliases = _tolist(row.get("answer_aliases"))
+    if isinstance(aliases, str):  # one alias, not its characters
+        aliases = [aliases]
+    if aliases is not None and not isinstance(aliases, (list, tuple)):
+        raise DataFormatError(f"row {row.get('_id', row.get('id'))!r}: answer_aliases must be a list of strings, "
+                              f"got {type(aliases).__name__}")
+    answers = [row.get("answer")] + list(aliases or [])
     out = []
     for a in answers:
         if isinstance(a, str) and a.strip() and a not in out:
@@ -143,6 +167,8 @@ def parse_record(row: dict, layout: str = "auto", passage_words: int = 100) -> Q
     """One dataset row as a :class:`QARecord` with passages already split."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(row, dict):
+        raise DataFormatError(f"a row must be a JSON object, got {type(row).__name__}")
     layout = detect_layout(row) if layout == "auto" else layout
     try:
         question = row["question"]
@@ -172,7 +198,7 @@ def parse_record(row: dict, layout: str = "auto", passage_words: int = 100) -> Q
                 passages += [Passage(title, t, gold) for t, gold in
                              split_passages(sents, support.get(title, set()), passage_words)]
             source = "2wikimultihopqa" if layout == "2wiki" else "hotpotqa"
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
         raise DataFormatError(f"row {row.get('_id', row.get('id'))!r} does not match layout {layout!r}: {exc!r}") from None
     return QARecord(rid, str(question), _answers(row), passages, source)
 
@@ -203,8 +229,18 @@ def split_passages(sentences: Sequence[str], gold_sentences: set[int], passage_w
 
 def load_records(paths: Sequence[str | Path], layout: str = "auto", passage_words: int = 100,
                  limit: int | None = None) -> list[QARecord]:
-    """Rows of every input file as :class:`QARecord`, in file order (at most ``limit``)."""
+    """Rows of every input file as :class:`QARecord`, in file order (at most ``limit``). The
+    settings are checked first (ValueError naming them), then each file (FileNotFoundError, or
+    :class:`DataFormatError` naming the file or the row)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if isinstance(passage_words, bool) or not isinstance(passage_words, int) or passage_words < 1:
+        raise ValueError(f"passage_words must be an int >= 1, got {passage_words!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or an int >= 0, got {limit!r}")
     records = []
+    if limit == 0:
+        return records
     for path in paths:
         path = Path(path)
         if not path.is_file():

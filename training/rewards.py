@@ -107,7 +107,7 @@ def _truth(ground_truth) -> tuple[list[str], set[int]]:
     for i in _as_list(ground_truth.get("gold_ids")):
         try:
             gold.add(int(i))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float id
             continue
     gold.discard(-1)
     return answers, gold

@@ -25,9 +25,14 @@ _ANSWER = re.compile(r"the answer is\s*:\s*(.*)", re.IGNORECASE)
 
 
 def subem_score(prediction: str, answers: Sequence[str] | str) -> float:
-    """1.0 if a normalised gold alias is contained in the normalised predicted answer, else 0.0."""
+    """1.0 if a normalised gold alias is contained in the normalised predicted answer, else 0.0
+    (a prediction that is not a string scores 0). ``answers``: one alias or a sequence of them;
+    anything else raises TypeError."""
     if isinstance(answers, str):
         answers = [answers]
+    if isinstance(answers, (bytes, dict)) or not isinstance(answers, Sequence) \
+            or not all(isinstance(a, str) for a in answers):
+        raise TypeError(f"answers must be a string or a sequence of strings, got {answers!r:.80}")
     if not isinstance(prediction, str):
         return 0.0
     match = _ANSWER.search(prediction)
@@ -56,13 +61,18 @@ def relative_drop(full: float, compressed: float) -> float:
 
 def ndcg_at_k(scores: Sequence[float], relevance: Sequence[float], k: int = 10) -> float:
     """NDCG@k of the ranking by ``scores`` (descending; ties keep index order) against graded
-    ``relevance`` (>= 0), with gain ``rel / log2(rank + 1)``. Raises if nothing is relevant."""
+    ``relevance`` (finite, >= 0), with gain ``rel / log2(rank + 1)``; in [0, 1]. Raises ValueError
+    if nothing is relevant, for NaN scores, and for a ``k`` that is not an int >= 1 (TypeError)."""
     if len(scores) != len(relevance):
         raise ValueError(f"scores ({len(scores)}) and relevance ({len(relevance)}) differ in length")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if any(r < 0 for r in relevance):
-        raise ValueError("relevance must be >= 0")
+    if not all(isinstance(r, (int, float)) and math.isfinite(r) and r >= 0 for r in relevance):
+        raise ValueError("relevance must be finite numbers >= 0")
+    if any(isinstance(x, float) and math.isnan(x) for x in scores):
+        raise ValueError("scores contain NaN: the ranking is undefined")
     if not any(r > 0 for r in relevance):
         raise ValueError("relevance has no positive entry: NDCG is undefined")
     order = sorted(range(len(scores)), key=lambda i: -scores[i])

@@ -21,7 +21,8 @@ Cache layout, under :func:`cache_dir`::
 Trust rule: the GGUF is used only when its sidecar names the spec's sha256 and the file's size and
 mtime still match the sidecar (a stat, no read). A GGUF without a matching sidecar (a crash between
 the rename and the sidecar write, a file placed by hand where ``python -m lckv.models path NAME``
-says, a file changed since) is re-hashed once; it gets a sidecar if it matches and is deleted if not.
+says, a file changed since, a sidecar that is unreadable or not text) is re-hashed once; it gets a
+new sidecar if it matches and is deleted if not.
 Temporary names are never read as the final file, and leftovers of a killed fetch are removed by
 the next one (under the lock).
 
@@ -174,8 +175,17 @@ def _stamp(path: Path) -> str:
 def _sidecar_matches(spec: ModelSpec, path: Path) -> bool:
     try:
         return _sidecar(path).read_text().split() == [spec.sha256, *_stamp(path).split()]
-    except (FileNotFoundError, NotADirectoryError):
+    except (OSError, UnicodeDecodeError):  # absent, a directory, unreadable, or not text: no match
         return False
+
+
+def _remove_sidecar(path: Path) -> None:
+    """Removes the sidecar of ``path``, whatever is there (a corrupt cache may hold a directory)."""
+    sidecar = _sidecar(path)
+    if sidecar.is_dir() and not sidecar.is_symlink():
+        shutil.rmtree(sidecar)
+    else:
+        sidecar.unlink(missing_ok=True)
 
 
 def is_fetched(model: str | ModelSpec) -> bool:
@@ -203,7 +213,7 @@ def _verify_in_place(spec: ModelSpec, path: Path) -> bool:
     writes the sidecar (good file) or deletes file and sidecar (bad file). Call under the lock."""
     if _sidecar_matches(spec, path):
         return True
-    _sidecar(path).unlink(missing_ok=True)
+    _remove_sidecar(path)
     if not path.is_file():
         return False
     if path.stat().st_size == spec.size and _hash_file(path) == spec.sha256:
@@ -251,7 +261,7 @@ def model_path(model: str | ModelSpec) -> Path:
         with _locked(directory):
             if _verify_in_place(spec, path):
                 return directory
-        problem = "failed verification and was removed"
+        problem = "is not a regular file (remove it)" if path.exists() else "failed verification and was removed"
     else:
         problem = "is not fetched"
     raise ModelNotFetchedError(

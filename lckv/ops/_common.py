@@ -33,6 +33,12 @@ def check_result(out, lse, read: str):
     return out, lse
 
 
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dim has stride 1 (what the C++ kernels read in place), else a
+    contiguous copy (even of a size-1 last dim, which ``.contiguous()`` leaves as it is)."""
+    return t if t.stride(-1) == 1 else t.clone(memory_format=torch.contiguous_format)
+
+
 def default_scale(head_dim: int, scale) -> float:
     return 1.0 / head_dim ** 0.5 if scale is None else float(scale)
 

@@ -4,14 +4,17 @@ The ``torch`` backend runs torch's fused CPU flash-attention kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu``), which streams the keys in blocks and returns
 the log-sum-exp beside the output, so no ``[q_len, kv_len]`` score block is ever materialised and
 the partial states still merge exactly by LSE. It reads GQA-shaped K/V (``kv_heads`` dividing
-``q_heads``) and strided views directly. What the kernel does not do, this launcher does:
+``q_heads``) and strided views directly, as long as the last dim has stride 1 (it ignores that
+stride: a tensor whose last dim is not contiguous is copied first). What the kernel does not do,
+this launcher does:
 
 * causality is bottom-right aligned (the queries are the last ``q_len`` key positions): the keys
   before the queries are attended unmasked and the last ``q_len`` keys with the kernel's
   (top-left) causal flag, then the two states merge by LSE (in fp32 for 16-bit inputs, rounded
   once); with ``kv_len < q_len`` the first ``q_len - kv_len`` rows attend nothing;
 * a row that attends to nothing gets ``out = 0`` and ``lse = -inf`` (the kernel reports lse 0,
-  and divides by zero when ``kv_len == 0``);
+  and divides by zero when ``kv_len == 0``; with ``q_len == 0`` it dies of SIGFPE, so neither
+  reaches it);
 * masks: only key-padding masks are taken (bool ``[batch, kv_len]``, True = attend); other masks
   go to the reference backend.
 
@@ -22,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from lckv.backends import resolve_backend
-from lckv.checks import check_attention_inputs, check_key_padding
+from lckv.checks import check_attention_inputs, check_key_padding, check_scale
 from lckv.reference.attention import dense_attention_unchecked, merge_states_unchecked, with_key_padding
 
 __all__ = ["attention_with_lse", "attention_with_lse_unchecked", "fused_attention_serves"]
@@ -45,6 +48,7 @@ def attention_with_lse(q, k, v, causal: bool = False, mask=None, scale=None, key
     >>> out, lse = attention_with_lse(q, k, v, causal=True)
     """
     check_attention_inputs(q, k, v, mask)
+    check_scale(scale)
     if key_padding is not None:
         check_key_padding(key_padding, q, k)
     if mask is not None:
@@ -81,8 +85,10 @@ def _kernel(q, k, v, causal: bool, key_padding, scale):
     key -> (0, -inf)."""
     batch, q_heads, q_len, _ = q.shape
     kv_len = k.shape[2]
-    if kv_len == 0:
+    if kv_len == 0 or q_len == 0:  # the kernel divides by zero on either (SIGFPE on q_len 0)
         return q.new_zeros(q.shape), q.new_full((batch, q_heads, q_len), float("-inf"), dtype=torch.float32)
+    # the kernel reads the last dim as contiguous whatever its stride: other layouts give garbage
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     mask = None
     if key_padding is not None:
         mask = torch.zeros(batch, 1, 1, kv_len, dtype=q.dtype, device=q.device)

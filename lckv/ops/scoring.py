@@ -102,12 +102,25 @@ def flat_topk_scores(q, k, top_k: int, backend: str = "auto"):
 
     q ``[batch, q_heads, head_dim]``, k ``[batch, kv_heads, seq, head_dim]``. Returns
     ``(scores, indices)``, each ``[batch, q_heads, top_k]``: float32 scores descending and int64
-    positions; when ``top_k > seq`` the tail is ``-inf`` / ``-1``. Same contract as
+    positions; when ``top_k > seq`` the tail is ``-inf`` / ``-1`` (a ``top_k`` whose outputs cannot
+    be allocated raises ValueError naming it). Same contract as
     :func:`lckv.reference.flat_topk_scores` (ties may come in a different order).
     """
     device = q.device if isinstance(q, torch.Tensor) else "cpu"
     name = resolve_backend("flat_topk_scores", device, backend)
-    if name == "reference":
-        return reference.flat_topk_scores(q, k, top_k)
     check_flat_topk_inputs(q, k, top_k)
-    return _flat_topk_triton(q, k, top_k)
+    topk = reference.flat_topk_scores if name == "reference" else _flat_topk_triton
+    seq = k.shape[2]
+    if top_k <= seq:
+        return topk(q, k, top_k)
+    # padded past seq: the outputs first, so that a top_k too large to hold is refused by name
+    shape = (q.shape[0], q.shape[1], top_k)
+    try:
+        scores = torch.full(shape, float("-inf"), device=q.device)
+        indices = torch.full(shape, -1, dtype=torch.int64, device=q.device)
+    except (RuntimeError, MemoryError, TypeError, OverflowError) as exc:  # TypeError: past int64
+        raise ValueError(f"top_k={top_k} is too large: the outputs of shape {list(shape)} (batch, q_heads, top_k) "
+                         f"cannot be allocated ({str(exc).splitlines()[0][:120]})") from None
+    if seq:
+        scores[..., :seq], indices[..., :seq] = topk(q, k, seq)
+    return scores, indices

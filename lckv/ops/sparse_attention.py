@@ -6,7 +6,7 @@ import torch
 from lckv import reference
 from lckv._extension import compiled
 from lckv.backends import resolve_backend
-from lckv.checks import check_sparse_inputs
+from lckv.checks import check_scale, check_sparse_inputs
 from lckv.ops._common import check_result, check_sparse_args, default_scale, next_power_of_2
 
 __all__ = ["sparse_attention_with_lse"]
@@ -68,7 +68,7 @@ def sparse_attention_with_lse(q, k, v, indices, scale=None, backend: str = "auto
     lse : ``[batch, q_heads]`` float32; ``-inf`` where nothing is selected.
 
     Raises ``ValueError``/``TypeError`` for bad shapes, dtypes, devices, out-of-range indices, a
-    non-finite ``q``, or NaN/inf in the K/V rows that were read.
+    non-finite ``q`` or ``scale``, or NaN/inf in the K/V rows that were read.
 
     Example
     -------
@@ -76,6 +76,7 @@ def sparse_attention_with_lse(q, k, v, indices, scale=None, backend: str = "auto
     >>> idx = torch.randint(0, 1000, (1, 2, 32))
     >>> out, lse = sparse_attention_with_lse(q, k, v, idx)   # [1, 4, 64], [1, 4]
     """
+    check_scale(scale)
     name = resolve_backend("sparse_attention_with_lse", q.device if isinstance(q, torch.Tensor) else "cpu", backend)
     if name == "reference":
         return reference.sparse_attention_with_lse(q, k, v, indices, scale=scale)

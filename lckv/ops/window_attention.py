@@ -6,6 +6,7 @@ import torch
 from lckv import reference
 from lckv._extension import compiled
 from lckv.backends import resolve_backend
+from lckv.checks import check_finite, check_scale
 from lckv.ops._common import check_attention_args, check_result, default_scale, next_power_of_2
 from lckv.reference.window import check_sink_window_args
 
@@ -34,6 +35,8 @@ def _cpu(q, k, v, sink, window, scale):
     kernel = compiled("sparse_attention_with_lse").sparse_attention_with_lse
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
+    if batch == 0:
+        return q.new_zeros(q.shape), q.new_full((0, q_heads, q_len), float("-inf"), dtype=torch.float32)
     idx = sink_window_indices(q_len, kv_len, sink, window, device=q.device)  # [L, n]
     idx = idx.unsqueeze(1).expand(q_len, kv_heads, idx.shape[1])
     scale = default_scale(head_dim, scale)
@@ -80,6 +83,19 @@ def _triton(q, k, v, sink, window, scale):
 _BACKENDS = {"triton": _triton, "cpu": _cpu}
 
 
+def _check_rows_read(k, v, q_len: int, sink: int, window: int) -> None:
+    """NaN/inf in the K/V rows some query reads (the sink, and the window before the queries):
+    the result check alone misses a ``-inf`` key, whose score is then ``-inf`` and whose row drops
+    out silently. Reads what the op reads, once more."""
+    kv_len = k.shape[2]
+    if q_len == 0:
+        return
+    n_sink, first = min(sink, kv_len), max(0, kv_len - q_len - window + 1) if window else kv_len
+    for name, t in (("k", k), ("v", v)):
+        check_finite(t[:, :, :n_sink], name)
+        check_finite(t[:, :, max(first, n_sink):], name)
+
+
 def sink_window_attention_with_lse(q, k, v, sink: int, window: int, scale=None, backend: str = "auto"):
     """Attention over the first ``sink`` keys plus a causal window of the last ``window`` keys.
 
@@ -104,11 +120,13 @@ def sink_window_attention_with_lse(q, k, v, sink: int, window: int, scale=None, 
     -------
     >>> out, lse = sink_window_attention_with_lse(q, k, v, sink=4, window=1024)
     """
+    check_scale(scale)
     device = q.device if isinstance(q, torch.Tensor) else "cpu"
     name = resolve_backend("sink_window_attention_with_lse", device, backend)
     if name == "reference":
         return reference.sink_window_attention_with_lse(q, k, v, sink, window, scale=scale)
     check_attention_args(q, k, v)
     check_sink_window_args(q, k, sink, window)
+    _check_rows_read(k, v, q.shape[2], sink, window)
     out, lse = _BACKENDS[name](q, k, v, sink, window, scale)
     return check_result(out, lse, "k or v")
