@@ -359,15 +359,40 @@ class LckvCacheLayer(DynamicLayer):
         if self.is_initialized:
             self._notify(self._move_out(1))
 
+    def _check_new_kv(self, key_states, value_states) -> None:
+        """Raises, naming the argument, unless both are floating tensors ``[batch, kv_heads, n,
+        head_dim]`` of one shape, dtype and device, matching the cached ones."""
+        where = f"layer {self.layer_idx}"
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{where}: {name} must be a floating-point tensor [batch, kv_heads, n, head_dim], "
+                                f"got {got}")
+            if t.dim() != 4:
+                raise ValueError(f"{where}: {name} must have shape [batch, kv_heads, n, head_dim], got "
+                                 f"{tuple(t.shape)}")
+        if value_states.shape != key_states.shape:
+            raise ValueError(f"{where}: value_states must have the shape of key_states {tuple(key_states.shape)}, got "
+                             f"{tuple(value_states.shape)}")
+        if (value_states.dtype, value_states.device) != (key_states.dtype, key_states.device):
+            raise TypeError(f"{where}: value_states must have the dtype and device of key_states ({key_states.dtype}, "
+                            f"{key_states.device}), got ({value_states.dtype}, {value_states.device})")
+        if not self.is_initialized:
+            return
+        if (key_states.dtype, key_states.device) != (self.dtype, self.device):
+            raise TypeError(f"{where}: key_states must have the cached dtype and device ({self.dtype}, {self.device}), "
+                            f"got ({key_states.dtype}, {key_states.device})")
+        cached = (self.sink_k.shape[0], self.sink_k.shape[1], self.sink_k.shape[3])
+        if (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != cached:
+            raise ValueError(f"{where}: key_states of shape {tuple(key_states.shape)} do not match the cached "
+                             f"[batch={cached[0]}, kv_heads={cached[1]}, *, head_dim={cached[2]}]")
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Appends the new tokens and returns the resident K/V ``[batch, kv_heads, n, head_dim]``
         (sink then recent). Raises ``ValueError``, having changed nothing, for keys or values of
-        another shape than the cached ones or holding NaN/inf (they would poison every later step)."""
-        if self.is_initialized and (key_states.shape[0], key_states.shape[1], key_states.shape[3]) != (
-                self.sink_k.shape[0], self.sink_k.shape[1], self.sink_k.shape[3]):
-            raise ValueError(
-                f"layer {self.layer_idx}: new keys of shape {tuple(key_states.shape)} do not match the cached "
-                f"[batch={self.sink_k.shape[0]}, kv_heads={self.sink_k.shape[1]}, *, head_dim={self.sink_k.shape[3]}]")
+        another shape than the cached ones or holding NaN/inf (they would poison every later step), and
+        ``TypeError`` for non-tensors or another dtype or device than the cached ones."""
+        self._check_new_kv(key_states, value_states)
         finite = torch.stack([torch.isfinite(key_states).all(), torch.isfinite(value_states).all()]).tolist()  # one sync
         for name, ok in zip(("key_states", "value_states"), finite):
             if not ok:
@@ -701,6 +726,8 @@ class LckvCache(Cache):
             self.shared.update(saved)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise TypeError(f"layer_idx must be an int, got {type(layer_idx).__name__}")
         if not 0 <= layer_idx < len(self.layers):
             raise ValueError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers "
                              "(was this cache made for another model?)")
