@@ -1236,6 +1236,7 @@ def _new_index(case: Case, kind: str, dim):
 def _index_target(kind: str):
     def target(case: Case) -> None:
         from lckv.index import EmptyIndexError
+        from lckv.index.base import MAX_K
 
         dim = case.choice("dim", (1, 2, 3, 8, 16, 33, 64))
         ix, exc = _new_index(case, kind, dim)
@@ -1293,6 +1294,8 @@ def _index_target(kind: str):
             if case.chance(f"s{step}.unknown_param", 0.03) and not case.bad:
                 args["bogus_param"] = 1
                 case.bad = {"bogus_param"}
+            if type(args.get("k")) is int and args["k"] > MAX_K:  # refused by name (lckv.index.base.MAX_K)
+                case.bad |= {"k"}
             allowed = ALLOWED
             if held.shape[0] == 0:  # an empty index: EmptyIndexError, or the bad argument's error
                 allowed = ALLOWED if case.bad else (EmptyIndexError,)

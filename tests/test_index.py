@@ -420,3 +420,36 @@ def test_synthetic_set_is_labelled_and_queries_differ_from_keys():
     # Different distributions: the queries' mean is far from the keys' mean.
     gap = (es.build_queries.mean(0) - es.keys.mean(0)).norm()
     assert gap > 0.5 * es.keys.std(0).norm()
+
+
+@pytest.mark.parametrize("index", all_indexes(8), ids=lambda ix: type(ix).__name__ + getattr(ix, "kind", ""))
+def test_fuzz_found_inputs_are_refused_by_name(index):
+    """Cases benchmarks/fuzz.py found: an empty add of a bad tensor, a None or bool search
+    parameter, a k past MAX_K and a negative faiss ef were accepted or crashed deep inside; each
+    is now refused naming the argument, and the index is unchanged."""
+    from lckv.index.base import MAX_K
+
+    index.build(torch.zeros(0, 8))  # an empty build is legal (faiss IVF trains on the first keys)
+    assert index.size == 0
+    with pytest.raises(TypeError, match="keys must be float32"):
+        index.add(torch.zeros(0, 8, dtype=torch.float64))
+    index.add(torch.randn(40, 8))
+    q = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=f"k must be at most {MAX_K}"):
+        index.search(q, MAX_K + 1)
+    for name in index.search_params:
+        for bad in (None, True, "2"):
+            with pytest.raises(TypeError, match=f"parameter {name} must be"):
+                index.search(q, 3, **{name: bad})
+    if isinstance(index, FaissIndex) and index.kind != "flat":
+        name = "ef" if index.kind == "hnsw" else "nprobe"
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            index.search(q, 40, **{name: -1})
+    assert index.size == 40 and index.search(q, 3)[1].shape == (2, 3)
+
+
+def test_native_settings_are_checked_at_construction():
+    with pytest.raises(ValueError, match="max_degree"):
+        GraphIndex(8, max_degree=0)
+    with pytest.raises(ValueError, match="n_iters"):
+        IVFIndex(8, n_iters=-1)

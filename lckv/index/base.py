@@ -76,12 +76,34 @@ def check_rows(x, name: str, dim: int | None = None, ndim: int = 2, layout: str 
         raise ValueError(f"{name} contains NaN or inf")
 
 
+#: the largest k a search takes: results are ``[m, k]`` (padded past the index's size), so a larger
+#: k would only allocate padding
+MAX_K = 1 << 24
+
+
 def check_k(k) -> int:
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k <= 0:
         raise ValueError(f"k must be positive, got {k}")
+    if k > MAX_K:
+        raise ValueError(f"k must be at most {MAX_K} (lckv.index.base.MAX_K), got {k}")
     return k
+
+
+def check_search_params(index, params: dict) -> None:
+    """Raises, naming the parameter, unless every one is one ``index`` understands and is a
+    number of the type of its default (an int parameter takes an int, a float one any number)."""
+    unknown = set(params) - set(index.search_params)
+    if unknown:
+        raise TypeError(f"{type(index).__name__}.search got unknown parameters {sorted(unknown)}; "
+                        f"it understands {sorted(index.search_params)}")
+    for name, value in params.items():
+        default = index.search_params[name]
+        kinds = (int,) if isinstance(default, int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            expected = "an int" if kinds == (int,) else "a number"
+            raise TypeError(f"{type(index).__name__}.search parameter {name} must be {expected}, got {value!r}")
 
 
 class ReadWriteLock:
@@ -193,9 +215,11 @@ class Index(abc.ABC):
         search or add: it waits for the searches in flight, and searches that start after it returns
         see the keys."""
         self._check_input(keys, "keys", self.dim)
-        if keys.shape[0]:
-            with self._lock.exclusive:
-                self._add(keys)
+        if not keys.shape[0]:  # nothing reaches the backend, whose own checks would run: run them here
+            check_rows(keys, "keys", self.dim)
+            return
+        with self._lock.exclusive:
+            self._add(keys)
 
     def search(self, queries: torch.Tensor, k: int, **params):
         """Top-k keys by inner product: ``(scores [m, k], ids [m, k], n_scored [m])``; see the module
@@ -203,10 +227,7 @@ class Index(abc.ABC):
         added (module docstring, "Threads")."""
         self._check_input(queries, "queries", self.dim, layout="[n_queries, head_dim]")
         check_k(k)
-        unknown = set(params) - set(self.search_params)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.search got unknown parameters {sorted(unknown)}; "
-                            f"it understands {sorted(self.search_params)}")
+        check_search_params(self, params)
         return self._search_under_lock(queries, k, {**self.search_params, **params})
 
     def _search_under_lock(self, queries, k, params):

@@ -95,6 +95,8 @@ class FaissIndex(Index):
 
     def _add(self, keys):
         x = keys.numpy()
+        if not x.shape[0]:  # an empty build: an IVF index is made (and trained) by the first keys
+            return
         if self._index is None:
             self._make(x.shape[0])
         if not self._index.is_trained:
@@ -110,7 +112,10 @@ class FaissIndex(Index):
             total = m * self.size
         else:  # the settings go with the call, not into the index that concurrent searches share
             hnsw = self.kind == "hnsw"
-            settings = _search_settings(self.kind, int(params["ef" if hnsw else "nprobe"]))
+            name = "ef" if hnsw else "nprobe"
+            if params[name] < 1:  # faiss takes any int; a negative ef crashes its HNSW search
+                raise ValueError(f"FaissIndex.search parameter {name} must be >= 1, got {params[name]}")
+            settings = _search_settings(self.kind, int(params[name]))
             counters = faiss.cvar.hnsw_stats if hnsw else faiss.cvar.indexIVF_stats
             with _COUNTERS:
                 counters.reset()

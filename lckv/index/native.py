@@ -146,6 +146,7 @@ class IVFIndex(NativeIndex):
         super().__init__(dim)
         self.n_lists = n_lists
         self.config = self._settings(n_iters=n_iters, seed=seed)
+        self._new_core(0)  # validates the settings now (ValueError naming the bad one)
 
     def _new_core(self, n: int):
         n_lists = self.n_lists or max(1, int(4 * math.sqrt(max(n, 1))))
@@ -211,6 +212,7 @@ class GraphIndex(NativeIndex):
                                      repair_queries=repair_queries, coarse_stride=coarse_stride,
                                      coarse_degree=coarse_degree, upper_size=upper_size, upper_degree=upper_degree,
                                      upper_ef=upper_ef)
+        self._new_core(0)  # validates the settings now (ValueError naming the bad one)
         self.max_build_queries = max_build_queries
 
     def _new_core(self, n: int):
