@@ -375,3 +375,23 @@ def test_group_rank_huge_n_select(n_select):
     got = ops.rank_by_group_probability(q, keys, candidates, None, 0.3, n_select, backend="cpu")
     want = ops.rank_by_group_probability(q, keys, candidates, None, 0.3, n_select, backend="reference")
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+def test_fuzz_found_empty_stores_and_nan_centroids():
+    """Cases benchmarks/fuzz.py found: the reference ops crashed gathering from a store of 0 rows
+    (every index -1: nothing attended, nothing retrieved), and a NaN centroid silently dropped the
+    estimate; now the documented empty result and a ValueError naming centroids."""
+    _seed()
+    q = torch.randn(1, 2, 8)
+    empty = torch.zeros(1, 1, 0, 8)
+    out, lse = ops.sparse_attention_with_lse(q, empty, empty, torch.full((1, 1, 3), -1), backend="reference")
+    assert torch.equal(out, torch.zeros_like(q)) and bool((lse == float("-inf")).all())
+    centroids, counts, sums, assign, values = _cluster_state(1, 1, 5, 8, 30)
+    got = ops.centroid_estimate(q, centroids, counts, sums, assign[:, :, :0], values[:, :, :0],
+                                torch.full((1, 1, 4), -1), 0.5, backend="reference")
+    want = ops.centroid_estimate(q, centroids, counts, sums, assign, values, torch.full((1, 1, 4), -1), 0.5,
+                                 backend="reference")
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)  # nothing retrieved either way
+    centroids[0, 0, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="centroids contains NaN"):
+        ops.centroid_estimate(q, centroids, counts, sums, assign, values, torch.full((1, 1, 4), -1), 0.5)

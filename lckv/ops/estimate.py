@@ -23,6 +23,9 @@ def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices,
     takes float32 ``q`` and float32, float16 or bfloat16 ``values`` (any row strides, read in
     place); other dtypes go to ``reference``."""
     check_estimate_inputs(q, centroids, counts, value_sums, assign, values, indices, scale, values_too=False)
+    for name, t in (("centroids", centroids), ("counts", counts)):  # a NaN would silently drop the estimate
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or inf; expected the finite cluster state of the offloaded keys")
     supported = q.dtype == torch.float32 and values.dtype in (torch.float32, torch.float16, torch.bfloat16)
     name = choose_backend("centroid_estimate", q.device, backend, supported,
                           "q must be float32 and values float32, float16 or bfloat16")

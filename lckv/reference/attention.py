@@ -131,6 +131,8 @@ def sparse_attention_with_lse(q, k, v, indices, scale=None):
     kv_heads, n_sel = k.shape[1], indices.shape[-1]
     group = q_heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if k.shape[2] == 0:  # no rows: every index is -1 (checked), nothing is attended
+        return q.new_zeros(q.shape), torch.full((batch, q_heads), float("-inf"), device=q.device)
     valid = indices >= 0
     safe = indices.clamp(min=0).unsqueeze(-1).expand(batch, kv_heads, n_sel, head_dim)
     k_sel = torch.gather(k.float(), 2, safe)  # [B, Hkv, n, D]

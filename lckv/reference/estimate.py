@@ -60,6 +60,9 @@ def centroid_estimate(q, centroids, counts, value_sums, assign, values, indices,
     total = (w @ counts.unsqueeze(-1)).squeeze(-1)  # [B, H, G]
     num = w @ value_sums  # [B, H, G, D]
     valid = indices >= 0
+    if values.shape[2] == 0:  # no offloaded rows: every index is -1 (checked), none was retrieved
+        indices = indices.new_zeros(batch, kv_heads, 0)
+        valid, assign, values = valid[:, :, :0], assign.new_zeros(batch, kv_heads, 1), values.new_zeros(batch, kv_heads, 1, head_dim)
     safe = indices.clamp(min=0)
     clusters = torch.gather(assign, 2, safe)  # [B, H, n]
     w_rows = torch.gather(w, 3, clusters.unsqueeze(2).expand(-1, -1, group, -1)) * valid.unsqueeze(2)
