@@ -70,5 +70,6 @@ def test_retrieval_default_budget_selects_on_smollm2(smollm2, hotpotqa_file):
         lckv.disable(model)
     layer = cache.layers[0]
     assert layer.selection is not None, "the retrieval index was never built: nothing was selected"
-    assert layer.recent_k.shape[2] == 47 and layer.store.length == layer.total - 51
+    # settled between calls: window - 1 recent tokens resident (the next token completes the window)
+    assert layer.recent_k.shape[2] == 46 and layer.store.length == layer.total - 50
     assert kl < 0.01 and kl < streaming_kl / 5, f"retrieval KL {kl:.5f}, streaming KL {streaming_kl:.5f}"

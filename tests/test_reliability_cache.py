@@ -117,7 +117,7 @@ def _fail_nan(model, cache, ids):
 
 
 def _fail_shape(model, cache, ids):
-    with pytest.raises(ValueError, match=r"layer 0: new keys of shape \(2,"):
+    with pytest.raises(ValueError, match=r"layer 0: key_states of shape \(2,"):
         _step(model, cache, ids.expand(2, -1))
 
 
