@@ -35,32 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lckv.index import ClusterIndex, FaissIndex, FlatIndex, GraphIndex, IVFIndex  # noqa: E402
 from lckv.index.base import Index  # noqa: E402
-from lckv.research.eval_data import exact_topk  # noqa: E402
+from lckv.research.eval_data import exact_topk, shifted_data, topic_stream  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def shifted_data(n, m_build, m_decode, dim, seed):
-    """tests/test_index.py's ``shifted_data`` (tests/test_concurrency.py checks they agree): keys
-    around cluster centres; queries around scaled centres plus a shared offset."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(64, dim, generator=g)
-    keys = centres[torch.randint(64, (n,), generator=g)] + 0.4 * torch.randn(n, dim, generator=g)
-    q = 2 * centres[torch.randint(64, (m_build + m_decode,), generator=g)] + 0.4 * torch.randn(m_build + m_decode, dim, generator=g)
-    q[:, 0] += 3.0
-    return keys.contiguous(), q[:m_build].contiguous(), q[m_build:].contiguous()
-
-
-def topic_stream(n, m_decode, dim, seed, topics=48, run=200):
-    """tests/test_cluster_index.py's ``topic_stream`` (tests/test_concurrency.py checks they agree):
-    keys in contiguous topic runs; queries are scaled topic centres plus a shared offset."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(topics, dim, generator=g)
-    topic = torch.randint(topics, ((n + run - 1) // run,), generator=g).repeat_interleave(run)[:n]
-    keys = centres[topic] + 0.5 * torch.randn(n, dim, generator=g)
-    q = 2 * centres[torch.randint(topics, (m_decode,), generator=g)] + 0.5 * torch.randn(m_decode, dim, generator=g)
-    q[:, 0] += 2.0
-    return keys.contiguous(), q.contiguous()
 
 
 @dataclass(frozen=True)

@@ -7,25 +7,13 @@ import pytest
 import torch
 
 from lckv.index import ClusterIndex, GraphIndex
-from lckv.research.eval_data import exact_topk, real_sets, recall_at
+from lckv.research.eval_data import exact_topk, real_sets, recall_at, topic_stream
 
 pytest.importorskip("lckv._C")
 
 
 def fresh_seed():
     return int.from_bytes(os.urandom(4), "little")
-
-
-def topic_stream(n, m_decode, dim, seed, topics=48, run=200):
-    """Keys in contiguous topic runs (as in a KV cache); queries from another distribution: scaled
-    topic centres plus a shared offset."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(topics, dim, generator=g)
-    topic = torch.randint(topics, ((n + run - 1) // run,), generator=g).repeat_interleave(run)[:n]
-    keys = centres[topic] + 0.5 * torch.randn(n, dim, generator=g)
-    q = 2 * centres[torch.randint(topics, (m_decode,), generator=g)] + 0.5 * torch.randn(m_decode, dim, generator=g)
-    q[:, 0] += 2.0
-    return keys.contiguous(), q.contiguous()
 
 
 @pytest.mark.parametrize("dim", [8, 59, 128])

@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from benchmarks.stress_concurrency import CASES, run_case, shifted_data, topic_stream
+from benchmarks.stress_concurrency import CASES, run_case
 from lckv.index import FlatIndex, GraphIndex
 from lckv.index.base import ReadWriteLock
 
@@ -17,19 +17,6 @@ pytest.importorskip("lckv._C")
 
 def fresh_seed():
     return int.from_bytes(os.urandom(4), "little")
-
-
-def test_stress_data_is_the_data_of_the_recall_tests():
-    """The stress cases' recall levels come from test_index.py and test_cluster_index.py: the data
-    generators must be the same."""
-    from test_cluster_index import topic_stream as cluster_tests_data
-    from test_index import shifted_data as index_tests_data
-
-    seed = fresh_seed()
-    for ours, theirs in zip(shifted_data(3000, 200, 50, 16, seed), index_tests_data(3000, 200, 50, 16, seed)):
-        assert torch.equal(ours, theirs), f"seed {seed}"
-    for ours, theirs in zip(topic_stream(3000, 50, 16, seed), cluster_tests_data(3000, 50, 16, seed)):
-        assert torch.equal(ours, theirs), f"seed {seed}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

@@ -8,24 +8,13 @@ import torch
 
 from lckv.index import (ClusterIndex, DimensionMismatchError, EmptyIndexError, FaissIndex, FlatIndex,
                         GraphIndex, IVFIndex, LayerIndex, search_heads)
-from lckv.research.eval_data import exact_topk, real_sets, recall_at, synthetic_set
+from lckv.research.eval_data import exact_topk, real_sets, recall_at, shifted_data, synthetic_set
 
 pytest.importorskip("lckv._C")
 
 
 def fresh_seed():
     return int.from_bytes(os.urandom(4), "little")
-
-
-def shifted_data(n, m_build, m_decode, dim, seed):
-    """Keys around cluster centres; queries around scaled centres plus a shared offset (another
-    distribution than the keys)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(64, dim, generator=g)
-    keys = centres[torch.randint(64, (n,), generator=g)] + 0.4 * torch.randn(n, dim, generator=g)
-    q = 2 * centres[torch.randint(64, (m_build + m_decode,), generator=g)] + 0.4 * torch.randn(m_build + m_decode, dim, generator=g)
-    q[:, 0] += 3.0
-    return keys.contiguous(), q[:m_build].contiguous(), q[m_build:].contiguous()
 
 
 def all_indexes(dim):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["EvalSet", "exact_topk", "synthetic_set", "real_sets", "recall_at"]
+__all__ = ["EvalSet", "exact_topk", "synthetic_set", "real_sets", "recall_at", "shifted_data", "topic_stream"]
 
 
 @dataclass
@@ -188,3 +188,27 @@ def real_sets(n_keys: int, heads=((1, 0), (2, 1), (3, 2), (4, 3)), n_decode_posi
                             decode_q.contiguous(), False,
                             f"real {model} Q/K on HotpotQA text, {data['prefill']}"))
     return sets
+
+
+def shifted_data(n: int, m_build: int, m_decode: int, dim: int, seed: int):
+    """Keys around 64 cluster centres; queries around scaled centres plus a shared offset (another
+    distribution than the keys): ``(keys [n, dim], build queries [m_build, dim], decode queries
+    [m_decode, dim])``. The data of the index recall tests and of the concurrency stress run."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(64, dim, generator=g)
+    keys = centres[torch.randint(64, (n,), generator=g)] + 0.4 * torch.randn(n, dim, generator=g)
+    q = 2 * centres[torch.randint(64, (m_build + m_decode,), generator=g)] + 0.4 * torch.randn(m_build + m_decode, dim, generator=g)
+    q[:, 0] += 3.0
+    return keys.contiguous(), q[:m_build].contiguous(), q[m_build:].contiguous()
+
+
+def topic_stream(n: int, m_decode: int, dim: int, seed: int, topics: int = 48, run: int = 200):
+    """Keys in contiguous topic runs of ``run`` (as in a KV cache); queries from another
+    distribution: scaled topic centres plus a shared offset. ``(keys [n, dim], queries [m_decode, dim])``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(topics, dim, generator=g)
+    topic = torch.randint(topics, ((n + run - 1) // run,), generator=g).repeat_interleave(run)[:n]
+    keys = centres[topic] + 0.5 * torch.randn(n, dim, generator=g)
+    q = 2 * centres[torch.randint(topics, (m_decode,), generator=g)] + 0.5 * torch.randn(m_decode, dim, generator=g)
+    q[:, 0] += 2.0
+    return keys.contiguous(), q.contiguous()
