@@ -8,6 +8,8 @@
 #include <limits>
 #include <string>
 
+#include "lckv/dtypes.h"  // half_bits, bfloat16_bits
+
 namespace lckv {
 
 inline void check_cpu_float(const torch::Tensor& t, const char* name) {
@@ -33,6 +35,23 @@ inline void check_group_query(const torch::Tensor& q, int64_t batch, int64_t kv_
   TORCH_CHECK_VALUE(q.size(0) == batch && q.size(2) == head_dim && kv_heads > 0 && q.size(1) % kv_heads == 0,
                     "q must have shape [", batch, ", kv_heads * group, ", head_dim, "] with kv_heads = ", kv_heads,
                     ", got ", q.sizes());
+}
+
+// Calls fn(T{}) with T the row type of a float tensor checked by check_cpu_float: float for
+// float32, half_bits for float16, bfloat16_bits for bfloat16 (kernels templated on the row type).
+template <typename Fn>
+void with_row_type(torch::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case torch::kFloat32:
+      fn(float{});
+      break;
+    case torch::kFloat16:
+      fn(half_bits{});
+      break;
+    default:
+      fn(bfloat16_bits{});
+      break;
+  }
 }
 
 // An index holding `size` keys may take `extra` more: ids must fit in 32 bits.

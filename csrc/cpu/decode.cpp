@@ -143,17 +143,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> decode_cluster_step_py(
       run(p, offloaded_k, offloaded_v, resident_k, resident_v, est_ptr);
     }
   };
-  switch (offloaded_k.scalar_type()) {
-    case torch::kFloat32:
-      go(float{});
-      break;
-    case torch::kFloat16:
-      go(half_bits{});
-      break;
-    default:
-      go(bfloat16_bits{});
-      break;
-  }
+  with_row_type(offloaded_k.scalar_type(), go);
   return {out, lse, indices};
 }
 

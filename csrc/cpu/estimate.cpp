@@ -60,17 +60,7 @@ std::tuple<torch::Tensor, torch::Tensor> centroid_estimate_cpu(
   }
   {
     pybind11::gil_scoped_release no_gil;
-    switch (values.scalar_type()) {
-      case torch::kFloat32:
-        centroid_estimate<float>(p);
-        break;
-      case torch::kFloat16:
-        centroid_estimate<half_bits>(p);
-        break;
-      default:
-        centroid_estimate<bfloat16_bits>(p);
-        break;
-    }
+    with_row_type(values.scalar_type(), [&](auto row) { centroid_estimate<decltype(row)>(p); });
   }
   return {out, lse};
 }

@@ -54,17 +54,7 @@ torch::Tensor rank_by_group_probability_cpu(const torch::Tensor& q, const torch:
   p.out = out.data_ptr<int64_t>();
   {
     pybind11::gil_scoped_release no_gil;
-    switch (keys.scalar_type()) {
-      case torch::kFloat32:
-        rank_by_group_probability<float>(p);
-        break;
-      case torch::kFloat16:
-        rank_by_group_probability<half_bits>(p);
-        break;
-      default:
-        rank_by_group_probability<bfloat16_bits>(p);
-        break;
-    }
+    with_row_type(keys.scalar_type(), [&](auto row) { rank_by_group_probability<decltype(row)>(p); });
   }
   return out;
 }
