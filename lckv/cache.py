@@ -196,7 +196,8 @@ class QueryRecorder:
     """Keeps a uniform sample of the queries seen during prefill, plus the most recent ones.
 
     ``sample`` holds at most ``2 * capacity`` queries at a stride that doubles whenever it
-    overflows (so it spans the whole prompt); ``recent`` holds the last ``recent_capacity``.
+    overflows (so it spans the whole prompt; its storage holds at most twice its rows);
+    ``recent`` holds the last ``recent_capacity``, in a storage of exactly those rows.
     Queries are ``[batch, q_heads, n, head_dim]``, stored on the host. Fields are replaced, never
     written in place, so a shallow copy is a snapshot.
     """
@@ -219,8 +220,10 @@ class QueryRecorder:
             while self.sample.shape[2] > 2 * self.capacity:
                 self.sample, self.stride = self.sample[:, :, ::2], self.stride * 2
         if self.recent_capacity:
-            self.recent = q if self.recent is None else torch.cat([self.recent, q], dim=2)
-            self.recent = self.recent[:, :, -self.recent_capacity:]
+            # a copy of exactly the kept rows: a view would keep the whole call's queries alive
+            tail = q[:, :, -self.recent_capacity:]
+            recent = tail if self.recent is None else torch.cat([self.recent, tail], dim=2)
+            self.recent = recent[:, :, -self.recent_capacity:].clone()
 
     def select_batch(self, index: torch.Tensor) -> None:
         index = index.cpu()

@@ -47,11 +47,10 @@ Components (bytes; the per-token rate is the slope in ``T``, see :func:`per_toke
     per head: 131,072 rows at the defaults). With ``clusters=k``: ``k`` clusters.
 ``queries``
     recorded prefill queries (:class:`~lckv.cache.QueryRecorder`), ``Hq d e`` bytes each per batch
-    row and layer: ``retrieval`` keeps a uniform sample of the prompt, ``m = ceil(P / S)`` queries
-    of a prompt of ``P`` tokens seen before the index was built, ``S`` the smallest power of two
-    with ``m <= 2 * build_queries`` (so between ``build_queries`` and ``2 * build_queries``:
-    constant in ``T``, and kept after the build); ``snapkv`` and ``block`` keep the last
-    ``observation`` queries (in a buffer that also holds the last call's queries).
+    row and layer: ``retrieval`` with a query-aware index (``graph``, not modelled here) keeps a
+    uniform sample of the prompt (between ``build_queries`` and ``2 * build_queries`` queries,
+    constant in ``T``), with any other index none; ``snapkv`` and ``block`` keep the last
+    ``observation`` queries.
 ``selection`` (other per-policy state, per head)
     ``snapkv``: one float32 score per row (4 bytes); ``quest``: a float32 min and max per channel
     per page (``8 d / page_size`` per row); ``block``: ``representatives`` float32 keys and flags
@@ -61,9 +60,7 @@ Components (bytes; the per-token rate is the slope in ``T``, see :func:`per_toke
     the :class:`~lckv.cache.SelectionLog` a layer replays its state from: the resident K/V and the
     recorded queries the state was built from (held after the recorder moved on) and the torch RNG
     states (5 KB each) of the build and of chunked offloads, one tensor per distinct state.
-    Constant in ``T``, except that for ``snapkv`` and ``block`` the recent queries it keeps are a
-    view of the recorder's buffer at the build, which holds the whole last prompt call's queries:
-    ``Hq d e`` bytes per token of that call and layer (the whole prompt when it came in one call).
+    Constant in ``T``.
 
 Peak: between model calls the cache holds ``total`` (written) bytes. A model call is a transaction
 (:meth:`~lckv.cache.LckvCache.transaction`): the call replaces tensors rather than writing them, and
@@ -416,9 +413,8 @@ class _RecorderModel:
             self.sample_storage = self.sample  # a fresh tensor (boolean index, or cat)
             while self.sample > 2 * self.capacity:  # a strided view of the same storage
                 self.sample, self.stride = -(-self.sample // 2), self.stride * 2
-        if self.recent_capacity:
-            self.recent_storage = self.recent + n if self.recent else n
-            self.recent = min(self.recent_capacity, self.recent_storage)
+        if self.recent_capacity:  # a copy of exactly the kept rows
+            self.recent = self.recent_storage = min(self.recent_capacity, self.recent + n)
 
 
 def _multiples(lo: int, hi: int, stride: int) -> int:

@@ -118,10 +118,48 @@ def test_per_token_bytes_are_the_slopes(shape, name, settings):
             if component != "queries":  # a uniform sample of the prompt: between m and 2m queries
                 slope = (after[component] - prompt_before[component]) / n
                 assert slope == pytest.approx(rates[component], rel=2e-3, abs=0.01), (component, decoded)
-    if name == "retrieval":
-        query = shape.layers * shape.q_heads * shape.head_dim * shape.dtype_bytes
-        for p in (prompt_before, prompt_after):
-            assert policy.build_queries * query <= p["queries"] <= 2 * policy.build_queries * query
+    if name == "retrieval":  # cluster and flat indexes are built from the keys alone: no query kept
+        assert prompt_before["queries"] == prompt_after["queries"] == 0
+
+
+def test_recorder_keeps_exactly_the_recent_rows():
+    """QueryRecorder's recent queries are the last ``recent_capacity`` rows of all calls so far, in
+    a storage of exactly those rows (a view would keep a whole long call's queries alive)."""
+    from lckv.cache import QueryRecorder
+
+    recorder, seen = QueryRecorder(0, 17), []
+    for n in (500, 3, 1, 40, 1):
+        q = torch.randn(2, 3, n, 8)
+        recorder.add(q)
+        seen.append(q)
+        expected = torch.cat(seen, dim=2)[:, :, -17:]
+        assert torch.equal(recorder.recent, expected)
+        assert recorder.recent.untyped_storage().nbytes() == expected.numel() * 4
+    assert recorder.sample is None
+
+
+@pytest.mark.parametrize("index,records", [("cluster", False), ("flat", False), ("exact", False), ("graph", True)])
+def test_retrieval_records_prefill_queries_only_for_query_aware_indexes(index, records):
+    """Only a query-aware index (graph) is built with prefill queries, so only then does the cache
+    record them; the others keep none (their index is the same without them)."""
+    from tiny_models import tiny_decoder
+
+    torch.manual_seed(0)
+    model = tiny_decoder("llama", kv_heads=2, max_positions=512)
+    policy = lckv.get_policy("retrieval", index=index, sink=4, window=32, budget=48)
+    binding = lckv.enable(model, policy)
+    try:
+        cache = lckv.new_cache(model)
+        ids = torch.randint(3, 97, (1, 300))
+        with torch.no_grad():
+            model(ids[:, :299], past_key_values=cache, use_cache=True)
+            model(ids[:, 299:], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:
+            assert (layer.queries is not None and layer.queries.sample is not None) == records
+            assert layer.selection is not None
+    finally:
+        lckv.disable(model)
+    assert binding.policy.recorded_queries() == ((policy.build_queries, 0) if records else None)
 
 
 def test_predicted_bytes_rejects_what_it_does_not_model():

@@ -136,3 +136,65 @@ def test_host_kv_store_allocates_through_empty_host():
     k, v = torch.randn(2, 1, 8, 37, 128, generator=gen).half()
     store.append(k, v)
     assert torch.equal(store.keys, k) and torch.equal(store.values, v), f"seed {seed}"
+
+
+_TRIM_SCRIPT = """
+import os, torch, lckv.memory as memory
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+big = torch.ones(4 << 20)  # 16 MiB, mmapped; freeing it raises glibc's mmap threshold past 8 MiB
+del big
+buffers = [torch.ones(2 << 20) for _ in range(40)]  # 8 MiB each, now from the heap
+del buffers[::2]  # 160 MiB free, but inside the heap
+before = rss()
+print(memory.release_free_memory(), before - rss())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs /proc (Linux)")
+def test_release_free_memory_returns_freed_heap_pages():
+    """Buffers freed inside the heap stay in the RSS until a trim hands their pages back (a fresh
+    process, so the allocator's state is known)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _TRIM_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    ran, released = out.stdout.split()
+    if ran == "False":
+        pytest.skip("the C library has no malloc_trim (not glibc)")
+    assert int(released) >= 120 << 20  # of the 160 MiB freed
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_calls_that_prefill_or_grow_a_store_release_free_memory(monkeypatch, enabled):
+    """A bound model trims the heap after a call that added more than one token per row or grew a
+    host store, not after a decode step that did neither, and never with RELEASE_AFTER_CALLS off."""
+    import lckv
+    from lckv import memory
+    from tiny_models import tiny_decoder
+
+    calls = []
+    monkeypatch.setattr(memory, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory, "RELEASE_AFTER_CALLS", enabled)
+    torch.manual_seed(0)
+    model = tiny_decoder("llama", kv_heads=2, max_positions=512)
+    lckv.enable(model, "full", sink=4, window=32)
+    try:
+        cache = lckv.new_cache(model)
+        ids = torch.randint(3, 97, (1, 100))
+        released, expected = [], []
+        with torch.no_grad():
+            model(ids[:, :40], past_key_values=cache, use_cache=True)  # a prompt
+            released.append(len(calls))
+            expected.append(enabled)
+            for t in range(40, 100):  # decode steps: the stores grow at a few of them
+                capacity, before = cache.layers[0].store.capacity, len(calls)
+                model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                grew = cache.layers[0].store.capacity != capacity
+                released.append(len(calls) - before)
+                expected.append(enabled and grew)
+    finally:
+        lckv.disable(model)
+    assert released == [int(e) for e in expected]
+    assert 1 <= sum(expected[1:]) < 20 or not enabled  # some decode steps grew the stores, most did not

@@ -180,6 +180,9 @@ class Index(abc.ABC):
 
     #: search keyword arguments this index understands, with their defaults
     search_params: dict = {}
+    #: whether ``build`` uses its ``queries`` (a query-aware index); the others ignore them, and
+    #: the ``retrieval`` policy then records no prefill queries for them
+    uses_build_queries: bool = False
     #: the checks of an input tensor; the C++ indexes set check_shape (their glue checks the rest)
     _check_input = staticmethod(check_rows)
 

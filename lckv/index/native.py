@@ -197,6 +197,8 @@ class GraphIndex(NativeIndex):
     >>> scores, ids, n_scored = index.search(torch.randn(4, 16) + 1, k=10, ef=48)
     """
 
+    uses_build_queries = True
+
     _kind = "graph"
 
     def __init__(self, dim: int, max_degree: int | None = None, build_knn: int = BUILD_DEFAULT,

@@ -37,6 +37,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, prepare_padding_mask, sdpa_mask
 
+from lckv import memory
 from lckv.attention import KeyPaddingMask, attend_chunk_with_selection, attend_segments, attend_with_selection
 from lckv.cache import LckvCache, LckvCacheLayer, Segment
 from lckv.ops import sink_window_attention_with_lse
@@ -366,11 +367,26 @@ def _install_transactions(model) -> None:
         cache = cache_of(args, kwargs)
         if not isinstance(cache, LckvCache):
             return inner(*args, **kwargs)
+        tokens, marker = cache.get_seq_length(), _growth_marker(cache)
         with cache.transaction():
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
+        # the call's snapshot is gone: what it replaced (old store buffers, a chunk's resident K/V),
+        # a selection build's scratch and the call's activations are free
+        if memory.RELEASE_AFTER_CALLS and (cache.get_seq_length() > tokens + 1 or _growth_marker(cache) != marker):
+            memory.release_free_memory()
+        return out
 
     forward.lckv_previous = vars(model).get("forward")  # an instance-level forward, or None
     model.forward = forward
+
+
+def _growth_marker(cache: LckvCache) -> tuple[int, int]:
+    """What changes when a call frees large buffers without adding tokens: the rows the host stores
+    have room for (a store grew: its old buffers are free) and the layers with a selection state
+    (a build: its scratch is free)."""
+    layers = [layer for layer in cache.layers if isinstance(layer, LckvCacheLayer)]
+    return (sum(layer.store.capacity for layer in layers if layer.store is not None),
+            sum(layer.selection is not None for layer in layers))
 
 
 def _remove_hooks(binding: LckvBinding) -> None:

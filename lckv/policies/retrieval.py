@@ -15,7 +15,8 @@ from lckv.ops import decode_cluster_step, flat_topk_scores, offload_rows
 from lckv.policies.base import PolicyConfigError, register_policy
 from lckv.policies.estimate import ClusterEstimate
 from lckv.policies.group_rank import group_sum, top_by_group_probability
-from lckv.policies.retrieval_index import INDEX_KINDS, build_indexes, check_index_settings, index_heads, search_settings
+from lckv.policies.retrieval_index import (INDEX_KINDS, build_indexes, check_index_settings, index_heads, search_settings,
+                                          uses_build_queries)
 from lckv.policies.selection import SelectionPolicy, unique_rows
 
 __all__ = ["RetrievalPolicy", "INDEX_KINDS"]
@@ -62,7 +63,9 @@ class RetrievalPolicy(SelectionPolicy):
     The index is built at the first decode step from the offloaded keys and up to
     ``build_queries`` prefill queries (a uniform sample over the prompt, group-summed like the
     decode queries), which is what makes the attention-aware ``graph`` index accurate for decode
-    queries; tokens spilling from the window later are inserted as decoding goes on.
+    queries (only query-aware indexes, ``uses_build_queries``, get them: for the others no prefill
+    query is recorded or kept); tokens spilling from the window later are inserted as decoding
+    goes on.
 
     ``min_scanned`` (index ``cluster``): a search scans at least this many keys whatever k is
     (``scan`` is raised to ``min_scanned / k`` for small k). ``scan * k`` alone leaves a small budget
@@ -148,7 +151,9 @@ class RetrievalPolicy(SelectionPolicy):
             raise PolicyConfigError(f"RetrievalPolicy.max_clusters must be an int >= 1, got {self.max_clusters!r}")
 
     def recorded_queries(self):
-        return (self.build_queries, 0) if self.build_queries else None
+        if not (self.build_queries and uses_build_queries(self.index)):
+            return None  # the index is built from the keys alone: no query to keep
+        return (self.build_queries, 0)
 
     def search_settings(self, n_select: int) -> dict:
         """The index search settings of a step selecting ``n_select`` keys (``min_scanned`` applied)."""

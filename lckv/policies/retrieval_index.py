@@ -11,7 +11,8 @@ from lckv.layer_view import LayerView
 from lckv.policies.base import PolicyConfigError
 from lckv.policies.group_rank import group_sum
 
-__all__ = ["INDEX_KINDS", "check_index_settings", "make_index", "build_indexes", "search_settings", "index_heads"]
+__all__ = ["INDEX_KINDS", "check_index_settings", "make_index", "build_indexes", "search_settings", "index_heads",
+           "uses_build_queries"]
 
 #: ``exact`` scores every offloaded key (lckv.ops.flat_topk_scores): the oracle top-k.
 INDEX_KINDS = ("exact", "flat", "ivf", "graph", "cluster", "faiss_flat", "faiss_hnsw", "faiss_ivf")
@@ -27,6 +28,16 @@ def make_index(kind: str, dim: int, params: dict):
     if kind.startswith("faiss_"):
         return cls(dim, kind=kind[len("faiss_"):], **params)
     return cls(dim, **params)
+
+
+def uses_build_queries(kind: str) -> bool:
+    """Whether an index of ``kind`` is built with prefill queries (``graph``); the others are built
+    from the keys alone."""
+    if kind == "exact":
+        return False
+    from lckv import index
+
+    return getattr(index, _CLASSES[kind]).uses_build_queries
 
 
 def check_index_settings(kind: str, index_params: dict, search_params: dict) -> None:
