@@ -72,7 +72,9 @@ OWN_PREFILL = {"retrieval-prefill": ("retrieval", {"prefill": "retrieval"}),
                # blocks of 16 prefill queries per selection (default 64): docs/prefill.md's quality study
                "retrieval-prefill-b16": ("retrieval", {"prefill": "retrieval", "prefill_block": 16}),
                # each prefill query adds its own top 16 rows to its block's (docs/prefill.md)
-               "retrieval-prefill-pq16": ("retrieval", {"prefill": "retrieval", "prefill_per_query": 16})}
+               "retrieval-prefill-pq16": ("retrieval", {"prefill": "retrieval", "prefill_per_query": 16}),
+               # each chunk's last 256 queries attend the whole store exactly (docs/prefill.md)
+               "retrieval-prefill-t256": ("retrieval", {"prefill": "retrieval", "prefill_exact_tail": 256})}
 ALL_METHODS = (*METHODS, *VARIANTS, *OWN_PREFILL)
 SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
 STREAMING_SINK = 4

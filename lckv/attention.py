@@ -202,7 +202,9 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     attends the ``policy.prefill_select`` rows per kv head that ``policy.select_blocks`` picks for
     the block's mean query (every store row precedes the chunk, so no causal mask is needed there);
     with the policy's estimate of the rows a block does not attend (``policy.estimate_blocks``,
-    per query), the parts merge by LSE. A store of at most ``prefill_select`` rows is attended
+    per query), the parts merge by LSE. The chunk's last ``policy.prefill_exact_tail`` queries
+    attend the whole store exactly instead (the positions whose states the first generated token
+    reads, when the chunk ends the prompt). A store of at most ``prefill_select`` rows is attended
     whole, which makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
     """
     store = layer.store
@@ -215,10 +217,19 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
         part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
         return merge_states_unchecked(out, lse, *part)
     state = layer.selection_state()
+    tail = min(policy.prefill_exact_tail, q_len)
+    if tail:  # the call's last queries attend the whole store exactly
+        segment = [Segment(store.keys, store.values, n_sink)]
+        tail_mask = attention_mask[:, :, q_len - tail:] if isinstance(attention_mask, torch.Tensor) else attention_mask
+        tail_part = attend_segments(query[:, :, q_len - tail:], segment, q_start + q_len - tail, tail_mask, policy, scale)
+        if tail == q_len:
+            return merge_states_unchecked(out, lse, *tail_part)
     view = layer.view()
     keys, values = store.keys, store.values
     batch, q_heads, _, head_dim = query.shape
     block = policy.prefill_block
+    q_len -= tail
+    query = query[:, :, :q_len]  # the queries that attend selected rows
     m = -(-q_len // block)
     q = query.to(keys.device)
     means = torch.stack([q[:, :, j * block:(j + 1) * block].float().mean(dim=2) for j in range(m)], dim=2)
@@ -230,9 +241,12 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     rest = policy.estimate_blocks(state, view, blocks, indices, scale)
     if rest is not None:  # the rows the blocks do not attend, estimated per query
         sel_out, sel_lse = merge_states_unchecked(sel_out, sel_lse, *rest)
-    sel_out = sel_out.reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len]
-    sel_lse = sel_lse.reshape(batch, q_heads, m * block)[:, :, :q_len]
-    return merge_states_unchecked(out, lse, sel_out.to(query.device, out.dtype), sel_lse.to(query.device))
+    sel_out = sel_out.reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len].to(query.device, out.dtype)
+    sel_lse = sel_lse.reshape(batch, q_heads, m * block)[:, :, :q_len].to(query.device)
+    if tail:
+        sel_out = torch.cat([sel_out, tail_part[0].to(out.dtype)], dim=2)
+        sel_lse = torch.cat([sel_lse, tail_part[1]], dim=2)
+    return merge_states_unchecked(out, lse, sel_out, sel_lse)
 
 
 def _drop_pad_rows(indices: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

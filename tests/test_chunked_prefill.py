@@ -66,18 +66,29 @@ def test_covering_retrieval_prefill_equals_sdpa(kind, kv_heads, policy, chunk):
     assert cache.layers[0].store.length > 0, "the prompt must have been offloaded"
 
 
-def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None, per_query=0, per_head=False):
+def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None, per_query=0, per_head=False,
+                     tail=0):
     """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows;
     with ``estimate`` (a callable ``(query [B, Hq, D], picked store rows [B, H, n], -1 = none) ->
     (out, lse)``, the decode step's estimate of the rows not picked) merged in per query by LSE.
     ``per_query``: each query of a block adds its own top rows by its group-summed query (each
-    query head's own with ``per_head``), and the whole block attends them."""
+    query head's own with ``per_head``), and the whole block attends them. The last ``tail``
+    queries attend every earlier key (exact causal attention)."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     recent_start = max(sink, lo - (window - 1))  # the window kept before the chunk arrived
     store = torch.arange(sink, recent_start)
     outs, lses = [], []
+    split = max(lo, hi - tail)
+    if split < hi:  # the exact tail, one block of its own attending every earlier key
+        qt = q[:, :, split:hi].double()
+        logits = torch.einsum("bhqd,bhkd->bhqk", qt, k[:, :, :hi].double().repeat_interleave(group, 1)) * scale
+        causal = torch.arange(hi)[None, :] <= torch.arange(split, hi)[:, None]
+        logits = logits.masked_fill(~causal, float("-inf"))
+        tail_part = (torch.softmax(logits, -1) @ v[:, :, :hi].double().repeat_interleave(group, 1),
+                     torch.logsumexp(logits, dim=-1))
+    hi, end = split, hi
     for b_lo in range(lo, hi, block):
         b_hi = min(hi, b_lo + block)
         qb = q[:, :, b_lo:b_hi].double()
@@ -117,6 +128,9 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
                 lse[:, :, i] = top + torch.log(wa + wb)
         outs.append(out)
         lses.append(lse)
+    if split < end:
+        outs.append(tail_part[0])
+        lses.append(tail_part[1])
     return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
@@ -124,7 +138,8 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
 @pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
 @pytest.mark.parametrize("estimate_rest", [False, True])
 @pytest.mark.parametrize("per_query,per_head", [(0, False), (2, False), (1, True)])
-def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query, per_head):
+@pytest.mark.parametrize("tail", [0, 5])
+def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query, per_head, tail):
     gen, seed = fresh_generator()
     batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
     sink, window = 2, 6
@@ -133,7 +148,8 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
     q = torch.randn(batch, kv_heads * group, n, head_dim, generator=gen)
     policy = resolve_policy("retrieval", sink=sink, window=window, budget=1.0, index=index, group_rank="logits",
                             estimate_rest=estimate_rest, prefill_estimate=estimate_rest, cluster_size=4, exact_above=1.0, prefill="retrieval",
-                            prefill_select=select, prefill_block=block, prefill_per_query=per_query, prefill_per_head=per_head)
+                            prefill_select=select, prefill_block=block, prefill_per_query=per_query, prefill_per_head=per_head,
+                            prefill_exact_tail=tail)
     layer = LckvCacheLayer(policy, 0)
     scale = head_dim ** -0.5
     for lo in range(0, n, chunk):
@@ -146,7 +162,8 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
         if estimate_rest and layer.selection is not None:  # the decode step's estimate, one query at a time
             state = layer.selection.estimate
             estimate = lambda q_i, rows: state.attend(layer.view(), q_i, rows, scale)  # noqa: E731
-        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate, per_query, per_head)
+        ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate, per_query,
+                                            per_head, tail)
         torch.testing.assert_close(out, ref_out.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
         torch.testing.assert_close(lse, ref_lse.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
     assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
@@ -204,6 +221,8 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     (dict(prefill_per_query=-1), "prefill_per_query must be >= 0"),
     (dict(prefill_query_scan=1.5), "prefill_query_scan must be an int"),
     (dict(prefill_per_head=True), "prefill_per_head needs prefill_per_query >= 1"),
+    (dict(prefill_exact_tail=-1), "prefill_exact_tail must be an int >= 0"),
+    (dict(prefill_exact_tail=True), "prefill_exact_tail must be an int"),
 ])
 def test_bad_prefill_settings_raise(settings, match):
     with pytest.raises(PolicyConfigError, match=match):

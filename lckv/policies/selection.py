@@ -15,7 +15,9 @@ store, each block of ``prefill_block`` consecutive queries attends the ``prefill
 kv head that :meth:`select` picks for the block's mean query; the parts merge by LSE. The
 selection state is then built at the first chunk that finds rows offloaded, and every later chunk
 joins it as it spills (:meth:`on_offload`), so decoding starts with nothing left to build. A store
-no larger than ``prefill_select`` is attended whole (the chunk is exact).
+no larger than ``prefill_select`` is attended whole (the chunk is exact). The last
+``prefill_exact_tail`` queries of each chunk attend the whole store exactly (when the chunk ends
+the prompt, the positions the first generated token reads); their cost is linear in the context.
 
 Budget: ``budget`` is the number of keys each query attends in total — sink + window + selected —
 either a token count (int >= 1) or a fraction of the context (float in (0, 1]). A budget at least
@@ -70,6 +72,7 @@ class SelectionPolicy(Policy):
     prefill: str = "exact"
     prefill_select: int = 2048
     prefill_block: int = 64
+    prefill_exact_tail: int = 0
     keeps_offloaded: ClassVar[bool] = True
 
     def validate(self) -> None:
@@ -89,6 +92,9 @@ class SelectionPolicy(Policy):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PolicyConfigError(f"{type(self).__name__}.{name} must be an int >= 1, got {value!r}")
+        if self.prefill_exact_tail < 0:  # an int (Policy.validate)
+            raise PolicyConfigError(f"{type(self).__name__}.prefill_exact_tail must be an int >= 0, "
+                                    f"got {self.prefill_exact_tail}")
 
     def budget_tokens(self, context_len: int) -> int:
         """Total keys a query may attend when the context holds ``context_len`` tokens."""
