@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -241,11 +241,13 @@ class SelectionLog:
     rows as a count, its small parts as references) and the global RNG state it saw; ``offloads``,
     the row counts of every :meth:`~lckv.layer_view.CachePolicy.on_offload` since, in order, as
     runs ``(n_rows, repeat, rng)`` (``rng``: the RNG state an offload of several rows saw, None for
-    single rows, whose hooks draw no random numbers; equal states are one tensor).
+    single rows, whose hooks draw no random numbers; equal states are one tensor). For a policy
+    that does not replay (``replays_state`` False) it holds ``state``, the state itself instead.
     """
 
     build: dict | None = None
     offloads: list = field(default_factory=list)
+    state: object = None
     _last_rng: torch.Tensor | None = field(default=None, repr=False)
 
     def rng_state(self) -> torch.Tensor:
@@ -271,15 +273,16 @@ class SelectionLog:
 
     def mark(self) -> tuple:
         """The log's extent now, for :meth:`changed_since` and :meth:`truncate` (entries are tuples:
-        never changed in place)."""
-        return self.build, len(self.offloads), self.offloads[-1] if self.offloads else None
+        never changed in place; a kept state is replaced, never changed)."""
+        return self.build, len(self.offloads), self.offloads[-1] if self.offloads else None, self.state
 
     def changed_since(self, mark: tuple) -> bool:
-        build, n, last = mark
-        return self.build is not build or len(self.offloads) != n or (n > 0 and self.offloads[-1] is not last)
+        build, n, last, state = mark
+        return (self.build is not build or len(self.offloads) != n or (n > 0 and self.offloads[-1] is not last)
+                or self.state is not state)
 
     def truncate(self, mark: tuple) -> None:
-        self.build, n, last = mark
+        self.build, n, last, self.state = mark
         del self.offloads[n:]
         if last is not None:
             self.offloads[-1] = last
@@ -300,8 +303,9 @@ class LckvCacheLayer(DynamicLayer):
         self.queries = QueryRecorder(*policy.recorded_queries()) if policy.recorded_queries() else None
         #: the policy's selection state (index, page bounds, ...), built at the first decode step
         self.selection = None
-        #: how the selection state was made (to make it again)
+        #: how the selection state was made (to make it again), or the state itself
         self.log = SelectionLog()
+        self.replays = getattr(policy, "replays_state", True)
         #: key padding of the slots from ``policy.sink`` on (offloaded rows first) [batch, n] (None: no padding seen)
         self.store_padding: torch.Tensor | None = None
         #: scratch shared by the layers of one cache (LayerView.shared); LckvCache sets one dict for all
@@ -350,9 +354,15 @@ class LckvCacheLayer(DynamicLayer):
     def _notify(self, moved: tuple[int, int] | None) -> None:
         """Offloaded rows ``moved`` join the selection state (logged first: a hook that fails part-way
         has still changed the state)."""
-        if moved is not None and self.selection is not None:
+        if moved is None or self.selection is None:
+            return
+        if self.replays:
             self.log.record_offload(moved[1])
             self.policy.on_offload(self.selection, self.view(), *moved)
+        else:  # the hook changes a copy: the state a snapshot or the log holds stays as it was
+            state = copy.copy(self.selection)
+            self.policy.on_offload(state, self.view(), *moved)
+            self.selection = self.log.state = state
 
     def settle(self) -> None:
         """Spills now what the next token's arrival would spill (all but the last
@@ -485,6 +495,9 @@ class LckvCacheLayer(DynamicLayer):
         """The policy's selection state, built from the offloaded store on first use."""
         if self.selection is None:
             view = self.view()
+            if not self.replays:
+                self.selection = self.log.state = self.policy.build(view)
+                return self.selection
             rng = self.log.rng_state()
             self.selection = self.policy.build(view)
             self.log.record_build(view, rng)
@@ -496,6 +509,9 @@ class LckvCacheLayer(DynamicLayer):
         state). Layers of a cache replay in order (:meth:`LckvCache.replay_selections`)."""
         build = self.log.build
         self.selection = None
+        if not self.replays:
+            self.selection = self.log.state
+            return
         if build is None:
             return
         fields = {name: build[name] for name in ("context_len", "resident_keys", "resident_values", "query_sample",
@@ -547,7 +563,9 @@ class LckvCacheLayer(DynamicLayer):
                 "log": {"build": None if self.log.build is None else {
                             name: value.cpu() if isinstance(value, torch.Tensor) else value
                             for name, value in self.log.build.items()},
-                        "offloads": list(self.log.offloads)}}
+                        "offloads": list(self.log.offloads),
+                        "state": None if self.log.state is None else {
+                            f.name: getattr(self.log.state, f.name).cpu() for f in fields(self.log.state)}}}
 
     def import_state(self, state: dict, device: torch.device) -> None:
         """Restores :meth:`export_state`'s data on a fresh layer, resident tensors on ``device``; the
@@ -562,10 +580,11 @@ class LckvCacheLayer(DynamicLayer):
         self.store_padding = None if state["store_padding"] is None else state["store_padding"].to(device)
         if state["queries"] is not None:
             vars(self.queries).update(state["queries"])
-        build = state["log"]["build"]
+        build, kept = state["log"]["build"], state["log"].get("state")
         self.log = SelectionLog(None if build is None else {
             name: value.to(device) if name in ("resident_keys", "resident_values") else value
-            for name, value in build.items()}, list(state["log"]["offloads"]))
+            for name, value in build.items()}, list(state["log"]["offloads"]),
+            None if kept is None else self.policy.state_type(**kept))
 
     # --- transformers Cache protocol -------------------------------------------------------
     def get_seq_length(self) -> int:

@@ -60,7 +60,7 @@ Components (bytes; the per-token rate is the slope in ``T``, see :func:`per_toke
     the :class:`~lckv.cache.SelectionLog` a layer replays its state from: the resident K/V and the
     recorded queries the state was built from (held after the recorder moved on) and the torch RNG
     states (5 KB each) of the build and of chunked offloads, one tensor per distinct state.
-    Constant in ``T``.
+    Constant in ``T``. ``block`` (which does not replay) keeps its state instead: nothing more.
 
 Peak: between model calls the cache holds ``total`` (written) bytes. A model call is a transaction
 (:meth:`~lckv.cache.LckvCache.transaction`): the call replaces tensors rather than writing them, and
@@ -497,7 +497,8 @@ class _LayerModel:
             rec.add(n, self.built_at is None)
             if sampled and before[0]:  # the sample was replaced (cat)
                 held += before[0] * self.q_row
-            if rec.recent_capacity and before[1] and not built:  # replaced; at a build the log keeps it
+            # replaced; at a build of a replaying policy the log keeps it
+            if rec.recent_capacity and before[1] and not (built and self.policy.replays_state):
                 held += before[1] * self.q_row
         self._offload(self._move_out(1))
         self.held = held + self.growth_transient * self.host_row
@@ -512,10 +513,11 @@ class _LayerModel:
     # -- selection state --
     def _build(self) -> None:
         self.built_at = self.store
-        self.rng_states = 1
-        self.log_resident = self.sink + self.recent
-        if self.recorder is not None:
-            self.log_recent = self.recorder.recent_storage
+        if self.policy.replays_state:  # else the log holds the state itself (counted as selection)
+            self.rng_states = 1
+            self.log_resident = self.sink + self.recent
+            if self.recorder is not None:
+                self.log_recent = self.recorder.recent_storage
         if self.retrieval:
             self._build_retrieval(self.store)
         else:

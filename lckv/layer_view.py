@@ -83,6 +83,9 @@ class CachePolicy(Protocol):
 
     sink: int
     keeps_offloaded: bool
+    #: optional (default True): False makes the cache keep the selection state itself instead of
+    #: replaying the hooks (:attr:`lckv.policies.Policy.replays_state`), with ``state_type``
+    replays_state: bool
     #: host bytes a cache may hold, or None (LckvCache.max_host_bytes starts from it)
     max_host_bytes: int | None
 

@@ -35,6 +35,10 @@ POLICIES = {
     "retrieval-prefill": ("retrieval", dict(**SELECTING, **CLUSTERED, prefill="retrieval", prefill_select=16,
                                             prefill_block=4)),
     "quest": ("quest", dict(**SELECTING, page_size=4)),
+    "snapkv": ("snapkv", dict(**SELECTING, observation=5)),
+    # its on_offload reads the recent queries: the cache keeps its state instead of replaying it
+    "block": ("block", dict(**SELECTING, block_size=4, representatives=2, observation=5)),
+    "retrolm": ("retrolm", dict(**SELECTING, page_size=4)),
 }
 SELECTION_POLICIES = [name for name in POLICIES if name not in ("full", "streaming")]
 HOOKS = ("on_offload", "select")  # the selection hooks a test makes fail

@@ -59,6 +59,13 @@ class Policy:
     name: ClassVar[str] = ""
     #: keep tokens that leave the window in the host-memory store (False: evict them).
     keeps_offloaded: ClassVar[bool] = True
+    #: whether the cache remakes the selection state by replaying ``build`` and ``on_offload``
+    #: (:class:`lckv.cache.SelectionLog`). False for a policy whose hooks read what a replay cannot
+    #: supply (the block policy's ``on_offload`` reads the recent queries): the log then keeps the
+    #: state itself, a dataclass of tensors that the hooks replace, never write in place, remade
+    #: from its fields by ``state_type``.
+    replays_state: ClassVar[bool] = True
+    state_type: ClassVar[type | None] = None
 
     def __post_init__(self):
         self.validate()

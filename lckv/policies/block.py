@@ -35,6 +35,9 @@ class BlockPolicy(SelectionPolicy):
     observation: int = 32
 
     name = "block"
+    # on_offload reads the recent queries of its time, which a replay cannot supply
+    replays_state = False
+    state_type = _BlockState
 
     def validate(self) -> None:
         super().validate()
