@@ -74,7 +74,10 @@ OWN_PREFILL = {"retrieval-prefill": ("retrieval", {"prefill": "retrieval"}),
                # each prefill query adds its own top 16 rows to its block's (docs/prefill.md)
                "retrieval-prefill-pq16": ("retrieval", {"prefill": "retrieval", "prefill_per_query": 16}),
                # each chunk's last 256 queries attend the whole store exactly (docs/prefill.md)
-               "retrieval-prefill-t256": ("retrieval", {"prefill": "retrieval", "prefill_exact_tail": 256})}
+               "retrieval-prefill-t256": ("retrieval", {"prefill": "retrieval", "prefill_exact_tail": 256}),
+               # and 4 rows per query head per query (docs/prefill.md's best KL at 16K)
+               "retrieval-prefill-ph4t256": ("retrieval", {"prefill": "retrieval", "prefill_exact_tail": 256,
+                                                            "prefill_per_query": 4, "prefill_per_head": True})}
 ALL_METHODS = (*METHODS, *VARIANTS, *OWN_PREFILL)
 SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
 STREAMING_SINK = 4
