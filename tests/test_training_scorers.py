@@ -53,6 +53,9 @@ def test_relative_drop():
         relative_drop(0.0, 0.1)
     with pytest.raises(ValueError, match="finite"):
         relative_drop(float("nan"), 0.1)
+    with pytest.raises(ValueError, match="full=.* too close to 0"):  # the drop overflows (found by fuzzing)
+        relative_drop(2.225073858507203e-309, 103)
+    assert relative_drop(1e-300, 1e-300) == 0.0  # tiny but representable
 
 
 def _ndcg_oracle(scores, relevance, k):

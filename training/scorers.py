@@ -50,13 +50,18 @@ def mean_subem(predictions: Sequence[str], answers: Sequence[Sequence[str] | str
 
 def relative_drop(full: float, compressed: float) -> float:
     """``100 * (full - compressed) / full``: percent of the full-context score lost under
-    compression (negative when compression helps). ``full`` must be > 0."""
+    compression (negative when compression helps). ``full`` must be > 0; a drop beyond the
+    float range (``full`` near 0, e.g. subnormal) raises ValueError naming ``full``."""
     for name, value in (("full", full), ("compressed", compressed)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if full <= 0:
         raise ValueError(f"full must be > 0 for a relative drop, got {full}")
-    return 100.0 * (full - compressed) / full
+    drop = 100.0 * (full - compressed) / full
+    if not math.isfinite(drop):
+        raise ValueError(f"full={full!r} is too close to 0: the drop of compressed={compressed!r} against it "
+                         "is beyond the float range")
+    return drop
 
 
 def ndcg_at_k(scores: Sequence[float], relevance: Sequence[float], k: int = 10) -> float:
