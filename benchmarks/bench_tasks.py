@@ -378,7 +378,10 @@ def plot(summary: list[dict], path: Path, model: str) -> None:
 def report(args) -> dict:
     """Summary of the main results file and any peer files: JSON, PNG and a printed table."""
     rows = read_rows(args.results / f"{args.name}.jsonl")
-    for extra in args.peer_results:
+    peers = args.peer_results
+    if peers is None:  # the kvpress runner's file for this model, so that a run keeps its peers' rows
+        peers = [path for path in [args.results / f"kvpress_{args.model}.jsonl"] if path.exists()]
+    for extra in peers:
         rows += read_rows(Path(extra))
     rows = [r for r in rows if r["model"] == args.model]
     summary = summarize(rows)
@@ -433,7 +436,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--name", default=None, help="result file name (default: bench_tasks_<model>)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier rows instead of resuming")
     parser.add_argument("--summary-only", action="store_true", help="summarise the results file(s), run nothing")
-    parser.add_argument("--peer-results", nargs="*", default=[], help="JSONL files of peer methods (docs/tasks.md)")
+    parser.add_argument("--peer-results", nargs="*", default=None,
+                        help="JSONL files of peer methods (docs/tasks.md); default: kvpress_<model>.jsonl in the "
+                             "results directory when it exists; none: --peer-results with no file")
     parser.add_argument("--export-prompts", action="store_true",
                         help="write the grid's prompts to <name>_prompts.jsonl for peer runners, run nothing")
     parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context equals full)")
