@@ -305,6 +305,7 @@ class LckvCacheLayer(DynamicLayer):
         self.selection = None
         #: how the selection state was made (to make it again), or the state itself
         self.log = SelectionLog()
+        #: the log replays the policy's hooks (else it keeps the state itself: Policy.replays_state)
         self.replays = getattr(policy, "replays_state", True)
         #: key padding of the slots from ``policy.sink`` on (offloaded rows first) [batch, n] (None: no padding seen)
         self.store_padding: torch.Tensor | None = None

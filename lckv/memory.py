@@ -82,8 +82,8 @@ def empty_host(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
 
 
 #: Whether a model bound by :func:`lckv.enable` calls :func:`release_free_memory` after each call
-#: with an LckvCache that added more than one token per row (a prompt or a prompt chunk) or grew a
-#: host store. Set it to False to leave the heap to the allocator.
+#: with an LckvCache that added more than one token per row (a prompt or a prompt chunk), grew a
+#: host store or built a selection state. Set it to False to leave the heap to the allocator.
 RELEASE_AFTER_CALLS = True
 
 _malloc_trim = None  # glibc's malloc_trim, once looked up (False: not available)
@@ -95,8 +95,9 @@ def release_free_memory() -> bool:
     glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, so from then
     on freed buffers below it -- a grown host store's old buffers, a prompt chunk's activations and
     attention scratch -- stay in the heap, counted in the process's RSS until reused: measured on
-    SmolLM2-135M with ``retrieval`` at 4K tokens, RSS grew 1.8x what the cache holds, 1.07x after
-    a trim (``benchmarks/bench_memory.py``). A trim's cost is that of unmapping what it releases
+    SmolLM2-135M with ``retrieval`` at 4K tokens (``benchmarks/bench_memory.py``, glibc defaults),
+    RSS grew 1.8x what the cache held without trims, 1.11x with the trims a bound model makes
+    after its calls (:data:`RELEASE_AFTER_CALLS`). A trim's cost is that of unmapping what it releases
     (0.12 s for 800 MiB on a 2-core EPYC; 0.2 ms when there is nothing to release).
 
     Returns
