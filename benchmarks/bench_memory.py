@@ -41,7 +41,6 @@ Writes benchmarks/results/bench_memory.{json,png} (rows of earlier runs of other
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -61,6 +60,7 @@ from common import RESULTS, Table, load_model, machine, write_json  # noqa: E402
 import lckv  # noqa: E402
 from lckv.footprint import COMPONENTS, ModelShape, cache_bytes, predicted_bytes  # noqa: E402
 from lckv.integrations.hf import _band_mask  # noqa: E402
+from lckv.memory import release_free_memory  # noqa: E402
 from lckv.policies import StreamingPolicy, get_policy  # noqa: E402
 from lckv.research.capture import hotpotqa_token_ids  # noqa: E402
 
@@ -92,13 +92,10 @@ def reset_peak() -> None:
 
 
 def trim() -> None:
-    """Returns freed heap memory to the system (glibc ``malloc_trim``), so the baseline is not
-    inflated by what the warm-up freed."""
+    """Returns freed heap memory to the system (:func:`lckv.memory.release_free_memory`), so the
+    baseline is not inflated by what the warm-up freed."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    release_free_memory()
 
 
 def local_prefill_variant(policy):

@@ -479,6 +479,15 @@ _BACKEND_MUTATION = ("value:bogus|None|CPU", ("backend",))
 _META = {"devices": [("all_meta", None)]}  # an options entry: every tensor argument on the meta device
 
 
+def _mutate_attention(case: Case, args: dict, options: dict, head_dim: int) -> dict:
+    """:func:`mutate` for an attention op, with the meta-device mutation; a head_dim of 0 makes the
+    case invalid whatever was mutated (no attention over zero dims, and no default scale)."""
+    args = mutate(case, args, {**options, **_META})
+    if head_dim == 0:
+        case.bad |= {"q", "head_dim"}
+    return args
+
+
 def _nonfinite_rows(k, v):
     """[B, Hkv, S] rows of k or v holding NaN/inf."""
     return ~(torch.isfinite(k.float()).all(-1) & torch.isfinite(v.float()).all(-1))
@@ -525,10 +534,7 @@ def target_attention_with_lse(case: Case) -> None:
         options["key_padding"] = [("index_dtype", ("key_padding",)), ("dim1", ("key_padding",))]
     if Hkv > 1:
         options["q"].append(("dim1", ("q_heads", "kv_heads")))
-    options.update(_META)
-    args = mutate(case, args, options)
-    if D == 0:
-        case.bad |= {"q", "head_dim"}  # no attention over zero dims (and no default scale)
+    args = _mutate_attention(case, args, options, D)
     if bool(_nonfinite_rows(k, v).any()):
         case.bad |= {"k", "v"}  # the dense op scans k and v
     result, exc = checked_call(ops.attention_with_lse, args)
@@ -582,10 +588,7 @@ def target_sparse_attention_with_lse(case: Case) -> None:
                "scale": [_SCALE_MUTATION], "backend": [_BACKEND_MUTATION]}
     if Hkv > 1:
         options["q"].append(("dim1", ("q_heads", "kv_heads")))
-    options.update(_META)
-    args = mutate(case, args, options)
-    if D == 0:
-        case.bad |= {"q", "head_dim"}  # no attention over zero dims (and no default scale)
+    args = _mutate_attention(case, args, options, D)
     special = ""
     if not case.bad:
         read = torch.zeros(B, Hkv, S, dtype=torch.long)
@@ -646,10 +649,7 @@ def target_sink_window_attention_with_lse(case: Case) -> None:
                "scale": [_SCALE_MUTATION], "backend": [_BACKEND_MUTATION]}
     if L == S:
         options["q"].append(("dim2", ("q_len", "kv_len")))
-    options.update(_META)
-    args = mutate(case, args, options)
-    if D == 0:
-        case.bad |= {"q", "head_dim"}  # no attention over zero dims (and no default scale)
+    args = _mutate_attention(case, args, options, D)
     mask = sink_window_mask(L, S, sink, window)
     special = ""
     if not case.bad:

@@ -172,24 +172,28 @@ class HostBudget:
                 raise HostMemoryLimitError(limit, in_use, nbytes)
 
 
-def reachable_host_bytes(obj, seen: set) -> int:
-    """Bytes of the CPU tensors and indexes (``memory_bytes()``) reachable from ``obj`` through
-    lists, tuples, dicts and attributes; a storage is counted once (``seen``: storage pointers)."""
+def reachable_bytes(obj, seen: set, device: str | None = "cpu", skip=()) -> int:
+    """Bytes of the tensors on ``device`` (None: any device) and indexes (``memory_bytes()``)
+    reachable from ``obj`` through lists, tuples, dicts and attributes (those of ``obj`` named in
+    ``skip`` not followed); a storage is counted once (``seen``: (device type, storage pointer))."""
     if isinstance(obj, torch.Tensor):
         storage = obj.untyped_storage()
-        if obj.device.type != "cpu" or storage.data_ptr() in seen:
+        key = (obj.device.type, storage.data_ptr())
+        if (device is not None and obj.device.type != device) or key in seen:
             return 0
-        seen.add(storage.data_ptr())
+        seen.add(key)
         return storage.nbytes()
     if hasattr(obj, "memory_bytes"):
         return obj.memory_bytes()
     if isinstance(obj, (list, tuple)):
-        return sum(reachable_host_bytes(x, seen) for x in obj)
-    if isinstance(obj, dict):
-        return sum(reachable_host_bytes(x, seen) for x in obj.values())
-    if hasattr(obj, "__dict__"):
-        return sum(reachable_host_bytes(x, seen) for x in vars(obj).values())
-    return 0
+        items = obj
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = [value for name, value in vars(obj).items() if name not in skip]
+    else:
+        return 0
+    return sum(reachable_bytes(x, seen, device) for x in items)
 
 
 class QueryRecorder:
@@ -647,7 +651,7 @@ class LckvCacheLayer(DynamicLayer):
         """Host memory held: store buffers (spare capacity included), selection state, recorded
         queries and log (CPU tensors and indexes; storages in ``seen`` are not counted again)."""
         store = 0 if self.store is None else self.store.allocated_bytes()
-        return store + reachable_host_bytes([self.selection, self.queries, self.log], seen)
+        return store + reachable_bytes([self.selection, self.queries, self.log], seen)
 
 
 class LckvCache(Cache):

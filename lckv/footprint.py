@@ -107,9 +107,10 @@ COMPONENTS = ("resident", "host_kv", "index", "estimate", "queries", "selection"
 
 # --- measured -------------------------------------------------------------------------------------
 class _Tally:
-    """Written and allocated bytes of tensors, each storage counted once. A tensor's whole storage
-    counts as written (views of a larger result keep all of it alive and touched), except where
-    :func:`cache_bytes` knows a buffer's spare capacity (the store, the estimate's assignments)."""
+    """Written and allocated bytes of tensors on any device, each storage counted once
+    (:func:`lckv.cache.reachable_bytes`). A tensor's whole storage counts as written (views of a
+    larger result keep all of it alive and touched), except where :func:`cache_bytes` knows a
+    buffer's spare capacity (the store, the estimate's assignments)."""
 
     def __init__(self):
         self.seen: set = set()
@@ -117,12 +118,7 @@ class _Tally:
     def tensor(self, t) -> tuple[int, int]:
         if not isinstance(t, torch.Tensor):
             return 0, 0
-        storage = t.untyped_storage()
-        key = (t.device.type, storage.data_ptr())
-        if key in self.seen or storage.nbytes() == 0:
-            return 0, 0
-        self.seen.add(key)
-        return storage.nbytes(), storage.nbytes()
+        return self.tree(t)
 
     def buffer(self, t, rows: int) -> tuple[int, int]:
         """A ``[..., capacity, ...]``-shaped growth buffer of which the first ``rows`` rows (along
@@ -132,22 +128,11 @@ class _Tally:
         return (rows * per_row, allocated) if allocated else (0, 0)
 
     def tree(self, obj, skip=()) -> tuple[int, int]:
-        """Every tensor reachable from ``obj`` through lists, tuples, dicts and attributes."""
-        if isinstance(obj, torch.Tensor):
-            return self.tensor(obj)
-        if isinstance(obj, (list, tuple)):
-            items = obj
-        elif isinstance(obj, dict):
-            items = obj.values()
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            items = [v for k, v in vars(obj).items() if k not in skip]
-        else:
-            return 0, 0
-        written = allocated = 0
-        for item in items:
-            w, a = self.tree(item)
-            written, allocated = written + w, allocated + a
-        return written, allocated
+        """Every tensor reachable from ``obj`` (attributes of ``obj`` named in ``skip`` aside)."""
+        from lckv.cache import reachable_bytes
+
+        n = reachable_bytes(obj, self.seen, device=None, skip=skip)
+        return n, n
 
 
 def _cluster_index_written(index) -> int:

@@ -1,9 +1,6 @@
 """lckv.footprint: the formula equals the cache's own accounting, component by component, for every
 policy; the ClusterIndex model matches the index; the per-token rates are the formula's slopes;
 and a long generation's RSS growth and high-water mark stay within 10% of the formula."""
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -173,12 +170,10 @@ def _measure_rss(case: dict, timeout: float) -> dict:
     """benchmarks/bench_memory.py's measurement of one case in a fresh process, with glibc's mmap
     threshold held at its default 128 KiB (MALLOC_MMAP_THRESHOLD_ turns off the dynamic raise that
     keeps freed buffers of up to 32 MiB in the heap: with it, RSS tracks the live bytes)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), "--one", json.dumps(case)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_memory import measure_in_subprocess
+
+    return measure_in_subprocess(dict(case, allocator="fixed"), timeout=timeout)
 
 
 def _check_rss(result: dict) -> None:
