@@ -57,7 +57,9 @@ def sparse_attention_fwd_kernel(
         row_mask = valid[:, None] & mask_d[None, :]
         k = tl.load(k_base + idx[:, None] * stride_ks + offs_d[None, :], mask=row_mask, other=0.0).to(tl.float32)
         s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BLOCK_N]
-        s = tl.where(valid[None, :], s, float("-inf"))
+        # -inf means "no key": a selected row whose score is -inf (an inf in its K) turns NaN and
+        # poisons its query's result like any other non-finite score, instead of getting weight 0
+        s = tl.where(valid[None, :], tl.where(s == float("-inf"), float("nan"), s), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
         alpha = tl.exp(m_i - m_safe)

@@ -46,6 +46,12 @@ def test_sparse_attention_nan_in_a_read_row(backend):
     v[0, 0, idx[0, 0, 0]] = float("inf")
     with pytest.raises(ValueError, match="NaN or inf"):
         sparse_attention_with_lse(q, torch.randn_like(k), v, idx, backend=backend)
+    # an inf in a read K row whose score is -inf (weight 0 in a plain softmax) is refused too
+    positive_q = q.abs() + 0.1
+    minus_inf_k = torch.randn_like(k)
+    minus_inf_k[0, 0, idx[0, 0, 1]] = float("-inf")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sparse_attention_with_lse(positive_q, minus_inf_k, torch.randn_like(v), idx, backend=backend)
     # the fast backends check only what they read (the reference scans all of k and v): a
     # non-finite row that no index selects is never read, so the call succeeds and is finite
     if backend != "reference":

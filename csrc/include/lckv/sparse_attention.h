@@ -139,6 +139,13 @@ LCKV_ALWAYS_INLINE void prefetch_rows(const T* head, int64_t stride, const int64
   }
 }
 
+// The score of a selected row as the softmax sees it: -inf there means "no key", so a selected
+// row whose q . k is -inf (an inf in its K) becomes NaN and poisons its query's row like any other
+// non-finite score, instead of silently getting weight 0.
+LCKV_ALWAYS_INLINE float selected_score(float s) {
+  return s == -std::numeric_limits<float>::infinity() ? std::numeric_limits<float>::quiet_NaN() : s;
+}
+
 // Softmax over the rows of scores [group, stride] (first n entries used, -inf = no key): writes
 // lse per row and turns scores into probabilities. A row with no key gets lse = -inf and all-zero
 // probabilities (so the V pass adds nothing); a NaN score makes the whole row NaN.
@@ -211,7 +218,7 @@ LCKV_ALWAYS_INLINE void attend_group_impl(const float* q_group, const T* k_head,
     const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3];
     auto store = [&](int64_t g, float s0, float s1, float s2, float s3) {
       const float tile_scores[kTile] = {s0, s1, s2, s3};
-      for (int64_t u = 0; u < kTile && j0 + u < n; ++u) scores[g * n + j0 + u] = valid[u] ? tile_scores[u] : neg_inf;
+      for (int64_t u = 0; u < kTile && j0 + u < n; ++u) scores[g * n + j0 + u] = valid[u] ? selected_score(tile_scores[u]) : neg_inf;
     };
     int64_t g = 0;
     for (; g + 2 <= group; g += 2) {
@@ -532,8 +539,10 @@ LCKV_TARGET_AVX2 LCKV_ALWAYS_INLINE void attend_group_avx2_dim8(const float* q_g
     }
   }
   for (int64_t j = 0; j < stride; ++j) {  // padding and the tail of the last tile: no key
-    if (j >= n || idx[j] < 0) {
-      for (int64_t g = 0; g < group; ++g) scores[g * stride + j] = -std::numeric_limits<float>::infinity();
+    const bool selected = j < n && idx[j] >= 0;
+    for (int64_t g = 0; g < group; ++g) {
+      float& s = scores[g * stride + j];
+      s = selected ? selected_score(s) : -std::numeric_limits<float>::infinity();
     }
   }
   prefetch_rows(v_head, p.v_stride_s, idx, 0, kPrefetchBatch, n, dim);  // overlaps the softmax
