@@ -24,8 +24,9 @@ Per-sample rows stream to ``results/<name>.jsonl`` (key: model, task, length, me
 sample): a rerun skips finished rows and resumes where an interrupted run stopped. Rows of peer
 methods (e.g. kvpress presses run in their own environment on the prompts of ``--export-prompts``)
 follow the schema of ``docs/tasks.md`` and join the summary through ``--peer-results``. The
-summary rescoring every row with one scorer goes to ``results/<name>.json`` and ``.png`` and is
-printed as a table (score, drop vs full, timings).
+summary rescoring every row with one scorer goes to ``results/<name>.json`` (which keeps the rows
+too, so a fresh clone resumes from the committed file) and ``.png`` and is printed as a table
+(score, drop vs full, timings).
 
     python benchmarks/bench_tasks.py --check                     # budget >= context must equal full
     python benchmarks/bench_tasks.py --model stories260K --tasks niah_single_repeat variable_tracking \\
@@ -201,6 +202,8 @@ def run(args) -> dict:
     if args.fresh and stream.exists():
         stream.unlink()
     done = {row_key(r) for r in read_rows(stream)}
+    if not args.fresh:  # rows the committed summary keeps count as done (a clone has no JSONL)
+        done |= {row_key(r) for r in committed(args)[0]}
     methods = grid(args)
     units = [(t, n, i) for t in args.tasks for n in args.lengths for i in range(args.samples)]
     todo = {u: [(m, b) for m, b in methods if (args.model, u[0], u[1], m, b, u[2]) not in done] for u in units}
@@ -291,10 +294,28 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
-def summarize(rows: list[dict]) -> list[dict]:
+def committed(args) -> tuple[list[dict], list[dict]]:
+    """What the summary JSON of an earlier run keeps: its per-sample rows, and the entries it
+    carried without rows (a summary written before rows were kept in it carries all its entries)."""
+    path = args.results / f"{args.name}.json"
+    if not path.exists():
+        return [], []
+    payload = json.loads(path.read_text())
+    if "samples" not in payload:
+        return [], [e for e in payload["summary"] if e["task"] != "all"]
+    return payload["samples"], payload.get("carried", [])
+
+
+def setting(entry: dict) -> tuple:
+    """The (task, length, method, budget) a row or a summary entry belongs to."""
+    return entry["task"], entry["length"], entry["method"], entry["budget"]
+
+
+def summarize(rows: list[dict], carried: list[dict] = ()) -> list[dict]:
     """One entry per (task, length, method, budget), plus task ``all`` (mean over tasks): mean
     score (every row rescored from its prediction), the full score on the same samples, the
-    relative drop, and mean timings."""
+    relative drop, and mean timings. ``carried``: entries of settings with no row here, kept as
+    they are (they join the means over tasks)."""
     rows = [dict(r, score=SCORERS[r["metric"]](r["prediction"] or "", r["answers"])) for r in rows
             if r.get("prediction") is not None]
     full = {(r["model"], r["task"], r["length"], r["sample"]): r["score"] for r in rows if r["method"] == "full"}
@@ -315,6 +336,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                  "first_step_s": _mean(r.get("first_step_s") for r in rs),
                  "decode_tokens_per_s": _mean(r.get("decode_tokens_per_s") for r in rs)}
         out.append(entry)
+    out += [dict(e) for e in carried]
     by_setting = defaultdict(list)
     for e in out:
         by_setting[(e["length"], e["method"], e["budget"])].append(e)
@@ -383,15 +405,23 @@ def report(args) -> dict:
         peers = [path for path in [args.results / f"kvpress_{args.model}.jsonl"] if path.exists()]
     for extra in peers:
         rows += read_rows(Path(extra))
+    samples, carried = ([], []) if args.fresh else committed(args)
+    have = {row_key(r) for r in rows}
+    rows += [r for r in samples if row_key(r) not in have]
     rows = [r for r in rows if r["model"] == args.model]
-    summary = summarize(rows)
+    settings = {setting(r) for r in rows}
+    replaced = sorted({setting(e) for e in carried if setting(e) in settings}, key=str)
+    if replaced:
+        print(f"# {len(replaced)} carried summary entries replaced by new rows: {replaced}", file=sys.stderr)
+    carried = [e for e in carried if setting(e) not in settings]
+    summary = summarize(rows, carried)
     table = Table(COLUMNS)
     for e in summary:
         table.row({**e, "budget": e["budget"] or "-",
                    "first_step_ms": None if e["first_step_s"] is None else 1e3 * e["first_step_s"]})
     payload = {"benchmark": "tasks", "machine": machine(), "model": args.model,
                "protocol": "exact chunked prefill shared by all methods, then greedy decoding per method",
-               "rows": len(rows), "summary": summary}
+               "rows": len(rows), "summary": summary, "samples": rows, "carried": carried}
     (args.results / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     if summary:
         plot(summary, args.results / f"{args.name}.png", args.model)

@@ -190,7 +190,17 @@ def test_resume_skips_finished_rows(tiny_run):
     again = bench_tasks.main(TINY + ["--results", str(results), "--name", "tiny"])
     assert again["computed"] == 0 and again["skipped"] == 24
     assert path.read_text() == before
-    # an interrupted run: the last row lost and the one before it cut mid-line
+    # the summary JSON keeps every row: a clone without the JSONL recomputes nothing, loses nothing
+    summary_path = results / "tiny.json"
+    summary = json.loads(summary_path.read_text())
+    assert {bench_tasks.row_key(r) for r in summary["samples"]} == {bench_tasks.row_key(r) for r in _rows(path)}
+    path.unlink()
+    again = bench_tasks.main(TINY + ["--results", str(results), "--name", "tiny"])
+    assert again["computed"] == 0 and again["skipped"] == 24
+    assert json.loads(summary_path.read_text())["summary"] == summary["summary"]
+    path.write_text(before)
+    # an interrupted run (and no summary yet): the last row lost and the one before it cut mid-line
+    summary_path.unlink()
     lines = before.splitlines(keepends=True)
     path.write_text("".join(lines[:-2]) + lines[-2][:40])
     again = bench_tasks.main(TINY + ["--results", str(results), "--name", "tiny"])
@@ -201,6 +211,36 @@ def test_resume_skips_finished_rows(tiny_run):
     redone = {bench_tasks.row_key(r): r for r in after[-2:]}
     for r in lost:  # greedy decoding recomputes the same answers
         assert redone[bench_tasks.row_key(r)]["prediction"] == r["prediction"]
+
+
+def test_summary_carries_entries_without_rows(tmp_path):
+    """A summary written before rows were kept in it (aggregate entries only) keeps those entries
+    through a later run of other settings, and they join the mean over tasks."""
+    def entry(task, method, budget, score, full_score):
+        return {"task": task, "length": 1000, "method": method, "budget": budget, "n": 1, "score": score,
+                "full_score": full_score, "budget_tokens": None, "budget_fraction": None, "prefill_s": None,
+                "first_step_s": None, "decode_tokens_per_s": None, "drop_pct": None}
+
+    old = [entry("niah_single_repeat", "full", None, 1.0, 1.0), entry("niah_single_repeat", "retrieval", "0.05", 0.5, 1.0)]
+    (tmp_path / "m.json").write_text(json.dumps({"summary": old + [entry("all", "full", None, 1.0, 1.0)]}))
+    row = {"model": "m", "task": "variable_tracking", "length": 1000, "sample": 0, "prompt_tokens": 1000,
+           "answers": ["A", "B"], "metric": "all"}
+    rows = [dict(row, method="full", budget=None, prediction="A B"),
+            dict(row, method="retrieval", budget="0.05", prediction="A")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench_tasks.main(["--model", "m", "--name", "m", "--results", str(tmp_path), "--summary-only"])
+    payload = json.loads((tmp_path / "m.json").read_text())
+    summary = {(e["task"], e["method"], e["budget"]): e for e in payload["summary"]}
+    assert summary[("niah_single_repeat", "retrieval", "0.05")]["score"] == 0.5  # carried as it was
+    assert summary[("variable_tracking", "retrieval", "0.05")]["score"] == 0.5  # from the new rows
+    assert summary[("all", "retrieval", "0.05")]["score"] == pytest.approx(0.5)
+    assert summary[("all", "full", None)]["score"] == pytest.approx(1.0)
+    assert summary[("niah_single_repeat", "retrieval", "0.05")]["drop_pct"] == pytest.approx(50.0)
+    assert len(payload["samples"]) == 2 and len(payload["carried"]) == 2
+    # a second summary from the rows kept in the JSON alone gives the same table
+    (tmp_path / "m.jsonl").unlink()
+    bench_tasks.main(["--model", "m", "--name", "m", "--results", str(tmp_path), "--summary-only"])
+    assert json.loads((tmp_path / "m.json").read_text())["summary"] == payload["summary"]
 
 
 def test_own_prefill_method_covering_budget_decodes_as_full(stories260k_files, tmp_path):
