@@ -68,6 +68,51 @@ def test_search_follows_the_documented_rule(k, supers):
             assert int(n_scored[i]) == index.n_clusters + scanned, f"seed {seed}"
 
 
+@pytest.mark.parametrize("supers", [False, True])
+@pytest.mark.parametrize("k", [4, 300])
+def test_batched_search_matches_query_by_query(k, supers):
+    """From 16 queries on, a search takes each block of queries' inner products with every centroid
+    and every tail key from one matrix product (BLAS), then scans clusters per query: it must return
+    what searching the queries one at a time returns, up to the rounding of the products."""
+    seed = fresh_seed()
+    dim = 64
+    keys, queries = topic_stream(40000 if supers else 20000, 40, dim, seed)
+    index = ClusterIndex(dim, segment=4096, super_size=16 if supers else 0, super_span=1024).build(keys[:-3000])
+    index.add(keys[-3000:])  # under one segment: a tail of 3,000 keys scanned exactly
+    assert index.size - index.n_clustered == 3000 and (index.n_supers > 0) == supers
+    scores, ids, n_scored = index.search(queries, k, scan=4.0)
+    tol = 1e-5 * dim ** 0.5 * float(scores.abs().max())
+    for i in range(len(queries)):
+        one_scores, one_ids, one_scored = index.search(queries[i:i + 1], k, scan=4.0)
+        torch.testing.assert_close(scores[i], one_scores[0], atol=tol, rtol=1e-5, msg=f"seed {seed}")
+        differ = ids[i] != one_ids[0]  # only where two keys' scores tie within the rounding
+        assert bool((scores[i][differ] - one_scores[0][differ]).abs().le(tol).all()), f"seed {seed}"
+        if not supers:  # every centroid, the tail and the keys of the scanned clusters, both ways
+            assert int(n_scored[i]) == int(one_scored[0]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_small_k_over_a_tail_is_exact_when_the_scan_covers_every_key(batched):
+    """A small k keeps only the tail's own top k (a heap) before the clusters' keys join: with a
+    scan covering every key the result is the exact top-k, one query at a time and batched."""
+    seed = fresh_seed()
+    keys, queries = topic_stream(5000, 40, 32, seed)
+    index = ClusterIndex(32, segment=1024).build(keys[:4000])
+    index.add(keys[4000:])  # a tail of 1,000 keys, far more than 16 * k
+    assert index.size - index.n_clustered == 1000
+    for k in (1, 4, 7):
+        if batched:
+            scores, ids, _ = index.search(queries, k, scan=5000 / k)
+        else:
+            results = [index.search(q[None], k, scan=5000 / k) for q in queries]
+            scores, ids = torch.cat([r[0] for r in results]), torch.cat([r[1] for r in results])
+        ref_scores, ref_ids = exact_topk(keys, queries, k)
+        tol = 1e-5 * 32 ** 0.5 * float(ref_scores.abs().max())
+        torch.testing.assert_close(scores, ref_scores, atol=tol, rtol=1e-5, msg=f"seed {seed}")
+        differ = ids != ref_ids
+        assert bool((ref_scores[differ] - scores[differ]).abs().le(tol).all()), f"seed {seed}"
+
+
 # (k, scan): small k needs a larger scan factor (its top-k spreads over more clusters than k / 32).
 @pytest.mark.parametrize("k,scan", [(50, 16.0), (400, 4.0), (1500, 4.0)])
 def test_recall_at_large_k(k, scan):

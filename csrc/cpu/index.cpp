@@ -198,7 +198,17 @@ py::dict index_defaults(const std::string& kind) {
 
 }  // namespace
 
+// ClusterIndex's matmul hook: out [m, n] = a [m, dim] . b [n, dim]^T by torch's BLAS (no copy).
+void matmul_rows(const float* a, int64_t m, const float* b, int64_t n, int64_t dim, float* out) {
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  auto lhs = torch::from_blob(const_cast<float*>(a), {m, dim}, f32);
+  auto rhs = torch::from_blob(const_cast<float*>(b), {n, dim}, f32);
+  auto result = torch::from_blob(out, {m, n}, f32);
+  at::mm_out(result, lhs, rhs.t());
+}
+
 void bind_index(py::module_& m) {
+  ClusterIndex::matmul_hook() = &matmul_rows;
   // the defaults of the bindings below: the params structs' member initialisers
   const SearchParams kSearch;
   const IVFBuildParams kIvf;

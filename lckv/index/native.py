@@ -266,6 +266,14 @@ class ClusterIndex(NativeIndex):
     keys at the mean), its one approximation; ``expand=1`` makes it exact. Clusters of a partial
     span (the newest) are scored one by one. ``super_size=0`` turns super-clusters off.
 
+    Many queries at once (16 or more in one ``search``, or per head in
+    :func:`lckv.index.search_heads`): each block of queries gets its inner products with every
+    centroid and every tail key from one matrix product (torch's BLAS, one thread per block), then
+    picks and scans its clusters as above; the same results up to the rounding of the products,
+    several times faster than query by query when the tail or the centroids are many (a chunk's
+    per-query picks in a retrieval prefill). A small ``k`` keeps only the tail's own top ``k``
+    before the clusters' keys join.
+
     Each accessor (``n_clusters``, ``assignments()``, ``centroids()``, ...) reads one consistent state;
     while another thread adds keys, two calls may read different states.
 

@@ -29,6 +29,10 @@
 #include <utility>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include "lckv/exp_weights.h"  // cluster_weights_for_cpu
 #include "lckv/kmeans.h"
 #include "lckv/select_top.h"  // sort_key, select_smallest_keys
@@ -238,34 +242,23 @@ class ClusterIndex : public VectorIndex {
 
   int64_t search_locked(const float* query, int64_t k, const SearchParams& params, float* scores,
                         int64_t* ids) const override {
-    struct Scratch {
-      std::vector<float> centroid_scores, row_scores, sample;
-      std::vector<uint64_t> candidates;  // clusters above the sampled threshold, as sort keys
-      std::vector<int64_t> picked;  // the best clusters, best first
-      std::vector<uint64_t> found;  // every key scanned, as sort_key(score, id): the top k of them
-                                    // is selected once at the end (a k-heap would pay log k per key)
-    };
-    Scratch& local = per_thread<Scratch, Scratch>();
+    SearchScratch& local = per_thread<SearchScratch, SearchScratch>();
     const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
-    auto& found = local.found;
-    found.clear();
-    int64_t n_scored = 0;
-    if (size_ > clustered_) {  // the tail, exactly
-      const int64_t n = size_ - clustered_;
-      local.row_scores.resize(static_cast<std::size_t>(n));
-      ip_rows_(query, key(clustered_), static_cast<std::size_t>(n), static_cast<std::size_t>(dim_),
+    const int64_t n_tail = size_ - clustered_;
+    int64_t n_scored = n_tail;
+    if (n_tail > 0) {  // the tail, exactly
+      local.row_scores.resize(static_cast<std::size_t>(n_tail));
+      ip_rows_(query, key(clustered_), static_cast<std::size_t>(n_tail), static_cast<std::size_t>(dim_),
                local.row_scores.data());
-      for (int64_t j = 0; j < n; ++j) found.push_back(sort_key(local.row_scores[j], clustered_ + j));
-      n_scored += n;
     }
+    start_found(local.row_scores.data(), n_tail, k, local);
+    local.picked.clear();
     if (n_clusters > 0) {
-      auto& picked = local.picked;
       const double want = std::max(1.0, params.scan) * static_cast<double>(k);
       if (!sup_radius_.empty()) {  // the same clusters, from the super-clusters that can hold them
         GroupScratch& group_local = per_thread<GroupScratch, GroupScratch>();
         n_scored += choose_clusters_by_supers(query, 1, want, params.expand, 1.0f, group_local, false);
-        picked.clear();
-        for (int64_t i : group_local.head_picked[0]) picked.push_back(cluster_at(group_local, i));
+        for (int64_t i : group_local.head_picked[0]) local.picked.push_back(cluster_at(group_local, i));
       } else {
         auto& cs = local.centroid_scores;
         const int64_t n_blocks = (n_clusters + 7) / 8;
@@ -274,19 +267,135 @@ class ClusterIndex : public VectorIndex {
                    cs.data());
         n_scored += n_clusters;
         clusters_to_scan(cs.data(), sizes_.data(), n_clusters, static_cast<double>(clustered_), want, local.candidates,
-                         local.sample, picked);
+                         local.sample, local.picked);
       }
-      for (std::size_t i = 0; i < picked.size(); ++i) {
-        if (i + kPrefetchAhead < picked.size()) prefetch_cluster(picked[i + kPrefetchAhead]);
-        const int64_t c = picked[i];
-        const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
-        const int64_t first_block = block_starts_[c], n_blocks = block_starts_[c + 1] - first_block;
-        local.row_scores.resize(static_cast<std::size_t>(n_blocks * 8));
-        ip_blocks_(query, packed_.data() + first_block * 8 * dim_, static_cast<std::size_t>(n_blocks),
-                   static_cast<std::size_t>(dim_), local.row_scores.data());
-        for (int64_t j = 0; j < len; ++j) found.push_back(sort_key(local.row_scores[j], members_[lo + j]));
-        n_scored += len;
+    }
+    return n_scored + finish_search(query, k, local, scores, ids);
+  }
+
+ public:
+  // Inner products out[i * n + j] = a[i] . b[j] of row-major a [m, dim] and b [n, dim]: a matrix
+  // product (BLAS) that the bindings register (this header stays free of BLAS and torch).
+  using MatmulFn = void (*)(const float* a, int64_t m, const float* b, int64_t n, int64_t dim, float* out);
+  static MatmulFn& matmul_hook() {
+    static MatmulFn hook = nullptr;
+    return hook;
+  }
+  // Below this many queries search_batch searches query by query.
+  static constexpr int64_t kMatmulMinQueries = 16;
+
+  bool batches_searches(int64_t m) const override { return m >= kMatmulMinQueries && matmul_hook() != nullptr; }
+
+  // search() for m queries. From kMatmulMinQueries queries on (with a matmul registered), each
+  // block of queries gets its inner products with every centroid and every tail key from one matrix
+  // product, which reads those rows once per block instead of once per query; each query then
+  // picks its clusters and scans them as search() does. The clusters are those search() scans
+  // (through the super-clusters it reaches the same ones, up to ties), so the results are search()'s
+  // up to the rounding of the products. n_scored counts every centroid.
+  void search_batch(const float* queries, int64_t m, int64_t k, const SearchParams& params, float* scores,
+                    int64_t* ids, int64_t* n_scored) const override {
+    if (!batches_searches(m)) {
+      VectorIndex::search_batch(queries, m, k, params, scores, ids, n_scored);
+      return;
+    }
+    std::shared_lock<RwLock> lock(mutex_);
+    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_tail = size_ - clustered_;
+    const double want = std::max(1.0, params.scan) * static_cast<double>(k);
+    // Blocks of queries, each done by one thread start to end (its own matrix products, run
+    // serially inside the parallel region, then its queries): no barrier between the products and
+    // the scans. At most about 16 MB of products per block, at least 4 blocks per thread.
+    int64_t threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    const int64_t cap = std::max<int64_t>((int64_t{1} << 22) / std::max<int64_t>(n_clusters + n_tail, 1), 16);
+    const int64_t block = std::clamp<int64_t>((m + 4 * threads - 1) / (4 * threads), 16, cap);
+    const int64_t n_blocks = (m + block - 1) / block;
+#pragma omp parallel
+    {
+      SearchScratch& local = per_thread<SearchScratch, SearchScratch>();
+      std::vector<float> centroid_scores, tail_scores;  // a block's products, freed with the call
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t blk = 0; blk < n_blocks; ++blk) {
+        const int64_t q0 = blk * block, b = std::min(block, m - q0);
+        centroid_scores.resize(static_cast<std::size_t>(b * n_clusters));
+        tail_scores.resize(static_cast<std::size_t>(b * n_tail));
+        const float* q_block = queries + q0 * dim_;
+        if (n_clusters > 0) matmul_hook()(q_block, b, centroids_.data(), n_clusters, dim_, centroid_scores.data());
+        if (n_tail > 0) matmul_hook()(q_block, b, key(clustered_), n_tail, dim_, tail_scores.data());
+        for (int64_t i = 0; i < b; ++i) {
+          const int64_t q = q0 + i;
+          start_found(tail_scores.data() + i * n_tail, n_tail, k, local);
+          clusters_to_scan(centroid_scores.data() + i * n_clusters, sizes_.data(), n_clusters,
+                           static_cast<double>(clustered_), want, local.candidates, local.sample, local.picked);
+          n_scored[q] = n_clusters + n_tail + finish_search(queries + q * dim_, k, local, scores + q * k, ids + q * k);
+        }
       }
+    }
+  }
+
+ protected:
+  int64_t extra_memory_bytes_locked() const override {
+    return static_cast<int64_t>((centroids_.capacity() + blocks_.capacity()) * sizeof(float) +
+                                (starts_.capacity() + block_starts_.capacity()) * sizeof(int64_t) +
+                                sizes_.capacity() * sizeof(float) +
+                                members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float) +
+                                (sup_mean_blocks_.capacity() + sup_radius_.capacity() + sup_keys_.capacity() +
+                                 sup_blocks_.capacity() + sup_member_sizes_.capacity()) * sizeof(float) +
+                                (sup_starts_.capacity() + sup_members_.capacity() + sup_block_starts_.capacity()) *
+                                    sizeof(int64_t));
+  }
+
+ private:
+  // Per-thread scratch of search() and search_batch().
+  struct SearchScratch {
+    std::vector<float> centroid_scores, row_scores, sample;
+    std::vector<uint64_t> candidates;  // clusters above the sampled threshold, as sort keys
+    std::vector<int64_t> picked;       // the clusters to scan, best first
+    std::vector<uint64_t> found;       // every key scanned, as sort_key(score, id): the top k of them
+                                       // is selected once at the end (a k-heap would pay log k per key)
+  };
+
+  // A search's candidates start as the tail's keys with their scores [n_tail]: all of them, or
+  // for a small k only the tail's own top k (nothing else of the tail can make the result), kept
+  // in a max-heap of sort keys that most keys only compare with.
+  void start_found(const float* tail_scores, int64_t n_tail, int64_t k, SearchScratch& local) const {
+    auto& found = local.found;
+    found.clear();
+    if (16 * k >= n_tail) {
+      for (int64_t j = 0; j < n_tail; ++j) found.push_back(sort_key(tail_scores[j], clustered_ + j));
+      return;
+    }
+    for (int64_t j = 0; j < n_tail; ++j) {
+      const uint64_t key = sort_key(tail_scores[j], clustered_ + j);
+      if (static_cast<int64_t>(found.size()) < k) {
+        found.push_back(key);
+        std::push_heap(found.begin(), found.end());
+      } else if (key < found.front()) {
+        std::pop_heap(found.begin(), found.end());
+        found.back() = key;
+        std::push_heap(found.begin(), found.end());
+      }
+    }
+  }
+
+  // The end of a search: scores the keys of the clusters local.picked for `query`, adds them to
+  // local.found and writes its top k (padded with -inf / -1). Returns the keys scored.
+  int64_t finish_search(const float* query, int64_t k, SearchScratch& local, float* scores, int64_t* ids) const {
+    auto& found = local.found;
+    const auto& picked = local.picked;
+    int64_t n_scored = 0;
+    for (std::size_t i = 0; i < picked.size(); ++i) {
+      if (i + kPrefetchAhead < picked.size()) prefetch_cluster(picked[i + kPrefetchAhead]);
+      const int64_t c = picked[i];
+      const int64_t lo = starts_[c], len = starts_[c + 1] - starts_[c];
+      const int64_t first_block = block_starts_[c], n_blocks = block_starts_[c + 1] - first_block;
+      local.row_scores.resize(static_cast<std::size_t>(n_blocks * 8));
+      ip_blocks_(query, packed_.data() + first_block * 8 * dim_, static_cast<std::size_t>(n_blocks),
+                 static_cast<std::size_t>(dim_), local.row_scores.data());
+      for (int64_t j = 0; j < len; ++j) found.push_back(sort_key(local.row_scores[j], members_[lo + j]));
+      n_scored += len;
     }
     // Ascending keys = descending scores, ties by ascending id: plain integer selection and sort.
     const int64_t n_found = std::min<int64_t>(k, static_cast<int64_t>(found.size()));
@@ -302,18 +411,6 @@ class ClusterIndex : public VectorIndex {
     return n_scored;
   }
 
-  int64_t extra_memory_bytes_locked() const override {
-    return static_cast<int64_t>((centroids_.capacity() + blocks_.capacity()) * sizeof(float) +
-                                (starts_.capacity() + block_starts_.capacity()) * sizeof(int64_t) +
-                                sizes_.capacity() * sizeof(float) +
-                                members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float) +
-                                (sup_mean_blocks_.capacity() + sup_radius_.capacity() + sup_keys_.capacity() +
-                                 sup_blocks_.capacity() + sup_member_sizes_.capacity()) * sizeof(float) +
-                                (sup_starts_.capacity() + sup_members_.capacity() + sup_block_starts_.capacity()) *
-                                    sizeof(int64_t));
-  }
-
- private:
   // Per-thread scratch of search_group.
   struct GroupScratch {
     std::vector<float> centroid_scores, row_scores, sample, logits, rest, rest_max, ones;

@@ -236,6 +236,13 @@ class VectorIndex {
     return search_locked(query, k, params, scores, ids);
   }
 
+  // Whether search_batch of m queries is faster as one call than as m searches on many threads
+  // (an index whose batched search shares work between queries); search_heads then calls it.
+  virtual bool batches_searches(int64_t m) const {
+    (void)m;
+    return false;
+  }
+
   // m queries [m, dim] -> [m, k] scores/ids and [m] n_scored, parallel over queries.
   virtual void search_batch(const float* queries, int64_t m, int64_t k, const SearchParams& params,
                             float* scores, int64_t* ids, int64_t* n_scored) const {
@@ -293,6 +300,14 @@ inline void search_heads(const std::vector<const VectorIndex*>& heads, const flo
                          int64_t* ids, int64_t* n_scored) {
   const int64_t n_heads = static_cast<int64_t>(heads.size());
   const int64_t total = n_heads * m;
+  if (std::all_of(heads.begin(), heads.end(), [m](const VectorIndex* h) { return h->batches_searches(m); })) {
+    for (int64_t h = 0; h < n_heads; ++h) {  // each batch parallel inside
+      const int64_t first = h * m;
+      heads[h]->search_batch(queries + first * heads[h]->dim(), m, k, params, scores + first * k, ids + first * k,
+                             n_scored + first);
+    }
+    return;
+  }
   // chunks of one (head, query): a decode step has one query per head, so a chunk of several
   // would hand all heads to one thread
 #pragma omp parallel for schedule(dynamic, 1)
