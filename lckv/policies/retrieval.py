@@ -242,16 +242,18 @@ class RetrievalPolicy(SelectionPolicy):
             rows = self._search_summed(state, q_sum, n_select)
         if not self.prefill_per_query or queries is None:
             return rows
-        own = self._per_query_rows(state, view, queries, m, exact)
+        own = self._per_query_rows(state, view, queries, m)
         return unique_rows(torch.cat([rows, own], dim=-1))
 
-    def _per_query_rows(self, state, view, queries: torch.Tensor, m: int, exact: bool) -> torch.Tensor:
+    def _per_query_rows(self, state, view, queries: torch.Tensor, m: int) -> torch.Tensor:
         """Each query's own top ``prefill_per_query`` rows per kv head, by its group's summed query
-        (by each query head's own with ``prefill_per_head``; scored exactly where the block's rows
-        were, else searched with a pool of ``prefill_query_scan`` keys and no ``min_scanned``
-        floor), gathered per block of ``prefill_block`` queries: ``[batch, kv_heads, m, block *
-        picks]``, ``picks`` = ``prefill_per_query`` (times the group with ``prefill_per_head``),
-        -1 past the chunk's last query."""
+        (by each query head's own with ``prefill_per_head``), searched in the index with a pool of
+        ``prefill_query_scan`` keys and no ``min_scanned`` floor (scored exactly only with index
+        ``exact``: even where the block's rows are scored exactly, the index's batched search,
+        which scans its unclustered tail exactly, costs a fraction of a flat top-k over every row
+        for this many queries), gathered per block of ``prefill_block`` queries: ``[batch,
+        kv_heads, m, block * picks]``, ``picks`` = ``prefill_per_query`` (times the group with
+        ``prefill_per_head``), -1 past the chunk's last query."""
         batch, q_heads, q_len, head_dim = queries.shape
         kv_heads = view.keys.shape[1]
         group = q_heads // kv_heads
@@ -262,7 +264,7 @@ class RetrievalPolicy(SelectionPolicy):
         else:
             q_search = grouped.sum(2)
         n = q_search.shape[2]
-        if exact or not state.indexes or state.indexes[0] is None:
+        if not state.indexes or state.indexes[0] is None:
             # every query of a kv head as one "query head" of it: n heads per kv head
             flat = q_search.reshape(batch, kv_heads * n, head_dim).to(view.keys.dtype)
             rows = flat_topk_scores(flat, view.keys, k)[1].view(batch, kv_heads, n, k)
