@@ -10,7 +10,9 @@ last token alone.
 
 Rows stream to ``results/bench_prefill_quality_<model>_<length>.jsonl`` (a rerun skips finished
 variants; the exact log-probs are kept beside it in ``..._logits/``, not committed); the summary
-goes to ``.json`` + ``.png``.
+goes to ``.json`` + ``.png``. The summary JSON keeps every row, and a rerun keeps (does not redo)
+the variants it holds, so rows of a committed file survive a fresh clone; each row carries the
+exact prefill time it was measured against (``exact s``: rows from another machine differ there).
 
     python benchmarks/bench_prefill_quality.py --model qwen2.5-coder-0.5b-instruct --length 8192
     python benchmarks/bench_prefill_quality.py --model stories260K --length 16384 \\
@@ -32,7 +34,8 @@ from common import RESULTS, Table, load_model, machine, prefill_in_chunks  # noq
 
 DEFAULT_VARIANTS = ["default", "block16:prefill_block=16", "select4096:prefill_select=4096",
                     "estimate:prefill_estimate=true"]
-COLUMNS = [("variant", "variant", "s", 14), ("prefill_s", "prefill s", ".1f", 9), ("time_ratio", "x exact", ".2f", 7),
+COLUMNS = [("variant", "variant", "s", 14), ("prefill_s", "prefill s", ".1f", 9), ("exact_prefill_s", "exact s", ".1f", 7),
+           ("time_ratio", "x exact", ".2f", 7),
            ("kl_mean", "KL mean", ".4f", 8), ("kl_last", "KL last", ".4f", 8), ("top1", "top-1", ".3f", 6)]
 
 
@@ -91,6 +94,10 @@ def main(argv=None) -> dict:
         stream.unlink(missing_ok=True)
         (logits_dir / "exact.pt").unlink(missing_ok=True)
     rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()] if stream.exists() else []
+    summary = args.results / f"{name}.json"
+    if summary.exists() and not args.fresh:  # the committed rows (a clone has no JSONL): kept, not rerun
+        have = {r["variant"] for r in rows}
+        rows = [r for r in json.loads(summary.read_text())["rows"] if r["variant"] not in have] + rows
     done = {r["variant"] for r in rows}
 
     from lckv.research.capture import hotpotqa_token_ids
@@ -120,7 +127,7 @@ def main(argv=None) -> dict:
         table.row(row)
     payload = {"benchmark": "prefill_quality", "machine": machine(), "model": args.model, "length": args.length,
                "chunk": args.chunk, "keep": args.keep, "exact_prefill_s": exact_s, "rows": rows}
-    (args.results / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    summary.write_text(json.dumps(payload, indent=1) + "\n")
     plot(rows, args.results / f"{name}.png", f"{args.model}, {args.length} tokens")
     print(f"wrote {args.results / (name + '.json')} and .png")
     if args.check:

@@ -1,4 +1,5 @@
 """The benchmark harnesses verify themselves before they measure (`--check`)."""
+import json
 import re
 import subprocess
 import sys
@@ -34,3 +35,20 @@ def test_prefill_harness_checks(script, verdict):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert verdict in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.usefixtures("stories260k_files")
+def test_prefill_quality_keeps_the_committed_rows(tmp_path):
+    """bench_prefill_quality's summary JSON is its durable record: a rerun without the JSONL (a
+    fresh clone) keeps the variants it holds as they are and adds the new ones."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_prefill_quality
+
+    common = ["--model", "stories260K", "--length", "512", "--chunk", "128", "--keep", "32", "--results", str(tmp_path)]
+    first = bench_prefill_quality.main(common + ["--variants", "a:prefill_select=64"])
+    name = "bench_prefill_quality_stories260k_512"
+    (tmp_path / f"{name}.jsonl").unlink()
+    second = bench_prefill_quality.main(common + ["--variants", "a:prefill_select=64", "b:prefill_select=32"])
+    assert [r["variant"] for r in second["rows"]] == ["a", "b"]
+    assert second["rows"][0] == first["rows"][0]  # kept as measured, not rerun
+    assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == second["rows"]
