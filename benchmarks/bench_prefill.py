@@ -12,7 +12,8 @@ KL(exact || retrieval) after the prompt and the agreement of the greedy continua
 fit of prefill seconds against length (per mode, over lengths >= 32K) checks that retrieval
 prefill is linear.
 
-Rows stream to ``results/bench_prefill_<model>.jsonl`` (a rerun skips finished rows; the
+Rows stream to ``results/bench_prefill_<model>.jsonl`` (a rerun skips finished rows, and the
+rows of the summary JSON, so a fresh clone keeps the committed ones; the
 next-token log-probabilities for the KL stay in ``results/bench_prefill_<model>_logits/``, not
 committed); summary to ``bench_prefill_<model>.json`` + ``.png``.
 
@@ -100,10 +101,10 @@ def summarize(rows: list[dict], logits_dir: Path) -> list[dict]:
     by_key = {(r["length"], r["mode"]): r for r in rows}
     for r in rows:
         exact = by_key.get((r["length"], "exact"))
-        if r["mode"] != "retrieval" or exact is None:
-            continue
-        p = torch.load(logits_dir / f"{r['length']}_exact.pt")
-        q = torch.load(logits_dir / f"{r['length']}_retrieval.pt")
+        files = [logits_dir / f"{r['length']}_{mode}.pt" for mode in ("exact", "retrieval")]
+        if r["mode"] != "retrieval" or exact is None or not all(f.exists() for f in files):
+            continue  # (a row kept from the summary of another machine keeps its KL and agreement)
+        p, q = (torch.load(f) for f in files)
         r["kl"] = float((p.exp() * (p - q)).sum())
         same = sum(a == b for a, b in zip(r["tokens"], exact["tokens"]))
         r["agreement"] = same / max(1, min(len(r["tokens"]), len(exact["tokens"])))
@@ -187,6 +188,10 @@ def main(argv=None) -> dict:
     if args.fresh and stream.exists():
         stream.unlink()
     rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()] if stream.exists() else []
+    summary = args.results / f"{name}.json"
+    if summary.exists() and not args.fresh:  # the committed rows (a clone has no JSONL): kept, not rerun
+        have = {(r["length"], r["mode"]) for r in rows}
+        rows = [r for r in json.loads(summary.read_text())["rows"] if (r["length"], r["mode"]) not in have] + rows
     done = {(r["length"], r["mode"]) for r in rows}
     table = Table(COLUMNS)
     for r in rows:
@@ -222,7 +227,7 @@ def main(argv=None) -> dict:
         print(f"# {fit['mode']}: {1e6 * fit['seconds_per_token']:.1f} s per million tokens + {fit['intercept_s']:.1f} s, "
               f"largest residual {100 * fit['max_rel_residual']:.1f}% over {fit['points']} lengths")
     payload = {"benchmark": "prefill", "machine": machine(), "model": args.model, "rows": rows, "fits": fits}
-    (args.results / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+    summary.write_text(json.dumps(payload, indent=1) + "\n")
     if rows:
         plot(rows, fits, args.results / f"{name}.png", args.model)
     print(f"wrote {args.results / (name + '.json')} and .png")

@@ -52,3 +52,17 @@ def test_prefill_quality_keeps_the_committed_rows(tmp_path):
     assert [r["variant"] for r in second["rows"]] == ["a", "b"]
     assert second["rows"][0] == first["rows"][0]  # kept as measured, not rerun
     assert json.loads((tmp_path / f"{name}.json").read_text())["rows"] == second["rows"]
+
+
+def test_prefill_benchmark_keeps_the_committed_rows(tmp_path):
+    """bench_prefill's summary JSON is its durable record: on a fresh clone (no JSONL, no logits)
+    a summary keeps every committed row with its KL and agreement, and a run would skip them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_prefill
+
+    committed = json.loads((ROOT / "benchmarks" / "results" / "bench_prefill_stories260k.json").read_text())
+    (tmp_path / "bench_prefill_stories260k.json").write_text(json.dumps(committed))
+    payload = bench_prefill.main(["--model", "stories260K", "--results", str(tmp_path), "--summary-only"])
+    key = lambda r: (r["length"], r["mode"])  # noqa: E731
+    assert sorted(map(key, payload["rows"])) == sorted(map(key, committed["rows"])) and committed["rows"]
+    assert sorted(payload["rows"], key=key) == sorted(committed["rows"], key=key)
