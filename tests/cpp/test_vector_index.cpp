@@ -117,6 +117,44 @@ void test_cluster(std::mt19937_64& rng) {
   }
 }
 
+// A plain matmul for ClusterIndex's hook (the bindings register torch's BLAS).
+void naive_matmul(const float* a, int64_t m, const float* b, int64_t n, int64_t dim, float* out) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float sum = 0.0f;
+      for (int64_t d = 0; d < dim; ++d) sum += a[i * dim + d] * b[j * dim + d];
+      out[i * n + j] = sum;
+    }
+}
+
+// A batch of queries (matmul hook set) returns what the same queries searched one by one return,
+// at a small k (the tail's heap) and a larger one, with a tail and clusters to scan.
+void test_cluster_batch(std::mt19937_64& rng) {
+  const int64_t n = 5000, dim = 24, m = 40;
+  auto keys = gaussian(rng, n, dim, 0.0f, 1.0f);
+  auto queries = gaussian(rng, m, dim, 0.0f, 1.0f);
+  lckv::ClusterBuildParams params;
+  params.segment = 1024;
+  lckv::ClusterIndex index(dim, params);
+  index.build(keys.data(), 4000);
+  index.add(keys.data() + 4000 * dim, n - 4000);  // a tail of 1000 keys
+  lckv::ClusterIndex::matmul_hook() = &naive_matmul;
+  EXPECT(index.batches_searches(m) && !index.batches_searches(1));
+  lckv::SearchParams params_scan;
+  params_scan.scan = 8.0;
+  for (const int64_t k : {4, 100}) {
+    std::vector<float> s(m * k), one(k);
+    std::vector<int64_t> ids(m * k), one_ids(k), scored(m);
+    index.search_batch(queries.data(), m, k, params_scan, s.data(), ids.data(), scored.data());
+    for (int64_t q = 0; q < m; ++q) {
+      const int64_t one_scored = index.search(queries.data() + q * dim, k, params_scan, one.data(), one_ids.data());
+      EXPECT(scored[q] == one_scored);
+      for (int64_t j = 0; j < k; ++j) EXPECT(lckv_test::close(s[q * k + j], one[j], 1e-4, 1e-5));
+    }
+  }
+  lckv::ClusterIndex::matmul_hook() = nullptr;
+}
+
 void test_flat(std::mt19937_64& rng) {
   const int64_t n = 777, dim = 59, m = 5, k = 10;
   auto keys = gaussian(rng, n, dim, 0.0f, 1.0f);
@@ -280,6 +318,7 @@ int main() {
   test_nearest(rng);
   test_row_kernels(rng);
   test_cluster(rng);
+  test_cluster_batch(rng);
   test_flat(rng);
   test_approximate(rng);
   test_add_and_concurrency(rng);
