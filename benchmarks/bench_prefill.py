@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, greedy, load_model, machine, prefill_in_chunks  # noqa: E402
+from common import RESULTS, Table, greedy, load_model, machine, prefill_in_chunks, with_committed_rows  # noqa: E402
 
 MODES = ("exact", "retrieval")
 COLUMNS = [("length", "tokens", "d", 8), ("mode", "prefill", "s", 9), ("prefill_s", "prefill s", ".1f", 9),
@@ -189,9 +189,8 @@ def main(argv=None) -> dict:
         stream.unlink()
     rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()] if stream.exists() else []
     summary = args.results / f"{name}.json"
-    if summary.exists() and not args.fresh:  # the committed rows (a clone has no JSONL): kept, not rerun
-        have = {(r["length"], r["mode"]) for r in rows}
-        rows = [r for r in json.loads(summary.read_text())["rows"] if (r["length"], r["mode"]) not in have] + rows
+    if not args.fresh:  # the committed rows: kept, not rerun
+        rows = with_committed_rows(rows, summary, lambda r: (r["length"], r["mode"]))
     done = {(r["length"], r["mode"]) for r in rows}
     table = Table(COLUMNS)
     for r in rows:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, load_model, machine, prefill_in_chunks  # noqa: E402
+from common import RESULTS, Table, load_model, machine, prefill_in_chunks, with_committed_rows  # noqa: E402
 
 DEFAULT_VARIANTS = ["default", "block16:prefill_block=16", "select4096:prefill_select=4096",
                     "estimate:prefill_estimate=true"]
@@ -95,9 +95,8 @@ def main(argv=None) -> dict:
         (logits_dir / "exact.pt").unlink(missing_ok=True)
     rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()] if stream.exists() else []
     summary = args.results / f"{name}.json"
-    if summary.exists() and not args.fresh:  # the committed rows (a clone has no JSONL): kept, not rerun
-        have = {r["variant"] for r in rows}
-        rows = [r for r in json.loads(summary.read_text())["rows"] if r["variant"] not in have] + rows
+    if not args.fresh:  # the committed rows: kept, not rerun
+        rows = with_committed_rows(rows, summary, lambda r: r["variant"])
     done = {r["variant"] for r in rows}
 
     from lckv.research.capture import hotpotqa_token_ids

@@ -47,6 +47,15 @@ class Table:
         print("  ".join(c.rjust(max(w, len(h))) for c, (_, h, _, w) in zip(cells, self.columns)), flush=True)
 
 
+def with_committed_rows(rows: list[dict], summary: Path, key) -> list[dict]:
+    """``rows`` (from a run's JSONL) plus the rows of the committed summary JSON ``summary`` whose
+    ``key(row)`` is not among them: a fresh clone has no JSONL, and its rows must not be lost."""
+    if not summary.exists():
+        return rows
+    have = {key(r) for r in rows}
+    return [r for r in json.loads(summary.read_text())["rows"] if key(r) not in have] + rows
+
+
 def load_model(name: str, max_positions: int | None = None):
     """``(model, tokenizer)`` for a registry model name (``lckv.models``) or ``stories260K``."""
     if name.lower() == "stories260k":
