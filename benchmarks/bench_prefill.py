@@ -4,13 +4,15 @@ Per context length and prefill mode, a fresh process loads the model, feeds real
 chunks of ``--chunk`` tokens through one LckvCache under the ``retrieval`` policy (default
 settings, ``--budget`` for decoding) with ``prefill="exact"`` (every earlier token attended) or
 ``prefill="retrieval"`` (sink + window + chunk exactly, plus ``--prefill-select`` offloaded keys
-per kv head for each block of ``--prefill-block`` queries; ``lckv.policies.selection``), then
-decodes ``--decode`` tokens greedily. Reported: prefill seconds and tokens/s, the first decode
-step and decode tokens/s, peak RSS of the process and its growth over the loaded model per
-context token, host KV and index bytes, and, where both modes ran at a length, the next-token
-KL(exact || retrieval) after the prompt and the agreement of the greedy continuations. A linear
-fit of prefill seconds against length (per mode, over lengths >= 32K) checks that retrieval
-prefill is linear.
+per kv head for each block of ``--prefill-block`` queries; ``lckv.policies.selection``; modes
+``retrieval-<variant>`` add the settings of ``common.PREFILL_VARIANTS``, e.g. ``retrieval-ph4t256``:
+an exact tail of 256 queries per chunk and 4 rows per query head per query), then decodes
+``--decode`` tokens greedily. Reported: prefill seconds and tokens/s, the first decode step and
+decode tokens/s, peak RSS of the process and its growth over the loaded model per context token,
+host KV and index bytes, and, where a retrieval mode and exact ran at a length, the next-token
+KL(exact || mode) after the prompt and the agreement of the greedy continuations. A linear fit
+of prefill seconds against length (per mode, over lengths >= 32K) checks that retrieval prefill
+is linear.
 
 Rows stream to ``results/bench_prefill_<model>.jsonl`` (a rerun skips finished rows, and the
 rows of the summary JSON, so a fresh clone keeps the committed ones; the
@@ -19,6 +21,7 @@ committed); summary to ``bench_prefill_<model>.json`` + ``.png``.
 
     python benchmarks/bench_prefill.py --model stories260K --lengths 32768 131072 1048576
     python benchmarks/bench_prefill.py --model qwen2.5-coder-0.5b-instruct --lengths 16384 32768 131072
+    python benchmarks/bench_prefill.py --model qwen2.5-coder-0.5b-instruct --lengths 131072 --modes retrieval-ph4t256
     python benchmarks/bench_prefill.py --check     # harness check: a covering prefill_select is exact
 """
 from __future__ import annotations
@@ -34,9 +37,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Table, greedy, load_model, machine, prefill_in_chunks, with_committed_rows  # noqa: E402
+from common import PREFILL_VARIANTS, RESULTS, Table, greedy, load_model, machine, prefill_in_chunks, with_committed_rows  # noqa: E402
 
-MODES = ("exact", "retrieval")
+#: ``exact``, or retrieval prefill with one of the settings of :data:`common.PREFILL_VARIANTS`
+MODES = ("exact", *(f"retrieval{suffix}" for suffix in PREFILL_VARIANTS))
 COLUMNS = [("length", "tokens", "d", 8), ("mode", "prefill", "s", 9), ("prefill_s", "prefill s", ".1f", 9),
            ("prefill_tokens_per_s", "tok/s", ".0f", 7), ("first_step_s", "1st step s", ".2f", 0),
            ("decode_tokens_per_s", "dec tok/s", ".1f", 0), ("peak_rss_gib", "peak GiB", ".2f", 0),
@@ -58,8 +62,8 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, tokenizer = load_model(args.model, max_positions=args.length + args.decode + 1)
     ids = hotpotqa_token_ids(tokenizer, args.length).unsqueeze(0)
-    settings = dict(budget=args.budget, prefill=args.mode, prefill_select=args.prefill_select,
-                    prefill_block=args.prefill_block, host_dtype=args.host_dtype)
+    settings = dict(budget=args.budget, prefill_select=args.prefill_select, prefill_block=args.prefill_block,
+                    host_dtype=args.host_dtype, **mode_settings(args.mode))
     lckv.enable(model, "retrieval", **settings)
     cache = lckv.new_cache(model)
     base_kib = _rss_kib()
@@ -68,18 +72,23 @@ def run_one(args) -> dict:
     tokens, steps = greedy(model, cache, int(log_probs.argmax()), args.decode)  # a fixed length: no EOS
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(log_probs, args.logits)
-    report = cache.memory_report()
+    report, policy = cache.memory_report(), cache.layers[0].policy
     index_bytes = sum(sum(h.memory_bytes() for h in layer.selection.heads if hasattr(h, "memory_bytes"))
                       for layer in cache.layers if layer.selection is not None)
     return {"model": args.model, "length": args.length, "mode": args.mode, "chunk": args.chunk,
-            "budget": args.budget, "prefill_select": args.prefill_select, "prefill_block": args.prefill_block,
-            "host_dtype": args.host_dtype,
+            "budget": args.budget, "host_dtype": args.host_dtype,
+            **{name: getattr(policy, name) for name in settings if name.startswith("prefill")},  # as enabled
             "prefill_s": prefill_s, "prefill_tokens_per_s": args.length / prefill_s,
             "first_step_s": steps[0] if steps else None,
             "decode_tokens_per_s": (len(steps) - 1) / sum(steps[1:]) if len(steps) > 1 else None,
             "peak_rss_gib": peak_kib / 2**20, "model_rss_gib": base_kib / 2**20,
             "rss_bytes_per_token": (peak_kib - base_kib) * 1024 / args.length,
             "host_kv_bytes": report["offloaded_bytes"], "index_bytes": index_bytes or None, "tokens": tokens}
+
+
+def mode_settings(mode: str) -> dict:
+    """The prefill settings of ``mode`` (they override ``--prefill-select``/``--prefill-block``)."""
+    return {"prefill": "exact"} if mode == "exact" else PREFILL_VARIANTS[mode[len("retrieval"):]]
 
 
 def fit_slope(rows: list[dict], mode: str, floor: int = 32768) -> dict | None:
@@ -97,12 +106,12 @@ def fit_slope(rows: list[dict], mode: str, floor: int = 32768) -> dict | None:
 
 
 def summarize(rows: list[dict], logits_dir: Path) -> list[dict]:
-    """Adds KL(exact || retrieval) and greedy agreement to the retrieval rows that have an exact twin."""
+    """Adds KL(exact || mode) and greedy agreement to the retrieval rows that have an exact twin."""
     by_key = {(r["length"], r["mode"]): r for r in rows}
     for r in rows:
         exact = by_key.get((r["length"], "exact"))
-        files = [logits_dir / f"{r['length']}_{mode}.pt" for mode in ("exact", "retrieval")]
-        if r["mode"] != "retrieval" or exact is None or not all(f.exists() for f in files):
+        files = [logits_dir / f"{r['length']}_{mode}.pt" for mode in ("exact", r["mode"])]
+        if r["mode"] == "exact" or exact is None or not all(f.exists() for f in files):
             continue  # (a row kept from the summary of another machine keeps its KL and agreement)
         p, q = (torch.load(f) for f in files)
         r["kl"] = float((p.exp() * (p - q)).sum())
@@ -155,7 +164,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="stories260K", help="a lckv.models registry name or stories260K")
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=["exact", "retrieval"], choices=MODES,
+                        help="retrieval<suffix>: the settings of common.PREFILL_VARIANTS (they override "
+                             "--prefill-select and --prefill-block)")
     parser.add_argument("--exact-max", type=int, default=131072, help="longest context prefilled exactly")
     parser.add_argument("--chunk", type=int, default=4096)
     parser.add_argument("--budget", type=float, default=0.05, help="decode budget (fraction or count)")
@@ -219,7 +230,7 @@ def main(argv=None) -> dict:
     rows = summarize(rows, logits_dir)
     for r in rows:
         if "kl" in r:
-            print(f"# {r['length']} tokens: next-token KL(exact || retrieval) {r['kl']:.4f}, "
+            print(f"# {r['length']} tokens: next-token KL(exact || {r['mode']}) {r['kl']:.4f}, "
                   f"greedy agreement {r['agreement']:.2f} over {len(r['tokens'])} tokens")
     fits = [f for f in (fit_slope(rows, mode) for mode in MODES) if f is not None]
     for fit in fits:

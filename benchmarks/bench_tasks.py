@@ -52,7 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `training` (scorers, QA data builder)
-from common import RESULTS, Table, greedy, load_model, machine, prefill_in_chunks, progress  # noqa: E402
+from common import PREFILL_VARIANTS, RESULTS, Table, greedy, load_model, machine, prefill_in_chunks, progress  # noqa: E402
 from task_rows import budget_label, eos_ids, read_rows, row_key  # noqa: E402
 from tasks_qa import QA_TASKS  # noqa: E402
 
@@ -69,16 +69,7 @@ METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval", "retrol
 #: bookmarks file of ``--retrolm-bookmarks`` (training/retrolm.py writes it)
 VARIANTS = {"retrolm-trained": ("retrolm", {})}
 #: methods that prefill on their own instead of sharing the exact prefill: name -> (policy, settings)
-OWN_PREFILL = {"retrieval-prefill": ("retrieval", {"prefill": "retrieval"}),
-               # blocks of 16 prefill queries per selection (default 64): docs/prefill.md's quality study
-               "retrieval-prefill-b16": ("retrieval", {"prefill": "retrieval", "prefill_block": 16}),
-               # each prefill query adds its own top 16 rows to its block's (docs/prefill.md)
-               "retrieval-prefill-pq16": ("retrieval", {"prefill": "retrieval", "prefill_per_query": 16}),
-               # each chunk's last 256 queries attend the whole store exactly (docs/prefill.md)
-               "retrieval-prefill-t256": ("retrieval", {"prefill": "retrieval", "prefill_exact_tail": 256}),
-               # and 4 rows per query head per query (docs/prefill.md's best KL at 16K)
-               "retrieval-prefill-ph4t256": ("retrieval", {"prefill": "retrieval", "prefill_exact_tail": 256,
-                                                            "prefill_per_query": 4, "prefill_per_head": True})}
+OWN_PREFILL = {f"retrieval-prefill{suffix}": ("retrieval", settings) for suffix, settings in PREFILL_VARIANTS.items()}
 ALL_METHODS = (*METHODS, *VARIANTS, *OWN_PREFILL)
 SCORERS = {"all": synthetic.string_match_all, "any": synthetic.string_match_any, "subem": subem_score}
 STREAMING_SINK = 4

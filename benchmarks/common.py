@@ -12,6 +12,19 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+#: retrieval-augmented prefill settings of the ``retrieval`` policy compared by bench_tasks (as
+#: ``retrieval-prefill<suffix>``) and bench_prefill (as mode ``retrieval<suffix>``): suffix -> settings
+PREFILL_VARIANTS = {"": {"prefill": "retrieval"},
+                    # blocks of 16 prefill queries per selection (default 64): docs/prefill.md's quality study
+                    "-b16": {"prefill": "retrieval", "prefill_block": 16},
+                    # each prefill query adds its own top 16 rows to its block's (docs/prefill.md)
+                    "-pq16": {"prefill": "retrieval", "prefill_per_query": 16},
+                    # each chunk's last 256 queries attend the whole store exactly (docs/prefill.md)
+                    "-t256": {"prefill": "retrieval", "prefill_exact_tail": 256},
+                    # and 4 rows per query head per query (docs/prefill.md's best KL at 16K)
+                    "-ph4t256": {"prefill": "retrieval", "prefill_exact_tail": 256, "prefill_per_query": 4,
+                                 "prefill_per_head": True}}
+
 
 def machine() -> dict:
     """What the numbers were measured on."""

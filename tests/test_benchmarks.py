@@ -66,3 +66,20 @@ def test_prefill_benchmark_keeps_the_committed_rows(tmp_path):
     key = lambda r: (r["length"], r["mode"])  # noqa: E731
     assert sorted(map(key, payload["rows"])) == sorted(map(key, committed["rows"])) and committed["rows"]
     assert sorted(payload["rows"], key=key) == sorted(committed["rows"], key=key)
+
+
+@pytest.mark.usefixtures("stories260k_files")
+def test_prefill_benchmark_runs_a_named_variant(tmp_path):
+    """A ``retrieval-<variant>`` mode enables the retrieval policy with that variant's settings
+    (read back from the enabled policy) and is compared with exact prefill by its KL."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_prefill
+    from common import PREFILL_VARIANTS
+
+    payload = bench_prefill.main(["--model", "stories260K", "--lengths", "2048", "--chunk", "512", "--decode", "4",
+                                  "--prefill-select", "64", "--modes", "exact", "retrieval-ph4t256",
+                                  "--results", str(tmp_path)])
+    row = next(r for r in payload["rows"] if r["mode"] == "retrieval-ph4t256")
+    for name, value in PREFILL_VARIANTS["-ph4t256"].items():
+        assert row[name] == value, name
+    assert row["prefill_select"] == 64 and row["kl"] > -1e-6 and 0 <= row["agreement"] <= 1  # KL: fp32 sums
