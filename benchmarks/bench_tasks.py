@@ -312,7 +312,7 @@ def summarize(rows: list[dict], carried: list[dict] = ()) -> list[dict]:
     full = {(r["model"], r["task"], r["length"], r["sample"]): r["score"] for r in rows if r["method"] == "full"}
     groups = defaultdict(list)
     for r in rows:
-        groups[(r["task"], r["length"], r["method"], r["budget"])].append(r)
+        groups[setting(r)].append(r)
     out = []
     for (task, length, method, budget), rs in groups.items():
         keys = [(r["model"], task, length, r["sample"]) for r in rs]
