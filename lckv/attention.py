@@ -211,21 +211,26 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     q_len = query.shape[2]
     q_start = layer.total - q_len
     n_sink = layer.sink_k.shape[2]
-    out, lse = attend_segments(query, layer.resident_segments(), q_start, attention_mask, policy, scale)
+    resident, keys, values = layer.resident_segments(), store.keys, store.values
+    if torch.is_grad_enabled() and query.requires_grad:
+        # a training forward (e.g. training/retrolm.py's stage 2): the cache writes its buffers in
+        # place after this call (the chunk spills), so autograd gets copies of what it reads
+        resident = [Segment(seg.k.clone(), seg.v.clone(), seg.start) for seg in resident]
+        keys, values = keys.clone(), values.clone()
+    out, lse = attend_segments(query, resident, q_start, attention_mask, policy, scale)
     n_select = policy.prefill_select
     if n_select >= store.length:
-        part = attend_segments(query, [Segment(store.keys, store.values, n_sink)], q_start, attention_mask, policy, scale)
+        part = attend_segments(query, [Segment(keys, values, n_sink)], q_start, attention_mask, policy, scale)
         return merge_states_unchecked(out, lse, *part)
     state = layer.selection_state()
     tail = min(policy.prefill_exact_tail, q_len)
     if tail:  # the call's last queries attend the whole store exactly
-        segment = [Segment(store.keys, store.values, n_sink)]
+        segment = [Segment(keys, values, n_sink)]
         tail_mask = attention_mask[:, :, q_len - tail:] if isinstance(attention_mask, torch.Tensor) else attention_mask
         tail_part = attend_segments(query[:, :, q_len - tail:], segment, q_start + q_len - tail, tail_mask, policy, scale)
         if tail == q_len:
             return merge_states_unchecked(out, lse, *tail_part)
     view = layer.view()
-    keys, values = store.keys, store.values
     batch, q_heads, _, head_dim = query.shape
     block = policy.prefill_block
     q_len -= tail

@@ -36,12 +36,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["Bookmarks", "BookmarkFileError", "load_bookmarks", "page_scores", "info_nce", "FILE_FORMAT"]
+__all__ = ["Bookmarks", "BookmarkFileError", "StateFileError", "load_bookmarks", "page_scores", "info_nce",
+           "FILE_FORMAT", "write_state_file", "read_state_file", "model_fingerprint"]
 
 FILE_FORMAT = "lckv-retrolm-bookmarks/1"
 
 
-class BookmarkFileError(ValueError):
+class StateFileError(ValueError):
+    """A parameter file (:func:`write_state_file`) is corrupt, of another format, or made for
+    another model."""
+
+
+class BookmarkFileError(StateFileError):
     """A bookmark file is corrupt, of another format, or made for another model."""
 
 
@@ -143,25 +149,60 @@ class Bookmarks(nn.Module):
 
     # ------------------------------------------------------------------------------- the file
     def save(self, path: str | Path) -> Path:
-        """Writes the parameters, their sha256 and the model fingerprint to ``path`` atomically (a
-        temporary file in the same folder, then renamed): an interrupted save leaves no partial
-        file, and a file corrupted later fails the checksum when loaded."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
-        payload = {"format": FILE_FORMAT, "fingerprint": self.fingerprint, "state": state,
-                   "state_sha256": _state_digest(state)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Writes the parameters, their sha256 and the model fingerprint to ``path`` atomically
+        (:func:`write_state_file`)."""
+        return write_state_file(path, FILE_FORMAT, self.fingerprint, self.state_dict())
+
+
+def write_state_file(path: str | Path, file_format: str, fingerprint: dict, state: dict) -> Path:
+    """Writes ``state`` (name -> tensor), its sha256 and the model ``fingerprint`` to ``path``
+    atomically (a temporary file in the same folder, then renamed): an interrupted save leaves no
+    partial file, and a file corrupted later fails the checksum when read
+    (:func:`read_state_file`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    payload = {"format": file_format, "fingerprint": fingerprint, "state": state, "state_sha256": _state_digest(state)}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_state_file(path: str | Path, file_format: str, fingerprint: dict, what: str = "state",
+                    error: type[StateFileError] = StateFileError) -> dict:
+    """The state saved at ``path`` by :func:`write_state_file`. Raises FileNotFoundError when the
+    file is missing and ``error`` (naming ``what``) when it is corrupt (unreadable, or its
+    parameters fail the checksum saved with them), of another format, made for another model than
+    ``fingerprint`` (the differing fields are named) or not a dict of tensors. Files saved without a
+    checksum are read unchecked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or not a torch file
+        raise error(f"{what}: {path} is not a readable {what} file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise error(f"{what}: {path} is not a {file_format} file")
+    theirs = payload.get("fingerprint")
+    theirs = theirs if isinstance(theirs, dict) else {}
+    differ = sorted(k for k in fingerprint if theirs.get(k) != fingerprint[k])
+    if differ:
+        raise error(f"{what}: {path} was made for another model ({', '.join(differ)} differ)")
+    state = payload.get("state")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise error(f"{what}: {path} does not hold a dict of parameter tensors")
+    if "state_sha256" in payload and payload["state_sha256"] != _state_digest(state):
+        raise error(f"{what}: {path} is corrupt: its parameters fail the checksum saved with them")
+    return state
 
 
 def model_fingerprint(model) -> dict:
@@ -190,27 +231,8 @@ def load_bookmarks(path: str | Path, model) -> Bookmarks:
     missing and :class:`BookmarkFileError` when it is corrupt (unreadable, or its parameters fail
     the checksum saved with them), of another format or made for another model (the differing
     fingerprint fields are named). Files saved without a checksum load unchecked."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"bookmarks: no file at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or not a torch file
-        raise BookmarkFileError(f"bookmarks: {path} is not a readable bookmark file ({type(exc).__name__}: {exc})") \
-            from exc
-    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-        raise BookmarkFileError(f"bookmarks: {path} is not a {FILE_FORMAT} file")
     bookmarks = Bookmarks(model)
-    theirs = payload.get("fingerprint")
-    theirs = theirs if isinstance(theirs, dict) else {}
-    differ = sorted(k for k in bookmarks.fingerprint if theirs.get(k) != bookmarks.fingerprint[k])
-    if differ:
-        raise BookmarkFileError(f"bookmarks: {path} was made for another model ({', '.join(differ)} differ)")
-    state = payload.get("state")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BookmarkFileError(f"bookmarks: {path} does not hold a dict of parameter tensors")
-    if "state_sha256" in payload and payload["state_sha256"] != _state_digest(state):
-        raise BookmarkFileError(f"bookmarks: {path} is corrupt: its parameters fail the checksum saved with them")
+    state = read_state_file(path, FILE_FORMAT, bookmarks.fingerprint, "bookmarks", BookmarkFileError)
     try:
         bookmarks.load_state_dict(state)
     except (RuntimeError, KeyError) as exc:

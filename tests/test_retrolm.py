@@ -333,3 +333,122 @@ def test_equal_page_scores_prefer_recent_pages():
     rows = policy._best_rows(scores, 4, 9)  # 4 complete pages and row 8 still filling
     assert rows.tolist() == [[[4, 5, 6, 7], [0, 1, 4, 5]]]
     assert policy._best_rows(scores, 9, 9).tolist() == [[list(range(9))] * 2]  # the filling page taken last
+
+
+# ----------------------------------------------------------------------------------- stage 2
+def _answer_examples(n: int, prompt: int, answer: int, seed: int):
+    from training.retrolm import AnswerExample
+
+    gen = torch.Generator().manual_seed(seed)
+    return [AnswerExample(torch.randint(2, 97, (prompt,), generator=gen).tolist(),
+                          torch.randint(2, 97, (answer,), generator=gen).tolist()) for _ in range(n)]
+
+
+def test_stage2_loss_and_gradients_equal_the_model_when_the_selection_covers(model):
+    """With prefill_select covering the store, stage 2's loss path (prompt prefilled through the
+    LckvCache without gradients, the answer teacher forced with them) gives the plain model's
+    loss and gradients for the same split (prompt under no_grad, answer with gradients): against
+    the plain model in float64, its gradients err at most 2x what the plain fp32 model's do."""
+    import copy
+
+    from transformers import DynamicCache
+    from training.retrolm import stage2_loss
+
+    example = _answer_examples(1, 281, 20, seed=5)[0]
+
+    def plain(m):
+        cache = DynamicCache()
+        with torch.no_grad():
+            m(torch.tensor([example.prompt_ids[:-1]]), past_key_values=cache, use_cache=True)
+        forced = torch.tensor([example.prompt_ids[-1:] + example.answer_ids[:-1]])
+        logits = m(forced, past_key_values=cache, use_cache=True).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(example.answer_ids))
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    gold_loss, gold = plain(copy.deepcopy(model).double())
+    want_loss, want = plain(copy.deepcopy(model))
+    lckv.enable(model, "retrolm", page_size=16, window=32, budget=400, prefill="retrieval", prefill_select=4096)
+    got = stage2_loss(model, example, chunk=64)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(gold_loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        ours, theirs = (float((g.double() - gold[name]).norm()) for g in (p.grad, want[name]))
+        # normwise (the max of one element is noisy at fp32 roundoff), plus ~8 fp32 eps of the norm
+        assert ours <= 2 * theirs + 1e-6 * float(gold[name].norm()), (name, ours, theirs)
+
+
+def test_stage2_selects_pages_and_refuses_what_it_cannot_train(model):
+    from training.retrolm import AnswerExample, stage2_loss
+
+    example = _answer_examples(1, 281, 20, seed=5)[0]
+    lckv.enable(model, "retrolm", page_size=16, window=32, budget=400, prefill="retrieval", prefill_select=4096)
+    with torch.no_grad():
+        covering = float(stage2_loss(model, example, chunk=64))
+        lckv.enable(model, "retrolm", page_size=16, window=32, budget=400, prefill="retrieval", prefill_select=32)
+        assert abs(float(stage2_loss(model, example, chunk=64)) - covering) > 1e-3  # sparse KV: another loss
+    with pytest.raises(ValueError, match=">= 2 tokens"):
+        stage2_loss(model, AnswerExample(example.prompt_ids, example.answer_ids[:1]))
+    lckv.enable(model, "retrolm", page_size=16, window=32, budget=400)  # prefill="exact"
+    with pytest.raises(ValueError, match="prefill='retrieval'"):
+        stage2_loss(model, example)
+
+
+def test_stage2_training_reduces_the_loss_and_trains_only_the_chosen_parameters(model, tmp_path):
+    from lckv.retrolm import StateFileError, model_fingerprint
+    from training.retrolm import load_post_trained, save_post_trained, train_stage2
+
+    examples = _answer_examples(2, 200, 6, seed=9)
+    base = model_fingerprint(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lckv.enable(model, "retrolm", page_size=16, window=32, budget=120, prefill="retrieval", prefill_select=32)
+    policy = model.model.layers[0].self_attn.lckv_binding.policy_for(0)
+    bookmarks = {k: v.clone() for k, v in policy._bookmarks().state_dict().items()}
+    state, history = train_stage2(model, examples, examples, epochs=6, lr=3e-3, train_params=r"self_attn\.o_proj",
+                                  chunk=64, progress=False)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert sorted(state) == [f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) != (name in state), name  # exactly the chosen ones moved
+    assert all(torch.equal(v, bookmarks[k]) for k, v in policy._bookmarks().state_dict().items())  # frozen
+    path = save_post_trained(tmp_path / "s2.pt", base, state)
+    torch.manual_seed(0)
+    fresh = tiny_decoder("llama", 2, 512)  # the fixture's base model again
+    assert load_post_trained(fresh, path) == sorted(state)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(StateFileError, match="another model"):
+        load_post_trained(tiny_decoder("llama", 2, 512), path)
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(StateFileError, match="not a readable"):
+        load_post_trained(fresh, tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match="matches no parameter"):
+        train_stage2(model, examples, examples, train_params="nothing_like_this", progress=False)
+
+
+def test_stage2_runs_end_to_end_on_smollm2(smollm2, hotpotqa_file, tmp_path):
+    """The stage-2 configuration runs on the CPU: one step on a real model and real rows, then the
+    trained parameters load back into the base model."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lckv.retrolm import model_fingerprint, read_state_file
+    from training.retrolm import STAGE2_FORMAT
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "s2.pt"
+    done = subprocess.run([sys.executable, "-m", "training.retrolm", "--config",
+                           str(root / "training" / "configs" / "retrolm_stage2.yaml"), "--length", "768",
+                           "--train-rows", "0:1", "--eval-rows", "80:81", "--max-steps", "1", "--prefill-select", "128",
+                           "--chunk", "512", "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["stage"] == 2 and report["history"][-1]["steps"] == 1
+    assert all(entry["loss"] > 0 for entry in report["history"])
+    model, _ = smollm2  # the base model (the run trained its own copy)
+    state = read_state_file(out, STAGE2_FORMAT, model_fingerprint(model))
+    own = dict(model.named_parameters())
+    assert sorted(state) == sorted(name for name in own if ".self_attn." in name)
+    assert any(not torch.equal(t, own[name].detach()) for name, t in state.items())  # one step moved them

@@ -19,12 +19,30 @@ through the bookmark stream into the bookmark projections and embedding only.
 Measured per layer: gold-page recall@k (the share of gold pages among the ``k`` best-scored
 pages, mean over kv heads and examples). ``python -m training.retrolm --help`` for the CLI; it
 writes the bookmarks file (:meth:`lckv.retrolm.Bookmarks.save`) and a JSON history.
+
+Stage 2 (``--stage 2``, :func:`train_stage2`): post-trains the model on the sparse KV the
+``retrolm`` policy serves. An example is the same built prompt with the SFT baseline's target
+(``The answer is: <answer>``, :func:`training.data.to_sft_rows`). The loss
+(:func:`stage2_loss`) is the answer tokens' mean cross-entropy, computed the way the policy
+serves them: the prompt is prefilled in chunks through an :class:`~lckv.cache.LckvCache` under
+``lckv.enable(model, "retrolm", prefill="retrieval", ...)`` (pages retrieved by the bookmarks
+during prefill, no gradients), then the answer is teacher forced as one more chunk with
+gradients: sink, window and the chunk exactly, plus the ``prefill_select`` rows of the pages its
+bookmark ranks best, merged by LSE (lckv.attention.attend_chunk_with_selection). Decoding attends
+the pages each new token's bookmark picks (``budget``); the teacher-forced chunk picks one set of
+pages per block of ``prefill_block`` tokens, and the prompt's keys and values get no gradient
+(they were computed without one, as served). The bookmarks stay frozen; the parameters whose
+names match ``--train-params`` (default: the attention projections) train with AdamW. The trained
+parameters are written with the base model's fingerprint (:func:`save_post_trained`,
+:func:`load_post_trained`). A YAML file of the same settings (``--config``, e.g.
+``training/configs/retrolm_stage2.yaml``) is the run's configuration; flags override it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -32,11 +50,15 @@ from pathlib import Path
 
 import torch
 
-from lckv.retrolm import Bookmarks, info_nce, page_scores
-from training.data import QARecord, build_examples
+from lckv.retrolm import Bookmarks, info_nce, model_fingerprint, page_scores, read_state_file, write_state_file
+from training.data import QARecord, build_examples, to_sft_rows
 from training.prompts import build_messages
 
-__all__ = ["PageExample", "make_examples", "example_from_text", "stage1_loss", "train_stage1", "main"]
+__all__ = ["PageExample", "make_examples", "example_from_text", "stage1_loss", "train_stage1", "AnswerExample",
+           "make_answer_examples", "stage2_loss", "train_stage2", "save_post_trained", "load_post_trained", "STAGE2_FORMAT",
+           "main"]
+
+STAGE2_FORMAT = "lckv-retrolm-stage2/1"
 
 
 @dataclass
@@ -176,13 +198,160 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
     return bookmarks, history
 
 
+# ----------------------------------------------------------------------------------- stage 2
+@dataclass
+class AnswerExample:
+    """One stage-2 input: the rendered prompt's token ids and the target answer's."""
+
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    record_id: str = ""
+
+
+def make_answer_examples(tokenizer, records: list[QARecord], length: int, seed: int = 0) -> list[AnswerExample]:
+    """Stage-2 examples of ``records``: the training prompt of :func:`make_examples` (answer-only
+    format, chat template, up to ``length`` tokens with the answer) and the SFT target."""
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    built, _ = build_examples(records, max_tokens=length - 64, count_tokens=count, seed=seed)
+    out = []
+    for row in to_sft_rows(built):
+        messages = row["messages"]
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+        if not whole.startswith(prompt):
+            raise ValueError(f"the chat template renders the prompt of {row['extra_info']['id']} differently "
+                             "with and without the answer; stage 2 needs the answer to extend the prompt")
+        out.append(AnswerExample(tokenizer.encode(prompt, add_special_tokens=False),
+                                 tokenizer.encode(whole[len(prompt):].rstrip("\n"), add_special_tokens=False),
+                                 row["extra_info"]["id"]))
+    return out
+
+
+def _serving_policy(cache):
+    from lckv.policies.selection import SelectionPolicy
+
+    policy = cache.layers[0].policy if cache.layers else None
+    if not (isinstance(policy, SelectionPolicy) and policy.prefill == "retrieval"):
+        raise ValueError("stage 2 trains on the sparse KV of a selection policy with prefill='retrieval': call "
+                         "lckv.enable(model, 'retrolm', prefill='retrieval', ...) first "
+                         f"(the model's policy is {policy!r})")
+    return policy
+
+
+def stage2_loss(model, example: AnswerExample, chunk: int = 2048) -> torch.Tensor:
+    """The answer tokens' mean cross-entropy under the model's enabled policy (see the module
+    docstring): the prompt prefilled through a new LckvCache without gradients in chunks of
+    ``chunk`` tokens, then its last token and the answer but its last token as one chunk with
+    gradients. The answer needs at least 2 tokens (a chunk of one would take the decode path)."""
+    import lckv
+
+    if len(example.answer_ids) < 2 or not example.prompt_ids:
+        raise ValueError(f"stage 2 needs a prompt and an answer of >= 2 tokens, got {len(example.prompt_ids)} and "
+                         f"{len(example.answer_ids)}")
+    cache = lckv.new_cache(model)
+    _serving_policy(cache)
+    prompt = torch.tensor([example.prompt_ids])
+    n = prompt.shape[1] - 1
+    with torch.no_grad():
+        for lo in range(0, n, chunk):
+            model(prompt[:, lo:min(n, lo + chunk)], past_key_values=cache, use_cache=True)
+    forced = torch.tensor([example.prompt_ids[-1:] + example.answer_ids[:-1]])
+    logits = model(forced, past_key_values=cache, use_cache=True).logits[0]
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(example.answer_ids))
+
+
+def _trained_parameters(model, pattern: str) -> dict[str, torch.nn.Parameter]:
+    chosen = {name: p for name, p in model.named_parameters() if re.search(pattern, name)}
+    if not chosen:
+        raise ValueError(f"train_params {pattern!r} matches no parameter of {type(model).__name__}")
+    return chosen
+
+
+def train_stage2(model, train: list[AnswerExample], held_out: list[AnswerExample], *, epochs: int = 1,
+                 lr: float = 1e-5, train_params: str = r"self_attn\.", chunk: int = 2048, seed: int = 0,
+                 max_steps: int | None = None, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Post-trains the parameters of ``model`` whose names match ``train_params`` (a regex; the
+    rest and the bookmarks stay frozen) on ``train`` with :func:`stage2_loss`, one example per
+    AdamW step, at most ``max_steps`` steps; evaluates on ``held_out`` before training and after
+    every epoch. Returns the trained parameters (name -> tensor) and the history."""
+    if not train or not held_out:
+        raise ValueError(f"train and held_out need examples, got {len(train)} and {len(held_out)}")
+    chosen = _trained_parameters(model, train_params)
+    model.requires_grad_(False)
+    for p in chosen.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(chosen.values(), lr=lr, weight_decay=0.0)
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            return sum(float(stage2_loss(model, ex, chunk)) for ex in held_out) / len(held_out)
+
+    history = [{"epoch": 0, "loss": held_out_loss()}]
+    rng, steps = random.Random(seed), 0
+    for epoch in range(1, epochs + 1):
+        order = list(train)
+        rng.shuffle(order)
+        if max_steps is not None:
+            order = order[:max(0, max_steps - steps)]
+        if not order:
+            break
+        start, total = time.perf_counter(), 0.0
+        bar = order
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(order, desc=f"retrolm stage 2, epoch {epoch}", unit="example", file=sys.stderr)
+        for example in bar:
+            loss = stage2_loss(model, example, chunk)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, steps = total + loss.item(), steps + 1
+            if progress:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        history.append({"epoch": epoch, "steps": steps, "train_loss": total / len(order),
+                        "epoch_s": time.perf_counter() - start, "loss": held_out_loss()})
+    model.requires_grad_(False)
+    return {name: p.detach() for name, p in chosen.items()}, history
+
+
+def save_post_trained(path: str | Path, fingerprint: dict, state: dict) -> Path:
+    """Writes stage 2's trained parameters keyed to the base model's ``fingerprint``
+    (:func:`lckv.retrolm.model_fingerprint` taken before training), atomically."""
+    return write_state_file(path, STAGE2_FORMAT, fingerprint, state)
+
+
+def load_post_trained(model, path: str | Path) -> list[str]:
+    """Loads stage 2's parameters into the base ``model`` they were trained from; returns their
+    names. Raises :class:`lckv.retrolm.StateFileError` for a corrupt file, another format or
+    model, or names/shapes the model does not have."""
+    from lckv.retrolm import StateFileError
+
+    state = read_state_file(path, STAGE2_FORMAT, model_fingerprint(model), "stage-2 parameters")
+    own = dict(model.named_parameters())
+    wrong = sorted(name for name, t in state.items() if name not in own or own[name].shape != t.shape)
+    if wrong:
+        raise StateFileError(f"stage-2 parameters: {path} holds parameters this model lacks or shapes it does not "
+                             f"have: {', '.join(wrong[:5])}")
+    with torch.no_grad():
+        for name, t in state.items():
+            own[name].copy_(t)
+    return sorted(state)
+
+
 def _rows(spec: str, n: int) -> range:
     first, _, last = spec.partition(":")
     return range(int(first or 0), min(n, int(last) if last else n))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description="RetroLM stage 1: train the bookmark projections (backbone frozen)")
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="RetroLM stage 1 (bookmark projections, backbone frozen) and "
+                                                 "stage 2 (post-training on the policy's sparse KV)")
+    parser.add_argument("--stage", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file of these settings (keys as the flags, with _); flags given override it")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a lckv.models registry name")
     parser.add_argument("--length", type=int, default=4096, help="tokens per example")
     parser.add_argument("--page-size", type=int, default=128)
@@ -190,13 +359,47 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-rows", default="0:16", help="HotpotQA rows to train on, first:last")
     parser.add_argument("--eval-rows", default="80:88", help="held-out rows, first:last")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--recall-at", type=int, default=4, help="pages for the gold-page recall")
+    parser.add_argument("--lr", type=float, default=None, help="default 1e-4 (stage 1), 1e-5 (stage 2)")
+    parser.add_argument("--recall-at", type=int, default=4, help="stage 1: pages for the gold-page recall")
     parser.add_argument("--query-tokens", type=int, default=64,
-                        help="tokens the query bookmark reads (the policy's resident window, 64 by default)")
+                        help="stage 1: tokens the query bookmark reads (the policy's resident window, 64 by default)")
+    parser.add_argument("--bookmarks", type=Path, default=None,
+                        help="stage 2: the stage-1 bookmarks file (default: untrained bookmarks)")
+    parser.add_argument("--budget", default="0.05", help="stage 2: the policy's decode budget (fraction or count)")
+    parser.add_argument("--window", type=int, default=64, help="stage 2: the policy's resident window")
+    parser.add_argument("--prefill-select", type=int, default=512, help="stage 2: rows each block attends")
+    parser.add_argument("--chunk", type=int, default=2048, help="stage 2: prefill chunk")
+    parser.add_argument("--train-params", default=r"self_attn\.", help="stage 2: regex of the parameters to train")
+    parser.add_argument("--max-steps", type=int, default=None, help="stage 2: stop after this many examples")
     parser.add_argument("--out", type=Path, default=None,
-                        help="bookmarks file (default ~/.cache/lckv/retrolm/<model>_p<page>.pt)")
+                        help="output file (default ~/.cache/lckv/retrolm/<model>_p<page>.pt, stage 2: "
+                             "<model>_p<page>_stage2.pt)")
+    return parser
+
+
+def _args(argv) -> argparse.Namespace:
+    """The flags over the ``--config`` file's settings over the defaults."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.config is not None:
+        import yaml
+
+        if not args.config.is_file():
+            raise SystemExit(f"--config: no file at {args.config}")
+        settings = yaml.safe_load(args.config.read_text()) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(settings) - known)
+        if not isinstance(settings, dict) or unknown:
+            raise SystemExit(f"--config {args.config}: unknown settings {unknown or settings!r}; known: {sorted(known)}")
+        parser.set_defaults(**settings)
+        args = parser.parse_args(argv)
+    if args.lr is None:
+        args.lr = 1e-4 if args.stage == 1 else 1e-5
+    return args
+
+
+def main(argv=None) -> dict:
+    args = _args(argv)
     from lckv.models import load
     from lckv.research.data import hotpotqa_path
     from training.data import load_records
@@ -204,24 +407,40 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model, tokenizer = load(args.model)
     records = load_records([hotpotqa_path()])
-    train = make_examples(tokenizer, [records[i] for i in _rows(args.train_rows, len(records))], args.length,
-                          args.page_size, args.sink)
-    held_out = make_examples(tokenizer, [records[i] for i in _rows(args.eval_rows, len(records))], args.length,
-                             args.page_size, args.sink, seed=1)
-    bookmarks, history = train_stage1(model, train, held_out, page_size=args.page_size, sink=args.sink,
-                                      epochs=args.epochs, lr=args.lr, recall_at=args.recall_at,
-                                      query_tokens=args.query_tokens)
-    out = args.out or Path.home() / ".cache" / "lckv" / "retrolm" / f"{args.model}_p{args.page_size}.pt"
-    bookmarks.save(out)
-    report = {"model": args.model, "length": args.length, "page_size": args.page_size, "sink": args.sink,
-              "train_examples": len(train), "held_out_examples": len(held_out), "lr": args.lr,
-              "recall_at": args.recall_at, "query_tokens": args.query_tokens, "bookmarks": str(out),
-              "history": history}
+    train_records = [records[i] for i in _rows(args.train_rows, len(records))]
+    eval_records = [records[i] for i in _rows(args.eval_rows, len(records))]
+    suffix = "" if args.stage == 1 else "_stage2"
+    out = args.out or Path.home() / ".cache" / "lckv" / "retrolm" / f"{args.model}_p{args.page_size}{suffix}.pt"
+    report = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    if args.stage == 1:
+        train = make_examples(tokenizer, train_records, args.length, args.page_size, args.sink)
+        held_out = make_examples(tokenizer, eval_records, args.length, args.page_size, args.sink, seed=1)
+        bookmarks, history = train_stage1(model, train, held_out, page_size=args.page_size, sink=args.sink,
+                                          epochs=args.epochs, lr=args.lr, recall_at=args.recall_at,
+                                          query_tokens=args.query_tokens)
+        bookmarks.save(out)
+    else:
+        import lckv
+
+        train = make_answer_examples(tokenizer, train_records, args.length)
+        held_out = make_answer_examples(tokenizer, eval_records, args.length, seed=1)
+        base = model_fingerprint(model)
+        budget = float(args.budget) if "." in str(args.budget) else int(args.budget)
+        lckv.enable(model, "retrolm", page_size=args.page_size, sink=args.sink, window=args.window, budget=budget,
+                    prefill="retrieval", prefill_select=args.prefill_select,
+                    bookmarks=str(args.bookmarks) if args.bookmarks else None)
+        state, history = train_stage2(model, train, held_out, epochs=args.epochs, lr=args.lr,
+                                      train_params=args.train_params, chunk=args.chunk, max_steps=args.max_steps)
+        save_post_trained(out, base, state)
+    report.update(train_examples=len(train), held_out_examples=len(held_out), written=str(out), history=history)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     for entry in history:
-        print(f"epoch {entry['epoch']}: held-out loss {entry['loss']:.4f}, gold-page recall@{args.recall_at} "
-              f"{entry['recall']:.3f}" + (f", train loss {entry['train_loss']:.4f}, {entry['epoch_s']:.0f} s"
-                                          if "train_loss" in entry else ""))
+        line = f"epoch {entry['epoch']}: held-out loss {entry['loss']:.4f}"
+        if "recall" in entry:
+            line += f", gold-page recall@{args.recall_at} {entry['recall']:.3f}"
+        if "train_loss" in entry:
+            line += f", train loss {entry['train_loss']:.4f}, {entry['epoch_s']:.0f} s"
+        print(line)
     print(f"wrote {out}")
     return report
 

@@ -64,8 +64,10 @@ def merge_attention_states(out_a, lse_a, out_b, lse_b, backend: str = "auto"):
 
 def merge_states_unchecked(out_a, lse_a, out_b, lse_b):
     """:func:`merge_attention_states` on the ``auto`` backend without argument checks, for the
-    decode engine's internal partial states."""
+    decode engine's internal partial states. States that need a gradient (a training forward on
+    an :class:`~lckv.cache.LckvCache`) take the reference, whose torch ops autograd follows; the
+    kernels have no backward."""
     name = resolve_backend("merge_attention_states", out_a.device, "auto")
-    if name == "reference":
+    if name == "reference" or (torch.is_grad_enabled() and any(t.requires_grad for t in (out_a, lse_a, out_b, lse_b))):
         return reference.attention.merge_states_unchecked(out_a, lse_a, out_b, lse_b)
     return _BACKENDS[name](out_a, lse_a, out_b, lse_b)
