@@ -143,7 +143,15 @@ def attend_with_selection(query: torch.Tensor, layer, attention_mask, policy: Se
     when it has one; the parts merge by LSE. Returns ``(out, lse)`` like :func:`attend_segments`,
     and with ``return_indices`` also the attended store rows ``[batch, kv_heads, n]`` (-1 = none;
     None when the whole store or none of it was attended).
+
+    No backward: the sparse kernels have none, so a step under autograd raises NotImplementedError
+    instead of returning an output whose gradient misses the selected rows.
     """
+    if torch.is_grad_enabled() and query.requires_grad:
+        raise NotImplementedError(
+            f"{type(policy).__name__}: a decode step (one query) on an LckvCache has no backward; run it under "
+            "torch.no_grad(), or teacher force two or more tokens as one chunk with prefill='retrieval' (the chunk "
+            "path is differentiable; training/retrolm.py's stage 2)")
     store = layer.store
     n_sink, n_recent = layer.sink_k.shape[2], layer.recent_k.shape[2]
     q_start = layer.total - 1

@@ -452,3 +452,17 @@ def test_stage2_runs_end_to_end_on_smollm2(smollm2, hotpotqa_file, tmp_path):
     own = dict(model.named_parameters())
     assert sorted(state) == sorted(name for name in own if ".self_attn." in name)
     assert any(not torch.equal(t, own[name].detach()) for name, t in state.items())  # one step moved them
+
+
+def test_a_decode_step_under_autograd_is_refused(model):
+    """The decode path's sparse kernels have no backward: a one-token step with gradients raises
+    instead of returning an output whose gradient misses the selected rows."""
+    lckv.enable(model, "retrolm", page_size=16, window=32, budget=80)
+    cache = lckv.new_cache(model)
+    ids = torch.randint(2, 97, (1, 200), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
+    with torch.no_grad():  # the cache is as it was: the same step still runs
+        model(ids[:, :1], past_key_values=cache, use_cache=True)
