@@ -1,9 +1,9 @@
 """Builds the one compiled extension, lckv._C.
 
 CPU sources (csrc/bindings.cpp, csrc/cpu/*.cpp) always build, with C++17 and OpenMP, and never
-need CUDA_HOME. CUDA sources (csrc/cuda/*.cu) join only when torch was built with CUDA and a
-toolkit is found; on a CPU-only torch they are compile-checked separately with plain nvcc
-(see tests/test_cuda_compile.py).
+need CUDA_HOME. CUDA sources (csrc/cuda/*.cu, and their torch glue csrc/cuda/*.cpp) join only when
+torch was built with CUDA and a toolkit is found; on a CPU-only torch they are compile-checked
+separately (plain nvcc for the kernels, a syntax-only pass for the glue; tests/test_cuda_compile.py).
 """
 import glob
 import os
@@ -31,7 +31,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         extra_link_args=["-fopenmp"],
     )
-    cuda_sources = _rel("csrc/cuda/*.cu")
+    cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and os.environ.get("LCKV_NO_CUDA") != "1"
     if use_cuda:
         from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension

@@ -11,4 +11,7 @@ PYBIND11_MODULE(_C, m) {
   lckv::bind_group_rank(m);
   lckv::bind_decode(m);
   lckv::bind_kmeans(m);
+#ifdef LCKV_WITH_CUDA
+  lckv::bind_cuda(m);
+#endif
 }

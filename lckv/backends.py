@@ -5,14 +5,17 @@ Backends
 ``triton``    Triton kernels (``lckv.kernels``) on CUDA tensors. On CPU tensors only when
               ``TRITON_INTERPRET=1`` (the numpy interpreter, for tests) and only when asked for
               explicitly: ``auto`` never picks the interpreter.
+``cuda``      hand-written CUDA kernels in ``lckv._C`` (csrc/cuda/), bound only when the extension
+              was built against a torch with CUDA; on CUDA tensors only. After ``triton`` in
+              ``auto``'s order: neither has run on a GPU yet (docs/kernels.md), and the Triton
+              kernels were checked longer (under the interpreter).
 ``cpu``       the C++ extension ``lckv._C`` on CPU tensors (OpenMP, SIMD, GIL released).
 ``torch``     torch's own fused kernels where they already do the job (dense attention with LSE:
               ``aten._scaled_dot_product_flash_attention_for_cpu``); always usable.
 ``reference`` the pure PyTorch oracles in :mod:`lckv.reference`, on any device (the index-driven
               ops, whose indexes live in host memory, on CPU tensors only).
 
-A backend is listed only where it serves an op: hand-written CUDA kernels get a ``cuda`` column
-when they are bound into ``lckv._C`` (the CUDA sources are compile-checked until then). The engine
+A backend is listed only where it serves an op. The engine
 and the policies reach every compiled or Triton kernel through an op of :mod:`lckv.ops` and this
 table; only the indexes (:mod:`lckv.index`) wrap their C++ classes directly.
 
@@ -41,8 +44,8 @@ __all__ = [
     "describe_table",
 ]
 
-BACKENDS = ("triton", "cpu", "torch", "reference")
-PREFERENCE = ("triton", "cpu", "torch", "reference")
+BACKENDS = ("triton", "cuda", "cpu", "torch", "reference")
+PREFERENCE = ("triton", "cuda", "cpu", "torch", "reference")
 ANY_DEVICE = "*"
 
 # op -> backend -> device types it serves.
@@ -51,7 +54,8 @@ TABLE: dict[str, dict[str, tuple[str, ...]]] = {
     "sink_window_attention_with_lse": {"triton": ("cuda",), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
     "merge_attention_states": {"triton": ("cuda",), "cpu": ("cpu",), "reference": (ANY_DEVICE,)},
     "quest_page_scores": {"triton": ("cuda",), "reference": (ANY_DEVICE,)},
-    "flat_topk_scores": {"triton": ("cuda",), "reference": (ANY_DEVICE,)},
+    "flat_topk_scores": {"triton": ("cuda",), "cuda": ("cuda",), "reference": (ANY_DEVICE,)},
+    "gather_rows": {"cuda": ("cuda",), "reference": (ANY_DEVICE,)},
     "page_key_bounds": {"reference": (ANY_DEVICE,)},
     "attention_with_lse": {"torch": ("cpu",), "reference": (ANY_DEVICE,)},
     "centroid_estimate": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
@@ -76,6 +80,10 @@ _CPU_SYMBOL = {
 }
 
 
+# The compiled symbol each `cuda` entry needs in lckv._C (csrc/cuda/bind.cpp).
+_CUDA_SYMBOL = {"flat_topk_scores": "flat_topk_scores_cuda", "gather_rows": "gather_rows_cuda"}
+
+
 class BackendUnavailableError(ValueError):
     """No backend can serve the requested (op, device, backend)."""
 
@@ -90,12 +98,20 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _cpu_extension_has(op: str) -> bool:
+def _extension_has(symbol: str) -> bool:
     if not extension_available():
         return False
     from lckv._extension import _load
 
-    return hasattr(_load()[0], _CPU_SYMBOL[op])
+    return hasattr(_load()[0], symbol)
+
+
+def _cpu_extension_has(op: str) -> bool:
+    return _extension_has(_CPU_SYMBOL[op])
+
+
+def _cuda_extension_has(op: str) -> bool:
+    return _extension_has(_CUDA_SYMBOL[op])
 
 
 def _serves(op: str, backend: str, device_type: str, explicit: bool) -> bool:
@@ -110,6 +126,8 @@ def _serves(op: str, backend: str, device_type: str, explicit: bool) -> bool:
         return _triton_importable()
     if backend == "cpu":
         return _cpu_extension_has(op)
+    if backend == "cuda":
+        return _cuda_extension_has(op)
     return True
 
 
@@ -151,6 +169,10 @@ def resolve_backend(op: str, device, backend: str = "auto") -> str:
         reason = " (Triton runs on CPU tensors only under TRITON_INTERPRET=1, for testing)"
     elif backend == "cpu" and device_type == "cpu" and "cpu" in TABLE[op]:
         reason = " (the compiled extension lckv._C is not built or lacks this op)"
+    elif backend == "cuda" and device_type != "cuda":
+        reason = " (the hand-written CUDA kernels take CUDA tensors)"
+    elif backend == "cuda" and "cuda" in TABLE[op]:
+        reason = " (lckv._C was built without its CUDA kernels: a torch without CUDA, or no CUDA toolkit at build time)"
     raise BackendUnavailableError(
         f"op {op!r} cannot run on backend {backend!r} for device {device_type!r}{reason}; "
         f"available backends there: {available or 'none'}")

@@ -82,3 +82,30 @@ def assert_matches(got, want, lowp=None, what="", seed=None, rtol=1e-5, atol=1e-
     bound = 2.0 * (lowp32[finite] - want32[finite]).abs().max().item() + 1e-6 if finite.any() else 0.0
     err = (got32[finite] - want32[finite]).abs().max().item() if finite.any() else 0.0
     assert err <= bound, f"{what}: error {err:.3g} > 2x PyTorch low-precision error bound {bound:.3g} (seed {seed})"
+
+
+def check_topk(q, k, top_k, seed, tol, backend):
+    """``lckv.ops.flat_topk_scores`` on ``backend`` against the reference: scores to ``tol``, -1 exactly
+    where the score is -inf, each returned index scoring what it says, no index twice."""
+    from lckv.ops import flat_topk_scores
+    from lckv.reference import flat_topk_scores as reference_topk
+
+    scores, idx = flat_topk_scores(q, k, top_k, backend=backend)
+    want_scores, _ = reference_topk(q.float().cpu(), k.float().cpu(), top_k)
+    scores, idx = scores.cpu(), idx.cpu()
+    q, k = q.cpu(), k.cpu()
+    assert scores.shape == idx.shape == (q.shape[0], q.shape[1], top_k)
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64
+    torch.testing.assert_close(scores, want_scores, rtol=tol, atol=tol, msg=lambda m: f"scores (seed {seed}): {m}")
+    seq = k.shape[2]
+    assert torch.equal(idx == -1, torch.isinf(scores)), f"-1 exactly where the score is -inf (seed {seed})"
+    group = q.shape[1] // k.shape[1]
+    exact = (q.float().reshape(q.shape[0], k.shape[1], group, -1) @ k.float().transpose(-1, -2)).reshape(
+        q.shape[0], q.shape[1], seq)
+    found = idx >= 0
+    at_idx = torch.gather(exact, -1, idx.clamp(min=0))
+    torch.testing.assert_close(at_idx[found], scores[found], rtol=tol, atol=tol,
+                               msg=lambda m: f"scores at returned indices (seed {seed}): {m}")
+    for row in idx.reshape(-1, top_k):
+        kept = row[row >= 0]
+        assert kept.unique().numel() == kept.numel(), f"repeated index (seed {seed})"

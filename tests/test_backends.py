@@ -35,13 +35,15 @@ def test_auto_on_cpu_prefers_the_extension_and_never_the_interpreter(monkeypatch
 HOST_INDEX_OPS = {"decode_cluster_step", "offload_rows"}  # their indexes live in host memory
 
 
-def test_auto_on_cuda_picks_triton():
+def test_auto_on_cuda_picks_triton_then_the_cuda_kernels():
+    cuda_bound = backends._cuda_extension_has("gather_rows")  # an extension built against CUDA torch
     for op, row in TABLE.items():
         if op in HOST_INDEX_OPS:
             with pytest.raises(BackendUnavailableError, match=f"op '{op}' has no backend for device 'cuda'"):
                 resolve_backend(op, CUDA)
             continue
-        want = "triton" if "cuda" in row.get("triton", ()) else "reference"
+        want = ("triton" if "cuda" in row.get("triton", ()) else
+                "cuda" if "cuda" in row.get("cuda", ()) and cuda_bound else "reference")
         assert resolve_backend(op, CUDA) == want, op
 
 
@@ -68,8 +70,10 @@ def test_refusals_name_op_device_and_alternatives():
         resolve_backend("sparse_attention_with_lse", CPU, "fast")
     with pytest.raises(BackendUnavailableError, match="unknown op"):
         resolve_backend("attn2", CPU)
-    with pytest.raises(BackendUnavailableError, match=r"backend must be 'auto' or one of"):
-        resolve_backend("sparse_attention_with_lse", CUDA, "cuda")  # no CUDA kernel is bound: no such backend
+    with pytest.raises(BackendUnavailableError, match="cannot run on backend 'cuda' for device 'cuda'"):
+        resolve_backend("sparse_attention_with_lse", CUDA, "cuda")  # no hand-written CUDA kernel for this op
+    with pytest.raises(BackendUnavailableError, match="cannot run on backend 'cuda' for device 'cpu' .*take CUDA tensors"):
+        resolve_backend("flat_topk_scores", CPU, "cuda")
     with pytest.raises(BackendUnavailableError, match="cannot run on backend 'cpu' for device 'cuda'"):
         resolve_backend("merge_attention_states", CUDA, "cpu")
     assert issubclass(BackendUnavailableError, ValueError)
@@ -79,6 +83,10 @@ def test_an_op_refuses_through_the_table():
     q, k = torch.randn(1, 2, 8), torch.randn(1, 2, 5, 8)
     with pytest.raises(BackendUnavailableError, match="flat_topk_scores"):
         ops.flat_topk_scores(q, k, 2, backend="cpu")
+    with pytest.raises(BackendUnavailableError, match="take CUDA tensors"):  # CPU tensors, CUDA kernels
+        ops.flat_topk_scores(q, k, 2, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="gather_rows.*take CUDA tensors"):
+        ops.gather_rows(k, torch.zeros(1, 2, 3, dtype=torch.int64), backend="cuda")
 
 
 def test_reference_backend_serves_everything_everywhere():

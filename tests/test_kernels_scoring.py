@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from kernel_oracles import fresh_generator, randn
-from lckv.ops import flat_topk_scores, quest_page_scores
-from lckv.reference import flat_topk_scores as reference_topk
+from kernel_oracles import check_topk, fresh_generator, randn
+from lckv.ops import quest_page_scores
 from lckv.reference import page_key_bounds
 from lckv.reference import quest_page_scores as reference_pages
 
@@ -49,23 +48,7 @@ def test_page_scores_low_precision(dtype):
 
 
 def _check_topk(q, k, top_k, seed, tol):
-    scores, idx = flat_topk_scores(q, k, top_k, backend="triton")
-    want_scores, _ = reference_topk(q.float(), k.float(), top_k)
-    assert scores.shape == idx.shape == (q.shape[0], q.shape[1], top_k)
-    assert scores.dtype == torch.float32 and idx.dtype == torch.int64
-    torch.testing.assert_close(scores, want_scores, rtol=tol, atol=tol, msg=lambda m: f"scores (seed {seed}): {m}")
-    seq = k.shape[2]
-    assert torch.equal(idx == -1, torch.isinf(scores)), f"-1 exactly where the score is -inf (seed {seed})"
-    group = q.shape[1] // k.shape[1]
-    exact = (q.float().reshape(q.shape[0], k.shape[1], group, -1) @ k.float().transpose(-1, -2)).reshape(
-        q.shape[0], q.shape[1], seq)
-    found = idx >= 0
-    at_idx = torch.gather(exact, -1, idx.clamp(min=0))
-    torch.testing.assert_close(at_idx[found], scores[found], rtol=tol, atol=tol,
-                               msg=lambda m: f"scores at returned indices (seed {seed}): {m}")
-    for row in idx.reshape(-1, top_k):
-        kept = row[row >= 0]
-        assert kept.unique().numel() == kept.numel(), f"repeated index (seed {seed})"
+    check_topk(q, k, top_k, seed, tol, backend="triton")
 
 
 @pytest.mark.parametrize(

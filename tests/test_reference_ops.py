@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from kernel_oracles import fresh_generator
 from lckv.reference import attention_with_lse, merge_attention_states, sparse_attention_with_lse
 
 HEAD_DIMS = [8, 59, 64, 128]
@@ -180,3 +181,24 @@ def test_dense_attention_backward_matches_sdpa():
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_gather_rows_reference_indexes_rows_and_refuses_bad_indices():
+    from lckv.reference import gather_rows
+
+    gen, seed = fresh_generator()
+    src = torch.randn(2, 3, 11, 5, generator=gen)
+    indices = torch.randint(-1, 11, (2, 3, 7), generator=gen)
+    got = gather_rows(src, indices)
+    for b in range(2):
+        for h in range(3):
+            for j in range(7):
+                i = int(indices[b, h, j])
+                assert torch.equal(got[b, h, j], src[b, h, i] if i >= 0 else torch.zeros(5)), f"seed {seed}"
+    with pytest.raises(ValueError, match=r"indices must lie in \[-1, seq = 11\)"):
+        gather_rows(src, torch.full((2, 3, 1), 11))
+    with pytest.raises(ValueError, match="indices must have batch and heads"):
+        gather_rows(src, torch.zeros(2, 2, 1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="indices must have dtype"):
+        gather_rows(src, torch.zeros(2, 3, 1, dtype=torch.int32))
+    assert gather_rows(src, torch.zeros(2, 3, 0, dtype=torch.int64)).shape == (2, 3, 0, 5)

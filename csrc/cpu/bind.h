@@ -13,5 +13,8 @@ void bind_estimate(pybind11::module_& m);
 void bind_group_rank(pybind11::module_& m);
 void bind_decode(pybind11::module_& m);
 void bind_kmeans(pybind11::module_& m);
+#ifdef LCKV_WITH_CUDA
+void bind_cuda(pybind11::module_& m);  // csrc/cuda/bind.cpp, CUDA builds only
+#endif
 
 }  // namespace lckv

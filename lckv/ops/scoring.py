@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from lckv import reference
+from lckv._extension import compiled
 from lckv.backends import resolve_backend
 from lckv.reference.scoring import check_flat_topk_inputs, check_page_score_inputs
 from lckv.ops._common import next_power_of_2
@@ -97,6 +98,12 @@ def _flat_topk_triton(q, k, top_k):
     return values, indices
 
 
+def _flat_topk_cuda(q, k, top_k):
+    """csrc/cuda/topk_scan.cu: each tile of 128 keys keeps its best min(top_k, 128) per query head,
+    then torch.topk over those candidates."""
+    return compiled("flat_topk_scores_cuda").flat_topk_scores_cuda(q.float(), k, top_k)
+
+
 def flat_topk_scores(q, k, top_k: int, backend: str = "auto"):
     """Exact top-k inner products of each query head with the keys of its kv head.
 
@@ -109,7 +116,7 @@ def flat_topk_scores(q, k, top_k: int, backend: str = "auto"):
     device = q.device if isinstance(q, torch.Tensor) else "cpu"
     name = resolve_backend("flat_topk_scores", device, backend)
     check_flat_topk_inputs(q, k, top_k)
-    topk = reference.flat_topk_scores if name == "reference" else _flat_topk_triton
+    topk = {"reference": reference.flat_topk_scores, "triton": _flat_topk_triton, "cuda": _flat_topk_cuda}[name]
     seq = k.shape[2]
     if top_k <= seq:
         return topk(q, k, top_k)

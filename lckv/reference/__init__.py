@@ -13,3 +13,6 @@ from lckv.reference.kmeans import kmeans
 
 __all__ += ["centroid_estimate", "estimate_add_rows", "rank_by_group_probability", "decode_cluster_step",
             "offload_rows", "kmeans"]
+from lckv.reference.gather import gather_rows
+
+__all__ += ["gather_rows"]

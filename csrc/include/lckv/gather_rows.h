@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LCKV_HOST_DEVICE __host__ __device__
-#else
-#define LCKV_HOST_DEVICE
-#endif
+#include "lckv/host_device.h"
 
 namespace lckv {
 
