@@ -83,3 +83,16 @@ def test_prefill_benchmark_runs_a_named_variant(tmp_path):
     for name, value in PREFILL_VARIANTS["-ph4t256"].items():
         assert row[name] == value, name
     assert row["prefill_select"] == 64 and row["kl"] > -1e-6 and 0 <= row["agreement"] <= 1  # KL: fp32 sums
+
+
+def test_gpu_check_script_runs_dry(tmp_path):
+    """benchmarks/gpu_check.py's code path on the CPU (reference and cpu backends, tiny sizes): every
+    op of its table checked and passing, the decode-step row written; gpu_check.sh parses."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_check
+
+    payload = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    assert payload["all_ok"] and {r["op"] for r in payload["correctness"]} == set(gpu_check.CHECKS)
+    assert any(r["kernel"].startswith("decode step") and r["ms"] > 0 for r in payload["speed"])
+    assert (tmp_path / "gpu_check_dry_run.json").exists()
+    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
