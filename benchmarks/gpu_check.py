@@ -175,9 +175,28 @@ def check_quest(backend, device, seed, sizes):
     return ok, {"float32": ok}
 
 
+def check_ivf(backend, device, seed, sizes):
+    gen = _seeded(seed)
+    batch, kv_heads, group, n, head_dim, n_lists, nprobe, top_k = sizes
+    result = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        keys = _randn(gen, batch, kv_heads, n, head_dim, dtype=dtype)
+        assign = torch.randint(0, n_lists, (batch, kv_heads, n), generator=gen)
+        centroids, q = _randn(gen, batch, kv_heads, n_lists, head_dim), _randn(gen, batch, kv_heads * group, head_dim)
+        layout = ops.ivf_layout(keys, assign, n_lists)
+        want = reference.ivf_topk_scores(q, centroids, *layout, nprobe, top_k)
+        got = ops.ivf_topk_scores(q.to(device), centroids.to(device), *(t.to(device) for t in layout), nprobe, top_k,
+                                  backend=backend)
+        tol = 1e-5 * head_dim ** 0.5 * max(1.0, float(want[0][torch.isfinite(want[0])].abs().max()))
+        result[str(dtype).replace("torch.", "")] = (_max_err(got[0].cpu(), want[0]) <= tol
+                                                    and bool(torch.equal(got[1].cpu() == -1, want[1] == -1)))
+    return all(result.values()), result
+
+
 CHECKS = {  # op -> (check, sizes on a GPU, sizes of the dry run)
     "flat_topk_scores": (check_flat_topk, (2, 2, 7, 5000, 64, 300), (1, 2, 2, 300, 16, 20)),
     "gather_rows": (check_gather, (2, 2, 20000, 64, 2048), (1, 2, 300, 8, 20)),
+    "ivf_topk_scores": (check_ivf, (1, 2, 7, 50000, 64, 256, 16, 100), (1, 2, 2, 300, 16, 8, 2, 10)),
     "sparse_attention_with_lse": (check_sparse_attention, (2, 2, 7, 20000, 64, 2048), (1, 2, 2, 300, 16, 40)),
     "merge_attention_states": (check_merge, (4096, 64), (64, 16)),
     "sink_window_attention_with_lse": (check_sink_window, (1, 2, 7, 256, 8192, 64, 4, 1024), (1, 2, 2, 8, 200, 16, 4, 64)),

@@ -56,6 +56,7 @@ TABLE: dict[str, dict[str, tuple[str, ...]]] = {
     "quest_page_scores": {"triton": ("cuda",), "reference": (ANY_DEVICE,)},
     "flat_topk_scores": {"triton": ("cuda",), "cuda": ("cuda",), "reference": (ANY_DEVICE,)},
     "gather_rows": {"cuda": ("cuda",), "reference": (ANY_DEVICE,)},
+    "ivf_topk_scores": {"cuda": ("cuda",), "reference": (ANY_DEVICE,)},
     "page_key_bounds": {"reference": (ANY_DEVICE,)},
     "attention_with_lse": {"torch": ("cpu",), "reference": (ANY_DEVICE,)},
     "centroid_estimate": {"cpu": ("cpu",), "reference": (ANY_DEVICE,)},
@@ -81,7 +82,8 @@ _CPU_SYMBOL = {
 
 
 # The compiled symbol each `cuda` entry needs in lckv._C (csrc/cuda/bind.cpp).
-_CUDA_SYMBOL = {"flat_topk_scores": "flat_topk_scores_cuda", "gather_rows": "gather_rows_cuda"}
+_CUDA_SYMBOL = {"flat_topk_scores": "flat_topk_scores_cuda", "gather_rows": "gather_rows_cuda",
+                "ivf_topk_scores": "ivf_topk_scores_cuda"}
 
 
 class BackendUnavailableError(ValueError):

@@ -57,3 +57,19 @@ def test_gather_rows_refuses_an_unpinned_host_store():
     src, indices = torch.randn(1, 1, 10, 8), torch.zeros(1, 1, 2, dtype=torch.int64).cuda()
     with pytest.raises(ValueError, match="pinned host memory"):
         gather_rows(src, indices, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("top_k,n,n_lists,nprobe,group", [(10, 3000, 40, 4, 7), (200, 5000, 8, 3, 2), (5, 50, 16, 16, 1)])
+def test_ivf_topk_matches_the_reference(dtype, top_k, n, n_lists, nprobe, group):
+    from lckv.ops import ivf_layout, ivf_topk_scores
+
+    gen, seed = fresh_generator()
+    keys = randn(gen, 2, 2, n, 64, dtype=dtype)
+    assign = torch.randint(0, n_lists, (2, 2, n), generator=gen)
+    centroids, q = randn(gen, 2, 2, n_lists, 64), randn(gen, 2, 2 * group, 64)
+    layout = ivf_layout(keys, assign, n_lists)
+    want = ivf_topk_scores(q, centroids, *layout, nprobe, top_k, backend="reference")
+    got = ivf_topk_scores(q.cuda(), centroids.cuda(), *(t.cuda() for t in layout), nprobe, top_k, backend="cuda")
+    torch.testing.assert_close(got[0].cpu(), want[0], rtol=1e-5, atol=1e-5 * 8, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(got[1].cpu() == -1, want[1] == -1), f"seed {seed}"

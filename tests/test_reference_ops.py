@@ -202,3 +202,53 @@ def test_gather_rows_reference_indexes_rows_and_refuses_bad_indices():
     with pytest.raises(TypeError, match="indices must have dtype"):
         gather_rows(src, torch.zeros(2, 3, 1, dtype=torch.int32))
     assert gather_rows(src, torch.zeros(2, 3, 0, dtype=torch.int64)).shape == (2, 3, 0, 5)
+
+
+def test_ivf_topk_is_the_top_k_of_the_probed_lists():
+    """The IVF oracle against a masked brute force: the best top_k keys among the lists whose
+    centroids score best for each query head; with every list probed, the flat top-k."""
+    from lckv.reference import flat_topk_scores, ivf_layout, ivf_topk_scores
+
+    gen, seed = fresh_generator()
+    keys = torch.randn(2, 2, 150, 12, generator=gen)
+    assign = torch.randint(0, 6, (2, 2, 150), generator=gen)
+    centroids = torch.randn(2, 2, 6, 12, generator=gen)
+    q = torch.randn(2, 6, 12, generator=gen)
+    layout = ivf_layout(keys, assign, 6)
+    assert torch.equal(layout[0], torch.gather(keys, 2, layout[2][..., None].expand(-1, -1, -1, 12)))
+    scores, rows = ivf_topk_scores(q, centroids, *layout, nprobe=2, top_k=20)
+    for b in range(2):
+        for h in range(6):
+            kv = h // 3
+            probed = torch.topk(centroids[b, kv] @ q[b, h], 2).indices
+            allowed = (assign[b, kv][:, None] == probed[None]).any(-1)
+            exact = (keys[b, kv] @ q[b, h]).masked_fill(~allowed, float("-inf"))
+            count = min(20, int(allowed.sum()))
+            want = torch.topk(exact, count)
+            torch.testing.assert_close(scores[b, h, :count], want.values, msg=f"seed {seed}")
+            assert set(rows[b, h, :count].tolist()) == set(want.indices.tolist()), f"seed {seed}"
+            assert bool((rows[b, h, count:] == -1).all()) and bool(torch.isinf(scores[b, h, count:]).all())
+    every = ivf_topk_scores(q, centroids, *layout, nprobe=6, top_k=20)
+    flat = flat_topk_scores(q, keys, 20)
+    torch.testing.assert_close(every[0], flat[0])
+    assert torch.equal(every[1], flat[1]), f"seed {seed}"
+
+
+def test_ivf_refuses_bad_layouts_and_settings():
+    from lckv.reference import ivf_layout, ivf_topk_scores
+
+    keys, q = torch.randn(1, 1, 10, 4), torch.randn(1, 1, 4)
+    centroids = torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match=r"assign must hold list ids in \[0, n_lists = 3\)"):
+        ivf_layout(keys, torch.full((1, 1, 10), 3), 3)
+    layout = ivf_layout(keys, torch.randint(0, 3, (1, 1, 10)), 3)
+    with pytest.raises(ValueError, match=r"nprobe must be an int in \[1, n_lists = 3\]"):
+        ivf_topk_scores(q, centroids, *layout, nprobe=4, top_k=2)
+    with pytest.raises(ValueError, match="top_k must be a positive int"):
+        ivf_topk_scores(q, centroids, *layout, nprobe=1, top_k=0)
+    broken = layout[1].clone()
+    broken[..., -1] = 9
+    with pytest.raises(ValueError, match="list_offsets must rise from 0 to n = 10"):
+        ivf_topk_scores(q, centroids, layout[0], broken, layout[2], nprobe=1, top_k=2)
+    with pytest.raises(ValueError, match="list_keys contains NaN"):
+        ivf_topk_scores(q, centroids, layout[0].clone().fill_(float("nan")), *layout[1:], nprobe=1, top_k=2)

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
+#include <limits>
 #include <tuple>
 
 #include "lckv/gather_rows.h"
@@ -71,6 +72,75 @@ std::tuple<torch::Tensor, torch::Tensor> flat_topk_scores_cuda(const torch::Tens
   return {std::get<0>(best), rows.gather(-1, std::get<1>(best))};
 }
 
+// The IVF list scan (csrc/include/lckv/topk_scan.h) then the exact top-k of its candidates: q
+// [batch, q_heads, head_dim] float32; keys [batch, kv_heads, n, head_dim] grouped by list (float32
+// or 16-bit, head_dim contiguous); offsets [batch, kv_heads, n_lists + 1] and rows [batch,
+// kv_heads, n] int64; probes [batch, q_heads, nprobe] int64 list ids (-1: none); `longest` the
+// largest list. Returns (scores, rows) [batch, q_heads, top_k], best first, (-inf, -1) past the
+// probed keys. The Python op (lckv/ops/ivf.py) checks the layout before calling.
+std::tuple<torch::Tensor, torch::Tensor> ivf_topk_scores_cuda(const torch::Tensor& q, const torch::Tensor& keys,
+                                                              const torch::Tensor& offsets, const torch::Tensor& rows,
+                                                              const torch::Tensor& probes, int64_t longest,
+                                                              int64_t top_k) {
+  for (const auto* t : {&keys, &offsets, &rows, &probes})
+    TORCH_CHECK_VALUE(t->is_cuda() && t->device() == q.device(), "ivf_topk_scores: every tensor must be on ", q.device(),
+                      ", got ", t->device());
+  TORCH_CHECK_TYPE(q.scalar_type() == torch::kFloat32, "q must be float32, got ", q.scalar_type());
+  TORCH_CHECK_TYPE(offsets.scalar_type() == torch::kInt64 && rows.scalar_type() == torch::kInt64 &&
+                       probes.scalar_type() == torch::kInt64,
+                   "list_offsets, list_rows and probes must be int64");
+  TORCH_CHECK_TYPE(keys.scalar_type() == torch::kFloat32 || keys.scalar_type() == torch::kFloat16 ||
+                       keys.scalar_type() == torch::kBFloat16,
+                   "list_keys must be float32, float16 or bfloat16, got ", keys.scalar_type());
+  TORCH_CHECK_VALUE(top_k >= 1 && longest >= 0, "top_k must be >= 1, got ", top_k);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const torch::Tensor qc = q.contiguous(), kc = keys.contiguous(), oc = offsets.contiguous(), rc = rows.contiguous(),
+                      pc = probes.contiguous();
+  IvfScanProblem p;
+  p.batch = qc.size(0);
+  p.q_heads = qc.size(1);
+  p.kv_heads = kc.size(1);
+  p.n = kc.size(2);
+  p.head_dim = kc.size(3);
+  p.n_lists = oc.size(2) - 1;
+  p.nprobe = pc.size(2);
+  p.max_tiles = (longest + kTopkTile - 1) / kTopkTile;
+  p.k_stride_b = kc.stride(0);
+  p.k_stride_h = kc.stride(1);
+  p.k_stride_s = kc.stride(2);
+  p.kb = static_cast<int>(std::min<int64_t>(top_k, kTopkTile));
+  const int64_t per_head = p.nprobe * p.max_tiles * p.kb;
+  auto scores = torch::empty({p.batch, p.q_heads, per_head}, qc.options());
+  auto found = torch::empty({p.batch, p.q_heads, per_head}, qc.options().dtype(torch::kInt64));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t status;
+  const int64_t *off = oc.data_ptr<int64_t>(), *row = rc.data_ptr<int64_t>(), *probe = pc.data_ptr<int64_t>();
+  if (kc.scalar_type() == torch::kFloat32) {
+    status = ivf_scan_candidates_cuda<KeyF32>(qc.data_ptr<float>(), kc.data_ptr<float>(), off, row, probe, p,
+                                              scores.data_ptr<float>(), found.data_ptr<int64_t>(), stream);
+  } else {
+    const auto* bits = reinterpret_cast<const uint16_t*>(kc.data_ptr());
+    status = kc.scalar_type() == torch::kFloat16
+                 ? ivf_scan_candidates_cuda<KeyF16>(qc.data_ptr<float>(), bits, off, row, probe, p,
+                                                    scores.data_ptr<float>(), found.data_ptr<int64_t>(), stream)
+                 : ivf_scan_candidates_cuda<KeyBF16>(qc.data_ptr<float>(), bits, off, row, probe, p,
+                                                     scores.data_ptr<float>(), found.data_ptr<int64_t>(), stream);
+  }
+  TORCH_CHECK_VALUE(status != cudaErrorInvalidValue, "ivf_topk_scores (cuda): nprobe x tiles of the longest list (",
+                    p.nprobe, " x ", p.max_tiles, ") exceeds 65535 blocks, or head_dim ", p.head_dim,
+                    " exceeds shared memory; use backend='reference'");
+  check_cuda_launch(status, "ivf_topk_scores");
+  const int64_t kept = std::min(top_k, per_head);
+  auto out_scores = torch::full({p.batch, p.q_heads, top_k}, -std::numeric_limits<float>::infinity(), qc.options());
+  auto out_rows = torch::full({p.batch, p.q_heads, top_k}, -1, qc.options().dtype(torch::kInt64));
+  if (kept > 0) {
+    auto best = scores.topk(kept, -1, /*largest=*/true, /*sorted=*/true);
+    out_scores.narrow(2, 0, kept).copy_(std::get<0>(best));
+    out_rows.narrow(2, 0, kept).copy_(found.gather(-1, std::get<1>(best)));
+  }
+  return {out_scores, out_rows};
+}
+
 // dst[b, h, j] = src[b, h, indices[b, h, j]] (zeros where the index is -1): src [batch, heads, seq,
 // head_dim] (head_dim contiguous) on the CUDA device or in pinned host memory (read in place over
 // the bus: the offload path), indices [batch, heads, n] int64 on the CUDA device. Returns dst on
@@ -122,6 +192,9 @@ torch::Tensor gather_rows_cuda_op(const torch::Tensor& src, const torch::Tensor&
 void bind_cuda(pybind11::module_& m) {
   m.def("flat_topk_scores_cuda", &flat_topk_scores_cuda, pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("top_k"), "Exact top-k inner products on a CUDA device: (scores, rows), best first.");
+  m.def("ivf_topk_scores_cuda", &ivf_topk_scores_cuda, pybind11::arg("q"), pybind11::arg("keys"),
+        pybind11::arg("offsets"), pybind11::arg("rows"), pybind11::arg("probes"), pybind11::arg("longest"),
+        pybind11::arg("top_k"), "IVF list scan on a CUDA device: (scores, rows), best first.");
   m.def("gather_rows_cuda", &gather_rows_cuda_op, pybind11::arg("src"), pybind11::arg("indices"),
         "Selected rows of src (CUDA or pinned host) into a new CUDA tensor; -1 gives zeros.");
 }

@@ -16,3 +16,6 @@ __all__ += ["centroid_estimate", "estimate_add_rows", "rank_by_group_probability
 from lckv.reference.gather import gather_rows
 
 __all__ += ["gather_rows"]
+from lckv.reference.ivf import ivf_layout, ivf_topk_scores
+
+__all__ += ["ivf_layout", "ivf_topk_scores"]

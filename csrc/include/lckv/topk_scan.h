@@ -125,6 +125,14 @@ LCKV_HOST_DEVICE inline int64_t topk_candidate_offset(const TopkProblem& p, int6
   return ((b * p.q_heads + h) * p.tiles() + tile) * p.kb;
 }
 
+// Sorts a tile's slots best first (the bitonic network; on the GPU one thread per t with a
+// barrier after each (size, j) step).
+inline void topk_sort_tile_host(float* s, int64_t* r) {
+  for (int size = 2; size <= kTopkTile; size <<= 1)
+    for (int j = size >> 1; j > 0; j >>= 1)
+      for (int t = 0; t < kTopkTile; ++t) topk_bitonic_exchange(s, r, t, j, size);
+}
+
 // Host version of the CUDA scan: the same slots, network and output layout.
 template <class Key>
 void flat_topk_candidates_host(const float* q, const typename Key::storage* k, const TopkProblem& p,
@@ -136,15 +144,73 @@ void flat_topk_candidates_host(const float* q, const typename Key::storage* k, c
       for (int64_t tile = 0; tile < p.tiles(); ++tile) {
         const float* q_head = q + (b * p.q_heads + h) * p.head_dim;
         for (int t = 0; t < kTopkTile; ++t) topk_tile_slot<Key>(q_head, k, p, b, h / p.group(), tile, t, &s[t], &r[t]);
-        for (int size = 2; size <= kTopkTile; size <<= 1)
-          for (int j = size >> 1; j > 0; j >>= 1)
-            for (int t = 0; t < kTopkTile; ++t) topk_bitonic_exchange(s, r, t, j, size);
+        topk_sort_tile_host(s, r);
         const int64_t at = topk_candidate_offset(p, b, h, tile);
         for (int i = 0; i < p.kb; ++i) {
           out_scores[at + i] = s[i];
           out_rows[at + i] = r[i];
         }
       }
+}
+
+// ----------------------------------------------------------------------------- IVF list scan
+// The keys of one kv head grouped by list (cluster): list l of (b, kv head) holds positions
+// offsets[l] .. offsets[l + 1] of keys [batch, kv_heads, n, head_dim], whose original rows are
+// rows [batch, kv_heads, n]. Each query head scans the lists `probes` [batch, q_heads, nprobe]
+// names (-1: none), in tiles of kTopkTile positions: candidates [batch, q_heads, nprobe *
+// max_tiles * kb], (probe j, tile t) at slot (j * max_tiles + t) * kb, with the original rows.
+struct IvfScanProblem {
+  int64_t batch = 0, q_heads = 0, kv_heads = 0, n = 0, head_dim = 0, n_lists = 0, nprobe = 0, max_tiles = 0;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_s = 0;  // key strides, elements
+  int kb = 0;
+  LCKV_HOST_DEVICE int64_t group() const { return q_heads / kv_heads; }
+};
+
+// Score and original row of slot t of (b, query head h, probe j, tile): (-inf, -1) past the list.
+template <class Key>
+LCKV_HOST_DEVICE inline void ivf_tile_slot(const float* q_head, const typename Key::storage* keys, const int64_t* offsets,
+                                           const int64_t* rows, const int64_t* probes, const IvfScanProblem& p,
+                                           int64_t b, int64_t h, int64_t j, int64_t tile, int t, float* score,
+                                           int64_t* row) {
+  const int64_t kv_head = h / p.group();
+  const int64_t list = probes[(b * p.q_heads + h) * p.nprobe + j];
+  const int64_t* bounds = offsets + (b * p.kv_heads + kv_head) * (p.n_lists + 1);
+  const int64_t pos = list < 0 ? -1 : bounds[list] + tile * kTopkTile + t;
+  if (list < 0 || pos >= bounds[list + 1]) {
+    *score = topk_bits_as_float(0xff800000u);  // -inf
+    *row = -1;
+    return;
+  }
+  *score = topk_dot<Key>(q_head, keys + b * p.k_stride_b + kv_head * p.k_stride_h + pos * p.k_stride_s, p.head_dim);
+  *row = rows[(b * p.kv_heads + kv_head) * p.n + pos];
+}
+
+LCKV_HOST_DEVICE inline int64_t ivf_candidate_offset(const IvfScanProblem& p, int64_t b, int64_t h, int64_t j,
+                                                     int64_t tile) {
+  return ((b * p.q_heads + h) * p.nprobe * p.max_tiles + j * p.max_tiles + tile) * p.kb;
+}
+
+// Host version of the CUDA list scan (csrc/cuda/topk_scan.cu).
+template <class Key>
+void ivf_scan_candidates_host(const float* q, const typename Key::storage* keys, const int64_t* offsets,
+                              const int64_t* rows, const int64_t* probes, const IvfScanProblem& p, float* out_scores,
+                              int64_t* out_rows) {
+  float s[kTopkTile];
+  int64_t r[kTopkTile];
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t h = 0; h < p.q_heads; ++h)
+      for (int64_t j = 0; j < p.nprobe; ++j)
+        for (int64_t tile = 0; tile < p.max_tiles; ++tile) {
+          const float* q_head = q + (b * p.q_heads + h) * p.head_dim;
+          for (int t = 0; t < kTopkTile; ++t)
+            ivf_tile_slot<Key>(q_head, keys, offsets, rows, probes, p, b, h, j, tile, t, &s[t], &r[t]);
+          topk_sort_tile_host(s, r);
+          const int64_t at = ivf_candidate_offset(p, b, h, j, tile);
+          for (int i = 0; i < p.kb; ++i) {
+            out_scores[at + i] = s[i];
+            out_rows[at + i] = r[i];
+          }
+        }
 }
 
 }  // namespace lckv
@@ -159,5 +225,10 @@ namespace lckv {
 template <class Key>
 cudaError_t flat_topk_candidates_cuda(const float* q, const typename Key::storage* k, const TopkProblem& p,
                                       float* out_scores, int64_t* out_rows, cudaStream_t stream);
+// The IVF list scan on `stream`; every pointer in device memory.
+template <class Key>
+cudaError_t ivf_scan_candidates_cuda(const float* q, const typename Key::storage* keys, const int64_t* offsets,
+                                     const int64_t* rows, const int64_t* probes, const IvfScanProblem& p,
+                                     float* out_scores, int64_t* out_rows, cudaStream_t stream);
 }  // namespace lckv
 #endif
