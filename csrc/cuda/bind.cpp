@@ -18,6 +18,16 @@ void check_cuda_launch(cudaError_t status, const char* what) {
   TORCH_CHECK(status == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(status));
 }
 
+// The sizes and strides of keys [batch, kv_heads, n, head_dim] into a scan problem.
+template <class Problem>
+void describe_keys(Problem& p, const torch::Tensor& keys) {
+  p.kv_heads = keys.size(1);
+  p.head_dim = keys.size(3);
+  p.k_stride_b = keys.stride(0);
+  p.k_stride_h = keys.stride(1);
+  p.k_stride_s = keys.stride(2);
+}
+
 // Candidates of the tiled scan (csrc/include/lckv/topk_scan.h), then the exact top-k among them:
 // q [batch, q_heads, head_dim] float32, k [batch, kv_heads, seq, head_dim] float32/16/bf16 with
 // head_dim contiguous, both on one CUDA device; 1 <= top_k <= seq. Returns (scores float32,
@@ -40,14 +50,10 @@ std::tuple<torch::Tensor, torch::Tensor> flat_topk_scores_cuda(const torch::Tens
   const torch::Tensor qc = q.contiguous();
   const torch::Tensor kc = k.stride(3) == 1 ? k : k.contiguous();
   TopkProblem p;
+  describe_keys(p, kc);
   p.batch = kc.size(0);
   p.q_heads = qc.size(1);
-  p.kv_heads = kc.size(1);
   p.seq = kc.size(2);
-  p.head_dim = kc.size(3);
-  p.k_stride_b = kc.stride(0);
-  p.k_stride_h = kc.stride(1);
-  p.k_stride_s = kc.stride(2);
   p.kb = static_cast<int>(std::min<int64_t>(top_k, kTopkTile));
   auto scores = torch::empty({p.batch, p.q_heads, p.tiles() * p.kb}, qc.options());
   auto rows = torch::empty({p.batch, p.q_heads, p.tiles() * p.kb}, qc.options().dtype(torch::kInt64));
@@ -97,17 +103,13 @@ std::tuple<torch::Tensor, torch::Tensor> ivf_topk_scores_cuda(const torch::Tenso
   const torch::Tensor qc = q.contiguous(), kc = keys.contiguous(), oc = offsets.contiguous(), rc = rows.contiguous(),
                       pc = probes.contiguous();
   IvfScanProblem p;
+  describe_keys(p, kc);
   p.batch = qc.size(0);
   p.q_heads = qc.size(1);
-  p.kv_heads = kc.size(1);
   p.n = kc.size(2);
-  p.head_dim = kc.size(3);
   p.n_lists = oc.size(2) - 1;
   p.nprobe = pc.size(2);
   p.max_tiles = (longest + kTopkTile - 1) / kTopkTile;
-  p.k_stride_b = kc.stride(0);
-  p.k_stride_h = kc.stride(1);
-  p.k_stride_s = kc.stride(2);
   p.kb = static_cast<int>(std::min<int64_t>(top_k, kTopkTile));
   const int64_t per_head = p.nprobe * p.max_tiles * p.kb;
   auto scores = torch::empty({p.batch, p.q_heads, per_head}, qc.options());
