@@ -31,6 +31,7 @@ import dataclasses
 import faulthandler
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -841,6 +842,103 @@ def target_flat_topk_scores(case: Case) -> None:
     rows = B * Hkv * G
     _check_topk(scores.reshape(rows, top_k), ids.reshape(rows, top_k), exact, min(top_k, S), top_k, "flat_topk_scores",
                 exact_scores=True)
+
+
+def target_gather_rows(case: Case) -> None:
+    """Rows of ``src`` at ``indices`` (-1: zeros) against direct indexing (exact, src's dtype);
+    out-of-range ids, wrong dtypes and shapes refused by name."""
+    B, H, D = case.int("batch", 0, 3), case.int("heads", 1, 3), case.choice("head_dim", HEAD_DIMS)
+    S, N = case.int("seq", 0, 40), case.int("n", 0, 12)
+    src = case.tensor("src", (B, H, S, D), case.choice("dtype", FLOAT_DTYPES))
+    gen = torch.Generator().manual_seed(case.int("indices.seed", 0, 2**31))
+    indices = torch.randint(-1, S, (B, H, N), generator=gen) if S else torch.full((B, H, N), -1)
+    args = dict(src=src, indices=indices, backend=pick_backend(case, "gather_rows"))
+    options = {"src": [("type", None), ("dtype", None), ("ndim", None)],
+               "indices": [("index_dtype", None), ("ndim", None), (f"set:{S}", None), ("set:-2", None),
+                           ("dim1", ("indices", "heads"))], "backend": [_BACKEND_MUTATION]}
+    options.update(_META)
+    args = mutate(case, args, options)
+    result, exc = checked_call(ops.gather_rows, args)
+    if expect_error(case, result, exc):
+        return
+    want = torch.zeros(B, H, N, D, dtype=src.dtype)
+    for b, h, j in itertools.product(range(B), range(H), range(N)):
+        if indices[b, h, j] >= 0:
+            want[b, h, j] = src[b, h, indices[b, h, j]]
+    if result.dtype != src.dtype or not torch.equal(result, want):
+        raise Violation("gather_rows differs from direct indexing (or changed the dtype)")
+
+
+def target_ivf_layout(case: Case) -> None:
+    """Keys grouped by list: offsets count each list, rows a stable sort by list, the keys those
+    rows; bad list ids, n_lists and shapes refused by name."""
+    B, H, D = case.int("batch", 0, 2), case.int("kv_heads", 1, 3), case.choice("head_dim", HEAD_DIMS)
+    n, n_lists = case.int("n", 0, 50), case.int("n_lists", 1, 8)
+    keys = case.tensor("keys", (B, H, n, D), case.choice("dtype", FLOAT_DTYPES))
+    gen = torch.Generator().manual_seed(case.int("assign.seed", 0, 2**31))
+    assign = torch.randint(0, n_lists, (B, H, n), generator=gen)
+    args = dict(keys=keys, assign=assign, n_lists=n_lists)
+    options = {"keys": [("type", None), ("dtype", None), ("ndim", ("keys", "assign"))],
+               "assign": [("index_dtype", None), (f"set:{n_lists}", None), ("set:-1", None), ("dim2", None)],
+               "n_lists": [("value:0|-1|2.5|True|None", None)]}
+    args = mutate(case, args, options)
+    result, exc = checked_call(ops.ivf_layout, args)
+    if expect_error(case, result, exc):
+        return
+    list_keys, offsets, rows = result
+    counts = torch.stack([(assign == lst).sum(-1) for lst in range(n_lists)], -1) if n_lists else None
+    if not torch.equal(offsets, torch.cat([torch.zeros(B, H, 1, dtype=torch.int64), counts.cumsum(-1)], -1)):
+        raise Violation("list_offsets are not the running counts of the lists")
+    want_rows = torch.sort(assign, dim=-1, stable=True).indices
+    if not torch.equal(rows, want_rows) or not torch.equal(list_keys, torch.gather(
+            keys, 2, want_rows[..., None].expand(-1, -1, -1, D))):
+        raise Violation("list_rows / list_keys are not the keys sorted stably by list")
+
+
+def target_ivf_topk_scores(case: Case) -> None:
+    """The top-k keys of the probed lists (the nprobe best centroids) against float64 arithmetic:
+    every id in a probed list, scores its inner product, and (no tie at the probe boundary) the
+    best of the probed keys; bad layouts, nprobe and top_k refused by name."""
+    B, Hkv, G, D = _heads(case)
+    n, L = case.int("n", 0, 50), case.int("n_lists", 1, 8)
+    q = case.tensor("q", (B, Hkv * G, D), case.choice("q_dtype", FLOAT_DTYPES))
+    centroids = case.tensor("centroids", (B, Hkv, L, D))
+    keys = case.tensor("keys", (B, Hkv, n, D), case.choice("k_dtype", FLOAT_DTYPES))
+    gen = torch.Generator().manual_seed(case.int("assign.seed", 0, 2**31))
+    list_keys, offsets, rows = ops.ivf_layout(keys, torch.randint(0, L, (B, Hkv, n), generator=gen), L)
+    nprobe, top_k = case.int("nprobe", 1, L), case.int("top_k", 1, n + 4)
+    args = dict(q=q, centroids=centroids, list_keys=list_keys, list_offsets=offsets, list_rows=rows, nprobe=nprobe,
+                top_k=top_k, backend=pick_backend(case, "ivf_topk_scores"))
+    options = {"q": _Q_MUTATIONS + [("dim2", ("q", "centroids", "list_keys"))],
+               "centroids": [("nan", None), ("ndim", None)], "list_keys": [("inf", None), ("dtype", None)],
+               "list_offsets": [("set:-1", None), ("index_dtype", None)], "list_rows": [("index_dtype", None)],
+               "nprobe": [(f"value:0|{L + 1}|2.5|True|None", None)], "top_k": [("value:0|-1|2.5|True|None", None)],
+               "backend": [_BACKEND_MUTATION]}
+    options.update(_META)
+    args = mutate(case, args, options)
+    result, exc = checked_call(ops.ivf_topk_scores, args)
+    if expect_error(case, result, exc):
+        return
+    scores, ids = result
+    assign = torch.empty(B, Hkv, n, dtype=torch.int64)  # list of each original row
+    for b, h, lst in itertools.product(range(B), range(Hkv), range(L)):
+        assign[b, h, rows[b, h, offsets[b, h, lst]:offsets[b, h, lst + 1]]] = lst
+    cent = torch.einsum("bhgd,bhld->bhgl", q.double().reshape(B, Hkv, G, D), centroids.double()).reshape(B * Hkv * G, L)
+    exact = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(B, Hkv, G, D), keys.double()).reshape(B * Hkv * G, n)
+    owner = assign.repeat_interleave(G, dim=1).reshape(B * Hkv * G, n)
+    for row in range(B * Hkv * G):
+        order = cent[row].sort(descending=True).values
+        boundary = order[nprobe - 1].item()
+        tie = nprobe < L and abs(order[nprobe].item() - boundary) <= 1e-5 * (1.0 + order.abs().max().item())
+        allowed = cent[row][owner[row]] >= boundary - 1e-5 * (1.0 + order.abs().max().item())
+        got = ids.reshape(-1, top_k)[row]
+        if bool((got >= n).any()) or (bool((got >= 0).any()) and not bool(allowed[got[got >= 0]].all())):
+            raise Violation(f"ivf_topk_scores: query {row} returned a key outside its nprobe best lists")
+        floor = exact[row][allowed].min().item() - 1.0 if bool(allowed.any()) else 0.0
+        masked = exact[row].masked_fill(~allowed, floor)  # finite: the tolerance reads its magnitude
+        valid = int(allowed.sum())
+        _check_topk(scores.reshape(-1, top_k)[row:row + 1], got[None], masked[None], min(top_k, valid), top_k,
+                    "ivf_topk_scores", exact_scores=None if tie else True)
 
 
 # ----------------------------------------------------------------------------- ops: retrieval
@@ -2073,6 +2171,9 @@ TARGETS = {
     "page_key_bounds": target_page_key_bounds,
     "quest_page_scores": target_quest_page_scores,
     "flat_topk_scores": target_flat_topk_scores,
+    "gather_rows": target_gather_rows,
+    "ivf_layout": target_ivf_layout,
+    "ivf_topk_scores": target_ivf_topk_scores,
     "centroid_estimate": target_centroid_estimate,
     "estimate_add_rows": target_estimate_add_rows,
     "rank_by_group_probability": target_rank_by_group_probability,

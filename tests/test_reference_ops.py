@@ -202,6 +202,8 @@ def test_gather_rows_reference_indexes_rows_and_refuses_bad_indices():
     with pytest.raises(TypeError, match="indices must have dtype"):
         gather_rows(src, torch.zeros(2, 3, 1, dtype=torch.int32))
     assert gather_rows(src, torch.zeros(2, 3, 0, dtype=torch.int64)).shape == (2, 3, 0, 5)
+    empty = gather_rows(torch.randn(2, 3, 0, 5), torch.full((2, 3, 4), -1))  # an empty store: all -1 (fuzz)
+    assert empty.shape == (2, 3, 4, 5) and not bool(empty.any())
 
 
 def test_ivf_topk_is_the_top_k_of_the_probed_lists():

@@ -35,6 +35,8 @@ def gather_rows(src, indices):
     dst : ``[batch, heads, n, head_dim]``, ``src``'s dtype, on ``indices``' device.
     """
     check_gather_inputs(src, indices)
+    if src.shape[2] == 0:  # an empty store: every index is -1
+        return torch.zeros(*indices.shape, src.shape[3], dtype=src.dtype, device=indices.device)
     rows = src.to(indices.device)
     index = indices.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, src.shape[3])
     out = torch.gather(rows, 2, index)

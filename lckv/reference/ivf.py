@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from lckv.checks import _check_gqa, check_finite, check_same_device, check_tensor
+from lckv.checks import _check_gqa, check_data, check_finite, check_same_device, check_tensor
 
 __all__ = ["ivf_layout", "ivf_topk_scores"]
 
@@ -55,6 +55,7 @@ def check_ivf_inputs(q, centroids, list_keys, list_offsets, list_rows, nprobe, t
         raise ValueError(f"list_offsets must be {(batch, kv_heads, n_lists + 1)} and list_rows "
                          f"{tuple(list_keys.shape[:3])}, got {tuple(list_offsets.shape)} and {tuple(list_rows.shape)}")
     n = list_keys.shape[2]
+    check_data(list_offsets, "list_offsets")
     steps = list_offsets.diff(dim=-1)
     if bool((list_offsets[..., 0] != 0).any()) or bool((list_offsets[..., -1] != n).any()) or bool((steps < 0).any()):
         raise ValueError(f"list_offsets must rise from 0 to n = {n} along each (batch, kv head) (ivf_layout makes them)")
