@@ -905,7 +905,8 @@ def target_ivf_topk_scores(case: Case) -> None:
     centroids = case.tensor("centroids", (B, Hkv, L, D))
     keys = case.tensor("keys", (B, Hkv, n, D), case.choice("k_dtype", FLOAT_DTYPES))
     gen = torch.Generator().manual_seed(case.int("assign.seed", 0, 2**31))
-    list_keys, offsets, rows = ops.ivf_layout(keys, torch.randint(0, L, (B, Hkv, n), generator=gen), L)
+    assign = torch.randint(0, L, (B, Hkv, n), generator=gen)  # the list of each original row
+    list_keys, offsets, rows = ops.ivf_layout(keys, assign, L)
     nprobe, top_k = case.int("nprobe", 1, L), case.int("top_k", 1, n + 4)
     args = dict(q=q, centroids=centroids, list_keys=list_keys, list_offsets=offsets, list_rows=rows, nprobe=nprobe,
                 top_k=top_k, backend=pick_backend(case, "ivf_topk_scores"))
@@ -920,9 +921,6 @@ def target_ivf_topk_scores(case: Case) -> None:
     if expect_error(case, result, exc):
         return
     scores, ids = result
-    assign = torch.empty(B, Hkv, n, dtype=torch.int64)  # list of each original row
-    for b, h, lst in itertools.product(range(B), range(Hkv), range(L)):
-        assign[b, h, rows[b, h, offsets[b, h, lst]:offsets[b, h, lst + 1]]] = lst
     cent = torch.einsum("bhgd,bhld->bhgl", q.double().reshape(B, Hkv, G, D), centroids.double()).reshape(B * Hkv * G, L)
     exact = torch.einsum("bhgd,bhnd->bhgn", q.double().reshape(B, Hkv, G, D), keys.double()).reshape(B * Hkv * G, n)
     owner = assign.repeat_interleave(G, dim=1).reshape(B * Hkv * G, n)

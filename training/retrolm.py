@@ -94,14 +94,19 @@ def example_from_text(tokenizer, text: str, gold_spans: list[tuple[int, int]], p
     return PageExample(ids, positive, record_id)
 
 
+def _built(tokenizer, records: list[QARecord], length: int, seed: int):
+    """The data builder's examples of ``records`` fitting ``length`` tokens with room for 64 more."""
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    return build_examples(records, max_tokens=length - 64, count_tokens=count, seed=seed)[0]
+
+
 def make_examples(tokenizer, records: list[QARecord], length: int, page_size: int = 128, sink: int = 4,
                   seed: int = 0) -> list[PageExample]:
     """Stage-1 examples of ``records`` at ``length`` tokens (see the module docstring); rows
     without a gold page (gold passages cut away) are dropped."""
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
-    built, _ = build_examples(records, max_tokens=length - 64, count_tokens=count, seed=seed)
+    built = _built(tokenizer, records, length, seed)
     out = []
     for example in built:
         messages = build_messages(example.record.question, example.documents, "ao")
@@ -211,12 +216,8 @@ class AnswerExample:
 def make_answer_examples(tokenizer, records: list[QARecord], length: int, seed: int = 0) -> list[AnswerExample]:
     """Stage-2 examples of ``records``: the training prompt of :func:`make_examples` (answer-only
     format, chat template, up to ``length`` tokens with the answer) and the SFT target."""
-    def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_special_tokens=False))
-
-    built, _ = build_examples(records, max_tokens=length - 64, count_tokens=count, seed=seed)
     out = []
-    for row in to_sft_rows(built):
+    for row in to_sft_rows(_built(tokenizer, records, length, seed)):
         messages = row["messages"]
         prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
         whole = tokenizer.apply_chat_template(messages, tokenize=False)
