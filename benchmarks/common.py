@@ -10,17 +10,22 @@ from pathlib import Path
 
 import torch
 
+from lckv.cache import LckvCache
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 #: retrieval-augmented prefill settings of the ``retrieval`` policy compared by bench_tasks (as
 #: ``retrieval-prefill<suffix>``) and bench_prefill (as mode ``retrieval<suffix>``): suffix -> settings
-PREFILL_VARIANTS = {"": {"prefill": "retrieval"},
+_BLOCKS = {"prefill": "retrieval", "prefill_exact_tail": 0, "prefill_per_query": 0}
+PREFILL_VARIANTS = {"": {"prefill": "retrieval"},  # the policy's defaults (= "-ph4t256")
+                    # block selection alone: each block of 64 queries attends its mean query's rows
+                    "-blocks": _BLOCKS,
                     # blocks of 16 prefill queries per selection (default 64): docs/prefill.md's quality study
-                    "-b16": {"prefill": "retrieval", "prefill_block": 16},
+                    "-b16": {**_BLOCKS, "prefill_block": 16},
                     # each prefill query adds its own top 16 rows to its block's (docs/prefill.md)
-                    "-pq16": {"prefill": "retrieval", "prefill_per_query": 16},
-                    # each chunk's last 256 queries attend the whole store exactly (docs/prefill.md)
-                    "-t256": {"prefill": "retrieval", "prefill_exact_tail": 256},
+                    "-pq16": {**_BLOCKS, "prefill_per_query": 16, "prefill_per_head": False},
+                    # the prompt's last 256 positions attend the whole store exactly (docs/prefill.md)
+                    "-t256": {**_BLOCKS, "prefill_exact_tail": 256},
                     # and 4 rows per query head per query (docs/prefill.md's best KL at 16K)
                     "-ph4t256": {"prefill": "retrieval", "prefill_exact_tail": 256, "prefill_per_query": 4,
                                  "prefill_per_head": True}}
@@ -94,6 +99,8 @@ def prefill_in_chunks(model, ids: torch.Tensor, cache, chunk: int, keep: int = 1
     ``[1, keep, vocab]`` and the seconds the prefill took."""
     length = ids.shape[1]
     starts = range(0, length, chunk)
+    if isinstance(cache, LckvCache):  # what generate() does: the prompt's last positions are known
+        cache.prompt_end = cache.get_seq_length() + length
     start = time.perf_counter()
     with torch.no_grad():
         for lo in progress(starts, desc) if desc else starts:

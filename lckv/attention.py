@@ -210,10 +210,10 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
     attends the ``policy.prefill_select`` rows per kv head that ``policy.select_blocks`` picks for
     the block's mean query (every store row precedes the chunk, so no causal mask is needed there);
     with the policy's estimate of the rows a block does not attend (``policy.estimate_blocks``,
-    per query), the parts merge by LSE. The chunk's last ``policy.prefill_exact_tail`` queries
-    attend the whole store exactly instead (the positions whose states the first generated token
-    reads, when the chunk ends the prompt). A store of at most ``prefill_select`` rows is attended
-    whole, which makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
+    per query), the parts merge by LSE. The prompt's last ``policy.prefill_exact_tail`` positions
+    attend the whole store exactly instead (the states the first generated token reads; which
+    queries those are: :func:`_exact_queries`). A store of at most ``prefill_select`` rows is
+    attended whole, which makes the chunk exact. Returns ``(out, lse)`` like :func:`attend_segments`.
     """
     store = layer.store
     q_len = query.shape[2]
@@ -231,18 +231,19 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
         part = attend_segments(query, [Segment(keys, values, n_sink)], q_start, attention_mask, policy, scale)
         return merge_states_unchecked(out, lse, *part)
     state = layer.selection_state()
-    tail = min(policy.prefill_exact_tail, q_len)
-    if tail:  # the call's last queries attend the whole store exactly
-        segment = [Segment(keys, values, n_sink)]
-        tail_mask = attention_mask[:, :, q_len - tail:] if isinstance(attention_mask, torch.Tensor) else attention_mask
-        tail_part = attend_segments(query[:, :, q_len - tail:], segment, q_start + q_len - tail, tail_mask, policy, scale)
-        if tail == q_len:
-            return merge_states_unchecked(out, lse, *tail_part)
+    lo, hi = _exact_queries(layer.prompt_end, q_start, q_len, policy.prefill_exact_tail)
+    if hi > lo:  # the prompt's last positions attend the whole store exactly
+        exact_mask = attention_mask[:, :, lo:hi] if isinstance(attention_mask, torch.Tensor) else attention_mask
+        exact = attend_segments(query[:, :, lo:hi], [Segment(keys, values, n_sink)], q_start + lo, exact_mask,
+                                policy, scale)
+        if hi - lo == q_len:
+            return merge_states_unchecked(out, lse, *exact)
     view = layer.view()
     batch, q_heads, _, head_dim = query.shape
     block = policy.prefill_block
-    q_len -= tail
-    query = query[:, :, :q_len]  # the queries that attend selected rows
+    if hi == q_len:  # the exact queries end the call: the others come before them
+        q_len = lo
+    query = query[:, :, :q_len]  # the queries that attend selected rows (and the exact ones amid them)
     m = -(-q_len // block)
     q = query.to(keys.device)
     means = torch.stack([q[:, :, j * block:(j + 1) * block].float().mean(dim=2) for j in range(m)], dim=2)
@@ -256,10 +257,25 @@ def attend_chunk_with_selection(query: torch.Tensor, layer, attention_mask, poli
         sel_out, sel_lse = merge_states_unchecked(sel_out, sel_lse, *rest)
     sel_out = sel_out.reshape(batch, q_heads, m * block, head_dim)[:, :, :q_len].to(query.device, out.dtype)
     sel_lse = sel_lse.reshape(batch, q_heads, m * block)[:, :, :q_len].to(query.device)
-    if tail:
-        sel_out = torch.cat([sel_out, tail_part[0].to(out.dtype)], dim=2)
-        sel_lse = torch.cat([sel_lse, tail_part[1]], dim=2)
+    if hi > lo:
+        sel_out = torch.cat([sel_out[:, :, :lo], exact[0].to(out.dtype), sel_out[:, :, hi:]], dim=2)
+        sel_lse = torch.cat([sel_lse[:, :, :lo], exact[1], sel_lse[:, :, hi:]], dim=2)
     return merge_states_unchecked(out, lse, sel_out, sel_lse)
+
+
+def _exact_queries(prompt_end: int | None, q_start: int, q_len: int, tail: int) -> tuple[int, int]:
+    """The queries ``[lo, hi)`` of a prefill call (positions ``q_start .. q_start + q_len - 1``)
+    that attend the whole store exactly under ``prefill_exact_tail = tail``: where the cache knows
+    where the prompt ends (``prompt_end``, :attr:`lckv.cache.LckvCache.prompt_end`), those of the
+    prompt's last ``tail`` positions -- none in the calls of a long prompt that end earlier (the
+    exact part costs O(tail x context) once) or come after it (teacher-forced tokens attend as
+    decoding would); otherwise the call's own last ``tail`` queries (any call might end the prompt)."""
+    if tail <= 0:
+        return 0, 0
+    if prompt_end is None:
+        return max(0, q_len - tail), q_len
+    lo, hi = max(0, prompt_end - tail - q_start), min(q_len, prompt_end - q_start)
+    return (lo, hi) if lo < hi else (0, 0)
 
 
 def _drop_pad_rows(indices: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

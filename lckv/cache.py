@@ -317,6 +317,8 @@ class LckvCacheLayer(DynamicLayer):
         self.shared: dict = {}
         #: the host-memory limit of the cache (LckvCache sets one for all layers)
         self.host_budget: HostBudget | None = None
+        #: the slot count at which the prompt being fed ends (:attr:`LckvCache.prompt_end`; None: unknown)
+        self.prompt_end: int | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -765,6 +767,28 @@ class LckvCache(Cache):
                 "would attend the resident keys only); call lckv.enable(model, ...) before using the cache")
         with self.exclusive():
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @property
+    def prompt_end(self) -> int | None:
+        """Where the prompt now being fed ends, as the number of slots the cache will hold after its
+        last token (None: unknown). A policy whose prefill treats the prompt's last positions apart
+        (``prefill_exact_tail`` of :class:`~lckv.policies.selection.SelectionPolicy`) reads it:
+        ``generate`` sets it before the prefill (:func:`lckv.enable`); set it yourself before
+        feeding a prompt in several forward calls (a later prompt on the same cache needs its own:
+        positions past the announced end are not a prompt's last, and attend as decoding would)."""
+        return self.layers[0].prompt_end
+
+    @prompt_end.setter
+    def prompt_end(self, value: int | None) -> None:
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"prompt_end must be an int or None, got {type(value).__name__}")
+            held = self.get_seq_length()
+            if value <= held:
+                raise ValueError(f"prompt_end must be past the {held} slots the cache holds (the prompt's last token "
+                                 f"is still to come), got {value}")
+        for layer in self.layers:
+            layer.prompt_end = value
 
     def host_bytes(self) -> int:
         """Host memory this cache holds (what ``max_host_bytes`` limits): every layer's store

@@ -67,28 +67,30 @@ def test_covering_retrieval_prefill_equals_sdpa(kind, kv_heads, policy, chunk):
 
 
 def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate=None, per_query=0, per_head=False,
-                     tail=0):
+                     exact=(0, 0)):
     """Dense softmax of queries ``lo..hi-1`` over the keys the retrieval prefill rule allows;
     with ``estimate`` (a callable ``(query [B, Hq, D], picked store rows [B, H, n], -1 = none) ->
     (out, lse)``, the decode step's estimate of the rows not picked) merged in per query by LSE.
     ``per_query``: each query of a block adds its own top rows by its group-summed query (each
-    query head's own with ``per_head``), and the whole block attends them. The last ``tail``
-    queries attend every earlier key (exact causal attention)."""
+    query head's own with ``per_head``), and the whole block attends them. The queries at
+    positions ``exact`` = ``(start, end)`` attend every earlier key (exact causal attention); when
+    they end the chunk the blocks are made of the queries before them, else of all its queries."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
     recent_start = max(sink, lo - (window - 1))  # the window kept before the chunk arrived
     store = torch.arange(sink, recent_start)
     outs, lses = [], []
-    split = max(lo, hi - tail)
-    if split < hi:  # the exact tail, one block of its own attending every earlier key
-        qt = q[:, :, split:hi].double()
-        logits = torch.einsum("bhqd,bhkd->bhqk", qt, k[:, :, :hi].double().repeat_interleave(group, 1)) * scale
-        causal = torch.arange(hi)[None, :] <= torch.arange(split, hi)[:, None]
+    e_lo, e_hi = max(lo, exact[0]), min(hi, exact[1])
+    if e_lo < e_hi:  # the exact queries, attending every earlier key
+        qt = q[:, :, e_lo:e_hi].double()
+        logits = torch.einsum("bhqd,bhkd->bhqk", qt, k[:, :, :e_hi].double().repeat_interleave(group, 1)) * scale
+        causal = torch.arange(e_hi)[None, :] <= torch.arange(e_lo, e_hi)[:, None]
         logits = logits.masked_fill(~causal, float("-inf"))
-        tail_part = (torch.softmax(logits, -1) @ v[:, :, :hi].double().repeat_interleave(group, 1),
-                     torch.logsumexp(logits, dim=-1))
-    hi, end = split, hi
+        exact_part = (torch.softmax(logits, -1) @ v[:, :, :e_hi].double().repeat_interleave(group, 1),
+                      torch.logsumexp(logits, dim=-1))
+    if e_lo < e_hi == hi:
+        hi = e_lo
     for b_lo in range(lo, hi, block):
         b_hi = min(hi, b_lo + block)
         qb = q[:, :, b_lo:b_hi].double()
@@ -128,18 +130,33 @@ def _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estima
                 lse[:, :, i] = top + torch.log(wa + wb)
         outs.append(out)
         lses.append(lse)
-    if split < end:
-        outs.append(tail_part[0])
-        lses.append(tail_part[1])
-    return torch.cat(outs, 2), torch.cat(lses, 2)
+    if e_lo >= e_hi:
+        return torch.cat(outs, 2), torch.cat(lses, 2)
+    if not outs:  # every query of the chunk is exact
+        return exact_part
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 2)  # the blocks' queries lo .. hi - 1
+    a, b = e_lo - lo, e_hi - lo  # the exact ones replace theirs (b > hi - lo: they ended the chunk)
+    return (torch.cat([out[:, :, :a], exact_part[0], out[:, :, b:]], 2),
+            torch.cat([lse[:, :, :a], exact_part[1], lse[:, :, b:]], 2))
+
+
+def _exact_positions(prompt_end, lo, hi, tail):
+    """The positions of chunk ``lo..hi-1`` that attend exactly, by the rule of
+    :attr:`lckv.cache.LckvCache.prompt_end`, written out independently of the engine's helper."""
+    if not tail:
+        return (0, 0)
+    if prompt_end is None:  # unknown: the chunk's own last queries
+        return (max(lo, hi - tail), hi)
+    return (max(lo, prompt_end - tail), min(hi, prompt_end))
 
 
 @pytest.mark.parametrize("index", ["exact", "flat"])  # per-block select loop; one batched index search
 @pytest.mark.parametrize("chunk,block,select", [(16, 4, 5), (9, 16, 3), (7, 3, 11)])
 @pytest.mark.parametrize("estimate_rest", [False, True])
 @pytest.mark.parametrize("per_query,per_head", [(0, False), (2, False), (1, True)])
-@pytest.mark.parametrize("tail", [0, 5])
-def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query, per_head, tail):
+@pytest.mark.parametrize("tail,prompt_end", [(0, None), (5, None), (5, 90), (12, 97), (4, 40)])
+def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, estimate_rest, per_query, per_head, tail,
+                                                prompt_end):
     gen, seed = fresh_generator()
     batch, kv_heads, group, head_dim, n = 2, 2, 3, 16, 97
     sink, window = 2, 6
@@ -151,6 +168,8 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
                             prefill_select=select, prefill_block=block, prefill_per_query=per_query, prefill_per_head=per_head,
                             prefill_exact_tail=tail)
     layer = LckvCacheLayer(policy, 0)
+    # 90: queries after the prompt end in its chunk; 97: a tail over two chunks; 40: chunks after the prompt
+    layer.prompt_end = prompt_end
     scale = head_dim ** -0.5
     for lo in range(0, n, chunk):
         hi = min(n, lo + chunk)
@@ -163,10 +182,61 @@ def test_one_layer_against_masked_dense_softmax(chunk, block, select, index, est
             state = layer.selection.estimate
             estimate = lambda q_i, rows: state.attend(layer.view(), q_i, rows, scale)  # noqa: E731
         ref_out, ref_lse = _reference_chunk(q, k, v, lo, hi, sink, window, select, block, scale, estimate, per_query,
-                                            per_head, tail)
+                                            per_head, _exact_positions(prompt_end, lo, hi, tail))
         torch.testing.assert_close(out, ref_out.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
         torch.testing.assert_close(lse, ref_lse.float(), atol=ATTN_ATOL, rtol=ATTN_RTOL, msg=f"seed {seed}, chunk {lo}")
     assert layer.selection is not None and layer.store.length > select, "the selection path must have run"
+
+
+def _prefill_tail_policy():
+    # a selection smaller than the store, so that exact and selected queries differ
+    return dict(sink=2, window=8, budget=24, prefill="retrieval", prefill_select=6, prefill_block=4,
+                prefill_exact_tail=5)
+
+
+def test_generate_announces_the_prompt_end():
+    """generate() tells the cache where the prompt ends, so only the prompt's last
+    ``prefill_exact_tail`` positions attend exactly: the same logits as forward calls on a cache
+    told the same, and not those of a cache left without it (every chunk's tail exact)."""
+    gen, seed = fresh_generator()
+    model = _tiny("llama", 2, seed)
+    ids = torch.randint(3, model.config.vocab_size, (1, 83), generator=gen)
+    lckv.enable(model, "retrieval", **_prefill_tail_policy())
+    cache = lckv.new_cache(model)
+    got = _generate(model, ids, torch.ones_like(ids), past_key_values=cache, prefill_chunk_size=16)
+    assert cache.prompt_end == ids.shape[1]
+
+    def forward_calls(prompt_end):
+        manual = lckv.new_cache(model)
+        manual.prompt_end = prompt_end
+        with torch.no_grad():
+            for lo in range(0, ids.shape[1], 16):
+                logits = model(ids[:, lo:lo + 16], past_key_values=manual, use_cache=True).logits[:, -1]
+            return logits
+
+    torch.testing.assert_close(got[1][:, 0], forward_calls(ids.shape[1]), atol=LOGIT_ATOL, rtol=LOGIT_RTOL,
+                               msg=f"seed {seed}")
+    unknown = forward_calls(None)
+    assert (unknown - got[1][:, 0]).abs().max() > 100 * LOGIT_ATOL, f"seed {seed}: the announcement changed nothing"
+    lckv.disable(model)
+    assert "_prefill" not in vars(model)
+
+
+def test_prompt_end_checks_its_value():
+    model = _tiny("llama", 2, 0)
+    lckv.enable(model, "retrieval", **_prefill_tail_policy())
+    cache = lckv.new_cache(model)
+    with pytest.raises(TypeError, match="prompt_end must be an int or None"):
+        cache.prompt_end = True
+    with torch.no_grad():
+        model(torch.arange(3, 13)[None], past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="prompt_end must be past the 10 slots"):
+        cache.prompt_end = 10
+    cache.prompt_end = 11
+    assert all(layer.prompt_end == 11 for layer in cache.layers)
+    cache.prompt_end = None
+    assert cache.prompt_end is None
+    lckv.disable(model)
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +292,6 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     (dict(prefill_estimate=True, estimate_rest=False), "prefill_estimate needs estimate_rest"),
     (dict(prefill_per_query=-1), "prefill_per_query must be >= 0"),
     (dict(prefill_query_scan=1.5), "prefill_query_scan must be an int"),
-    (dict(prefill_per_head=True), "prefill_per_head needs prefill_per_query >= 1"),
     (dict(prefill_exact_tail=-1), "prefill_exact_tail must be an int >= 0"),
     (dict(prefill_exact_tail=True), "prefill_exact_tail must be an int"),
 ])

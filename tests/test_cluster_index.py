@@ -113,6 +113,23 @@ def test_small_k_over_a_tail_is_exact_when_the_scan_covers_every_key(batched):
         assert bool((ref_scores[differ] - scores[differ]).abs().le(tol).all()), f"seed {seed}"
 
 
+@pytest.mark.parametrize("n_keys", [1, 7])
+def test_batched_search_before_any_cluster_is_exact(n_keys):
+    """An index too small to have formed a cluster (every key in the tail) searched by a batch of
+    queries (the matrix-product path): the exact top-k, padded past its keys."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    keys, queries = torch.randn(n_keys, 12, generator=gen), torch.randn(40, 12, generator=gen)
+    index = ClusterIndex(12).build(keys)
+    assert index.n_clusters == 0 and index.n_clustered == 0
+    scores, ids, _ = index.search(queries, 4, scan=64.0)
+    k = min(4, n_keys)
+    ref_scores, ref_ids = exact_topk(keys, queries, k)
+    torch.testing.assert_close(scores[:, :k], ref_scores, atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+    assert torch.equal(ids[:, :k], ref_ids), f"seed {seed}"
+    assert bool((ids[:, k:] == -1).all()), f"seed {seed}"
+
+
 # (k, scan): small k needs a larger scan factor (its top-k spreads over more clusters than k / 32).
 @pytest.mark.parametrize("k,scan", [(50, 16.0), (400, 4.0), (1500, 4.0)])
 def test_recall_at_large_k(k, scan):

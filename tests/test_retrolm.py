@@ -137,7 +137,7 @@ def test_retrieval_prefill_blocks_rank_pages_by_their_own_bookmarks(model, monke
     sink, page, window, chunk, block, n = 4, 16, 8, 50, 25, 150
     ids = torch.randint(2, 97, (1, n), generator=torch.Generator().manual_seed(6))
     policy = RetroLMPolicy(sink=sink, window=window, budget=60, page_size=page, prefill="retrieval",
-                           prefill_select=20, prefill_block=block)
+                           prefill_select=20, prefill_block=block, prefill_exact_tail=0)
     seen = []
     real = __import__("lckv.retrolm", fromlist=["page_scores"]).page_scores
     monkeypatch.setattr("lckv.retrolm.page_scores", lambda *a: seen.append(real(*a)) or seen[-1])

@@ -245,7 +245,10 @@ def stage2_loss(model, example: AnswerExample, chunk: int = 2048) -> torch.Tenso
     """The answer tokens' mean cross-entropy under the model's enabled policy (see the module
     docstring): the prompt prefilled through a new LckvCache without gradients in chunks of
     ``chunk`` tokens, then its last token and the answer but its last token as one chunk with
-    gradients. The answer needs at least 2 tokens (a chunk of one would take the decode path)."""
+    gradients. The cache is told where the prompt ends (:attr:`lckv.cache.LckvCache.prompt_end`), so
+    the prompt's last ``prefill_exact_tail`` positions attend exactly and the answer attends as
+    decoding would, as when serving. The answer needs at least 2 tokens (a chunk of one would take
+    the decode path)."""
     import lckv
 
     if len(example.answer_ids) < 2 or not example.prompt_ids:
@@ -253,6 +256,7 @@ def stage2_loss(model, example: AnswerExample, chunk: int = 2048) -> torch.Tenso
                          f"{len(example.answer_ids)}")
     cache = lckv.new_cache(model)
     _serving_policy(cache)
+    cache.prompt_end = len(example.prompt_ids)
     prompt = torch.tensor([example.prompt_ids])
     n = prompt.shape[1] - 1
     with torch.no_grad():

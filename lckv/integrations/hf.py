@@ -317,7 +317,8 @@ def disable(model) -> None:
     for m in _attention_modules(model):
         del m.lckv_binding
     del model.lckv_binding
-    del model._prepare_cache_for_generation  # drop the instance override, back to the class method
+    del model._prepare_cache_for_generation  # drop the instance overrides, back to the class methods
+    vars(model).pop("_prefill", None)
     forward = vars(model).get("forward")
     if hasattr(forward, "lckv_previous"):  # ours: put back what was there (nothing, or e.g. accelerate's hook)
         if forward.lckv_previous is None:
@@ -404,7 +405,8 @@ def new_cache(model) -> LckvCache:
 
 
 def _install_default_cache(model) -> None:
-    """Makes ``generate`` create an LckvCache when the caller passes none (instance-level)."""
+    """Makes ``generate`` create an LckvCache when the caller passes none, and tell it where the
+    prompt ends (instance-level)."""
     original = type(model)._prepare_cache_for_generation
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -416,3 +418,20 @@ def _install_default_cache(model) -> None:
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 
     model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+    if hasattr(type(model), "_prefill"):
+        model._prefill = types.MethodType(_announcing_prefill(type(model)._prefill), model)
+
+
+def _announcing_prefill(original):
+    """``GenerationMixin._prefill`` that first tells an LckvCache where the prompt ends
+    (:attr:`LckvCache.prompt_end`): the attention mask's length (``generate`` makes one for the
+    whole sequence), or the prompt's on an empty cache; unknown otherwise."""
+    def _prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, LckvCache):
+            mask, held = model_kwargs.get("attention_mask"), cache.get_seq_length()
+            end = mask.shape[-1] if isinstance(mask, torch.Tensor) else (input_ids.shape[-1] if held == 0 else None)
+            cache.prompt_end = end if end is not None and end > held else None
+        return original(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+
+    return _prefill

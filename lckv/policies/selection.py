@@ -15,9 +15,12 @@ store, each block of ``prefill_block`` consecutive queries attends the ``prefill
 kv head that :meth:`select` picks for the block's mean query; the parts merge by LSE. The
 selection state is then built at the first chunk that finds rows offloaded, and every later chunk
 joins it as it spills (:meth:`on_offload`), so decoding starts with nothing left to build. A store
-no larger than ``prefill_select`` is attended whole (the chunk is exact). The last
-``prefill_exact_tail`` queries of each chunk attend the whole store exactly (when the chunk ends
-the prompt, the positions the first generated token reads); their cost is linear in the context.
+no larger than ``prefill_select`` is attended whole (the chunk is exact). The prompt's last
+``prefill_exact_tail`` positions (the states the first generated token reads) attend the whole
+store exactly, once per prompt: ``generate`` tells the cache where the prompt ends
+(:attr:`lckv.cache.LckvCache.prompt_end`; set it yourself when feeding a prompt in forward
+calls). Without that, the last ``prefill_exact_tail`` queries of every call are exact (any call
+might end the prompt), which makes a prompt of ``n`` chunks pay the exact tail ``n`` times.
 
 Budget: ``budget`` is the number of keys each query attends in total — sink + window + selected —
 either a token count (int >= 1) or a fraction of the context (float in (0, 1]). A budget at least
@@ -72,7 +75,7 @@ class SelectionPolicy(Policy):
     prefill: str = "exact"
     prefill_select: int = 2048
     prefill_block: int = 64
-    prefill_exact_tail: int = 0
+    prefill_exact_tail: int = 256
     keeps_offloaded: ClassVar[bool] = True
 
     def validate(self) -> None:

@@ -81,7 +81,7 @@ class ClusterIndex : public VectorIndex {
 
   int64_t n_clusters() const {
     std::shared_lock<RwLock> lock(mutex_);
-    return static_cast<int64_t>(starts_.size()) - 1;
+    return clusters_locked();
   }
 
   // Keys in clusters; keys [n_clustered, size) are the tail, scanned exactly.
@@ -149,7 +149,7 @@ class ClusterIndex : public VectorIndex {
                        float* probs, int64_t* ids, bool sorted = true) const {
     std::shared_lock<RwLock> lock(mutex_);
     GroupScratch& local = per_thread<GroupScratch, GroupScratch>();
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_clusters = clusters_locked();
     const auto dim = static_cast<std::size_t>(dim_);
     int64_t n_scored = 0;
     // 1-2. the clusters the group scans (`chosen`) and each head's mass of the other clusters
@@ -243,7 +243,7 @@ class ClusterIndex : public VectorIndex {
   int64_t search_locked(const float* query, int64_t k, const SearchParams& params, float* scores,
                         int64_t* ids) const override {
     SearchScratch& local = per_thread<SearchScratch, SearchScratch>();
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_clusters = clusters_locked();
     const int64_t n_tail = size_ - clustered_;
     int64_t n_scored = n_tail;
     if (n_tail > 0) {  // the tail, exactly
@@ -299,7 +299,7 @@ class ClusterIndex : public VectorIndex {
       return;
     }
     std::shared_lock<RwLock> lock(mutex_);
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_clusters = clusters_locked();
     const int64_t n_tail = size_ - clustered_;
     const double want = std::max(1.0, params.scan) * static_cast<double>(k);
     // Blocks of queries, each done by one thread start to end (its own matrix products, run
@@ -348,6 +348,9 @@ class ClusterIndex : public VectorIndex {
   }
 
  private:
+  // Clusters built so far; starts_ is empty until the first clustering (0 then, not -1).
+  int64_t clusters_locked() const { return starts_.empty() ? 0 : static_cast<int64_t>(starts_.size()) - 1; }
+
   // Per-thread scratch of search() and search_batch().
   struct SearchScratch {
     std::vector<float> centroid_scores, row_scores, sample;
@@ -444,7 +447,7 @@ class ClusterIndex : public VectorIndex {
   // union in local.chosen; each head's mass of the clusters nobody chose (local.rest, relative to
   // e^{local.rest_max}). Returns the centroid inner products computed.
   int64_t choose_clusters(const float* queries, int64_t group, double want, float scale, GroupScratch& local) const {
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_clusters = clusters_locked();
     const int64_t n_blocks = (n_clusters + 7) / 8, stride = n_blocks * 8;
     auto& cs = local.centroid_scores;
     cs.resize(static_cast<std::size_t>(group * stride));
@@ -488,7 +491,7 @@ class ClusterIndex : public VectorIndex {
   // cluster_at() then give each head's clusters, best first.
   int64_t choose_clusters_by_supers(const float* queries, int64_t group, double want, double expand, float scale,
                                     GroupScratch& local, bool with_rest = true) const {
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_clusters = clusters_locked();
     const auto n_sup = static_cast<int64_t>(sup_radius_.size());
     // a head's row: scored clusters, then unexpanded supers (+ 8: a run's block padding lands past
     // its last position, where the next run or the supers overwrite it)
@@ -862,7 +865,7 @@ class ClusterIndex : public VectorIndex {
   // Groups every full span of clusters not yet in super-clusters (spans in parallel).
   void form_supers() {
     if (params_.super_size <= 0) return;
-    const int64_t n_clusters = static_cast<int64_t>(starts_.size()) - 1;
+    const int64_t n_clusters = clusters_locked();
     std::vector<int64_t> spans;
     for (int64_t lo = spanned_; n_clusters - lo >= params_.super_span; lo += params_.super_span) spans.push_back(lo);
     if (spans.empty()) return;
