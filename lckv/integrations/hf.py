@@ -278,6 +278,13 @@ def enable(model, policy: Policy | str = "full", **settings) -> LckvBinding:
     older tokens offloaded to host memory or evicted, as the policy says); forward calls without
     a cache apply the policy as a mask. Calling ``enable`` again replaces the policy.
 
+    Prefill (selection policies): ``prefill="exact"`` (default) attends every earlier token, so a
+    long prompt costs O(n^2); ``prefill="retrieval"`` makes a prompt fed in chunks
+    (``generate(..., prefill_chunk_size=4096)``) linear: each chunk attends sink, window and itself
+    exactly plus the offloaded rows the policy retrieves for it, and the prompt's last
+    ``prefill_exact_tail`` positions attend everything (:mod:`lckv.policies.selection`).
+    ``generate`` tells the cache where the prompt ends (:attr:`LckvCache.prompt_end`).
+
     Each call of ``model`` with an LckvCache is a transaction of that cache (the module
     docstring). Every policy takes ``max_host_bytes`` (default None: no limit): a cache whose host
     memory (offloaded K/V buffers, indexes, estimate, recorded queries) would grow past it raises
