@@ -41,7 +41,8 @@ from common import PREFILL_VARIANTS, RESULTS, Table, greedy, load_model, machine
 
 #: ``exact``, or retrieval prefill with one of the settings of :data:`common.PREFILL_VARIANTS`
 MODES = ("exact", *(f"retrieval{suffix}" for suffix in PREFILL_VARIANTS))
-COLUMNS = [("length", "tokens", "d", 8), ("mode", "prefill", "s", 9), ("prefill_s", "prefill s", ".1f", 9),
+COLUMNS = [("length", "tokens", "d", 8), ("mode", "prefill", "s", 9), ("host_dtype", "host KV", "s", 8),
+           ("prefill_s", "prefill s", ".1f", 9),
            ("prefill_tokens_per_s", "tok/s", ".0f", 7), ("first_step_s", "1st step s", ".2f", 0),
            ("decode_tokens_per_s", "dec tok/s", ".1f", 0), ("peak_rss_gib", "peak GiB", ".2f", 0),
            ("rss_bytes_per_token", "B/token", ".0f", 8), ("kl", "KL", ".4f", 7), ("agreement", "agree", ".2f", 5)]
@@ -91,10 +92,16 @@ def mode_settings(mode: str) -> dict:
     return {"prefill": "exact"} if mode == "exact" else PREFILL_VARIANTS[mode[len("retrieval"):]]
 
 
+def label(row: dict) -> str:
+    """What identifies a row's setting beside its length: the mode, with the host store's dtype
+    when one was asked for (``retrieval+bfloat16``)."""
+    return row["mode"] + (f"+{row['host_dtype']}" if row.get("host_dtype") else "")
+
+
 def fit_slope(rows: list[dict], mode: str, floor: int = 32768) -> dict | None:
     """Least-squares ``prefill_s = a + b * length`` over a mode's rows at >= ``floor`` tokens, with
     the largest relative residual (how far from linear)."""
-    points = sorted((r["length"], r["prefill_s"]) for r in rows if r["mode"] == mode and r["length"] >= floor)
+    points = sorted((r["length"], r["prefill_s"]) for r in rows if label(r) == mode and r["length"] >= floor)
     if len(points) < 2:
         return None
     n = len(points)
@@ -107,17 +114,17 @@ def fit_slope(rows: list[dict], mode: str, floor: int = 32768) -> dict | None:
 
 def summarize(rows: list[dict], logits_dir: Path) -> list[dict]:
     """Adds KL(exact || mode) and greedy agreement to the retrieval rows that have an exact twin."""
-    by_key = {(r["length"], r["mode"]): r for r in rows}
+    by_key = {(r["length"], label(r)): r for r in rows}
     for r in rows:
         exact = by_key.get((r["length"], "exact"))
-        files = [logits_dir / f"{r['length']}_{mode}.pt" for mode in ("exact", r["mode"])]
+        files = [logits_dir / f"{r['length']}_{mode}.pt" for mode in ("exact", label(r))]
         if r["mode"] == "exact" or exact is None or not all(f.exists() for f in files):
             continue  # (a row kept from the summary of another machine keeps its KL and agreement)
         p, q = (torch.load(f) for f in files)
         r["kl"] = float((p.exp() * (p - q)).sum())
         same = sum(a == b for a, b in zip(r["tokens"], exact["tokens"]))
         r["agreement"] = same / max(1, min(len(r["tokens"]), len(exact["tokens"])))
-    return sorted(rows, key=lambda r: (r["length"], MODES.index(r["mode"])))
+    return sorted(rows, key=lambda r: (r["length"], MODES.index(r["mode"]), label(r)))
 
 
 def plot(rows: list[dict], fits: list[dict], path: Path, model: str) -> None:
@@ -127,13 +134,13 @@ def plot(rows: list[dict], fits: list[dict], path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for mode in MODES:
-        points = sorted((r["length"], r["prefill_s"], r["peak_rss_gib"]) for r in rows if r["mode"] == mode)
+    for mode in dict.fromkeys(label(r) for r in rows):
+        points = sorted((r["length"], r["prefill_s"], r["peak_rss_gib"]) for r in rows if label(r) == mode)
         if points:
             left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{mode} prefill")
             right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=mode)
     for fit in fits:
-        xs = sorted(r["length"] for r in rows if r["mode"] == fit["mode"])
+        xs = sorted(r["length"] for r in rows if label(r) == fit["mode"])
         left.plot(xs, [fit["intercept_s"] + fit["seconds_per_token"] * x for x in xs], ":", color="gray")
     left.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="prefill seconds", title="prefill time")
     right.set(xscale="log", xlabel="context tokens", ylabel="peak RSS (GiB)", title="peak memory")
@@ -201,20 +208,21 @@ def main(argv=None) -> dict:
     rows = [json.loads(line) for line in stream.read_text().splitlines() if line.strip()] if stream.exists() else []
     summary = args.results / f"{name}.json"
     if not args.fresh:  # the committed rows: kept, not rerun
-        rows = with_committed_rows(rows, summary, lambda r: (r["length"], r["mode"]))
-    done = {(r["length"], r["mode"]) for r in rows}
+        rows = with_committed_rows(rows, summary, lambda r: (r["length"], label(r)))
+    done = {(r["length"], label(r)) for r in rows}
     table = Table(COLUMNS)
     for r in rows:
         table.row(r)
     if not args.summary_only:
         for length in args.lengths:
             for mode in args.modes:
-                if (length, mode) in done or (mode == "exact" and length > args.exact_max):
+                tag = label({"mode": mode, "host_dtype": args.host_dtype})
+                if (length, tag) in done or (mode == "exact" and length > args.exact_max):
                     continue
                 command = [sys.executable, __file__, "--run-one", "--model", args.model, "--length", str(length),
                            "--mode", mode, "--chunk", str(args.chunk), "--budget", str(args.budget),
                            "--prefill-select", str(args.prefill_select), "--prefill-block", str(args.prefill_block),
-                           "--decode", str(args.decode), "--logits", str(logits_dir / f"{length}_{mode}.pt")]
+                           "--decode", str(args.decode), "--logits", str(logits_dir / f"{length}_{tag}.pt")]
                 if args.host_dtype:
                     command += ["--host-dtype", args.host_dtype]
                 if args.threads:
@@ -232,7 +240,7 @@ def main(argv=None) -> dict:
         if "kl" in r:
             print(f"# {r['length']} tokens: next-token KL(exact || {r['mode']}) {r['kl']:.4f}, "
                   f"greedy agreement {r['agreement']:.2f} over {len(r['tokens'])} tokens")
-    fits = [f for f in (fit_slope(rows, mode) for mode in MODES) if f is not None]
+    fits = [f for f in (fit_slope(rows, mode) for mode in dict.fromkeys(label(r) for r in rows)) if f is not None]
     for fit in fits:
         print(f"# {fit['mode']}: {1e6 * fit['seconds_per_token']:.1f} s per million tokens + {fit['intercept_s']:.1f} s, "
               f"largest residual {100 * fit['max_rel_residual']:.1f}% over {fit['points']} lengths")
