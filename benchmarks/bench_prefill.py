@@ -100,9 +100,10 @@ def label(row: dict) -> str:
 
 def fit_slope(rows: list[dict], mode: str, floor: int = 32768) -> dict | None:
     """Least-squares ``prefill_s = a + b * length`` over a mode's rows at >= ``floor`` tokens, with
-    the largest relative residual (how far from linear)."""
+    the largest relative residual (how far from linear); None below 3 lengths (a line through two
+    points says nothing about linearity)."""
     points = sorted((r["length"], r["prefill_s"]) for r in rows if label(r) == mode and r["length"] >= floor)
-    if len(points) < 2:
+    if len(points) < 3:
         return None
     n = len(points)
     mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
