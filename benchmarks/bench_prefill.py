@@ -135,11 +135,10 @@ def plot(rows: list[dict], fits: list[dict], path: Path, model: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for mode in dict.fromkeys(label(r) for r in rows):
+    for mode in dict.fromkeys(label(r) for r in rows):  # every label has rows
         points = sorted((r["length"], r["prefill_s"], r["peak_rss_gib"]) for r in rows if label(r) == mode)
-        if points:
-            left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{mode} prefill")
-            right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=mode)
+        left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{mode} prefill")
+        right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=mode)
     for fit in fits:
         xs = sorted(r["length"] for r in rows if label(r) == fit["mode"])
         left.plot(xs, [fit["intercept_s"] + fit["seconds_per_token"] * x for x in xs], ":", color="gray")
@@ -239,7 +238,7 @@ def main(argv=None) -> dict:
     rows = summarize(rows, logits_dir)
     for r in rows:
         if "kl" in r:
-            print(f"# {r['length']} tokens: next-token KL(exact || {r['mode']}) {r['kl']:.4f}, "
+            print(f"# {r['length']} tokens: next-token KL(exact || {label(r)}) {r['kl']:.4f}, "
                   f"greedy agreement {r['agreement']:.2f} over {len(r['tokens'])} tokens")
     fits = [f for f in (fit_slope(rows, mode) for mode in dict.fromkeys(label(r) for r in rows)) if f is not None]
     for fit in fits:
