@@ -284,6 +284,31 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     lckv.disable(model)
 
 
+@pytest.mark.parametrize("probe", [0, 2])
+def test_per_query_picks_search_with_the_policy_probe(probe):
+    """Each query head's own picks are its index search with ``probe_supers =
+    prefill_query_probe`` and the ``prefill_query_scan`` pool, query head by query head (here over
+    super-clusters: 4 keys per cluster, 8 clusters per super)."""
+    gen, seed = fresh_generator()
+    batch, kv_heads, group, head_dim, n, q_len = 1, 2, 2, 8, 1200, 20
+    policy = resolve_policy("retrieval", sink=2, window=6, budget=1.0, prefill="retrieval", prefill_select=8,
+                            prefill_block=4, prefill_per_query=3, prefill_query_scan=24, prefill_query_probe=probe,
+                            index_params={"cluster_size": 4, "segment": 128, "super_size": 8, "super_span": 64},
+                            cluster_size=4)
+    layer = LckvCacheLayer(policy, 0)
+    for rows in (n, q_len):  # the second chunk spills the first to the store
+        layer.update(*torch.randn(2, batch, kv_heads, rows, head_dim, generator=gen))
+    queries = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=gen)
+    view = layer.view()
+    state = policy.build(view)
+    assert all(ix._core.n_supers > 0 for ix in state.heads), "the test needs super-clusters"
+    rows = policy._per_query_rows(state, view, queries, m=q_len // 4)  # [batch, kv_heads, m, 4 * group * 3]
+    for h, index in enumerate(state.indexes[0].heads):
+        per_head = queries[0, h * group:(h + 1) * group].transpose(0, 1).reshape(-1, head_dim).contiguous()
+        _, ids, _ = index.search(per_head, 3, scan=24 / 3, probe_supers=probe)
+        assert torch.equal(rows[0, h].reshape(-1), ids.reshape(-1)), f"seed {seed}, kv head {h}"
+
+
 @pytest.mark.parametrize("settings,match", [
     (dict(prefill="chunked"), "prefill must be one of"),
     (dict(prefill_select=0), "prefill_select must be an int >= 1"),
@@ -292,6 +317,8 @@ def test_prefill_leaves_every_layer_ready_to_decode(stories, policy):
     (dict(prefill_estimate=True, estimate_rest=False), "prefill_estimate needs estimate_rest"),
     (dict(prefill_per_query=-1), "prefill_per_query must be >= 0"),
     (dict(prefill_query_scan=1.5), "prefill_query_scan must be an int"),
+    (dict(prefill_query_probe=-2), "prefill_query_probe must be >= 0"),
+    (dict(search_params={"probe_supers": 4}), "probe_supers is set per use"),
     (dict(prefill_exact_tail=-1), "prefill_exact_tail must be an int >= 0"),
     (dict(prefill_exact_tail=True), "prefill_exact_tail must be an int"),
 ])

@@ -91,6 +91,75 @@ def test_batched_search_matches_query_by_query(k, supers):
             assert int(n_scored[i]) == int(one_scored[0]), f"seed {seed}"
 
 
+def probe_rule_oracle(index, keys, q, k, scan, probe):
+    """float64 oracle of one query's search with ``probe_supers`` (cluster_index.h,
+    choose_clusters_probed): the supers ranked by the score of their mean q . mean, the best ``probe``
+    opened, doubled while they and the loose clusters hold under 2 * scan * k keys; the clusters
+    picked among the loose and opened ones in descending centroid score until scan * k keys; the
+    exact top-k of their keys and the tail. Returns (top-k scores, pool ids, opened-centroid count,
+    boundary-is-close flag)."""
+    centroids, assign = index.centroids().double(), index.assignments()
+    sizes = torch.bincount(assign[assign >= 0], minlength=index.n_clusters).double()
+    sup, means = index.super_assignments(), index.super_means().double()
+    n_sup, loose = means.shape[0], sup < 0
+    sup_keys = torch.zeros(n_sup, dtype=torch.float64).index_add_(0, sup[~loose], sizes[~loose])
+    q = q.double()
+    mean_scores = means @ q
+    order = torch.sort(-mean_scores, stable=True).indices
+    want, open_ = scan * k, min(probe, n_sup)
+    while float(sizes[loose].sum() + sup_keys[order[:open_]].sum()) < 2 * want and open_ < n_sup:
+        open_ = min(n_sup, 2 * open_)
+    close = open_ < n_sup and float(mean_scores[order[open_ - 1]] - mean_scores[order[open_]]) < 1e-4
+    opened = torch.zeros(n_sup, dtype=torch.bool)
+    opened[order[:open_]] = True
+    scored = (loose | opened[sup.clamp(min=0)]).nonzero().flatten()
+    c_scores = centroids[scored] @ q
+    by_score = torch.sort(-c_scores, stable=True).indices
+    taken = min(int((sizes[scored[by_score]].cumsum(0) < want).sum()) + 1, len(scored))
+    close |= taken < len(scored) and float(c_scores[by_score[taken - 1]] - c_scores[by_score[taken]]) < 1e-4
+    pool = torch.cat([torch.isin(assign, scored[by_score[:taken]]).nonzero().flatten(), (assign < 0).nonzero().flatten()])
+    return (keys[pool].double() @ q).topk(k).values, pool, len(scored), close
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("probe,k", [(1, 4), (3, 40), (1, 40)])
+@pytest.mark.parametrize("clustered", [65536, 72000])
+def test_probed_search_follows_the_documented_rule(clustered, probe, k, batched):
+    """probe_supers > 0: each query opens only its best supers by mean score (more while they hold too
+    few keys) and scans the best of their clusters and the loose ones; one query at a time and
+    batched (the products with the super means) against the float64 oracle, with loose clusters
+    (72,000 keys) and without (65,536: every cluster in a super, so the opened supers alone must hold
+    the keys). It scores fewer centroids than the exact rule, and opening every super gives the
+    exact rule's results."""
+    seed = fresh_seed()
+    keys, queries = topic_stream(clustered + 777, 40, 8, seed)
+    index = ClusterIndex(8, cluster_size=16, segment=8192, super_size=16, super_span=1024).build(keys[:clustered])
+    index.add(keys[clustered:])
+    loose = int((index.super_assignments() < 0).sum())
+    assert index.n_supers >= 200 and (loose > 0) == (clustered == 72000) and index.size > index.n_clustered
+    scan = 4.0
+    if batched:
+        scores, ids, n_scored = index.search(queries, k, scan=scan, probe_supers=probe)
+    else:
+        results = [index.search(q[None], k, scan=scan, probe_supers=probe) for q in queries]
+        scores, ids, n_scored = (torch.cat([r[j] for r in results]) for j in range(3))
+    checked = 0
+    for i, q in enumerate(queries):
+        want, pool, n_centroids, close = probe_rule_oracle(index, keys, q, k, scan, probe)
+        if close:
+            continue  # float32 vs float64 rounding could order a boundary either way
+        checked += 1
+        torch.testing.assert_close(scores[i], want.float(), atol=1e-4, rtol=1e-5, msg=f"seed {seed}")
+        assert bool(torch.isin(ids[i], pool).all()), f"seed {seed}"
+        assert int(n_scored[i]) == index.n_supers + n_centroids + len(pool), f"seed {seed}"  # supers, centroids, keys
+    assert checked >= 20, f"seed {seed}: only {checked} of 40 queries away from a rounding boundary"
+    _, _, exact_scored = index.search(queries, k, scan=scan)
+    assert float(n_scored.float().mean()) < float(exact_scored.float().mean()), f"seed {seed}"
+    every = index.search(queries, k, scan=scan, probe_supers=index.n_supers)
+    exact = index.search(queries, k, scan=scan)
+    torch.testing.assert_close(every[0], exact[0], atol=1e-5, rtol=1e-5, msg=f"seed {seed}")
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_small_k_over_a_tail_is_exact_when_the_scan_covers_every_key(batched):
     """A small k keeps only the tail's own top k (a heap) before the clusters' keys join: with a
@@ -345,6 +414,10 @@ def test_group_search_errors():
             index.search_group(q, 5, 0.5, expand=bad)
         with pytest.raises(ValueError, match=r"expand must be a fraction in \(0, 1\]"):
             index.search(q, 5, expand=bad)
+    with pytest.raises(ValueError, match="probe_supers must be >= 0"):
+        index.search(q, 5, probe_supers=-1)
+    with pytest.raises(ValueError, match="probe_supers applies to ClusterIndex.search"):
+        index.search_group(q, 5, 0.5, probe_supers=2)
     with pytest.raises(EmptyIndexError, match="empty index"):
         ClusterIndex(8).search_group(q, 5, 0.5)
     with pytest.raises(TypeError, match="ClusterIndex"):

@@ -361,7 +361,7 @@ def test_defaults_come_from_the_cpp_params():
     from lckv import _C
 
     expected_search = {FlatIndex: {}, IVFIndex: {"nprobe": 8}, GraphIndex: {"ef": 64, "upper_ef": 0},
-                       ClusterIndex: {"scan": 2.0, "expand": 0.1}}
+                       ClusterIndex: {"scan": 2.0, "expand": 0.1, "probe_supers": 0}}
     for cls, kind in ((FlatIndex, "flat"), (IVFIndex, "ivf"), (GraphIndex, "graph"), (ClusterIndex, "cluster")):
         assert cls.search_params == _C.index_defaults(kind)["search"] == expected_search[cls]
         assert cls.build_defaults == _C.index_defaults(kind)["build"]

@@ -66,10 +66,10 @@ void build_from_keys(KeyIndex& self, const torch::Tensor& keys) {
 }
 
 Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k, int64_t ef,
-              int64_t nprobe, double scan, int64_t upper_ef, double expand) {
+              int64_t nprobe, double scan, int64_t upper_ef, double expand, int64_t probe_supers) {
   check_rows(queries, "queries", 2, "[n_queries, head_dim]", index.dim());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe, scan, upper_ef, expand);
+  const SearchParams params = make_params(ef, nprobe, scan, upper_ef, expand, probe_supers);
   TORCH_CHECK_VALUE(index.size() > 0, "search on an empty index: build() or add() keys first");
   const int64_t m = queries.size(0);
   auto scores = torch::empty({m, k}, torch::kFloat32);
@@ -85,14 +85,14 @@ Result search(const VectorIndex& index, const torch::Tensor& queries, int64_t k,
 
 Result search_heads_py(const std::vector<std::shared_ptr<VectorIndex>>& heads,
                        const torch::Tensor& queries, int64_t k, int64_t ef, int64_t nprobe,
-                       double scan, int64_t upper_ef, double expand) {
+                       double scan, int64_t upper_ef, double expand, int64_t probe_supers) {
   TORCH_CHECK_VALUE(!heads.empty(), "heads must hold at least one index");
   const int64_t dim = heads[0]->dim();
   check_rows(queries, "queries", 3, "[heads, n_queries, head_dim]", dim);
   TORCH_CHECK_VALUE(queries.size(0) == static_cast<int64_t>(heads.size()), "queries must have ",
                     heads.size(), " heads (one per index) in dim 0, got shape ", queries.sizes());
   check_k(k);
-  const SearchParams params = make_params(ef, nprobe, scan, upper_ef, expand);
+  const SearchParams params = make_params(ef, nprobe, scan, upper_ef, expand, probe_supers);
   std::vector<const VectorIndex*> raw;
   for (std::size_t h = 0; h < heads.size(); ++h) {
     TORCH_CHECK_VALUE(heads[h] != nullptr, "heads[", h, "] is None");
@@ -187,6 +187,7 @@ py::dict index_defaults(const std::string& kind) {
     visit_settings(ClusterBuildParams{}, put);
     searched["scan"] = search.scan;
     searched["expand"] = search.expand;
+    searched["probe_supers"] = search.probe_supers;
   } else {
     TORCH_CHECK_VALUE(kind == "flat", "kind must be 'flat', 'ivf', 'graph' or 'cluster', got '", kind, "'");
   }
@@ -225,7 +226,7 @@ void bind_index(py::module_& m) {
       .def("add", &add, py::arg("keys"), "Appends keys [n, dim] (float32, contiguous).")
       .def("search", &search, py::arg("queries"), py::arg("k"), py::arg("ef") = kSearch.ef,
            py::arg("nprobe") = kSearch.nprobe, py::arg("scan") = kSearch.scan, py::arg("upper_ef") = kSearch.upper_ef,
-           py::arg("expand") = kSearch.expand,
+           py::arg("expand") = kSearch.expand, py::arg("probe_supers") = kSearch.probe_supers,
            "Top-k by inner product of queries [m, dim].");
 
   py::class_<FlatIndex, VectorIndex, std::shared_ptr<FlatIndex>>(m, "FlatIndex")
@@ -354,6 +355,7 @@ void bind_index(py::module_& m) {
   m.def("search_heads", &search_heads_py, py::arg("heads"), py::arg("queries"), py::arg("k"),
         py::arg("ef") = kSearch.ef, py::arg("nprobe") = kSearch.nprobe, py::arg("scan") = kSearch.scan,
         py::arg("upper_ef") = kSearch.upper_ef, py::arg("expand") = kSearch.expand,
+        py::arg("probe_supers") = kSearch.probe_supers,
         "Searches heads[h] with queries[h] ([heads, m, dim]) in parallel, GIL released: "
         "(scores [heads, m, k], ids [heads, m, k], n_scored [heads, m]).");
 }

@@ -92,9 +92,22 @@ def search_groups(indexes: Sequence[Index], queries: torch.Tensor, k: int, scale
     unknown = set(params) - set(ClusterIndex.search_params)
     if unknown:
         raise TypeError(f"ClusterIndex search got unknown parameters {sorted(unknown)}")
-    merged = {**ClusterIndex.search_params, **params}
+    merged = group_search_settings(params)
     return compiled("search_groups").search_groups(_native_handles(indexes), queries, k, scale=float(scale),
                                                    sorted=bool(sort), **merged)
+
+
+def group_search_settings(params: dict) -> dict:
+    """``params`` with the :class:`~lckv.index.ClusterIndex` search defaults filled in, as the group
+    search (:func:`search_groups`, the fused decode step) takes them: ``probe_supers`` is a setting
+    of one query's own search only, so a non-zero one is refused (ValueError) and it is dropped."""
+    from lckv.index.native import ClusterIndex
+
+    merged = {**ClusterIndex.search_params, **params}
+    if merged.pop("probe_supers", 0):
+        raise ValueError("probe_supers applies to ClusterIndex.search (each query's own top-k), not to the group "
+                         f"search; got probe_supers={params['probe_supers']!r}")
+    return merged
 
 
 class LayerIndex:

@@ -266,6 +266,15 @@ class ClusterIndex(NativeIndex):
     keys at the mean), its one approximation; ``expand=1`` makes it exact. Clusters of a partial
     span (the newest) are scored one by one. ``super_size=0`` turns super-clusters off.
 
+    ``probe_supers`` (search parameter, default 0) trades that exactness for a cost that barely
+    grows with the context: a search opens only the query's ``probe_supers`` best supers by the
+    score of their mean (more, best first, while they and the loose clusters hold fewer than ``2 * scan * k`` keys) and
+    picks its clusters among their members and the loose clusters, so a query scores the super
+    means, the loose centroids and a few supers' members, not every centroid (batched: the products
+    are with the super means). Approximate: a cluster in an unopened super is never scanned. The
+    retrieval policy uses it for a prefill's per-query picks (``prefill_query_probe``); the group
+    search (:meth:`search_group`) refuses it.
+
     Many queries at once (16 or more in one ``search``, or per head in
     :func:`lckv.index.search_heads`): each block of queries gets its inner products with every
     centroid and every tail key from one matrix product (torch's BLAS, one thread per block), then
@@ -279,7 +288,8 @@ class ClusterIndex(NativeIndex):
 
     Settings and their defaults: ``ClusterIndex.build_defaults``. Search parameters
     (``ClusterIndex.search_params``): ``scan`` (default 2.0, >= 1): keys scanned per
-    result wanted; ``expand`` (default 0.1, in (0, 1]): share of the super-clusters opened at least.
+    result wanted; ``expand`` (default 0.1, in (0, 1]): share of the super-clusters opened at least;
+    ``probe_supers`` (default 0, >= 0): super-clusters opened per query, 0 = the exact rule.
 
     >>> index = ClusterIndex(16).build(torch.randn(5000, 16))
     >>> scores, ids, n_scored = index.search(torch.randn(4, 16), k=500, scan=3.0)

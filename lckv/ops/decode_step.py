@@ -103,14 +103,14 @@ def decode_cluster_step(indexes, q, keys, values, resident_k, resident_v, n_sele
     store's dtype or float32, e.g. a 16-bit ``host_dtype`` store under a float32 model) and keeps
     the queries in float32. ``search``: ClusterIndex search settings (defaults for those not given)."""
     from lckv.backends import resolve_backend
-    from lckv.index import ClusterIndex
+    from lckv.index.multihead import group_search_settings
 
     resolve_backend("decode_cluster_step", q.device if isinstance(q, torch.Tensor) else "cpu", backend)  # device first
     _check_decode_step(indexes, q, keys, values, resident_k, resident_v, n_select, scale, estimate, search)
     handles = native_handles(indexes)
     name = choose_backend("decode_cluster_step", q.device, backend, handles is not None,
                           "indexes must be built lckv ClusterIndex heads")
-    search = {**ClusterIndex.search_params, **(search or {})}
+    search = group_search_settings(search or {})
     if name == "reference":
         check_finite(q, "q")
         return ref.decode_cluster_step(indexes, q, keys, values, resident_k, resident_v, n_select, scale, estimate,

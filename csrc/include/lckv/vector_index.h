@@ -60,6 +60,11 @@ struct SearchParams {
                         // at least (the group search's estimate of the rest; never changes which
                         // clusters are scanned)
   int64_t upper_ef = 0;  // GraphIndex: beam width over the upper level (0: the build setting)
+  int64_t probe_supers = 0;  // ClusterIndex search / search_batch with super-clusters: open only
+                             // the query's best this many supers by bound (more while they and the
+                             // loose clusters hold fewer keys than the scan wants) and pick the
+                             // clusters among their members: approximate, O(n_supers) per query;
+                             // 0: the exact rule (every super whose bound reaches the picks)
 };
 
 // Keeps the k largest (score, id) pairs seen; a min-heap on score.
