@@ -28,7 +28,10 @@ PREFILL_VARIANTS = {"": {"prefill": "retrieval"},  # the policy's defaults (= "-
                     "-t256": {**_BLOCKS, "prefill_exact_tail": 256},
                     # and 4 rows per query head per query (docs/prefill.md's best KL at 16K)
                     "-ph4t256": {"prefill": "retrieval", "prefill_exact_tail": 256, "prefill_per_query": 4,
-                                 "prefill_per_head": True}}
+                                 "prefill_per_head": True},
+                    # the defaults with a quarter of each block's per-query searches: those least
+                    # aligned with the block's mean query (docs/prefill.md)
+                    "-s25": {"prefill": "retrieval", "prefill_query_share": 0.25}}
 
 
 def machine() -> dict:

@@ -309,6 +309,58 @@ def test_per_query_picks_search_with_the_policy_probe(probe):
         assert torch.equal(rows[0, h].reshape(-1), ids.reshape(-1)), f"seed {seed}, kv head {h}"
 
 
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("share", [0.25, 0.6])
+def test_per_query_share_searches_the_least_aligned_queries(share, per_head):
+    """prefill_query_share < 1: in each block of queries only the ceil(share x searches) whose query
+    is least aligned (cosine) with the block's mean query (that head's, or the group's summed means)
+    search; their rows are their own top-k, every other search's rows are -1; the padded
+    positions of a last partial block never search. Oracle: the cosines and flat top-k in float64."""
+    gen, seed = fresh_generator()
+    batch, kv_heads, group, head_dim, block, q_len, k = 2, 2, 3, 8, 4, 10, 3
+    policy = resolve_policy("retrieval", sink=2, window=6, budget=1.0, prefill="retrieval", prefill_select=8,
+                            prefill_block=block, prefill_per_query=k, prefill_per_head=per_head,
+                            prefill_query_share=share, index="exact")
+    layer = LckvCacheLayer(policy, 0)
+    for rows in (200, q_len):  # the second chunk spills the first to the store
+        layer.update(*torch.randn(2, batch, kv_heads, rows, head_dim, generator=gen))
+    view = layer.view()
+    queries = torch.randn(batch, kv_heads * group, q_len, head_dim, generator=gen)
+    m = -(-q_len // block)
+    means = torch.randn(batch, kv_heads * group, m, head_dim, generator=gen)
+    got = policy._per_query_rows(policy.build(view), view, queries, m, means)
+    per_position = group if per_head else 1
+    assert got.shape == (batch, kv_heads, m, block * per_position * k)
+    got = got.view(batch, kv_heads, m, block, per_position, k)
+    keys = view.keys.double()
+    for b in range(batch):
+        for h in range(kv_heads):
+            heads = slice(h * group, (h + 1) * group)
+            for j in range(m):
+                units = []  # (cosine, position, head in group, query)
+                for t in range(j * block, min(q_len, (j + 1) * block)):
+                    for g in range(per_position):
+                        q = queries[b, heads, t].double()
+                        q = q[g] if per_head else q.sum(0)
+                        ref = means[b, heads, j].double()
+                        ref = ref[g] if per_head else ref.sum(0)
+                        units.append((float(torch.nn.functional.cosine_similarity(q, ref, dim=0)), t, g, q))
+                n_sel = math.ceil(share * block * per_position)
+                ranked = sorted(units, key=lambda u: u[0])
+                if n_sel < len(ranked) and ranked[n_sel][0] - ranked[n_sel - 1][0] < 1e-5:
+                    continue  # float32 vs float64 could order the boundary either way
+                chosen = ranked[:n_sel]
+                searched = set()
+                for _, t, g, q in chosen:
+                    want = (keys[b, h] @ q).topk(k).indices
+                    assert torch.equal(got[b, h, j, t - j * block, g].sort().values, want.sort().values), f"seed {seed}"
+                    searched.add((t, g))
+                for t in range(j * block, (j + 1) * block):
+                    for g in range(per_position):
+                        if (t, g) not in searched:
+                            assert bool((got[b, h, j, t - j * block, g] == -1).all()), f"seed {seed}: {t} {g} searched"
+
+
 @pytest.mark.parametrize("settings,match", [
     (dict(prefill="chunked"), "prefill must be one of"),
     (dict(prefill_select=0), "prefill_select must be an int >= 1"),
@@ -318,6 +370,8 @@ def test_per_query_picks_search_with_the_policy_probe(probe):
     (dict(prefill_per_query=-1), "prefill_per_query must be >= 0"),
     (dict(prefill_query_scan=1.5), "prefill_query_scan must be an int"),
     (dict(prefill_query_probe=-2), "prefill_query_probe must be >= 0"),
+    (dict(prefill_query_share=0.0), "prefill_query_share must be a fraction in"),
+    (dict(prefill_query_share=1.5), "prefill_query_share must be a fraction in"),
     (dict(search_params={"probe_supers": 4}), "probe_supers is set per use"),
     (dict(prefill_exact_tail=-1), "prefill_exact_tail must be an int >= 0"),
     (dict(prefill_exact_tail=True), "prefill_exact_tail must be an int"),

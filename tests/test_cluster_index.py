@@ -128,15 +128,17 @@ def test_probed_search_follows_the_documented_rule(clustered, probe, k, batched)
     """probe_supers > 0: each query opens only its best supers by mean score (more while they hold too
     few keys) and scans the best of their clusters and the loose ones; one query at a time and
     batched (the products with the super means) against the float64 oracle, with loose clusters
-    (72,000 keys) and without (65,536: every cluster in a super, so the opened supers alone must hold
-    the keys). It scores fewer centroids than the exact rule, and opening every super gives the
+    (72,000 keys) and mostly without (65,536: every cluster in a super, so the opened supers alone
+    must hold the keys). It scores fewer centroids than the exact rule, and opening every super gives the
     exact rule's results."""
     seed = fresh_seed()
     keys, queries = topic_stream(clustered + 777, 40, 8, seed)
     index = ClusterIndex(8, cluster_size=16, segment=8192, super_size=16, super_span=1024).build(keys[:clustered])
     index.add(keys[clustered:])
+    # 65,536 keys usually make exactly 4 spans of clusters (a segment's empty k-means clusters are
+    # dropped, so now and then a few are missing and a span stays loose)
     loose = int((index.super_assignments() < 0).sum())
-    assert index.n_supers >= 200 and (loose > 0) == (clustered == 72000) and index.size > index.n_clustered
+    assert index.n_supers >= 200 and (loose > 0 or clustered == 65536) and index.size > index.n_clustered
     scan = 4.0
     if batched:
         scores, ids, n_scored = index.search(queries, k, scan=scan, probe_supers=probe)

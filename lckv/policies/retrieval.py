@@ -6,6 +6,8 @@ The policy is the configuration and the four hooks; the jobs live beside it: ind
 (:mod:`lckv.policies.estimate`), the kernels (:mod:`lckv.ops`)."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +138,7 @@ class RetrievalPolicy(SelectionPolicy):
     prefill_query_scan: int = 256
     prefill_per_head: bool = True
     prefill_query_probe: int = 32
+    prefill_query_share: float = 1.0
 
     name = "retrieval"
 
@@ -149,6 +152,9 @@ class RetrievalPolicy(SelectionPolicy):
         for name in ("prefill_per_query", "prefill_query_scan", "prefill_query_probe"):  # ints (Policy.validate)
             if getattr(self, name) < 0:
                 raise PolicyConfigError(f"RetrievalPolicy.{name} must be >= 0, got {getattr(self, name)}")
+        share = self.prefill_query_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+            raise PolicyConfigError(f"RetrievalPolicy.prefill_query_share must be a fraction in (0, 1], got {share!r}")
         if self.build_queries < 0:
             raise PolicyConfigError(f"RetrievalPolicy.build_queries must be >= 0, got {self.build_queries}")
         if not 0.0 <= self.exact_above <= 1.0:
@@ -255,10 +261,11 @@ class RetrievalPolicy(SelectionPolicy):
             rows = self._search_summed(state, q_sum, n_select)
         if not self.prefill_per_query or queries is None:
             return rows
-        own = self._per_query_rows(state, view, queries, m)
+        own = self._per_query_rows(state, view, queries, m, q)
         return unique_rows(torch.cat([rows, own], dim=-1))
 
-    def _per_query_rows(self, state, view, queries: torch.Tensor, m: int) -> torch.Tensor:
+    def _per_query_rows(self, state, view, queries: torch.Tensor, m: int, means: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """Each query's own top ``prefill_per_query`` rows per kv head, by its group's summed query
         (by each query head's own with ``prefill_per_head``), searched in the index with a pool of
         ``prefill_query_scan`` keys and no ``min_scanned`` floor (scored exactly only with index
@@ -266,7 +273,9 @@ class RetrievalPolicy(SelectionPolicy):
         which scans its unclustered tail exactly, costs a fraction of a flat top-k over every row
         for this many queries), gathered per block of ``prefill_block`` queries: ``[batch,
         kv_heads, m, block * picks]``, ``picks`` = ``prefill_per_query`` (times the group with
-        ``prefill_per_head``), -1 past the chunk's last query."""
+        ``prefill_per_head``), -1 past the chunk's last query. With ``prefill_query_share < 1``
+        only that share of each block's searches run (:meth:`_least_aligned`, against the block
+        means ``means`` ``[batch, q_heads, m, head_dim]``); the others' rows are -1."""
         batch, q_heads, q_len, head_dim = queries.shape
         kv_heads = view.keys.shape[1]
         group = q_heads // kv_heads
@@ -276,6 +285,15 @@ class RetrievalPolicy(SelectionPolicy):
             q_search = grouped.transpose(2, 3).reshape(batch, kv_heads, q_len * group, head_dim)
         else:
             q_search = grouped.sum(2)
+        per_position = q_search.shape[2] // q_len  # searches per position: group or 1
+        units = self.prefill_block * per_position  # searches per block
+        pad = m * self.prefill_block - q_len
+        q_search = torch.nn.functional.pad(q_search, (0, 0, 0, pad * per_position)) if pad else q_search
+        chosen = None
+        if self.prefill_query_share < 1.0 and means is not None:
+            chosen = self._least_aligned(q_search, means, m, per_position, q_len)  # [batch, kv_heads, m, n_sel]
+            q_search = q_search.reshape(batch, kv_heads, m, units, head_dim).gather(
+                3, chosen.unsqueeze(-1).expand(-1, -1, -1, -1, head_dim)).reshape(batch, kv_heads, -1, head_dim)
         n = q_search.shape[2]
         if not state.indexes or state.indexes[0] is None:
             # every query of a kv head as one "query head" of it: n heads per kv head
@@ -285,12 +303,35 @@ class RetrievalPolicy(SelectionPolicy):
             params = search_settings(self.index, self.search_params, self.prefill_query_scan, k)
             if self.index == "cluster":
                 params["probe_supers"] = self.prefill_query_probe
-            rows = self._search(state, q_search, k, params)  # [batch, kv_heads, n, k]
-        picks = n // q_len * k
-        rows = rows.reshape(batch, kv_heads, q_len, picks)
-        pad = m * self.prefill_block - q_len
-        rows = torch.nn.functional.pad(rows, (0, 0, 0, pad), value=-1) if pad else rows
-        return rows.reshape(batch, kv_heads, m, self.prefill_block * picks)
+            rows = self._search(state, q_search.contiguous(), k, params)  # [batch, kv_heads, n, k]
+        if chosen is not None:  # back to every unit of its block, -1 where none searched
+            full = rows.new_full((batch, kv_heads, m, units, k), -1)
+            rows = full.scatter_(3, chosen.unsqueeze(-1).expand(-1, -1, -1, -1, k),
+                                 rows.reshape(batch, kv_heads, m, -1, k))
+        rows = rows.reshape(batch, kv_heads, m * self.prefill_block, per_position * k)
+        if pad:  # the padded positions' searches (zero queries) pick nothing
+            rows[:, :, q_len:] = -1
+        return rows.reshape(batch, kv_heads, m, self.prefill_block * per_position * k)
+
+    def _least_aligned(self, q_search: torch.Tensor, means: torch.Tensor, m: int, per_position: int,
+                       q_len: int) -> torch.Tensor:
+        """The searches of each block that run with ``prefill_query_share < 1``: of its ``block x
+        per_position`` searches (``q_search`` ``[batch, kv_heads, m * block * per_position,
+        head_dim]``, position-major, padded past ``q_len``), the ``ceil(share x block x
+        per_position)`` whose query has the lowest cosine with its block's mean query (that query
+        head's mean, or the group's summed means), whose rows the block selection serves worst:
+        their indices in the block, ``[batch, kv_heads, m, n_sel]``. Padded positions come last."""
+        batch, kv_heads, _, head_dim = q_search.shape
+        units = self.prefill_block * per_position
+        grouped = means.float().reshape(batch, kv_heads, -1, m, head_dim)  # [batch, kv_heads, group, m, D]
+        ref = grouped.transpose(2, 3) if per_position > 1 else grouped.sum(2, keepdim=True).transpose(2, 3)
+        # [batch, kv_heads, m, per_position, D] -> every position of the block
+        ref = ref.unsqueeze(3).expand(-1, -1, -1, self.prefill_block, -1, -1).reshape(batch, kv_heads, m, units, head_dim)
+        cos = torch.nn.functional.cosine_similarity(q_search.reshape(batch, kv_heads, m, units, head_dim), ref, dim=-1)
+        position = torch.arange(m * self.prefill_block, device=cos.device).repeat_interleave(per_position)
+        cos = cos.masked_fill((position >= q_len).view(m, units), float("inf"))
+        n_sel = max(1, math.ceil(self.prefill_query_share * units))
+        return cos.topk(n_sel, dim=-1, largest=False, sorted=False).indices
 
     def _search_summed(self, state, q_sum: torch.Tensor, n_select: int) -> torch.Tensor:
         """One index search per batch row with each kv head's summed queries ``[batch, kv_heads,
