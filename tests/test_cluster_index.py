@@ -117,7 +117,8 @@ def probe_rule_oracle(index, keys, q, k, scan, probe):
     by_score = torch.sort(-c_scores, stable=True).indices
     taken = min(int((sizes[scored[by_score]].cumsum(0) < want).sum()) + 1, len(scored))
     close |= taken < len(scored) and float(c_scores[by_score[taken - 1]] - c_scores[by_score[taken]]) < 1e-4
-    pool = torch.cat([torch.isin(assign, scored[by_score[:taken]]).nonzero().flatten(), (assign < 0).nonzero().flatten()])
+    members = torch.isin(assign, scored[by_score[:taken]]).nonzero().flatten()
+    pool = torch.cat([members, (assign < 0).nonzero().flatten()])
     return (keys[pool].double() @ q).topk(k).values, pool, len(scored), close
 
 

@@ -120,6 +120,13 @@ class RetrievalPolicy(SelectionPolicy):
     offloaded keys per head there are no super-clusters and nothing changes. On stories260K's keys
     at 1M tokens, 32 supers find the true top-4 keys as often as the exact rule (recall@4 0.34-0.37
     vs 0.36) in a quarter of its time; 0 restores the exact rule (docs/prefill.md).
+
+    ``prefill_query_share`` (in (0, 1], default 1): only that share of each block's per-query
+    searches run, those whose query has the lowest cosine with the block's mean query (the query
+    head's own mean with ``prefill_per_head``, else the group's summed means): the queries the
+    block's selection serves worst. The others add no rows of their own. At 0.25 the 32K harness
+    on Qwen2.5-0.5B loses needles and variable bindings that every search keeps (niah_multivalue
+    0.25 vs 0.75, variable_tracking 0.60 vs 0.80; docs/prefill.md): a speed knob, not a default.
     """
 
     index: str = "cluster"
@@ -326,8 +333,9 @@ class RetrievalPolicy(SelectionPolicy):
         grouped = means.float().reshape(batch, kv_heads, -1, m, head_dim)  # [batch, kv_heads, group, m, D]
         ref = grouped.transpose(2, 3) if per_position > 1 else grouped.sum(2, keepdim=True).transpose(2, 3)
         # [batch, kv_heads, m, per_position, D] -> every position of the block
-        ref = ref.unsqueeze(3).expand(-1, -1, -1, self.prefill_block, -1, -1).reshape(batch, kv_heads, m, units, head_dim)
-        cos = torch.nn.functional.cosine_similarity(q_search.reshape(batch, kv_heads, m, units, head_dim), ref, dim=-1)
+        ref = ref.unsqueeze(3).expand(-1, -1, -1, self.prefill_block, -1, -1)
+        shape = (batch, kv_heads, m, units, head_dim)
+        cos = torch.nn.functional.cosine_similarity(q_search.reshape(shape), ref.reshape(shape), dim=-1)
         position = torch.arange(m * self.prefill_block, device=cos.device).repeat_interleave(per_position)
         cos = cos.masked_fill((position >= q_len).view(m, units), float("inf"))
         n_sel = max(1, math.ceil(self.prefill_query_share * units))

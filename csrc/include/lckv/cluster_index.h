@@ -356,8 +356,9 @@ class ClusterIndex : public VectorIndex {
                                 (starts_.capacity() + block_starts_.capacity()) * sizeof(int64_t) +
                                 sizes_.capacity() * sizeof(float) +
                                 members_.capacity() * sizeof(uint32_t) + packed_.capacity() * sizeof(float) +
-                                (sup_mean_blocks_.capacity() + sup_means_.capacity() + sup_radius_.capacity() + sup_keys_.capacity() +
-                                 sup_blocks_.capacity() + sup_member_sizes_.capacity()) * sizeof(float) +
+                                (sup_mean_blocks_.capacity() + sup_means_.capacity() + sup_radius_.capacity() +
+                                 sup_keys_.capacity() + sup_blocks_.capacity() + sup_member_sizes_.capacity()) *
+                                    sizeof(float) +
                                 (sup_starts_.capacity() + sup_members_.capacity() + sup_block_starts_.capacity()) *
                                     sizeof(int64_t));
   }
