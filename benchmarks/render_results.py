@@ -277,16 +277,17 @@ def prefill() -> str:
              "KL(exact || retrieval) after the prompt; agreement: greedy continuations compared token by token.", ""]
     for model, model_runs in _by_model(runs).items():
         for run in model_runs:
-            table = [[str(r["length"]), r["mode"], r.get("host_dtype") or "model's", str(r["chunk"]), str(r["prefill_select"]), _fmt(r["prefill_s"], ".1f"),
-                      _fmt(r["prefill_tokens_per_s"], ".0f"), _fmt(r.get("first_step_s"), ".2f"),
+            table = [[str(r["length"]), r["mode"], r.get("host_dtype") or "model's", str(r["chunk"]),
+                      str(r["prefill_select"]), _fmt(r["prefill_s"], ".1f"), _fmt(r["prefill_tokens_per_s"], ".0f"),
+                      _fmt(r.get("first_step_s"), ".2f"),
                       _fmt(r.get("decode_tokens_per_s"), ".1f"), _fmt(r["peak_rss_gib"], ".2f"),
                       _fmt(r["rss_bytes_per_token"], ".0f"), _fmt(r.get("kl"), ".4f"), _fmt(r.get("agreement"), ".2f")]
                      for r in run["rows"]]
             fits = "; ".join(f"{f['mode']}: {1e6 * f['seconds_per_token']:.0f} s per million tokens "
                              f"(largest residual {100 * f['max_rel_residual']:.0f}%)" for f in run.get("fits", []))
             parts += [f"**{model}** (measured {_machine(run['machine'])}){'; linear fit ' + fits if fits else ''}", "",
-                      _table(["tokens", "prefill", "host KV", "chunk", "prefill_select", "prefill s", "tok/s", "1st step s",
-                              "decode tok/s", "peak RSS GiB", "B/token", "KL", "agreement"], table), ""]
+                      _table(["tokens", "prefill", "host KV", "chunk", "prefill_select", "prefill s", "tok/s",
+                              "1st step s", "decode tok/s", "peak RSS GiB", "B/token", "KL", "agreement"], table), ""]
     for run in _load("bench_prefill_quality_*.json"):
         table = [[r["variant"], ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults",
                   _fmt(r["prefill_s"], ".1f"), _fmt(r["time_ratio"], ".2f"), _fmt(r["kl_mean"], ".4f"),

@@ -7,7 +7,6 @@ The policy is the configuration and the four hooks; the jobs live beside it: ind
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 
 import torch
@@ -310,7 +309,7 @@ class RetrievalPolicy(SelectionPolicy):
             params = search_settings(self.index, self.search_params, self.prefill_query_scan, k)
             if self.index == "cluster":
                 params["probe_supers"] = self.prefill_query_probe
-            rows = self._search(state, q_search.contiguous(), k, params)  # [batch, kv_heads, n, k]
+            rows = self._search(state, q_search, k, params)  # [batch, kv_heads, n, k]
         if chosen is not None:  # back to every unit of its block, -1 where none searched
             full = rows.new_full((batch, kv_heads, m, units, k), -1)
             rows = full.scatter_(3, chosen.unsqueeze(-1).expand(-1, -1, -1, -1, k),

@@ -56,10 +56,10 @@ def check_index_settings(kind: str, index_params: dict, search_params: dict) -> 
     if unknown:
         raise PolicyConfigError(f"RetrievalPolicy.index_params {unknown} are not settings of {kind!r}; "
                                 f"settings: {sorted(accepted)}")
-    # FaissIndex's search parameters depend on its kind: ask an empty one
     if "probe_supers" in search_params:
         raise PolicyConfigError("RetrievalPolicy.search_params: probe_supers is set per use (decode and block "
                                 "searches use the exact rule; prefill_query_probe sets it for per-query picks)")
+    # FaissIndex's search parameters depend on its kind: ask an empty one
     searchable = set(make_index(kind, 1, {}).search_params if cls is index.FaissIndex else cls.search_params)
     unknown = sorted(set(search_params) - searchable)
     if unknown:
