@@ -124,8 +124,8 @@ def make_examples(tokenizer, records: list[QARecord], length: int, page_size: in
 
 def _backbone_kv(model, example: PageExample) -> list:
     if example.kv is None:
-        with torch.no_grad():
-            out = model(torch.tensor([example.ids]), use_cache=True)
+        with torch.no_grad():  # the keys and values only: no logits over the whole example
+            out = model(torch.tensor([example.ids]), use_cache=True, logits_to_keep=1)
         example.kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     return example.kv
 
@@ -159,7 +159,12 @@ def stage1_loss(model, bookmarks: Bookmarks, example: PageExample, page_size: in
     return torch.stack(losses).mean(), recalls
 
 
-def evaluate(model, bookmarks, examples, page_size, sink, recall_at=4, query_tokens=64) -> dict:
+def evaluate(model, bookmarks, examples, page_size, sink, recall_at=4, query_tokens=64, progress: bool = False
+             ) -> dict:
+    if progress:
+        from tqdm import tqdm
+
+        examples = tqdm(examples, desc="retrolm stage 1, held-out", unit="example", file=sys.stderr)
     with torch.no_grad():
         results = [stage1_loss(model, bookmarks, ex, page_size, sink, recall_at, query_tokens=query_tokens)
                    for ex in examples]
@@ -179,7 +184,7 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
     model.requires_grad_(False)
     bookmarks = bookmarks or Bookmarks(model)
     optimizer = torch.optim.AdamW(bookmarks.parameters(), lr=lr, weight_decay=0.0)
-    history = [{"epoch": 0, **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens)}]
+    history = [{"epoch": 0, **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)}]
     rng = random.Random(seed)
     for epoch in range(1, epochs + 1):
         order = list(train)
@@ -199,7 +204,7 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
             if progress:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append({"epoch": epoch, "train_loss": total / len(order), "epoch_s": time.perf_counter() - start,
-                        **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens)})
+                        **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)})
     return bookmarks, history
 
 
@@ -261,7 +266,7 @@ def stage2_loss(model, example: AnswerExample, chunk: int = 2048) -> torch.Tenso
     n = prompt.shape[1] - 1
     with torch.no_grad():
         for lo in range(0, n, chunk):
-            model(prompt[:, lo:min(n, lo + chunk)], past_key_values=cache, use_cache=True)
+            model(prompt[:, lo:min(n, lo + chunk)], past_key_values=cache, use_cache=True, logits_to_keep=1)
     forced = torch.tensor([example.prompt_ids[-1:] + example.answer_ids[:-1]])
     logits = model(forced, past_key_values=cache, use_cache=True).logits[0]
     return torch.nn.functional.cross_entropy(logits.float(), torch.tensor(example.answer_ids))
