@@ -327,6 +327,36 @@ def test_stage1_training_reduces_the_loss_on_a_fixed_toy_set(model):
         train_stage1(model, [], examples)
 
 
+@pytest.mark.parametrize("recalls,kept", [((0.2, 0.5, 0.3), 1), ((0.4, 0.3, 0.1), 0), ((0.1, 0.2, 0.3), 2),
+                                          ((0.5, 0.5, 0.2), 0)])
+def test_stage1_keep_best_returns_the_best_held_out_epoch(model, monkeypatch, recalls, kept):
+    """keep_best: the bookmarks returned are those evaluated at the epoch with the best held-out
+    recall (scripted here; the first of equals), epoch 0 being the untrained ones."""
+    import training.retrolm as stage1
+    from training.retrolm import PageExample, train_stage1
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    ids = torch.randint(2, 97, (150,), generator=gen).tolist()
+    examples = [PageExample(ids, [True] + [False] * 7)]
+    seen, real = [], stage1.evaluate
+
+    def scripted(model, bookmarks, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in bookmarks.state_dict().items()})
+        return {**real(model, bookmarks, *args, **kwargs), "recall": recalls[len(seen) - 1]}
+
+    monkeypatch.setattr(stage1, "evaluate", scripted)
+    bookmarks, history = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=2, lr=3e-2,
+                                      progress=False, keep_best=True)
+    assert history[-1]["kept_epoch"] == kept
+    assert any(not torch.equal(seen[0][k], seen[2][k]) for k in seen[0])  # training moved the bookmarks
+    assert all(torch.equal(v, seen[kept][k]) for k, v in bookmarks.state_dict().items())
+    seen.clear()
+    bookmarks, history = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=2, lr=3e-2,
+                                      progress=False)
+    assert "kept_epoch" not in history[-1]
+    assert all(torch.equal(v, seen[2][k]) for k, v in bookmarks.state_dict().items())  # the last epoch's
+
+
 def test_equal_page_scores_prefer_recent_pages():
     policy = RetroLMPolicy(page_size=2)
     scores = torch.tensor([[[1.0, 1.0, 1.0, 1.0], [5.0, 1.0, 3.0, 1.0]]])
