@@ -392,9 +392,11 @@ def report(args) -> dict:
     """Summary of the main results file and any peer files: JSON, PNG and a printed table."""
     rows = read_rows(args.results / f"{args.name}.jsonl")
     peers = args.peer_results
-    if peers is None:  # the kvpress runner's file for this model, so that a run keeps its peers' rows
+    if peers is None and args.name == f"bench_tasks_{args.model.lower()}":
+        # the main file of a model: the kvpress runner's file for it, so that a run keeps its peers'
+        # rows (a named grid, e.g. one task at one length, takes peers only when given)
         peers = [path for path in [args.results / f"kvpress_{args.model}.jsonl"] if path.exists()]
-    for extra in peers:
+    for extra in peers or []:
         rows += read_rows(Path(extra))
     samples, carried = ([], []) if args.fresh else committed(args)
     have = {row_key(r) for r in rows}
@@ -459,7 +461,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--summary-only", action="store_true", help="summarise the results file(s), run nothing")
     parser.add_argument("--peer-results", nargs="*", default=None,
                         help="JSONL files of peer methods (docs/tasks.md); default: kvpress_<model>.jsonl in the "
-                             "results directory when it exists; none: --peer-results with no file")
+                             "results directory when it exists, for the default --name only; none: "
+                             "--peer-results with no file")
     parser.add_argument("--export-prompts", action="store_true",
                         help="write the grid's prompts to <name>_prompts.jsonl for peer runners, run nothing")
     parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context equals full)")

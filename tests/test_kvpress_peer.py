@@ -203,6 +203,28 @@ def test_peer_rows_merge_into_the_summary(tmp_path, capsys):
     assert "kvpress:SnapKVPress" in capsys.readouterr().out
 
 
+def test_only_the_main_file_takes_the_peer_file_by_default(tmp_path):
+    """kvpress_<model>.jsonl in the results directory joins the model's main summary
+    (bench_tasks_<model>) without --peer-results, but not a named grid's (--name), whose tasks
+    and lengths it need not share."""
+    prompt = _prompt()
+    row = {"model": "m", "task": prompt["task"], "length": 64, "sample": 0, "seed": 0, "source": "lckv",
+           "method": "full", "budget": None, "prompt_tokens": 20, "budget_tokens": None, "answers": prompt["answers"],
+           "metric": "all", "prediction": " 1234567.", "score": None, "prefill_s": 1.0, "first_step_s": 0.05,
+           "decode_tokens_per_s": 20.0}
+    for name in ("bench_tasks_m", "grid"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(row) + "\n")
+    peer = runner.result_row(prompt, "SnapKVPress", "0.1", prediction=" 1234567.", new_tokens=3, context_tokens=14,
+                             kept_context=2.0, question_tokens=6, compression_ratio=0.82, prefill_s=1.2,
+                             compression_s=0.1, question_s=0.1, steps=[0.05, 0.04, 0.04])
+    (tmp_path / "kvpress_m.jsonl").write_text(json.dumps(peer) + "\n")
+    methods = {}
+    for name in ("bench_tasks_m", "grid"):
+        payload = bench_tasks.main(["--model", "m", "--summary-only", "--results", str(tmp_path), "--name", name])
+        methods[name] = {e["method"] for e in payload["summary"]}
+    assert methods == {"bench_tasks_m": {"full", "kvpress:SnapKVPress"}, "grid": {"full"}}
+
+
 # ----------------------------------------------------------------------------- end to end (kvpress environment)
 def test_end_to_end_with_kvpress_environment(tmp_path):
     python = VENV / "bin" / "python"
