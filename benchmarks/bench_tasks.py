@@ -388,11 +388,16 @@ def plot(summary: list[dict], path: Path, model: str) -> None:
     plt.close(fig)
 
 
+def main_name(model: str) -> str:
+    """The results file name of a model's main grid (``--name`` left out)."""
+    return f"bench_tasks_{model.lower()}"
+
+
 def report(args) -> dict:
     """Summary of the main results file and any peer files: JSON, PNG and a printed table."""
     rows = read_rows(args.results / f"{args.name}.jsonl")
     peers = args.peer_results
-    if peers is None and args.name == f"bench_tasks_{args.model.lower()}":
+    if peers is None and args.name == main_name(args.model):
         # the main file of a model: the kvpress runner's file for it, so that a run keeps its peers'
         # rows (a named grid, e.g. one task at one length, takes peers only when given)
         peers = [path for path in [args.results / f"kvpress_{args.model}.jsonl"] if path.exists()]
@@ -467,7 +472,7 @@ def main(argv=None) -> dict:
                         help="write the grid's prompts to <name>_prompts.jsonl for peer runners, run nothing")
     parser.add_argument("--check", action="store_true", help="verify the harness (budget >= context equals full)")
     args = parser.parse_args(argv)
-    args.name = args.name or f"bench_tasks_{args.model.lower()}"
+    args.name = args.name or main_name(args.model)
     if args.check:
         return check(args)
     if args.export_prompts:

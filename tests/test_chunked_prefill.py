@@ -225,6 +225,8 @@ def test_generate_announces_the_prompt_end():
     _, unknown_values = forward_calls(None)
     assert (unknown_values - got_values).abs().max() > 100 * LOGIT_ATOL, \
         f"seed {seed}: the announcement changed nothing"
+    lckv.disable(model)
+    assert "_prefill" not in vars(model)
 
 
 def test_prompt_end_checks_its_value():

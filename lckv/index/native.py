@@ -270,11 +270,10 @@ class ClusterIndex(NativeIndex):
     grows with the context: a search opens only the query's ``probe_supers`` best supers by the
     score of their mean (more, best first, while they and the loose clusters hold fewer than
     ``2 * scan * k`` keys) and picks its clusters among their members and the loose clusters, so a
-    query scores the super
-    means, the loose centroids and a few supers' members, not every centroid (batched: the products
-    are with the super means). Approximate: a cluster in an unopened super is never scanned. The
-    retrieval policy uses it for a prefill's per-query picks (``prefill_query_probe``); the group
-    search (:meth:`search_group`) refuses it.
+    query scores the super means, the loose centroids and a few supers' members, not every centroid
+    (batched: the products are with the super means). Approximate: a cluster in an unopened super
+    is never scanned. The retrieval policy uses it for a prefill's per-query picks
+    (``prefill_query_probe``); the group search (:meth:`search_group`) refuses it.
 
     Many queries at once (16 or more in one ``search``, or per head in
     :func:`lckv.index.search_heads`): each block of queries gets its inner products with every
