@@ -42,6 +42,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -125,6 +126,68 @@ def make_sample(task: str, tokenizer, length: int, seed: int):
         sample = TASKS[task](tokenizer, length - overhead, seed)
         ids, text = render(tokenizer, sample)
     return sample, ids, text
+
+
+# ----------------------------------------------------------------------------- gold-row recall
+def gold_token_spans(tokenizer, sample: synthetic.TaskSample, text: str) -> list[tuple[int, int]] | None:
+    """Token spans ``[lo, hi)`` of the sample's gold documents in the rendered prompt ``text``
+    (:func:`render`), each from its ``[DOC i]`` tag to the next document's tag or the end of the
+    documents; None when the sample names no gold documents (the synthetic tasks). Positions are
+    the token counts of the text before each boundary (a token spanning one may shift it by one)."""
+    gold = sample.metadata.get("gold_ids")
+    if not gold:
+        return None
+    offset = text.index(sample.prompt)
+    template = bool(getattr(tokenizer, "chat_template", None))
+
+    def tokens_before(char: int) -> int:
+        prefix = text[:char]
+        return len(tokenizer.encode(prefix, add_special_tokens=False) if template else tokenizer.encode(prefix))
+
+    spans = []
+    for j in gold:
+        lo = sample.prompt.index(f"[DOC {j}] ")
+        following = re.search(r"^\[DOC \d+\] ", sample.prompt[lo + 1:], flags=re.M)
+        hi = len(sample.prompt) if following is None else lo + 1 + following.start()
+        spans.append((tokens_before(offset + lo), tokens_before(offset + hi)))
+    return spans
+
+
+class GoldRecall:
+    """Records, per layer, the share of the gold documents' offloaded rows a selection policy
+    attends exactly at its first decode step (mean over kv heads; batch 1). Wraps the policy's
+    ``select`` and ``fused_step`` on the instance (whichever the step calls); rows the policy only
+    estimates do not count. ``per_layer``: layer -> recall, None where no gold row was offloaded."""
+
+    def __init__(self, policy, spans: list[tuple[int, int]]):
+        self.spans, self.per_layer = spans, {}
+        for name in ("select", "fused_step"):
+            setattr(policy, name, self._recording(getattr(policy, name), fused=name == "fused_step"))
+
+    def _recording(self, method, fused: bool):
+        def recorded(state, view, q, n_select, scale=None):
+            result = method(state, view, q, n_select, scale)
+            if result is not None and view.layer_idx not in self.per_layer:
+                self.per_layer[view.layer_idx] = self.recall(result[2] if fused else result, view)
+            return result
+
+        return recorded
+
+    def recall(self, indices: torch.Tensor, view) -> float | None:
+        n_rows, first = view.keys.shape[2], view.first_position
+        gold = torch.zeros(n_rows, dtype=torch.bool)
+        for lo, hi in self.spans:  # token positions -> store rows (row r holds slot first + r)
+            gold[min(max(lo - first, 0), n_rows):min(max(hi - first, 0), n_rows)] = True
+        total = int(gold.sum())
+        if total == 0:
+            return None
+        heads = indices[0].cpu()
+        hits = sum(int(gold[rows[rows >= 0].unique()].sum()) for rows in heads)
+        return hits / (total * heads.shape[0])
+
+    def summary(self) -> dict:
+        layers = [self.per_layer.get(i) for i in range(max(self.per_layer, default=-1) + 1)]
+        return {"gold_recall": _mean(layers), "gold_recall_layers": layers}
 
 
 # ----------------------------------------------------------------------------- prefill and decode
@@ -216,6 +279,7 @@ def run(args) -> dict:
                     "source": "lckv"}
             try:
                 sample, ids, text = make_sample(task, tokenizer, length, seed)
+                spans = gold_token_spans(tokenizer, sample, text)
             except synthetic.TaskTooShortError as exc:  # recorded, so a rerun does not try again
                 print(f"# {task} at {length} tokens: {exc}", file=sys.stderr)
                 for method, budget in todo[(task, length, index)]:
@@ -240,7 +304,10 @@ def run(args) -> dict:
                     if method in OWN_PREFILL:
                         tokens, steps, row["prefill_s"] = prefill_and_decode(model, ids, args.chunk, policy, limit, eos)
                     else:
+                        probe = GoldRecall(policy, spans) if spans and method != "full" else None
                         tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
+                        if probe is not None and probe.per_layer:
+                            row.update(probe.summary())
                 except PolicyConfigError as exc:  # e.g. a budget too small for this length
                     row.update(error=str(exc), prediction=None, score=None)
                 else:
@@ -325,7 +392,8 @@ def summarize(rows: list[dict], carried: list[dict] = ()) -> list[dict]:
                                           if r.get("budget_tokens") and r.get("prompt_tokens")),
                  "prefill_s": _mean(r.get("prefill_s") for r in rs),
                  "first_step_s": _mean(r.get("first_step_s") for r in rs),
-                 "decode_tokens_per_s": _mean(r.get("decode_tokens_per_s") for r in rs)}
+                 "decode_tokens_per_s": _mean(r.get("decode_tokens_per_s") for r in rs),
+                 "gold_recall": _mean(r.get("gold_recall") for r in rs)}
         out.append(entry)
     out += [dict(e) for e in carried]
     by_setting = defaultdict(list)
@@ -334,8 +402,9 @@ def summarize(rows: list[dict], carried: list[dict] = ()) -> list[dict]:
     for (length, method, budget), es in by_setting.items():
         if len({e["task"] for e in es}) > 1:
             out.append({"task": "all", "length": length, "method": method, "budget": budget,
-                        **{k: _mean(e[k] for e in es) for k in ("score", "budget_tokens", "budget_fraction",
-                                                                "prefill_s", "first_step_s", "decode_tokens_per_s")},
+                        **{k: _mean(e.get(k) for e in es) for k in ("score", "budget_tokens", "budget_fraction",
+                                                                "prefill_s", "first_step_s", "decode_tokens_per_s",
+                                                                "gold_recall")},
                         "n": sum(e["n"] for e in es),
                         "full_score": _mean(e["full_score"] for e in es) if all(e["full_score"] is not None for e in es)
                         else None})
@@ -349,7 +418,8 @@ def summarize(rows: list[dict], carried: list[dict] = ()) -> list[dict]:
 
 COLUMNS = [("task", "task", "s", 22), ("length", "tokens", "d", 6), ("method", "method", "s", 30),
            ("budget", "budget", "s", 6), ("budget_tokens", "keys", ".0f", 5), ("n", "n", "d", 3),
-           ("score", "score", ".3f", 5), ("drop_pct", "drop %", ".1f", 6), ("prefill_s", "prefill s", ".2f", 0),
+           ("score", "score", ".3f", 5), ("drop_pct", "drop %", ".1f", 6), ("gold_recall", "gold rec", ".3f", 8),
+           ("prefill_s", "prefill s", ".2f", 0),
            ("first_step_ms", "1st step ms", ".1f", 0), ("decode_tokens_per_s", "tok/s", ".1f", 6)]
 
 

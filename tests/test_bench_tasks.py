@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -267,3 +268,104 @@ def test_export_prompts_for_peers(stories260k_files, tmp_path):
         assert r["context_text"] + r["question_text"] == r["text"]
         assert r["question_text"].startswith("What is the special magic number for ")
         assert 0.97 * 400 <= len(r["input_ids"]) <= 400 and r["metric"] == "all" and len(r["answers"]) == 1
+
+
+# ----------------------------------------------------------------------------- gold-row recall
+@pytest.mark.data
+def test_gold_token_spans_cover_the_gold_documents(stories_tokenizer, hotpotqa_file):
+    for seed in (0, 5):
+        sample, ids, text = bench_tasks.make_sample("hotpotqa", stories_tokenizer, 1500, seed)
+        spans = bench_tasks.gold_token_spans(stories_tokenizer, sample, text)
+        assert len(spans) == len(sample.metadata["gold_ids"]) >= 2
+        for j, (lo, hi) in zip(sample.metadata["gold_ids"], spans):
+            assert 0 < lo < hi <= len(ids)
+            block = re.search(rf"^\[DOC {j}\] .*?(?=\n\n\[DOC |\Z)", sample.context, flags=re.M | re.S).group(0)
+            # the span holds its whole document and not the neighbours' tags (one token of slack each side)
+            assert 0 <= stories_tokenizer.decode(ids[lo - 1:hi]).find(f"[DOC {j}]") <= 2
+            assert block.split("\n", 1)[1][-40:] in stories_tokenizer.decode(ids[lo:hi + 1])
+            assert len(re.findall(r"\[DOC \d+\]", stories_tokenizer.decode(ids[lo + 2:hi - 2]))) == 0
+    synthetic_sample, _, text = bench_tasks.make_sample("niah_single_repeat", stories_tokenizer, 400, 0)
+    assert bench_tasks.gold_token_spans(stories_tokenizer, synthetic_sample, text) is None
+
+
+def test_gold_recall_hand_computed():
+    """Store rows start at slot 4; gold tokens [10, 20) and [30, 35) are rows 6-15 and 26-30 (15
+    rows). Head 0 attends rows 0-9 and 28 (5 gold), head 1 rows 14-29 and a padded -1 (6 gold):
+    recall (5 + 6) / (2 * 15)."""
+    from types import SimpleNamespace
+
+    heads = [list(range(10)) + [28] + [-1] * 5, list(range(14, 30))]
+    indices = torch.tensor([heads])
+    calls = []
+
+    def select(state, view, q, n_select, scale=None):
+        calls.append("select")
+        return indices if calls.count("select") == 1 else torch.full_like(indices, -1)
+
+    def fused_step(state, view, q, n_select, scale=None):
+        calls.append("fused")
+        return None if view.layer_idx == 0 else ("out", "lse", indices[:, :1])
+
+    policy = SimpleNamespace(select=select, fused_step=fused_step)
+    probe = bench_tasks.GoldRecall(policy, [(10, 20), (30, 35)])
+    view = SimpleNamespace(keys=torch.zeros(1, 2, 40, 8), first_position=4, layer_idx=0)
+    assert policy.fused_step(None, view, None, 16) is None and probe.per_layer == {}
+    policy.select(None, view, None, 16)
+    assert probe.per_layer == {0: pytest.approx(11 / 30)}
+    policy.select(None, view, None, 16)  # a later step of the same layer does not count
+    assert probe.per_layer == {0: pytest.approx(11 / 30)}
+    policy.fused_step(None, SimpleNamespace(keys=torch.zeros(1, 1, 40, 8), first_position=4, layer_idx=1), None, 16)
+    assert probe.per_layer[1] == pytest.approx(5 / 15)  # a fused step's indices are its third output
+    # no gold row offloaded (all before the store): None, and the layer mean skips it
+    probe.per_layer[2] = probe.recall(indices, SimpleNamespace(keys=torch.zeros(1, 2, 40, 8), first_position=40))
+    assert probe.summary() == {"gold_recall": pytest.approx((11 / 30 + 5 / 15) / 2),
+                               "gold_recall_layers": [pytest.approx(11 / 30), pytest.approx(5 / 15), None]}
+
+
+def test_gold_recall_sees_the_decode_step_of_a_real_cache():
+    """A policy that attends scripted rows on a tiny model: the probe records, per layer, the
+    first decode step's rows (mapped from token positions by the sink), not the later steps'."""
+    from dataclasses import dataclass
+
+    import lckv
+    from lckv.policies.selection import SelectionPolicy
+    from tiny_models import tiny_decoder
+
+    @dataclass
+    class ScriptedRows(SelectionPolicy):
+        name = "scripted-rows"
+        steps: int = 0
+
+        def build(self, view):
+            return None
+
+        def on_offload(self, state, view, first_row, n_rows):
+            pass
+
+        def select(self, state, view, q, n_select, scale=None):
+            self.steps += view.layer_idx == 0
+            start = 0 if self.steps == 1 else view.length - 2 * n_select  # later steps: the store's end
+            rows = torch.arange(start, start + 2 * n_select).view(1, 2, n_select)
+            return rows.expand(q.shape[0], -1, -1).contiguous()
+
+    torch.manual_seed(0)
+    model = tiny_decoder("llama", kv_heads=2)
+    policy = ScriptedRows(budget=40, window=8)
+    n_select = policy.split_budget(121)[2]
+    assert n_select == 28
+    # gold tokens [20, 50) and [56, 62): store rows 16-45 and 52-57 (36); head 0 takes rows 0-27
+    # (12 gold), head 1 rows 28-55 (18 + 4 gold)
+    probe = bench_tasks.GoldRecall(policy, [(20, 50), (56, 62)])
+    lckv.enable(model, policy)
+    try:
+        cache = lckv.new_cache(model)
+        ids = torch.randint(2, 97, (1, 120))
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+            assert probe.per_layer == {}  # the exact prefill selects nothing
+            for token in (5, 6):
+                model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+    finally:
+        lckv.disable(model)
+    assert policy.steps == 2
+    assert probe.per_layer == {0: pytest.approx(34 / 72), 1: pytest.approx(34 / 72)}
