@@ -238,10 +238,13 @@ def tasks() -> str:
              "(`kvpress:*`) compress the context once, without the question, then read the question over the "
              "compressed cache (kvpress's own protocol, see docs/tasks.md). `keys`: keys a query attends at the first "
              "decode step (kvpress: kept context + question). `drop %`: relative drop of the mean vs `full` "
-             "(the paper's metric). Timings: first decode step and decode tokens/s after it.", ""]
+             "(the paper's metric). `gold rec` (HotpotQA): share of the gold documents' offloaded tokens a "
+             "selection policy attends exactly at the first decode step, mean over layers, kv heads and samples. "
+             "Timings: first decode step and decode tokens/s after it.", ""]
     for model, model_runs in _by_model(runs).items():
         for run in model_runs:
             summary = run["summary"]
+            gold = any(e.get("gold_recall") is not None for e in summary)  # HotpotQA runs since gold recall
             for length in sorted({e["length"] for e in summary}):
                 entries = [e for e in summary if e["length"] == length]
                 names = [t for t in dict.fromkeys(e["task"] for e in entries) if t != "all"]
@@ -257,13 +260,14 @@ def tasks() -> str:
                     row = [method, budget or "-", _fmt(overall.get("budget_tokens"), ".0f"), str(n)]
                     row += [_fmt(cells[(t, method, budget)]["score"], ".2f") if (t, method, budget) in cells else "-"
                             for t in names]
-                    row += [_fmt(overall.get("score"), ".3f"), _fmt(overall.get("drop_pct"), ".1f"),
-                            _fmt(None if overall.get("first_step_s") is None else 1e3 * overall["first_step_s"], ".0f"),
+                    row += [_fmt(overall.get("score"), ".3f"), _fmt(overall.get("drop_pct"), ".1f")]
+                    row += [_fmt(overall.get("gold_recall"), ".3f")] if gold else []
+                    row += [_fmt(None if overall.get("first_step_s") is None else 1e3 * overall["first_step_s"], ".0f"),
                             _fmt(overall.get("decode_tokens_per_s"), ".1f")]
                     table.append(row)
                 parts += [f"**{model}, {length} tokens** (`{run['_file']}`; measured {_machine(run['machine'])})", "",
-                          _table(["method", "budget", "keys", "n"] + names + ["mean", "drop %", "1st step ms", "tok/s"],
-                                 table), ""]
+                          _table(["method", "budget", "keys", "n"] + names + ["mean", "drop %"]
+                                 + (["gold rec"] if gold else []) + ["1st step ms", "tok/s"], table), ""]
     return "\n".join(parts)
 
 

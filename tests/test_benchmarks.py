@@ -96,3 +96,29 @@ def test_gpu_check_script_runs_dry(tmp_path):
     assert any(r["kernel"].startswith("decode step") and r["ms"] > 0 for r in payload["speed"])
     assert (tmp_path / "gpu_check_dry_run.json").exists()
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+
+
+def test_task_table_shows_gold_recall_only_where_measured(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render_results
+
+    def entry(method, budget, score, gold=None):
+        e = {"task": "hotpotqa", "length": 8192, "method": method, "budget": budget, "n": 3, "score": score,
+             "drop_pct": None, "budget_tokens": 400.0, "first_step_s": 0.1, "decode_tokens_per_s": 5.0}
+        return e if gold is None else {**e, "gold_recall": gold}
+
+    machine = {"date": "2026-12-07", "cpu": "cpu", "torch_threads": 2}
+    runs = {"bench_tasks_m_gold": [entry("full", None, 0.5), entry("quest", "0.05", 0.25, 0.3125)],
+            "bench_tasks_m_old": [entry("full", None, 0.5), entry("quest", "0.05", 0.25)]}
+    for name, summary in runs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"benchmark": "tasks", "model": "m", "machine": machine,
+                                                           "summary": summary}))
+    monkeypatch.setattr(render_results, "RESULTS", tmp_path)
+    text = render_results.tasks()
+    sections = {sec.split("`")[0]: sec for sec in text.split("**m, 8192 tokens** (`")[1:]}
+    gold, old = sections["bench_tasks_m_gold"], sections["bench_tasks_m_old"]
+    header = [line for line in gold.splitlines() if line.startswith("| method")][0]
+    assert "gold rec" in header
+    quest = [line for line in gold.splitlines() if line.startswith("| quest")][0].split("|")
+    assert quest[header.split("|").index(" gold rec ")].strip() == "0.312"
+    assert "gold rec" not in [line for line in old.splitlines() if line.startswith("| method")][0]
