@@ -155,14 +155,31 @@ def gold_token_spans(tokenizer, sample: synthetic.TaskSample, text: str) -> list
 
 class GoldRecall:
     """Records, per layer, the share of the gold documents' offloaded rows a selection policy
-    attends exactly at its first decode step (mean over kv heads; batch 1). Wraps the policy's
-    ``select`` and ``fused_step`` on the instance (whichever the step calls); rows the policy only
-    estimates do not count. ``per_layer``: layer -> recall, None where no gold row was offloaded."""
+    attends exactly at its first decode step (mean over kv heads; batch 1). A context manager:
+    inside it the policy's ``select`` and ``fused_step`` are wrapped on the instance (whichever the
+    step calls); on exit the wrappers are removed (they refer to the policy, and a policy left in
+    that cycle would keep its cache's selection state alive until a full garbage collection: the
+    harness ran out of memory after 20 Qwen samples at 8K). Rows the policy only estimates do not
+    count. ``per_layer``: layer -> recall, None where no gold row was offloaded."""
+
+    NAMES = ("select", "fused_step")
 
     def __init__(self, policy, spans: list[tuple[int, int]]):
-        self.spans, self.per_layer = spans, {}
-        for name in ("select", "fused_step"):
-            setattr(policy, name, self._recording(getattr(policy, name), fused=name == "fused_step"))
+        self.policy, self.spans, self.per_layer = policy, spans, {}
+
+    def __enter__(self) -> "GoldRecall":
+        self._own = {name: vars(self.policy)[name] for name in self.NAMES if name in vars(self.policy)}
+        for name in self.NAMES:
+            setattr(self.policy, name, self._recording(getattr(self.policy, name), fused=name == "fused_step"))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name in self.NAMES:  # the class's methods again (or the instance's own, if it had any)
+            if name in self._own:
+                setattr(self.policy, name, self._own[name])
+            else:
+                delattr(self.policy, name)
+        self.policy = None
 
     def _recording(self, method, fused: bool):
         def recorded(state, view, q, n_select, scale=None):
@@ -304,10 +321,13 @@ def run(args) -> dict:
                     if method in OWN_PREFILL:
                         tokens, steps, row["prefill_s"] = prefill_and_decode(model, ids, args.chunk, policy, limit, eos)
                     else:
-                        probe = GoldRecall(policy, spans) if spans and method != "full" else None
-                        tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
-                        if probe is not None and probe.per_layer:
-                            row.update(probe.summary())
+                        if spans and method != "full":
+                            with GoldRecall(policy, spans) as probe:
+                                tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
+                            if probe.per_layer:
+                                row.update(probe.summary())
+                        else:
+                            tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
                 except PolicyConfigError as exc:  # e.g. a budget too small for this length
                     row.update(error=str(exc), prediction=None, score=None)
                 else:

@@ -307,7 +307,7 @@ def test_gold_recall_hand_computed():
         return None if view.layer_idx == 0 else ("out", "lse", indices[:, :1])
 
     policy = SimpleNamespace(select=select, fused_step=fused_step)
-    probe = bench_tasks.GoldRecall(policy, [(10, 20), (30, 35)])
+    probe = bench_tasks.GoldRecall(policy, [(10, 20), (30, 35)]).__enter__()
     view = SimpleNamespace(keys=torch.zeros(1, 2, 40, 8), first_position=4, layer_idx=0)
     assert policy.fused_step(None, view, None, 16) is None and probe.per_layer == {}
     policy.select(None, view, None, 16)
@@ -320,6 +320,36 @@ def test_gold_recall_hand_computed():
     probe.per_layer[2] = probe.recall(indices, SimpleNamespace(keys=torch.zeros(1, 2, 40, 8), first_position=40))
     assert probe.summary() == {"gold_recall": pytest.approx((11 / 30 + 5 / 15) / 2),
                                "gold_recall_layers": [pytest.approx(11 / 30), pytest.approx(5 / 15), None]}
+    probe.__exit__(None, None, None)
+    assert policy.select is select and policy.fused_step is fused_step  # the instance's own functions back
+
+
+def test_gold_recall_leaves_no_reference_cycle():
+    """The wrappers refer to the policy; after the ``with`` block the policy must be freed by its
+    reference count alone (a cycle kept every decoded policy's cache state alive: out of memory)."""
+    import gc
+    import weakref
+
+    class Policy:
+        def select(self, state, view, q, n_select, scale=None):
+            return None
+
+        def fused_step(self, state, view, q, n_select, scale=None):
+            return None
+
+    policy = Policy()
+    with bench_tasks.GoldRecall(policy, [(0, 1)]):
+        assert "select" in vars(policy)
+    assert vars(policy) == {}
+    dead = weakref.ref(policy)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del policy
+        assert dead() is None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def test_gold_recall_sees_the_decode_step_of_a_real_cache():
@@ -355,12 +385,11 @@ def test_gold_recall_sees_the_decode_step_of_a_real_cache():
     assert n_select == 28
     # gold tokens [20, 50) and [56, 62): store rows 16-45 and 52-57 (36); head 0 takes rows 0-27
     # (12 gold), head 1 rows 28-55 (18 + 4 gold)
-    probe = bench_tasks.GoldRecall(policy, [(20, 50), (56, 62)])
     lckv.enable(model, policy)
     try:
         cache = lckv.new_cache(model)
         ids = torch.randint(2, 97, (1, 120))
-        with torch.no_grad():
+        with torch.no_grad(), bench_tasks.GoldRecall(policy, [(20, 50), (56, 62)]) as probe:
             model(ids, past_key_values=cache, use_cache=True)
             assert probe.per_layer == {}  # the exact prefill selects nothing
             for token in (5, 6):
