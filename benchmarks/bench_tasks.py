@@ -42,6 +42,7 @@ too, so a fresh clone resumes from the committed file) and ``.png`` and is print
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -62,7 +63,7 @@ from tasks_qa import QA_TASKS  # noqa: E402
 
 import lckv  # noqa: E402
 from lckv.cache import LckvCache, QueryRecorder  # noqa: E402
-from lckv.policies import FullPolicy, PolicyConfigError, StreamingPolicy, get_policy  # noqa: E402
+from lckv.policies import FullPolicy, PolicyConfigError, SelectionPolicy, StreamingPolicy, get_policy  # noqa: E402
 from lckv.research import tasks as synthetic  # noqa: E402
 from training.scorers import relative_drop, subem_score  # noqa: E402
 
@@ -114,9 +115,17 @@ def render(tokenizer, sample: synthetic.TaskSample) -> tuple[list[int], str]:
         messages.append({"role": "user", "content": sample.prompt})
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         text += sample.answer_prefix
-        return tokenizer.encode(text, add_special_tokens=False), text
-    text = (f"{sample.system}\n\n" if sample.system else "") + f"{sample.prompt}\n\n{sample.answer_prefix}"
-    return tokenizer.encode(text), text
+    else:
+        text = (f"{sample.system}\n\n" if sample.system else "") + f"{sample.prompt}\n\n{sample.answer_prefix}"
+    return encode(tokenizer, text), text
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of rendered ``text``: the chat template holds its special tokens already; without
+    one the tokenizer adds BOS."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
 
 
 def make_sample(task: str, tokenizer, length: int, seed: int):
@@ -141,18 +150,12 @@ def gold_token_spans(tokenizer, sample: synthetic.TaskSample, text: str) -> list
     if not gold:
         return None
     offset = text.index(sample.prompt)
-    template = bool(getattr(tokenizer, "chat_template", None))
-
-    def tokens_before(char: int) -> int:
-        prefix = text[:char]
-        return len(tokenizer.encode(prefix, add_special_tokens=False) if template else tokenizer.encode(prefix))
-
     spans = []
     for j in gold:
         lo = sample.prompt.index(f"[DOC {j}] ")
         following = re.search(r"^\[DOC \d+\] ", sample.prompt[lo + 1:], flags=re.M)
         hi = len(sample.prompt) if following is None else lo + 1 + following.start()
-        spans.append((tokens_before(offset + lo), tokens_before(offset + hi)))
+        spans.append(tuple(len(encode(tokenizer, text[:offset + char])) for char in (lo, hi)))
     return spans
 
 
@@ -324,13 +327,12 @@ def run(args) -> dict:
                     if method in OWN_PREFILL:
                         tokens, steps, row["prefill_s"] = prefill_and_decode(model, ids, args.chunk, policy, limit, eos)
                     else:
-                        if spans and method != "full":
-                            with GoldRecall(policy, spans) as probe:
-                                tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
-                            if probe.per_layer:
-                                row.update(probe.summary())
-                        else:
+                        # gold recall: HotpotQA rows of the policies that select rows per step
+                        probe = GoldRecall(policy, spans) if spans and isinstance(policy, SelectionPolicy) else None
+                        with probe or contextlib.nullcontext():
                             tokens, steps = decode(model, cache, tees, policy, first, limit, eos)
+                        if probe is not None and probe.per_layer:
+                            row.update(probe.summary())
                 except PolicyConfigError as exc:  # e.g. a budget too small for this length
                     row.update(error=str(exc), prediction=None, score=None)
                 else:

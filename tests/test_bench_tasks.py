@@ -398,3 +398,18 @@ def test_gold_recall_sees_the_decode_step_of_a_real_cache():
         lckv.disable(model)
     assert policy.steps == 2
     assert probe.per_layer == {0: pytest.approx(34 / 72), 1: pytest.approx(34 / 72)}
+
+
+@pytest.mark.data
+def test_gold_recall_rows_of_every_method_kind(stories260k_files, hotpotqa_file, tmp_path):
+    """HotpotQA through the harness with a policy of each kind: `full` and `streaming` (no per-step
+    selection) decode without a probe and carry no gold recall; `quest` carries one per layer."""
+    bench_tasks.main(["--model", "stories260K", "--tasks", "hotpotqa", "--lengths", "1024", "--samples", "1",
+                      "--methods", "full", "streaming", "quest", "--budgets", "0.1", "--max-new-tokens", "3",
+                      "--results", str(tmp_path), "--name", "gold"])
+    rows = {r["method"]: r for r in _rows(tmp_path / "gold.jsonl")}
+    assert set(rows) == {"full", "streaming", "quest"} and all(r.get("error") is None for r in rows.values())
+    assert "gold_recall" not in rows["full"] and "gold_recall" not in rows["streaming"]
+    layers = rows["quest"]["gold_recall_layers"]
+    assert len(layers) == 5 and all(0.0 <= x <= 1.0 for x in layers)  # stories260K: 5 layers, gold rows offloaded
+    assert rows["quest"]["gold_recall"] == pytest.approx(sum(layers) / len(layers))
