@@ -327,6 +327,68 @@ def test_stage1_training_reduces_the_loss_on_a_fixed_toy_set(model):
         train_stage1(model, [], examples)
 
 
+def _toy_examples(seed: int, count: int = 3):
+    from training.retrolm import PageExample
+
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        ids = torch.randint(2, 97, (150,), generator=gen).tolist()
+        positive = [False] * ((150 - 16 - 4) // 16)
+        positive[int(torch.randint(0, len(positive), (1,), generator=gen))] = True
+        examples.append(PageExample(ids, positive))
+    return examples
+
+
+def test_stage1_low_rank_deltas_train_only_a_low_rank_change_and_merge(model):
+    """rank=r: every projection weight moves by a matrix of rank <= r, biases stay, the embedding
+    trains, the loss falls, and the result has the plain Bookmarks parameters (same names: the
+    file format is unchanged and it round-trips)."""
+    from training.retrolm import train_stage1
+
+    examples = _toy_examples(int(torch.randint(0, 2**31, (1,))))
+    start = Bookmarks(model).state_dict()
+    bookmarks, history = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=8, lr=3e-2,
+                                      progress=False, rank=2)
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+    state = bookmarks.state_dict()
+    assert sorted(state) == sorted(start)
+    assert all(p.requires_grad for p in bookmarks.parameters())
+    moved = set()
+    for name, value in state.items():
+        delta = (value - start[name]).double()
+        if name.endswith(".weight"):
+            assert torch.linalg.matrix_rank(delta, atol=1e-5 * float(start[name].abs().max())) <= 2, name
+            if delta.abs().max() > 0:
+                moved.add(name)
+        elif name.endswith(".bias"):
+            assert torch.equal(value, start[name]), name
+    last = len(bookmarks.q) - 1  # the last layer's bookmark values feed nothing: no gradient
+    assert moved == {f"{kind}.{layer}.weight" for kind in "qkv" for layer in range(last + 1)} - {f"v.{last}.weight"}
+    assert not torch.equal(state["embedding"], start["embedding"])
+    with pytest.raises(ValueError, match="rank"):
+        train_stage1(model, examples, examples, rank=0, progress=False)
+
+
+def test_stage1_anchor_pulls_the_parameters_toward_the_start(model):
+    """anchor > 0 adds an L2 pull toward the initial parameters: the same run ends nearer the
+    start than without it; a negative anchor is refused."""
+    from training.retrolm import train_stage1
+
+    examples = _toy_examples(int(torch.randint(0, 2**31, (1,))))
+    start = Bookmarks(model).state_dict()
+
+    def distance(anchor: float) -> float:
+        bookmarks, _ = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=3, lr=1e-2,
+                                    progress=False, anchor=anchor)
+        return sum(float(((v - start[k]) ** 2).sum()) for k, v in bookmarks.state_dict().items())
+
+    free, pulled = distance(0.0), distance(10.0)
+    assert 0 < pulled < 0.5 * free
+    with pytest.raises(ValueError, match="anchor"):
+        train_stage1(model, examples, examples, anchor=-1.0, progress=False)
+
+
 @pytest.mark.parametrize("recalls,kept", [((0.2, 0.5, 0.3), 1), ((0.4, 0.3, 0.1), 0), ((0.1, 0.2, 0.3), 2),
                                           ((0.5, 0.5, 0.2), 0)])
 def test_stage1_keep_best_returns_the_best_held_out_epoch(model, monkeypatch, recalls, kept):

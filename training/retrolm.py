@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.utils import parametrize
 
 from lckv.retrolm import Bookmarks, info_nce, model_fingerprint, page_scores, read_state_file, write_state_file
 from training.data import QARecord, build_examples, to_sft_rows
@@ -177,17 +179,33 @@ def evaluate(model, bookmarks, examples, page_size, sink, recall_at=4, query_tok
 def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *, page_size: int = 128,
                  sink: int = 4, epochs: int = 1, lr: float = 1e-4, recall_at: int = 4, seed: int = 0,
                  query_tokens: int = 64, bookmarks: Bookmarks | None = None, progress: bool = True,
-                 keep_best: bool = False) -> tuple[Bookmarks, list[dict]]:
+                 keep_best: bool = False, rank: int | None = None, anchor: float = 0.0
+                 ) -> tuple[Bookmarks, list[dict]]:
     """Trains the bookmarks of ``model`` (backbone frozen) on ``train``; evaluates on ``held_out``
     before training and after every epoch. Returns the bookmarks and the history. With
     ``keep_best`` the bookmarks returned are those of the epoch with the best held-out gold-page
     recall (epoch 0: as given, untrained by default), and the history's last entry names it
-    (``kept_epoch``): training can make the retriever worse (Qwen2.5-0.5B at 8K, lr 3e-3)."""
+    (``kept_epoch``): training can make the retriever worse (Qwen2.5-0.5B at 8K, lr 3e-3).
+
+    Two regularisers against overfitting a few rows (the projections are ~25M parameters on
+    Qwen2.5-0.5B): ``rank`` trains a low-rank delta ``B @ A`` of that rank on every bookmark
+    projection's weight (biases and the copied weights frozen, the embedding trained; merged into
+    the weights when training ends, so the file is the usual one), and ``anchor`` adds
+    ``anchor * sum((p - p_initial)^2)`` over the trained parameters to every example's loss (an L2
+    pull toward the starting point, not toward zero)."""
     if not train or not held_out:
         raise ValueError(f"train and held_out need examples, got {len(train)} and {len(held_out)}")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive int or None, got {rank!r}")
+    if not anchor >= 0.0:
+        raise ValueError(f"anchor must be >= 0, got {anchor!r}")
     model.requires_grad_(False)
     bookmarks = bookmarks or Bookmarks(model)
-    optimizer = torch.optim.AdamW(bookmarks.parameters(), lr=lr, weight_decay=0.0)
+    if rank is not None:
+        _add_low_rank_deltas(bookmarks, rank, seed)
+    trained = [p for p in bookmarks.parameters() if p.requires_grad]
+    start_values = [p.detach().clone() for p in trained] if anchor > 0 else None
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     history = [{"epoch": 0, **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)}]
     best = (history[0]["recall"], 0, copy.deepcopy(bookmarks.state_dict())) if keep_best else None
     rng = random.Random(seed)
@@ -202,8 +220,11 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
             bar = tqdm(order, desc=f"retrolm stage 1, epoch {epoch}", unit="example", file=sys.stderr)
         for example in bar:
             loss, _ = stage1_loss(model, bookmarks, example, page_size, sink, recall_at, query_tokens=query_tokens)
+            penalty = loss
+            if start_values is not None:
+                penalty = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(trained, start_values))
             optimizer.zero_grad()
-            loss.backward()
+            penalty.backward()
             optimizer.step()
             total += loss.item()
             if progress:
@@ -215,7 +236,42 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
     if best is not None:
         bookmarks.load_state_dict(best[2])
         history[-1]["kept_epoch"] = best[1]
+    if rank is not None:
+        _merge_low_rank_deltas(bookmarks)
     return bookmarks, history
+
+
+class _LowRankDelta(nn.Module):
+    """``weight + B @ A`` (a parametrization of a linear layer's weight): ``B`` starts at zero, so
+    the layer starts as it was."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, generator: torch.Generator):
+        super().__init__()
+        bound = in_features ** -0.5
+        self.A = nn.Parameter(torch.empty(rank, in_features).uniform_(-bound, bound, generator=generator))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.B @ self.A).to(weight.dtype)
+
+
+def _add_low_rank_deltas(bookmarks: Bookmarks, rank: int, seed: int) -> None:
+    """Freezes every bookmark projection and gives its weight a trainable :class:`_LowRankDelta`."""
+    generator = torch.Generator().manual_seed(seed)
+    for projections in (bookmarks.q, bookmarks.k, bookmarks.v):
+        for linear in projections:
+            linear.requires_grad_(False)
+            delta = _LowRankDelta(linear.out_features, linear.in_features, rank, generator)
+            parametrize.register_parametrization(linear, "weight", delta.to(linear.weight.dtype))
+
+
+def _merge_low_rank_deltas(bookmarks: Bookmarks) -> None:
+    """Folds the deltas into the weights (plain, trainable parameters again, as :class:`Bookmarks`
+    makes them), so the state and the file have the usual names."""
+    for projections in (bookmarks.q, bookmarks.k, bookmarks.v):
+        for linear in projections:
+            parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+            linear.requires_grad_(True)
 
 
 # ----------------------------------------------------------------------------------- stage 2
@@ -383,6 +439,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="stage 1: keep the epoch with the best held-out gold-page recall (0: untrained)")
     parser.add_argument("--lr", type=float, default=None, help="default 1e-4 (stage 1), 1e-5 (stage 2)")
     parser.add_argument("--recall-at", type=int, default=4, help="stage 1: pages for the gold-page recall")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="stage 1: train low-rank deltas of this rank on the projections (default: full)")
+    parser.add_argument("--anchor", type=float, default=0.0,
+                        help="stage 1: L2 pull toward the initial bookmarks (weight of sum((p - p0)^2))")
     parser.add_argument("--query-tokens", type=int, default=64,
                         help="stage 1: tokens the query bookmark reads (the policy's resident window, 64 by default)")
     parser.add_argument("--bookmarks", type=Path, default=None,
@@ -439,7 +499,8 @@ def main(argv=None) -> dict:
         held_out = make_examples(tokenizer, eval_records, args.length, args.page_size, args.sink, seed=1)
         bookmarks, history = train_stage1(model, train, held_out, page_size=args.page_size, sink=args.sink,
                                           epochs=args.epochs, lr=args.lr, recall_at=args.recall_at,
-                                          query_tokens=args.query_tokens, keep_best=args.keep_best)
+                                          query_tokens=args.query_tokens, keep_best=args.keep_best,
+                                          rank=args.rank, anchor=args.anchor)
         bookmarks.save(out)
     else:
         import lckv
