@@ -70,9 +70,13 @@ from training.scorers import relative_drop, subem_score  # noqa: E402
 TASKS = {**synthetic.TASKS, **QA_TASKS}
 DEFAULT_TASKS = [*synthetic.TASKS, "hotpotqa"]
 METHODS = ("full", "streaming", "snapkv", "quest", "block", "retrieval", "retrolm")
-#: shared-prefill variants of a policy: name -> (policy, settings); ``retrolm-trained`` reads the
-#: bookmarks file of ``--retrolm-bookmarks`` (training/retrolm.py writes it)
-VARIANTS = {"retrolm-trained": ("retrolm", {})}
+#: shared-prefill variants of a policy: name -> (policy, settings); ``retrolm-trained*`` read the
+#: bookmarks file of ``--retrolm-bookmarks`` (training/retrolm.py writes it); ``-p32``: pages of 32
+#: tokens (the policy's default is RetroLM's 128; the bookmarks file holds projections, usable at
+#: any page size, trained at one)
+VARIANTS = {"retrolm-trained": ("retrolm", {}), "retrolm-p32": ("retrolm", {"page_size": 32}),
+            "retrolm-trained-p32": ("retrolm", {"page_size": 32})}
+TRAINED = "retrolm-trained"
 #: methods that prefill on their own instead of sharing the exact prefill: name -> (policy, settings)
 OWN_PREFILL = {f"retrieval-prefill{suffix}": ("retrieval", settings) for suffix, settings in PREFILL_VARIANTS.items()}
 ALL_METHODS = (*METHODS, *VARIANTS, *OWN_PREFILL)
@@ -88,7 +92,7 @@ def budget_value(label: str) -> float | int:
 def make_policy(method: str, budget: str | None, prompt_tokens: int, bookmarks: str | None = None):
     """The lckv policy of ``method`` at ``budget`` for a prompt of ``prompt_tokens`` tokens, and the
     keys a query attends at the first decode step (context: the prompt and the first answer token).
-    ``bookmarks``: the trained RetroLM bookmarks file of ``retrolm-trained``."""
+    ``bookmarks``: the trained RetroLM bookmarks file of the ``retrolm-trained*`` methods."""
     if method == "full":
         return FullPolicy(), None
     value = budget_value(budget)
@@ -97,9 +101,9 @@ def make_policy(method: str, budget: str | None, prompt_tokens: int, bookmarks: 
         sink = min(STREAMING_SINK, keys - 1)
         return StreamingPolicy(sink=sink, window=keys - sink), keys
     name, settings = OWN_PREFILL.get(method) or VARIANTS.get(method) or (method, {})
-    if method == "retrolm-trained":
+    if method.startswith(TRAINED):
         if not bookmarks:
-            raise PolicyConfigError("retrolm-trained needs --retrolm-bookmarks FILE (python -m training.retrolm)")
+            raise PolicyConfigError(f"{method} needs --retrolm-bookmarks FILE (python -m training.retrolm)")
         settings = {**settings, "bookmarks": str(bookmarks)}
     policy = get_policy(name, budget=value, **settings)
     return policy, policy.budget_tokens(prompt_tokens + 1)
@@ -291,8 +295,9 @@ def run(args) -> dict:
     model, tokenizer = load_model(args.model, longest)
     eos = eos_ids(model, tokenizer)
     settings = {get_policy(m).recorded_queries() for m in args.methods if m in METHODS} - {None}
-    if "retrolm-trained" in args.methods and not (args.retrolm_bookmarks and Path(args.retrolm_bookmarks).is_file()):
-        raise SystemExit(f"retrolm-trained: no bookmarks file {args.retrolm_bookmarks!r}; train one with "
+    trained = [m for m in args.methods if m.startswith(TRAINED)]
+    if trained and not (args.retrolm_bookmarks and Path(args.retrolm_bookmarks).is_file()):
+        raise SystemExit(f"{' '.join(trained)}: no bookmarks file {args.retrolm_bookmarks!r}; train one with "
                          "`python -m training.retrolm --model <model>` and pass --retrolm-bookmarks FILE")
     with stream.open("a") as sink:
         bar = progress([u for u in units if todo[u]], "samples")
@@ -554,7 +559,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: each task's own limit")
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk in tokens")
     parser.add_argument("--retrolm-bookmarks", default=None,
-                        help="trained RetroLM bookmarks of method retrolm-trained (python -m training.retrolm)")
+                        help="trained RetroLM bookmarks of the retrolm-trained* methods (python -m training.retrolm)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--name", default=None, help="result file name (default: bench_tasks_<model>)")
     parser.add_argument("--fresh", action="store_true", help="discard earlier rows instead of resuming")

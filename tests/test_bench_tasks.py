@@ -118,6 +118,21 @@ def test_budget_label_rejects(text):
         bench_tasks.budget_label(text)
 
 
+@pytest.mark.parametrize("method,page,trained", [("retrolm", 128, False), ("retrolm-p32", 32, False),
+                                                 ("retrolm-trained", 128, True), ("retrolm-trained-p32", 32, True)])
+def test_retrolm_methods_set_page_size_and_bookmarks(method, page, trained, tmp_path):
+    from lckv.policies import PolicyConfigError, RetroLMPolicy
+
+    prompt = int(torch.randint(2000, 9000, (1,)))
+    policy, keys = bench_tasks.make_policy(method, "0.05", prompt, str(tmp_path / "b.pt"))
+    assert isinstance(policy, RetroLMPolicy) and policy.page_size == page
+    assert policy.bookmarks == (str(tmp_path / "b.pt") if trained else None)
+    assert keys == policy.budget_tokens(prompt + 1)
+    if trained:
+        with pytest.raises(PolicyConfigError, match=method):
+            bench_tasks.make_policy(method, "0.05", prompt, None)
+
+
 def test_summary_rescores_and_computes_relative_drop():
     def row(method, budget, sample, prediction, task="niah_single_repeat", answers=("1234567",)):
         return {"model": "m", "task": task, "length": 1000, "method": method, "budget": budget, "sample": sample,
