@@ -558,3 +558,13 @@ def test_a_decode_step_under_autograd_is_refused(model):
         model(ids[:, :1], past_key_values=cache, use_cache=True)
     with torch.no_grad():  # the cache is as it was: the same step still runs
         model(ids[:, :1], past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("argv,query_tokens", [([], 64), (["--page-size", "32"], 32), (["--page-size", "256"], 64),
+                                               (["--page-size", "32", "--query-tokens", "48"], 48)])
+def test_stage1_cli_query_tokens_follow_what_the_policy_reads(argv, query_tokens):
+    """The query page defaults to what the policy's query bookmark reads at decode time: its
+    resident window (64) or the page size if smaller; a flag overrides it."""
+    from training.retrolm import _args
+
+    assert _args(argv).query_tokens == query_tokens

@@ -443,8 +443,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="stage 1: train low-rank deltas of this rank on the projections (default: full)")
     parser.add_argument("--anchor", type=float, default=0.0,
                         help="stage 1: L2 pull toward the initial bookmarks (weight of sum((p - p0)^2))")
-    parser.add_argument("--query-tokens", type=int, default=64,
-                        help="stage 1: tokens the query bookmark reads (the policy's resident window, 64 by default)")
+    parser.add_argument("--query-tokens", type=int, default=None,
+                        help="stage 1: tokens the query bookmark reads (default: what the policy's reads at decode "
+                             "time, its resident window of 64 or the page size if smaller)")
     parser.add_argument("--bookmarks", type=Path, default=None,
                         help="stage 2: the stage-1 bookmarks file (default: untrained bookmarks)")
     parser.add_argument("--budget", default="0.05", help="stage 2: the policy's decode budget (fraction or count)")
@@ -477,6 +478,8 @@ def _args(argv) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-4 if args.stage == 1 else 1e-5
+    if args.query_tokens is None:
+        args.query_tokens = min(64, args.page_size)
     return args
 
 
