@@ -370,6 +370,30 @@ def test_stage1_low_rank_deltas_train_only_a_low_rank_change_and_merge(model):
         train_stage1(model, examples, examples, rank=0, progress=False)
 
 
+def test_stage1_low_rank_deltas_are_merged_when_training_fails(model, monkeypatch):
+    """An error mid-training still leaves the caller's bookmarks plain (deltas merged, the usual
+    parameter names), not half-parametrized."""
+    import training.retrolm as stage1
+
+    examples = _toy_examples(int(torch.randint(0, 2**31, (1,))))
+    bookmarks = Bookmarks(model)
+    names = sorted(bookmarks.state_dict())
+    calls, real = [], stage1.stage1_loss
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > len(examples) + 1:  # the held-out pass, then one training step
+            raise RuntimeError("stopped")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage1, "stage1_loss", failing)
+    with pytest.raises(RuntimeError, match="stopped"):
+        stage1.train_stage1(model, examples, examples, page_size=16, sink=4, epochs=2, lr=3e-2, progress=False,
+                            rank=2, bookmarks=bookmarks)
+    assert sorted(bookmarks.state_dict()) == names
+    assert not any(hasattr(linear, "parametrizations") for linear in [*bookmarks.q, *bookmarks.k, *bookmarks.v])
+
+
 def test_stage1_anchor_pulls_the_parameters_toward_the_start(model):
     """anchor > 0 adds an L2 pull toward the initial parameters: the same run ends nearer the
     start than without it; a negative anchor is refused."""

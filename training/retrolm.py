@@ -203,41 +203,44 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
     bookmarks = bookmarks or Bookmarks(model)
     if rank is not None:
         _add_low_rank_deltas(bookmarks, rank, seed)
-    trained = [p for p in bookmarks.parameters() if p.requires_grad]
-    start_values = [p.detach().clone() for p in trained] if anchor > 0 else None
-    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
-    history = [{"epoch": 0, **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)}]
-    best = (history[0]["recall"], 0, copy.deepcopy(bookmarks.state_dict())) if keep_best else None
-    rng = random.Random(seed)
-    for epoch in range(1, epochs + 1):
-        order = list(train)
-        rng.shuffle(order)
-        start, total = time.perf_counter(), 0.0
-        bar = order
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(order, desc=f"retrolm stage 1, epoch {epoch}", unit="example", file=sys.stderr)
-        for example in bar:
-            loss, _ = stage1_loss(model, bookmarks, example, page_size, sink, recall_at, query_tokens=query_tokens)
-            penalty = loss
-            if start_values is not None:
-                penalty = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(trained, start_values))
-            optimizer.zero_grad()
-            penalty.backward()
-            optimizer.step()
-            total += loss.item()
+    try:  # the deltas are merged even when training stops on an error: the bookmarks stay plain
+        trained = [p for p in bookmarks.parameters() if p.requires_grad]
+        start_values = [p.detach().clone() for p in trained] if anchor > 0 else None
+        optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+        history = [{"epoch": 0,
+                    **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)}]
+        best = (history[0]["recall"], 0, copy.deepcopy(bookmarks.state_dict())) if keep_best else None
+        rng = random.Random(seed)
+        for epoch in range(1, epochs + 1):
+            order = list(train)
+            rng.shuffle(order)
+            start, total = time.perf_counter(), 0.0
+            bar = order
             if progress:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append({"epoch": epoch, "train_loss": total / len(order), "epoch_s": time.perf_counter() - start,
-                        **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)})
-        if best is not None and history[-1]["recall"] > best[0]:
-            best = (history[-1]["recall"], epoch, copy.deepcopy(bookmarks.state_dict()))
-    if best is not None:
-        bookmarks.load_state_dict(best[2])
-        history[-1]["kept_epoch"] = best[1]
-    if rank is not None:
-        _merge_low_rank_deltas(bookmarks)
+                from tqdm import tqdm
+
+                bar = tqdm(order, desc=f"retrolm stage 1, epoch {epoch}", unit="example", file=sys.stderr)
+            for example in bar:
+                loss, _ = stage1_loss(model, bookmarks, example, page_size, sink, recall_at, query_tokens=query_tokens)
+                penalty = loss
+                if start_values is not None:
+                    penalty = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(trained, start_values))
+                optimizer.zero_grad()
+                penalty.backward()
+                optimizer.step()
+                total += loss.item()
+                if progress:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+            history.append({"epoch": epoch, "train_loss": total / len(order), "epoch_s": time.perf_counter() - start,
+                            **evaluate(model, bookmarks, held_out, page_size, sink, recall_at, query_tokens, progress)})
+            if best is not None and history[-1]["recall"] > best[0]:
+                best = (history[-1]["recall"], epoch, copy.deepcopy(bookmarks.state_dict()))
+        if best is not None:
+            bookmarks.load_state_dict(best[2])
+            history[-1]["kept_epoch"] = best[1]
+    finally:
+        if rank is not None:
+            _merge_low_rank_deltas(bookmarks)
     return bookmarks, history
 
 
@@ -444,8 +447,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--anchor", type=float, default=0.0,
                         help="stage 1: L2 pull toward the initial bookmarks (weight of sum((p - p0)^2))")
     parser.add_argument("--query-tokens", type=int, default=None,
-                        help="stage 1: tokens the query bookmark reads (default: what the policy's reads at decode "
-                             "time, its resident window of 64 or the page size if smaller)")
+                        help="stage 1: tokens the query bookmark reads (default: what the policy's query "
+                             "bookmark reads at decode time, its resident window of 64 or the page size if smaller)")
     parser.add_argument("--bookmarks", type=Path, default=None,
                         help="stage 2: the stage-1 bookmarks file (default: untrained bookmarks)")
     parser.add_argument("--budget", default="0.05", help="stage 2: the policy's decode budget (fraction or count)")
