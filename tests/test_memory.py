@@ -1,4 +1,5 @@
 """lckv.memory.empty_host and lckv._C.empty_huge: huge-page host tensors for offloaded K/V."""
+import mmap
 import os
 from pathlib import Path
 
@@ -45,7 +46,11 @@ def test_large_tensors_are_huge_page_aligned_and_advised():
     assert t.data_ptr() % TWO_MIB == 0
     small = empty_host([1024], torch.float32)
     assert small.nbytes < HUGE_PAGE_MIN_BYTES
-    plain = torch.empty(t.shape, dtype=t.dtype)
+    # the control: a fresh anonymous mapping (torch.empty may reuse heap memory that an earlier
+    # posix_memalign'd and advised block left advised: glibc serves blocks below its dynamic mmap
+    # threshold, up to 32 MiB, from the heap, so its flags depend on the process's history)
+    region = mmap.mmap(-1, t.nbytes)
+    plain = torch.frombuffer(region, dtype=torch.uint8)
     if _thp_mode() not in ("madvise", "always"):
         pytest.skip(f"transparent huge pages are {_thp_mode()!r} here")
     assert huge_page_advised(t) is True, "the large tensor's mapping lacks MADV_HUGEPAGE (VmFlags hg)"
