@@ -306,28 +306,8 @@ def test_example_pages_mark_the_gold_spans():
     assert [p for p, pos in enumerate(example.positive) if pos] == [2, 3, 9]
 
 
-def test_stage1_training_reduces_the_loss_on_a_fixed_toy_set(model):
-    from training.retrolm import PageExample, evaluate, train_stage1
-
-    gen = torch.Generator().manual_seed(7)
-    examples = []
-    for _ in range(3):
-        ids = torch.randint(2, 97, (150,), generator=gen).tolist()
-        positive = [False] * ((150 - 16 - 4) // 16)
-        positive[int(torch.randint(0, len(positive), (1,), generator=gen))] = True
-        examples.append(PageExample(ids, positive))
-    backbone = {k: v.clone() for k, v in model.state_dict().items()}
-    bookmarks, history = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=8, lr=3e-3,
-                                      progress=False)
-    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
-    assert all(torch.equal(v, backbone[k]) for k, v in model.state_dict().items())  # the backbone stayed frozen
-    again = evaluate(model, bookmarks, examples, 16, 4)
-    assert again["loss"] == pytest.approx(history[-1]["loss"], rel=1e-5)
-    with pytest.raises(ValueError, match="need examples"):
-        train_stage1(model, [], examples)
-
-
 def _toy_examples(seed: int, count: int = 3):
+    """``count`` stage-1 examples of 150 random tokens, pages of 16 after a sink of 4, one gold page each."""
     from training.retrolm import PageExample
 
     gen = torch.Generator().manual_seed(seed)
@@ -338,6 +318,21 @@ def _toy_examples(seed: int, count: int = 3):
         positive[int(torch.randint(0, len(positive), (1,), generator=gen))] = True
         examples.append(PageExample(ids, positive))
     return examples
+
+
+def test_stage1_training_reduces_the_loss_on_a_fixed_toy_set(model):
+    from training.retrolm import evaluate, train_stage1
+
+    examples = _toy_examples(7)
+    backbone = {k: v.clone() for k, v in model.state_dict().items()}
+    bookmarks, history = train_stage1(model, examples, examples, page_size=16, sink=4, epochs=8, lr=3e-3,
+                                      progress=False)
+    assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+    assert all(torch.equal(v, backbone[k]) for k, v in model.state_dict().items())  # the backbone stayed frozen
+    again = evaluate(model, bookmarks, examples, 16, 4)
+    assert again["loss"] == pytest.approx(history[-1]["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="need examples"):
+        train_stage1(model, [], examples)
 
 
 def test_stage1_low_rank_deltas_train_only_a_low_rank_change_and_merge(model):

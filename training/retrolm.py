@@ -40,6 +40,7 @@ parameters are written with the base model's fingerprint (:func:`save_post_train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import random
@@ -201,9 +202,7 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
         raise ValueError(f"anchor must be >= 0, got {anchor!r}")
     model.requires_grad_(False)
     bookmarks = bookmarks or Bookmarks(model)
-    if rank is not None:
-        _add_low_rank_deltas(bookmarks, rank, seed)
-    try:  # the deltas are merged even when training stops on an error: the bookmarks stay plain
+    with _low_rank_deltas(bookmarks, rank, seed):
         trained = [p for p in bookmarks.parameters() if p.requires_grad]
         start_values = [p.detach().clone() for p in trained] if anchor > 0 else None
         optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
@@ -222,11 +221,11 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
                 bar = tqdm(order, desc=f"retrolm stage 1, epoch {epoch}", unit="example", file=sys.stderr)
             for example in bar:
                 loss, _ = stage1_loss(model, bookmarks, example, page_size, sink, recall_at, query_tokens=query_tokens)
-                penalty = loss
+                objective = loss
                 if start_values is not None:
-                    penalty = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(trained, start_values))
+                    objective = loss + anchor * sum(((p - p0) ** 2).sum() for p, p0 in zip(trained, start_values))
                 optimizer.zero_grad()
-                penalty.backward()
+                objective.backward()
                 optimizer.step()
                 total += loss.item()
                 if progress:
@@ -238,9 +237,6 @@ def train_stage1(model, train: list[PageExample], held_out: list[PageExample], *
         if best is not None:
             bookmarks.load_state_dict(best[2])
             history[-1]["kept_epoch"] = best[1]
-    finally:
-        if rank is not None:
-            _merge_low_rank_deltas(bookmarks)
     return bookmarks, history
 
 
@@ -258,21 +254,25 @@ class _LowRankDelta(nn.Module):
         return weight + (self.B @ self.A).to(weight.dtype)
 
 
-def _add_low_rank_deltas(bookmarks: Bookmarks, rank: int, seed: int) -> None:
-    """Freezes every bookmark projection and gives its weight a trainable :class:`_LowRankDelta`."""
+@contextlib.contextmanager
+def _low_rank_deltas(bookmarks: Bookmarks, rank: int | None, seed: int):
+    """Inside: every bookmark projection frozen, its weight given a trainable :class:`_LowRankDelta`
+    (nothing changes when ``rank`` is None). On exit, also on an error, the deltas are folded into
+    the weights, plain trainable parameters again as :class:`Bookmarks` makes them, so the state and
+    the file have the usual names."""
+    linears = [linear for projections in (bookmarks.q, bookmarks.k, bookmarks.v) for linear in projections]
+    if rank is None:
+        yield
+        return
     generator = torch.Generator().manual_seed(seed)
-    for projections in (bookmarks.q, bookmarks.k, bookmarks.v):
-        for linear in projections:
-            linear.requires_grad_(False)
-            delta = _LowRankDelta(linear.out_features, linear.in_features, rank, generator)
-            parametrize.register_parametrization(linear, "weight", delta.to(linear.weight.dtype))
-
-
-def _merge_low_rank_deltas(bookmarks: Bookmarks) -> None:
-    """Folds the deltas into the weights (plain, trainable parameters again, as :class:`Bookmarks`
-    makes them), so the state and the file have the usual names."""
-    for projections in (bookmarks.q, bookmarks.k, bookmarks.v):
-        for linear in projections:
+    for linear in linears:
+        linear.requires_grad_(False)
+        delta = _LowRankDelta(linear.out_features, linear.in_features, rank, generator)
+        parametrize.register_parametrization(linear, "weight", delta.to(linear.weight.dtype))
+    try:
+        yield
+    finally:
+        for linear in linears:
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
             linear.requires_grad_(True)
 
